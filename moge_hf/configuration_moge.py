@@ -1,0 +1,206 @@
+"""Configurations of the GPT-2 and ViT MoGE models: the dense model's config plus the same set of MoGE fields."""
+
+import math
+from dataclasses import dataclass
+
+from huggingface_hub.dataclasses import strict
+from transformers import GPT2Config, ViTConfig
+
+from .losses import PADDINGS, REDUCTIONS, resolve_map_shape
+
+
+__all__ = ["GPT2MoGEConfig", "MoGEConfigMixin", "ViTMoGEConfig"]
+
+MOGE_CONFIG_DOCSTRING = r"""
+    MoGE fields (shared by [`GPT2MoGEConfig`] and [`ViTMoGEConfig`]):
+
+    num_experts (`int`, *optional*, defaults to 16):
+        Number of expert MLPs in each MoGE layer.
+    num_experts_per_tok (`int`, *optional*, defaults to 2):
+        Number of experts each token is routed to (top-k).
+    moe_layers (`list[int]`, *optional*):
+        Indices of the layers whose MLP is a MoGE layer. Defaults to every other layer starting at 1.
+    expert_intermediate_size (`int`, *optional*):
+        Hidden size of each expert MLP. Defaults to the dense MLP's (`n_inner` or `4 * n_embd` for GPT-2,
+        `intermediate_size` for ViT).
+    router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
+        Weight of the Switch load-balancing loss in `loss`.
+    router_z_loss_coef (`float`, *optional*, defaults to 0.0):
+        Weight of the ST-MoE router z-loss in `loss`.
+    router_jitter_noise (`float`, *optional*, defaults to 0.0):
+        Multiplicative jitter `eps` on the router input in training: the input is multiplied by U(1 - eps, 1 + eps).
+    norm_topk_prob (`bool`, *optional*):
+        Whether to renormalize the top-k gate weights to sum to 1. Defaults to `True` when `num_experts_per_tok > 1`
+        and `False` for top-1 (as in the Switch Transformer: with top-1, renormalizing makes every gate weight 1, and
+        the router never sees the task's gradient).
+    moge_loss_coef (`float`, *optional*, defaults to 0.0):
+        Lambda, the weight of the group-sparsity regularizer in `loss`. `0.0` is the plain MoE baseline.
+    moge_map_shape (`list[int]`, *optional*):
+        `[rows, cols]` of the expert map, `rows * cols == num_experts`. Defaults to the most square factorization.
+    moge_window (`int`, *optional*, defaults to 3):
+        Side of the square Gaussian windows (groups) on the expert map.
+    moge_sigma (`float`, *optional*, defaults to 1.0):
+        Current standard deviation of the Gaussian window weights. `model.set_moge_sigma` updates it.
+    moge_sigma_schedule (`list[float]`, *optional*):
+        `[init, final, power]` for annealing sigma during training: `init - (init - final) * progress**power`
+        (the paper uses `[10.0, 1.0, 0.2]`). `None` keeps `moge_sigma` fixed.
+    moge_padding (`str`, *optional*, defaults to `"valid"`):
+        `"valid"` (windows inside the map, as in the paper) or `"circular"` (the map is a torus).
+    moge_reduction (`str`, *optional*, defaults to `"mean"`):
+        `"mean"` (mean over tokens and windows) or `"paper"` (the authors' sum over tokens and windows divided by
+        `window**2 * num_windows`, so that their `moge_loss_coef` values carry over).
+    output_router_logits (`bool`, *optional*, defaults to `False`):
+        Whether the models return the router logits of every MoGE layer. The routing losses are computed and added
+        to `loss` whether or not this is set.
+"""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(repr=False)
+class MoGEConfigMixin:
+    """The MoGE fields and their checks, mixed into a dense model's config (see `MOGE_CONFIG_DOCSTRING`)."""
+
+    num_experts: int = 16
+    num_experts_per_tok: int = 2
+    moe_layers: list[int] | None = None
+    expert_intermediate_size: int | None = None
+    router_aux_loss_coef: float | int = 0.01
+    router_z_loss_coef: float | int = 0.0
+    router_jitter_noise: float | int = 0.0
+    norm_topk_prob: bool | None = None
+    moge_loss_coef: float | int = 0.0
+    moge_map_shape: list[int] | None = None
+    moge_window: int = 3
+    moge_sigma: float | int = 1.0
+    moge_sigma_schedule: list[float | int] | None = None
+    moge_padding: str = "valid"
+    moge_reduction: str = "mean"
+    output_router_logits: bool = False
+
+    def _check_moge_fields(self, num_layers: int) -> None:
+        """Raise a `ValueError` naming the first invalid MoGE field and its value. Fills the default `moe_layers`."""
+
+        def bad(name, requirement):
+            raise ValueError(f"{type(self).__name__}: `{name}` {requirement}, got {getattr(self, name)!r}")
+
+        if not _is_int(self.num_experts) or self.num_experts < 1:
+            bad("num_experts", "must be an integer >= 1")
+        if not _is_int(self.num_experts_per_tok) or not 1 <= self.num_experts_per_tok <= self.num_experts:
+            bad("num_experts_per_tok", f"must be an integer between 1 and num_experts={self.num_experts}")
+        if self.moe_layers is None:
+            self.moe_layers = list(range(1, num_layers, 2))
+        if isinstance(self.moe_layers, tuple):
+            self.moe_layers = list(self.moe_layers)
+        if not self.moe_layers:
+            bad("moe_layers", f"must name at least one of the {num_layers} layers (e.g. [0] for a 1-layer model)")
+        if any(not _is_int(i) or not 0 <= i < num_layers for i in self.moe_layers):
+            bad("moe_layers", f"must hold layer indices in [0, {num_layers})")
+        if len(set(self.moe_layers)) != len(self.moe_layers):
+            bad("moe_layers", "must not repeat a layer")
+        if self.expert_intermediate_size is not None and (
+            not _is_int(self.expert_intermediate_size) or self.expert_intermediate_size < 1
+        ):
+            bad("expert_intermediate_size", "must be a positive integer or None")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "moge_loss_coef"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "must be a finite number >= 0")
+        if not _is_number(self.router_jitter_noise) or not 0 <= self.router_jitter_noise < 1:
+            bad("router_jitter_noise", "must be a number in [0, 1)")
+        if self.norm_topk_prob not in (None, True, False):
+            bad("norm_topk_prob", "must be True, False or None")
+        if isinstance(self.moge_map_shape, tuple):
+            self.moge_map_shape = list(self.moge_map_shape)
+        try:
+            map_shape = resolve_map_shape(self.num_experts, self.moge_map_shape)
+        except ValueError as error:
+            bad("moge_map_shape", f"must be [rows, cols] with rows * cols == num_experts ({error})")
+        if self.moge_padding not in PADDINGS:
+            bad("moge_padding", f"must be one of {PADDINGS}")
+        if self.moge_reduction not in REDUCTIONS:
+            bad("moge_reduction", f"must be one of {REDUCTIONS}")
+        if not _is_int(self.moge_window) or self.moge_window < 1:
+            bad("moge_window", "must be a positive integer")
+        if self.moge_padding == "valid" and self.moge_window > min(map_shape):
+            bad(
+                "moge_window",
+                f"must fit in the {map_shape[0]}x{map_shape[1]} expert map with moge_padding='valid' "
+                f"(use moge_window <= {min(map_shape)} or moge_padding='circular')",
+            )
+        if not _is_number(self.moge_sigma) or self.moge_sigma <= 0:
+            bad("moge_sigma", "must be a finite number > 0")
+        if self.moge_sigma_schedule is not None:
+            if isinstance(self.moge_sigma_schedule, tuple):
+                self.moge_sigma_schedule = list(self.moge_sigma_schedule)
+            if len(self.moge_sigma_schedule) != 3 or any(
+                not _is_number(v) or v <= 0 for v in self.moge_sigma_schedule
+            ):
+                bad("moge_sigma_schedule", "must be [init, final, power], three finite numbers > 0, or None")
+        if not isinstance(self.output_router_logits, bool):
+            bad("output_router_logits", "must be a bool")
+
+    @property
+    def moge_resolved_map_shape(self) -> tuple[int, int]:
+        """`(rows, cols)` of the expert map: `moge_map_shape`, or the most square factorization of `num_experts`."""
+        return resolve_map_shape(self.num_experts, self.moge_map_shape)
+
+    @property
+    def moge_norm_topk_prob(self) -> bool:
+        """`norm_topk_prob`, with its default resolved: renormalize for top-k with k > 1 only."""
+        return self.num_experts_per_tok > 1 if self.norm_topk_prob is None else self.norm_topk_prob
+
+
+@strict
+class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
+    r"""Configuration of a GPT-2 whose MLPs in `moe_layers` are MoGE layers. Takes every [`GPT2Config`] argument.
+    """ + MOGE_CONFIG_DOCSTRING + r"""
+    Example:
+
+    ```python
+    >>> from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+    >>> config = GPT2MoGEConfig(n_layer=4, n_embd=64, n_head=4, num_experts=16, moge_loss_coef=1e-2)
+    >>> model = GPT2MoGELMHeadModel(config)
+    ```"""
+
+    model_type = "gpt2_moge"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check_moge_fields(self.n_layer)
+
+    @property
+    def dense_intermediate_size(self) -> int:
+        """Hidden size of the dense GPT-2 MLP, the default size of each expert."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+
+@strict
+class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
+    r"""Configuration of a ViT whose MLPs in `moe_layers` are MoGE layers. Takes every [`ViTConfig`] argument.
+    """ + MOGE_CONFIG_DOCSTRING + r"""
+    Example:
+
+    ```python
+    >>> from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
+    >>> config = ViTMoGEConfig(image_size=32, patch_size=4, num_hidden_layers=6, hidden_size=192,
+    ...                        num_attention_heads=3, intermediate_size=768, num_experts=32, num_experts_per_tok=1,
+    ...                        moge_map_shape=[4, 8], moe_layers=[4, 5], moge_loss_coef=3e-3, moge_reduction="paper")
+    >>> model = ViTMoGEForImageClassification(config)
+    ```"""
+
+    model_type = "vit_moge"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check_moge_fields(self.num_hidden_layers)
+
+    @property
+    def dense_intermediate_size(self) -> int:
+        """Hidden size of the dense ViT MLP, the default size of each expert."""
+        return self.intermediate_size

@@ -1,0 +1,730 @@
+"""PyTorch MoGE models: GPT-2 and ViT whose MLPs in `config.moe_layers` are Mixture-of-Group-Experts layers.
+
+A MoGE layer is a sparse MoE layer (router + experts, every token to its top-k experts, no token dropped) whose
+routing probabilities are regularized to be group-sparse on a 2-D map of the experts (Kang et al.,
+"Mixture of Group Experts for Learning Invariant Representations", arXiv 2504.09265).
+
+Reading order: the router, the experts, the MoGE block, the shared model machinery (routing losses, outputs), then
+the GPT-2 models and the ViT models. The models subclass transformers' GPT-2 and ViT classes and swap only the MLP of
+the layers in `config.moe_layers`; everything else (attention implementations, caches, gradient checkpointing,
+weight init, embedding resizing) is transformers'.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.integrations.moe import use_experts_implementation
+from transformers.models.gpt2.modeling_gpt2 import (
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    GPT2PreTrainedModel,
+)
+from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTModel, ViTPreTrainedModel
+from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
+from .losses import _group_sparsity_from_matrix, group_window_matrix, load_balancing_loss, router_z_loss
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "GPT2MoGEForSequenceClassification",
+    "GPT2MoGELMHeadModel",
+    "GPT2MoGEModel",
+    "GPT2MoGEPreTrainedModel",
+    "MoGEExperts",
+    "MoGERouter",
+    "MoGESparseMoeBlock",
+    "ViTMoGEForImageClassification",
+    "ViTMoGEModel",
+    "ViTMoGEPreTrainedModel",
+]
+
+
+class MoGERouting(NamedTuple):
+    """What a MoGE layer's router decided for a batch of `T` tokens."""
+
+    logits: torch.Tensor  # (T, E) routing logits, after jitter noise if any
+    clean_logits: torch.Tensor  # (T, E) logits before noise: the input of the group-sparsity regularizer
+    probs: torch.Tensor  # (T, E) float32 softmax of `logits`
+    top_k_weights: torch.Tensor  # (T, k) float32 gate weights
+    top_k_index: torch.Tensor  # (T, k) chosen experts
+
+
+class MoGERouter(nn.Module):
+    """Linear router without bias: hidden states -> one logit per expert, softmax in float32, top-k."""
+
+    def __init__(self, config, hidden_size: int):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.moge_norm_topk_prob
+        self.jitter_noise = config.router_jitter_noise
+        self.weight = nn.Parameter(torch.empty(self.num_experts, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> MoGERouting:
+        clean_logits = F.linear(hidden_states, self.weight)  # (T, E)
+        logits = clean_logits
+        if self.training and self.jitter_noise > 0:
+            # Switch-style multiplicative jitter on the router input; the regularizer keeps the clean logits.
+            jitter = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            logits = F.linear(hidden_states * jitter, self.weight)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (T, E)
+        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return MoGERouting(logits, clean_logits, probs, top_k_weights, top_k_index)
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class MoGEExperts(nn.Module):
+    """`num_experts` non-gated MLPs (up projection, activation, down projection, with biases) as 3-D weights.
+
+    The layout `(num_experts, out, in)` is transformers' own, so `experts_implementation="eager" | "grouped_mm" |
+    "batched_mm"` all run these weights. This `forward` is the eager one: a loop over the experts that got tokens.
+    """
+
+    def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, intermediate_size, hidden_size))
+        self.up_proj_bias = nn.Parameter(torch.empty(self.num_experts, intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden_size, intermediate_size))
+        self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden_size))
+        self.act_fn = ACT2FN[activation]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)  # (T, d)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, T)
+            experts_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        for expert in experts_hit:
+            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            hidden = F.linear(hidden_states[token_idx], self.up_proj[expert], self.up_proj_bias[expert])
+            hidden = F.linear(self.act_fn(hidden), self.down_proj[expert], self.down_proj_bias[expert])
+            hidden = hidden * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, hidden.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class MoGESparseMoeBlock(nn.Module):
+    """A MoGE layer in place of a Transformer MLP: router, experts, and the state of the group-sparsity regularizer.
+
+    It maps `(batch, seq, hidden)` to `(batch, seq, hidden)` like the dense MLP it replaces. When the owning model
+    sets `routing_sink` to a list, the block appends its `MoGERouting` there; the model turns those into losses.
+    """
+
+    def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str, dropout: float):
+        super().__init__()
+        self.router = MoGERouter(config, hidden_size)
+        self.experts = MoGEExperts(config, hidden_size, intermediate_size, activation)
+        self.dropout = nn.Dropout(dropout)
+        self.map_shape = config.moge_resolved_map_shape
+        self.window = config.moge_window
+        self.padding = config.moge_padding
+        self.reduction = config.moge_reduction
+        self.sigma = float(config.moge_sigma)
+        # (E, G) Gaussian window weights; a buffer so that it follows the model's device, refilled when sigma changes.
+        self.register_buffer("window_matrix", self.build_window_matrix(self.sigma), persistent=False)
+        self.routing_sink: list | None = None
+
+    def build_window_matrix(self, sigma: float) -> torch.Tensor:
+        return group_window_matrix(self.map_shape, self.window, sigma, self.padding)
+
+    @torch.no_grad()
+    def set_sigma(self, sigma: float) -> None:
+        """Set the Gaussian sigma of the regularizer (in place, so compiled graphs stay valid)."""
+        self.window_matrix.copy_(self.build_window_matrix(sigma))
+        self.sigma = float(sigma)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, batch_shape[-1])  # (T, d)
+        routing = self.router(hidden_states)
+        output = self.experts(hidden_states, routing.top_k_index, routing.top_k_weights)
+        if self.routing_sink is not None:
+            self.routing_sink.append(routing)
+        return self.dropout(output.view(batch_shape))
+
+    def routing_losses(self, routing: MoGERouting, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Unscaled `aux_loss`, `z_loss` and `moge_loss` of one forward pass; `token_mask` is `(T,)` floats or None."""
+        probs = routing.probs
+        clean_probs = probs if routing.clean_logits is routing.logits else routing.clean_logits.float().softmax(-1)
+        return {
+            "aux_loss": load_balancing_loss(probs, routing.top_k_index, _as_bool(token_mask)),
+            "z_loss": router_z_loss(routing.logits, _as_bool(token_mask)),
+            "moge_loss": _group_sparsity_from_matrix(
+                clean_probs, self.window_matrix.float(), self.window, self.reduction, token_mask
+            ),
+        }
+
+
+def _as_bool(token_mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if token_mask is None else token_mask.bool()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shared model machinery
+# ------------------------------------------------------------------------------------------------------------------
+
+ROUTING_LOSS_NAMES = ("aux_loss", "z_loss", "moge_loss")
+
+
+class MoGEModelMixin:
+    """What every MoGE model has on top of its dense parent: its MoGE blocks, sigma, routing losses."""
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # Our experts carry `@use_experts_implementation`. transformers caches its source-text check on the class,
+        # and a dense parent class (e.g. GPT2Model) may hold a cached `False` that we would otherwise inherit.
+        return True
+
+    def moge_blocks(self) -> list[MoGESparseMoeBlock]:
+        """The MoGE blocks of the model, in layer order."""
+        return [module for module in self.modules() if isinstance(module, MoGESparseMoeBlock)]
+
+    def set_moge_sigma(self, sigma: float) -> None:
+        """Set the Gaussian sigma of every MoGE layer and `config.moge_sigma` (what a sigma schedule calls)."""
+        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        self.config.moge_sigma = float(sigma)
+        for block in self.moge_blocks():
+            block.set_sigma(float(sigma))
+
+    def _init_moge_weights(self, module: nn.Module, down_proj_std: float) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, MoGEExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.zeros_(module.up_proj_bias)
+            init.normal_(module.down_proj, mean=0.0, std=down_proj_std)
+            init.zeros_(module.down_proj_bias)
+        elif isinstance(module, MoGERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MoGESparseMoeBlock):
+            init.copy_(module.window_matrix, module.build_window_matrix(module.sigma))
+
+    def _swap_mlps(self, layers: nn.ModuleList, mlp_name: str, activation: str, dropout: float) -> None:
+        """Replace the dense MLP `layers[i].<mlp_name>` of every layer in `config.moe_layers` by a MoGE block."""
+        config = self.config
+        intermediate_size = config.expert_intermediate_size or config.dense_intermediate_size
+        for index in config.moe_layers:
+            block = MoGESparseMoeBlock(config, config.hidden_size, intermediate_size, activation, dropout)
+            setattr(layers[index], mlp_name, block)
+
+    def _forward_with_routing(self, forward, token_mask: torch.Tensor | None, output_router_logits: bool | None):
+        """Run `forward()` while recording every MoGE block's routing; return its output and the routing fields."""
+        blocks = self.moge_blocks()
+        records: list[MoGERouting] = []
+        for block in blocks:
+            block.routing_sink = records
+        try:
+            outputs = forward()
+        finally:
+            for block in blocks:
+                block.routing_sink = None
+        if len(records) != len(blocks):
+            raise RuntimeError(f"expected routing from {len(blocks)} MoGE layers, got {len(records)}")
+        if not torch.compiler.is_compiling():
+            self._check_router_logits_finite(records)
+        if token_mask is not None:
+            token_mask = token_mask.reshape(-1).to(torch.float32)
+        per_layer = [block.routing_losses(routing, token_mask) for block, routing in zip(blocks, records)]
+        fields = {name: torch.stack([losses[name] for losses in per_layer]).mean() for name in ROUTING_LOSS_NAMES}
+        if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
+            fields["router_logits"] = tuple(routing.logits for routing in records)
+        return outputs, fields
+
+    def _check_router_logits_finite(self, records: list[MoGERouting]) -> None:
+        finite = torch.stack([torch.isfinite(routing.logits).all() for routing in records])
+        if not bool(finite.all()):
+            bad = [self.config.moe_layers[i] for i in (~finite).nonzero().flatten().tolist()]
+            raise ValueError(
+                f"The router of MoGE layer(s) {bad} produced NaN or Inf logits: the hidden states reaching the router "
+                "are not finite (check the inputs, the learning rate, or use a wider dtype such as bfloat16/float32)."
+            )
+
+    def _weighted_routing_loss(self, outputs) -> torch.Tensor | int:
+        """`router_aux_loss_coef * aux + router_z_loss_coef * z + moge_loss_coef * moge`, skipping zero weights."""
+        config = self.config
+        total = 0
+        for coef, loss in (
+            (config.router_aux_loss_coef, outputs.aux_loss),
+            (config.router_z_loss_coef, outputs.z_loss),
+            (config.moge_loss_coef, outputs.moge_loss),
+        ):
+            if coef:
+                total = total + coef * loss
+        return total
+
+
+def _routing_loss_field_docs() -> str:
+    return """
+    router_logits (`tuple[torch.Tensor]`, *optional*, returned when `output_router_logits=True`):
+        Routing logits `(batch * seq, num_experts)` of every MoGE layer, in layer order.
+    aux_loss (`torch.Tensor`): Unscaled load-balancing loss, averaged over the MoGE layers.
+    moge_loss (`torch.Tensor`): Unscaled group-sparsity (MoGE) regularizer, averaged over the MoGE layers.
+    z_loss (`torch.Tensor`): Unscaled router z-loss, averaged over the MoGE layers.
+    """
+
+
+@dataclass
+class MoGEModelOutputWithPast(ModelOutput):
+    __doc__ = "Outputs of [`GPT2MoGEModel`]: those of `GPT2Model`, plus the routing fields." + _routing_loss_field_docs()
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    moge_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+@dataclass
+class MoGECausalLMOutputWithPast(ModelOutput):
+    __doc__ = (
+        "Outputs of [`GPT2MoGELMHeadModel`]. `loss` (when `labels` are given) is the language-modeling loss plus the "
+        "weighted routing losses." + _routing_loss_field_docs()
+    )
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    moge_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+@dataclass
+class MoGESequenceClassifierOutputWithPast(ModelOutput):
+    __doc__ = (
+        "Outputs of [`GPT2MoGEForSequenceClassification`]. `loss` (when `labels` are given) is the classification "
+        "loss plus the weighted routing losses." + _routing_loss_field_docs()
+    )
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    moge_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+@dataclass
+class ViTMoGEModelOutput(ModelOutput):
+    __doc__ = "Outputs of [`ViTMoGEModel`]: those of `ViTModel`, plus the routing fields." + _routing_loss_field_docs()
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    moge_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+@dataclass
+class ViTMoGEImageClassifierOutput(ModelOutput):
+    __doc__ = (
+        "Outputs of [`ViTMoGEForImageClassification`]. `loss` (when `labels` are given) is the classification loss "
+        "plus the weighted routing losses." + _routing_loss_field_docs()
+    )
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    moge_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+def _routing_fields(outputs) -> dict:
+    return {name: getattr(outputs, name) for name in ("router_logits", *ROUTING_LOSS_NAMES)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPT-2
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class GPT2MoGEPreTrainedModel(MoGEModelMixin, GPT2PreTrainedModel):
+    config_class = GPT2MoGEConfig
+    config: GPT2MoGEConfig
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # GPT-2's scaled init of the residual projections (1 / sqrt(2 * n_layer)) applies to the experts too.
+        self._init_moge_weights(module, self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
+
+
+class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
+    """`GPT2Model` whose MLPs in `config.moe_layers` are MoGE layers; returns the routing losses too."""
+
+    def __init__(self, config: GPT2MoGEConfig):
+        GPT2Model.__init__(self, config)
+        self._swap_mlps(self.h, "mlp", config.activation_function, config.resid_pdrop)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MoGEModelOutputWithPast:
+        r"""Arguments of `GPT2Model.forward`, plus `output_router_logits` (defaults to `config.output_router_logits`).
+
+        Padding tokens (`attention_mask == 0`, given as a 2-D mask) take no part in the routing losses.
+        """
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if inputs is None:
+            raise ValueError("You have to specify either input_ids or inputs_embeds")
+        seq_length = inputs.shape[1] if inputs.dim() > 1 else inputs.shape[0]
+        self._check_positions(seq_length, past_key_values, position_ids)
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -seq_length:] != 0  # (B, S): the mask covers cached tokens too
+
+        def run():
+            return GPT2Model.forward(
+                self,
+                input_ids,
+                past_key_values=past_key_values,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                use_cache=use_cache,
+                return_dict=True,
+                **kwargs,
+            )
+
+        outputs, routing = self._forward_with_routing(run, token_mask, output_router_logits)
+        return MoGEModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+            **routing,
+        )
+
+    def _check_positions(self, seq_length: int, past_key_values: Cache | None, position_ids: torch.Tensor | None):
+        max_positions = self.config.n_positions
+        if position_ids is not None:
+            if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= max_positions:
+                raise ValueError(
+                    f"position_ids reach {int(position_ids.max())}, but the model has n_positions={max_positions} "
+                    "position embeddings"
+                )
+            return
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + seq_length > max_positions:
+            raise ValueError(
+                f"The sequence is {past_length + seq_length} tokens long ({seq_length} new + {past_length} cached), "
+                f"longer than the model's n_positions={max_positions}; truncate the input"
+            )
+
+
+class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel):
+    """GPT-2 MoGE with a language-modeling head tied to the input embeddings; `generate` works as for GPT-2.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+    >>> model = GPT2MoGELMHeadModel(GPT2MoGEConfig(n_layer=2, n_embd=64, n_head=4, num_experts=4, moge_window=2))
+    >>> ids = torch.randint(0, 100, (2, 16))
+    >>> out = model(ids, labels=ids)
+    >>> out.loss, out.aux_loss, out.moge_loss
+    ```
+    """
+
+    def __init__(self, config: GPT2MoGEConfig):
+        GPT2PreTrainedModel.__init__(self, config)  # not GPT2LMHeadModel.__init__: it builds a dense GPT2Model
+        self.transformer = GPT2MoGEModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MoGECausalLMOutputWithPast:
+        r"""Arguments of `GPT2LMHeadModel.forward`, plus `output_router_logits`.
+
+        With `labels`, `loss` is the shifted language-modeling loss plus `router_aux_loss_coef * aux_loss +
+        router_z_loss_coef * z_loss + moge_loss_coef * moge_loss`, in training and in evaluation alike.
+        """
+        outputs: MoGEModelOutputWithPast = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = loss + self._weighted_routing_loss(outputs)
+
+        return MoGECausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+            **_routing_fields(outputs),
+        )
+
+
+class GPT2MoGEForSequenceClassification(GPT2MoGEPreTrainedModel, GPT2ForSequenceClassification):
+    """GPT-2 MoGE with a linear head on the last non-padding token, like `GPT2ForSequenceClassification`."""
+
+    def __init__(self, config: GPT2MoGEConfig):
+        GPT2PreTrainedModel.__init__(self, config)  # not the parent's __init__: it builds a dense GPT2Model
+        self.num_labels = config.num_labels
+        self.transformer = GPT2MoGEModel(config)
+        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MoGESequenceClassifierOutputWithPast:
+        r"""Arguments of `GPT2ForSequenceClassification.forward`, plus `output_router_logits`.
+
+        With `labels`, `loss` is the classification loss (by `config.problem_type`) plus the weighted routing losses.
+        """
+        outputs: MoGEModelOutputWithPast = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)  # (B, S, num_labels)
+        batch_size = logits.shape[0]
+        if self.config.pad_token_id is None and batch_size != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (set config.pad_token_id).")
+        if self.config.pad_token_id is None or input_ids is None:
+            last_token = -1
+        else:
+            # The rightmost token that is not padding, for left and right padding alike.
+            non_pad = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
+            positions = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last_token = (positions * non_pad).argmax(-1)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_token]  # (B, num_labels)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
+            loss = loss + self._weighted_routing_loss(outputs)
+
+        return MoGESequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **_routing_fields(outputs),
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ViT
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class ViTMoGEPreTrainedModel(MoGEModelMixin, ViTPreTrainedModel):
+    config_class = ViTMoGEConfig
+    config: ViTMoGEConfig
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        self._init_moge_weights(module, self.config.initializer_range)
+
+
+class ViTMoGEModel(ViTMoGEPreTrainedModel, ViTModel):
+    """`ViTModel` whose MLPs in `config.moe_layers` are MoGE layers; returns the routing losses too."""
+
+    def __init__(self, config: ViTMoGEConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
+        ViTModel.__init__(self, config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
+        # ViTLayer applies the dropout after its MLP, so the MoGE block has none of its own.
+        self._swap_mlps(self.layers, "mlp", config.hidden_act, dropout=0.0)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ViTMoGEModelOutput:
+        r"""Arguments of `ViTModel.forward`, plus `output_router_logits` (defaults to `config.output_router_logits`)."""
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
+            )
+        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+
+        def run():
+            return ViTModel.forward(
+                self,
+                pixel_values,
+                bool_masked_pos=bool_masked_pos,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                attention_mask=attention_mask,
+                return_dict=True,
+                **kwargs,
+            )
+
+        outputs, routing = self._forward_with_routing(run, token_mask, output_router_logits)
+        return ViTMoGEModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=outputs.pooler_output,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **routing,
+        )
+
+
+class ViTMoGEForImageClassification(ViTMoGEPreTrainedModel, ViTForImageClassification):
+    """ViT MoGE with a linear classifier on the [CLS] token, like `ViTForImageClassification`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
+    >>> config = ViTMoGEConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64,
+    ...                        num_attention_heads=4, intermediate_size=128, num_experts=4, moge_window=2, num_labels=10)
+    >>> model = ViTMoGEForImageClassification(config)
+    >>> out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 7]))
+    ```
+    """
+
+    def __init__(self, config: ViTMoGEConfig):
+        ViTPreTrainedModel.__init__(self, config)  # not the parent's __init__: it builds a dense ViTModel
+        self.num_labels = config.num_labels
+        self.vit = ViTMoGEModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ViTMoGEImageClassifierOutput:
+        r"""Arguments of `ViTForImageClassification.forward`, plus `output_router_logits`.
+
+        With `labels`, `loss` is the classification loss (by `config.problem_type`) plus the weighted routing losses.
+        """
+        outputs: ViTMoGEModelOutput = self.vit(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            attention_mask=attention_mask,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 0, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+            loss = loss + self._weighted_routing_loss(outputs)
+
+        return ViTMoGEImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **_routing_fields(outputs),
+        )
