@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import GPT2Config, ViTConfig
 
 from .losses import PADDINGS, REDUCTIONS, resolve_map_shape
@@ -69,17 +70,17 @@ class MoGEConfigMixin:
 
     num_experts: int = 16
     num_experts_per_tok: int = 2
-    moe_layers: list[int] | None = None
+    moe_layers: list[int] | tuple[int, ...] | None = None
     expert_intermediate_size: int | None = None
     router_aux_loss_coef: float | int = 0.01
     router_z_loss_coef: float | int = 0.0
     router_jitter_noise: float | int = 0.0
     norm_topk_prob: bool | None = None
     moge_loss_coef: float | int = 0.0
-    moge_map_shape: list[int] | None = None
+    moge_map_shape: list[int] | tuple[int, ...] | None = None
     moge_window: int = 3
     moge_sigma: float | int = 1.0
-    moge_sigma_schedule: list[float | int] | None = None
+    moge_sigma_schedule: list[float | int] | tuple[float | int, ...] | None = None
     moge_padding: str = "valid"
     moge_reduction: str = "mean"
     output_router_logits: bool = False
@@ -156,10 +157,28 @@ class MoGEConfigMixin:
         return self.num_experts_per_tok > 1 if self.norm_topk_prob is None else self.norm_topk_prob
 
 
+def _type_errors_as_value_errors(cls):
+    """Make the type checks of `@strict` raise `ValueError` (naming the field and value), like the value checks."""
+    strict_setattr = cls.__setattr__
+
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as error:
+            raise ValueError(f"{cls.__name__}: {error}") from error
+
+    cls.__setattr__ = __setattr__
+    return cls
+
+
+@_type_errors_as_value_errors
 @strict
 class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
-    r"""Configuration of a GPT-2 whose MLPs in `moe_layers` are MoGE layers. Takes every [`GPT2Config`] argument.
-    """ + MOGE_CONFIG_DOCSTRING + r"""
+    (
+        r"""Configuration of a GPT-2 whose MLPs in `moe_layers` are MoGE layers. Takes every [`GPT2Config`] argument.
+    """
+        + MOGE_CONFIG_DOCSTRING
+        + r"""
     Example:
 
     ```python
@@ -167,6 +186,7 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
     >>> config = GPT2MoGEConfig(n_layer=4, n_embd=64, n_head=4, num_experts=16, moge_loss_coef=1e-2)
     >>> model = GPT2MoGELMHeadModel(config)
     ```"""
+    )
 
     model_type = "gpt2_moge"
 
@@ -180,10 +200,14 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
 
+@_type_errors_as_value_errors
 @strict
 class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
-    r"""Configuration of a ViT whose MLPs in `moe_layers` are MoGE layers. Takes every [`ViTConfig`] argument.
-    """ + MOGE_CONFIG_DOCSTRING + r"""
+    (
+        r"""Configuration of a ViT whose MLPs in `moe_layers` are MoGE layers. Takes every [`ViTConfig`] argument.
+    """
+        + MOGE_CONFIG_DOCSTRING
+        + r"""
     Example:
 
     ```python
@@ -193,6 +217,7 @@ class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
     ...                        moge_map_shape=[4, 8], moe_layers=[4, 5], moge_loss_coef=3e-3, moge_reduction="paper")
     >>> model = ViTMoGEForImageClassification(config)
     ```"""
+    )
 
     model_type = "vit_moge"
 

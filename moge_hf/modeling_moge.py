@@ -193,6 +193,20 @@ class MoGEModelMixin:
         # and a dense parent class (e.g. GPT2Model) may hold a cached `False` that we would otherwise inherit.
         return True
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # `grouped_mm` needs 16-byte aligned strides: expert sizes that are multiples of 8 elements (bf16) suffice.
+        # transformers picks it by default whenever torch has it; for odd sizes that would crash, so take "eager".
+        implementation = super().get_correct_experts_implementation(requested_experts)
+        sizes = (self.config.hidden_size, self.config.expert_intermediate_size or self.config.dense_intermediate_size)
+        if implementation == "grouped_mm" and any(size % 8 for size in sizes):
+            if requested_experts == "grouped_mm":
+                raise ValueError(
+                    f'experts_implementation="grouped_mm" needs hidden and expert sizes that are multiples of 8, got '
+                    f'{sizes}; use experts_implementation="eager" or "batched_mm"'
+                )
+            implementation = "eager"
+        return implementation
+
     def moge_blocks(self) -> list[MoGESparseMoeBlock]:
         """The MoGE blocks of the model, in layer order."""
         return [module for module in self.modules() if isinstance(module, MoGESparseMoeBlock)]
@@ -283,7 +297,7 @@ def _routing_loss_field_docs() -> str:
 
 @dataclass
 class MoGEModelOutputWithPast(ModelOutput):
-    __doc__ = "Outputs of [`GPT2MoGEModel`]: those of `GPT2Model`, plus the routing fields." + _routing_loss_field_docs()
+    __doc__ = "Outputs of [`GPT2MoGEModel`]: those of `GPT2Model`, plus routing fields." + _routing_loss_field_docs()
 
     last_hidden_state: torch.Tensor | None = None
     past_key_values: Cache | None = None
@@ -641,7 +655,7 @@ class ViTMoGEModel(ViTMoGEPreTrainedModel, ViTModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> ViTMoGEModelOutput:
-        r"""Arguments of `ViTModel.forward`, plus `output_router_logits` (defaults to `config.output_router_logits`)."""
+        r"""Arguments of `ViTModel.forward`, plus `output_router_logits` (default: `config.output_router_logits`)."""
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         if pixel_values.dim() != 4:
@@ -680,7 +694,8 @@ class ViTMoGEForImageClassification(ViTMoGEPreTrainedModel, ViTForImageClassific
     >>> import torch
     >>> from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
     >>> config = ViTMoGEConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64,
-    ...                        num_attention_heads=4, intermediate_size=128, num_experts=4, moge_window=2, num_labels=10)
+    ...                        num_attention_heads=4, intermediate_size=128, num_experts=4, moge_window=2,
+    ...                        num_labels=10)
     >>> model = ViTMoGEForImageClassification(config)
     >>> out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 7]))
     ```

@@ -1,0 +1,425 @@
+"""GPT-2 and ViT MoGE models: losses, outputs, training, generation, checkpointing, save/load, bad inputs."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import BATCH, SEQ, VOCAB, gpt2_config, input_ids, pixel_values, vit_config
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    GPT2Model,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+import moge_hf
+from moge_hf import (
+    GPT2MoGEConfig,
+    GPT2MoGEForSequenceClassification,
+    GPT2MoGELMHeadModel,
+    GPT2MoGEModel,
+    ViTMoGEConfig,
+    ViTMoGEForImageClassification,
+    ViTMoGEModel,
+    group_sparsity_loss,
+    load_balancing_loss,
+    router_z_loss,
+)
+
+
+def gpt2_batch(seed=0):
+    ids = input_ids(seed)
+    mask = torch.ones_like(ids)
+    mask[:4, -3:] = 0  # right padding on a few rows
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# One row per model class: how to build it and a batch for it, so every shared check runs on all of them.
+MODEL_CASES = {
+    "gpt2-base": (GPT2MoGEModel, gpt2_config, lambda: {k: v for k, v in gpt2_batch().items() if k != "labels"}),
+    "gpt2-lm": (GPT2MoGELMHeadModel, gpt2_config, gpt2_batch),
+    "gpt2-seqcls": (
+        GPT2MoGEForSequenceClassification,
+        lambda **kw: gpt2_config(num_labels=3, **kw),
+        lambda: {**gpt2_batch(), "labels": torch.arange(BATCH) % 3},
+    ),
+    "vit-base": (ViTMoGEModel, vit_config, lambda: {"pixel_values": pixel_values()}),
+    "vit-cls": (
+        ViTMoGEForImageClassification,
+        vit_config,
+        lambda: {"pixel_values": pixel_values(), "labels": torch.arange(BATCH) % 5},
+    ),
+}
+HEAD_CASES = ["gpt2-lm", "gpt2-seqcls", "vit-cls"]
+
+
+def build(case, seed=0, **overrides):
+    model_class, make_config, make_batch = MODEL_CASES[case]
+    torch.manual_seed(seed)
+    return model_class(make_config(**overrides)), make_batch()
+
+
+def task_loss(case, model, outputs, batch):
+    """The task loss alone, computed by hand."""
+    if case == "gpt2-lm":
+        logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]
+        return F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(outputs.logits, batch["labels"])
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_outputs_have_routing_losses(case):
+    model, batch = build(case)
+    model.eval()
+    outputs = model(**batch)
+    for name in ("aux_loss", "moge_loss", "z_loss"):
+        value = getattr(outputs, name)
+        assert value.dim() == 0 and torch.isfinite(value), name
+    assert outputs.router_logits is None
+    outputs = model(**batch, output_router_logits=True)
+    num_tokens = BATCH * (SEQ if case.startswith("gpt2") else 17)  # ViT: 16 patches + [CLS]
+    assert len(outputs.router_logits) == len(model.config.moe_layers)
+    assert all(logits.shape == (num_tokens, 8) for logits in outputs.router_logits)
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_loss_is_task_plus_weighted_routing_losses(case, training):
+    model, batch = build(case, router_aux_loss_coef=0.02, router_z_loss_coef=0.003, moge_loss_coef=0.5)
+    model.train(training)
+    outputs = model(**batch)
+    expected = task_loss(case, model, outputs, batch) + 0.02 * outputs.aux_loss
+    expected = expected + 0.003 * outputs.z_loss + 0.5 * outputs.moge_loss
+    torch.testing.assert_close(outputs.loss, expected)
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_moge_coef_zero_is_plain_moe(case):
+    """lambda = 0 changes nothing but the regularizer: same outputs, same other losses, gradients without it."""
+    model, batch = build(case, moge_loss_coef=0.0)
+    moge_model = copy.deepcopy(model)
+    moge_model.config.moge_loss_coef = 0.3
+    out, moge_out = model(**batch), moge_model(**batch)
+    torch.testing.assert_close(out.logits, moge_out.logits, rtol=0, atol=0)
+    for name in ("aux_loss", "z_loss", "moge_loss"):
+        torch.testing.assert_close(getattr(out, name), getattr(moge_out, name), rtol=0, atol=0)
+    torch.testing.assert_close(moge_out.loss, out.loss + 0.3 * out.moge_loss)
+
+    baseline = task_loss(case, model, out, batch) + model.config.router_aux_loss_coef * out.aux_loss
+    baseline = baseline + model.config.router_z_loss_coef * out.z_loss
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)
+    ref_grads = torch.autograd.grad(baseline, params, allow_unused=True)
+    for got, want in zip(grads, ref_grads):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want)
+
+    # With lambda > 0 the regularizer reaches the routers.
+    moge_grads = torch.autograd.grad(moge_out.loss, list(moge_model.parameters()), allow_unused=True)
+    routers = [i for i, name in enumerate(names) if "router" in name]
+    assert routers
+    for i in routers:
+        assert not torch.allclose(grads[i], moge_grads[i]), names[i]
+
+
+def test_routing_losses_ignore_padding_tokens():
+    model, _ = build("gpt2-lm")
+    model.eval()
+    ids = input_ids(seed=3, batch=1, seq=5)
+    padded = torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    plain = model(ids)
+    with_pad = model(padded, attention_mask=mask, output_router_logits=True)
+    for name in ("aux_loss", "moge_loss", "z_loss"):
+        torch.testing.assert_close(getattr(with_pad, name), getattr(plain, name))
+    # ... and they are the loss functions applied to the real tokens only.
+    keep = mask.reshape(-1).bool()
+    config = model.config
+    moge, aux, z = [], [], []
+    for logits in with_pad.router_logits:
+        probs = logits[keep].float().softmax(-1)
+        moge.append(group_sparsity_loss(probs, (2, 4), config.moge_window, config.moge_sigma))
+        aux.append(load_balancing_loss(probs, probs.topk(config.num_experts_per_tok, -1).indices))
+        z.append(router_z_loss(logits[keep]))
+    for name, per_layer in (("moge_loss", moge), ("aux_loss", aux), ("z_loss", z)):
+        torch.testing.assert_close(getattr(with_pad, name), torch.stack(per_layer).mean())
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_a_few_steps_lower_the_loss(case):
+    model, batch = build(case)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_gradient_checkpointing_matches(case):
+    model, batch = build(case, router_jitter_noise=0.0)
+    checkpointed = copy.deepcopy(model)
+    model.train()
+    checkpointed.train()
+    # transformers 5.23 renamed gradient checkpointing to activation checkpointing; 5.17 has only the old name.
+    getattr(checkpointed, "activation_checkpointing_enable", checkpointed.gradient_checkpointing_enable)()
+    layers = [m for m in checkpointed.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and all(layer.gradient_checkpointing for layer in layers)
+    out, ckpt_out = model(**batch), checkpointed(**batch)
+    torch.testing.assert_close(ckpt_out.loss, out.loss)
+    torch.testing.assert_close(ckpt_out.moge_loss, out.moge_loss)
+    out.loss.backward()
+    ckpt_out.loss.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), checkpointed.named_parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_generate_with_cache_matches_without():
+    model, _ = build("gpt2-lm")
+    model.eval()
+    prompt = input_ids(seed=5, batch=2, seq=4)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.shape == (2, 12)
+    assert torch.equal(cached, uncached)
+
+
+def test_return_dict_false_gives_tuples():
+    model, batch = build("gpt2-lm")
+    model.eval()
+    as_tuple = model(**batch, return_dict=False)
+    as_dict = model(**batch)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+
+
+def test_set_moge_sigma():
+    model, batch = build("vit-cls", moge_sigma=1.0)
+    model.eval()
+    before = model(**batch).moge_loss
+    model.set_moge_sigma(4.0)
+    assert model.config.moge_sigma == 4.0
+    assert all(block.sigma == 4.0 for block in model.moge_blocks())
+    router_logits = model(**batch, output_router_logits=True).router_logits
+    expected = torch.stack([group_sparsity_loss(lg.softmax(-1), (2, 4), 2, 4.0) for lg in router_logits]).mean()
+    after = model(**batch).moge_loss
+    torch.testing.assert_close(after, expected)
+    assert not torch.allclose(before, after)
+    for bad in (0.0, -1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="sigma"):
+            model.set_moge_sigma(bad)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_experts_implementations_agree_in_the_model(implementation):
+    model, batch = build("gpt2-lm", n_inner=64)
+    model.eval()
+    reference = model(**batch).logits
+    model.set_experts_implementation(implementation)
+    assert model.config._experts_implementation == implementation
+    torch.testing.assert_close(model(**batch).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_refused_for_unaligned_sizes():
+    model, batch = build("gpt2-lm")  # n_inner=37
+    assert model.config._experts_implementation == "eager"  # the default falls back to the eager loop
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.set_experts_implementation("grouped_mm")
+
+
+def test_moge_models_can_set_experts_implementation_after_a_dense_model():
+    """transformers caches its experts check on the class; a dense GPT-2 built first must not disable ours."""
+    GPT2Model(GPT2Model.config_class(n_layer=1, n_embd=32, n_head=4, vocab_size=10))
+    model, _ = build("gpt2-base", n_inner=64)
+    model.set_experts_implementation("batched_mm")
+    assert model.config._experts_implementation == "batched_mm"
+
+
+def test_bfloat16_forward():
+    model, batch = build("gpt2-lm", n_inner=64)
+    model = model.to(torch.bfloat16).eval()
+    outputs = model(**batch)
+    assert outputs.logits.dtype == torch.bfloat16
+    assert torch.isfinite(outputs.loss) and torch.isfinite(outputs.moge_loss)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Auto classes, save and load
+# ------------------------------------------------------------------------------------------------------------------
+
+AUTO_CASES = [
+    ("gpt2-base", AutoModel),
+    ("gpt2-lm", AutoModelForCausalLM),
+    ("gpt2-seqcls", AutoModelForSequenceClassification),
+    ("vit-base", AutoModel),
+    ("vit-cls", AutoModelForImageClassification),
+]
+
+
+@pytest.mark.parametrize("case,auto_class", AUTO_CASES)
+def test_auto_class_round_trip(case, auto_class, tmp_path):
+    model, batch = build(case, moge_sigma=2.5)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert {"modeling_moge.py", "configuration_moge.py", "losses.py"} <= {p.name for p in tmp_path.iterdir()}
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert type(config) is type(model.config)
+    assert {**config.to_dict(), "_name_or_path": ""} == {**model.config.to_dict(), "_name_or_path": ""}
+    assert config.auto_map[auto_class.__name__].endswith(type(model).__name__)
+
+    loaded = auto_class.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert loaded.moge_blocks()[0].sigma == 2.5
+    torch.testing.assert_close(loaded.moge_blocks()[0].window_matrix, model.moge_blocks()[0].window_matrix)
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for name in state:
+        assert torch.equal(state[name], loaded_state[name]), name
+    out, loaded_out = model(**batch), loaded(**batch)
+    for name, value in out.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, loaded_out[name]), name
+
+
+def test_lm_head_is_tied_after_loading(tmp_path):
+    model, _ = build("gpt2-lm")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_auto_from_config_and_registration_is_idempotent():
+    importlib.reload(moge_hf)
+    importlib.reload(moge_hf)
+    kwargs = {k: v for k, v in gpt2_config().to_diff_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model("gpt2_moge", **kwargs)
+    assert isinstance(config, GPT2MoGEConfig)
+    assert isinstance(AutoModelForCausalLM.from_config(config), GPT2MoGELMHeadModel)
+    assert isinstance(AutoModelForImageClassification.from_config(vit_config()), ViTMoGEForImageClassification)
+    assert isinstance(AutoConfig.for_model("vit_moge"), ViTMoGEConfig)
+
+
+def test_from_pretrained_experts_implementation(tmp_path):
+    model, batch = build("gpt2-lm", n_inner=64)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=implementation).eval()
+        assert loaded.config._experts_implementation == implementation
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="experts_implementation"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="no_such_kernel")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"num_experts": 0}, "num_experts"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
+        ({"moe_layers": [2]}, "moe_layers"),
+        ({"moe_layers": []}, "moe_layers"),
+        ({"moe_layers": [1, 1]}, "moe_layers"),
+        ({"expert_intermediate_size": 0}, "expert_intermediate_size"),
+        ({"router_aux_loss_coef": -0.1}, "router_aux_loss_coef"),
+        ({"router_z_loss_coef": float("nan")}, "router_z_loss_coef"),
+        ({"router_jitter_noise": 1.5}, "router_jitter_noise"),
+        ({"moge_loss_coef": -1.0}, "moge_loss_coef"),
+        ({"moge_loss_coef": float("inf")}, "moge_loss_coef"),
+        ({"moge_map_shape": [3, 3]}, "moge_map_shape"),
+        ({"moge_map_shape": [8]}, "moge_map_shape"),
+        ({"moge_window": 3}, "moge_window"),
+        ({"moge_window": 0}, "moge_window"),
+        ({"moge_sigma": 0.0}, "moge_sigma"),
+        ({"moge_sigma_schedule": [10.0, 1.0]}, "moge_sigma_schedule"),
+        ({"moge_sigma_schedule": [10.0, -1.0, 0.2]}, "moge_sigma_schedule"),
+        ({"moge_padding": "same"}, "moge_padding"),
+        ({"moge_reduction": "sum"}, "moge_reduction"),
+        ({"num_experts": "8"}, "num_experts"),
+    ],
+)
+@pytest.mark.parametrize("make_config", [gpt2_config, vit_config])
+def test_bad_config_values_raise(make_config, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        make_config(**overrides)
+
+
+def test_good_config_edge_cases():
+    assert gpt2_config(moge_window=3, moge_padding="circular").moge_window == 3  # a window larger than the map
+    assert gpt2_config(moge_map_shape=(4, 2)).moge_map_shape == [4, 2]
+    assert gpt2_config(moe_layers=None, n_layer=4).moe_layers == [1, 3]
+    assert gpt2_config(moge_map_shape=None, num_experts=32, moge_window=3).moge_resolved_map_shape == (4, 8)
+    assert gpt2_config(num_experts_per_tok=1).moge_norm_topk_prob is False
+    assert gpt2_config(num_experts_per_tok=2).moge_norm_topk_prob is True
+
+
+def test_bad_config_file_raises_on_load(tmp_path):
+    model, _ = build("gpt2-lm")
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text().replace('"moge_window": 2', '"moge_window": 5')
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="moge_window"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_sequence_longer_than_n_positions_raises():
+    model, _ = build("gpt2-lm")
+    with pytest.raises(ValueError, match="n_positions=32"):
+        model(input_ids(batch=2, seq=33))
+    with pytest.raises(ValueError, match="n_positions"):
+        model(input_ids(batch=1, seq=4), position_ids=torch.tensor([[30, 31, 32, 33]]))
+
+
+def test_image_of_wrong_size_or_shape_raises():
+    model, _ = build("vit-cls")
+    with pytest.raises(ValueError, match="image size"):
+        model(pixel_values(batch=2, size=20))
+    with pytest.raises(ValueError, match="channel"):
+        model(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match="pixel_values"):
+        model()
+
+
+@pytest.mark.parametrize("case", ["gpt2-lm", "vit-cls"])
+def test_nan_hidden_states_reaching_the_router_raise(case):
+    model, batch = build(case)
+    first_moe = model.config.moe_layers[0]  # 1: the attention output of layer 0 feeds it
+    with torch.no_grad():
+        if case == "gpt2-lm":
+            model.transformer.h[0].attn.c_proj.weight.fill_(float("nan"))
+        else:
+            model.vit.layers[0].attention.o_proj.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=rf"MoGE layer\(s\) \[{first_moe}.*not finite"):
+        model(**batch)
+
+
+def test_sequence_classification_without_pad_token_raises():
+    model, batch = build("gpt2-seqcls", pad_token_id=None)
+    with pytest.raises(ValueError, match="padding token"):
+        model(**batch)
