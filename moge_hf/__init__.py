@@ -4,17 +4,13 @@ Importing the package registers the MoGE configs and models with the Auto classe
 for `save_pretrained` to write their code and `auto_map`, so saved folders load with `trust_remote_code=True`.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
-)
+import transformers
+from transformers import AutoConfig
 
 from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
 from .losses import default_map_shape, group_sparsity_loss, group_window_matrix, load_balancing_loss, router_z_loss
 from .modeling_moge import (
+    AUTO_MODEL_CLASSES,
     GPT2MoGEForSequenceClassification,
     GPT2MoGELMHeadModel,
     GPT2MoGEModel,
@@ -50,27 +46,14 @@ __all__ = [
     "router_z_loss",
 ]
 
-# Auto class -> the MoGE model class it maps each config to.
-AUTO_CLASSES = {
-    GPT2MoGEConfig: {
-        AutoModel: GPT2MoGEModel,
-        AutoModelForCausalLM: GPT2MoGELMHeadModel,
-        AutoModelForSequenceClassification: GPT2MoGEForSequenceClassification,
-    },
-    ViTMoGEConfig: {
-        AutoModel: ViTMoGEModel,
-        AutoModelForImageClassification: ViTMoGEForImageClassification,
-    },
-}
-
 
 def _register() -> None:
-    for config_class, models in AUTO_CLASSES.items():
+    for config_class in (GPT2MoGEConfig, ViTMoGEConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         config_class.register_for_auto_class()
-        for auto_class, model_class in models.items():
-            auto_class.register(config_class, model_class, exist_ok=True)
-            model_class.register_for_auto_class(auto_class.__name__)
+        for auto_name, model_class in AUTO_MODEL_CLASSES[config_class.model_type].items():
+            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+            model_class.register_for_auto_class(auto_name)
 
 
 _register()

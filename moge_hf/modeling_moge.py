@@ -211,6 +211,14 @@ class MoGEModelMixin:
         """The MoGE blocks of the model, in layer order."""
         return [module for module in self.modules() if isinstance(module, MoGESparseMoeBlock)]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; the saved `auto_map` names every Auto class of the model family, so
+        that the folder loads with `trust_remote_code=True` through any of them (e.g. `AutoModel` on an LM)."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        family = {name: f"{module}.{cls.__name__}" for name, cls in AUTO_MODEL_CLASSES[self.config.model_type].items()}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **family}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def set_moge_sigma(self, sigma: float) -> None:
         """Set the Gaussian sigma of every MoGE layer and `config.moge_sigma` (what a sigma schedule calls)."""
         if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
@@ -743,3 +751,17 @@ class ViTMoGEForImageClassification(ViTMoGEPreTrainedModel, ViTForImageClassific
             attentions=outputs.attentions,
             **_routing_fields(outputs),
         )
+
+
+# The Auto classes each model family registers with (see `moge_hf/__init__.py`) and lists in a saved `auto_map`.
+AUTO_MODEL_CLASSES = {
+    GPT2MoGEConfig.model_type: {
+        "AutoModel": GPT2MoGEModel,
+        "AutoModelForCausalLM": GPT2MoGELMHeadModel,
+        "AutoModelForSequenceClassification": GPT2MoGEForSequenceClassification,
+    },
+    ViTMoGEConfig.model_type: {
+        "AutoModel": ViTMoGEModel,
+        "AutoModelForImageClassification": ViTMoGEForImageClassification,
+    },
+}

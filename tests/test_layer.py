@@ -151,10 +151,7 @@ def test_one_expert_top1_equals_dense_gpt2():
     moge = GPT2MoGELMHeadModel(config).eval()
     dense = GPT2LMHeadModel(GPT2Model.config_class(**config.to_diff_dict())).eval()
     state = dense.state_dict()
-    moge_state = {}
-    for name, tensor in moge.state_dict().items():
-        if name in state:
-            moge_state[name] = state[name]
+    moge_state = {name: state[name] for name in moge.state_dict() if name in state}
     for i in range(3):
         prefix = f"transformer.h.{i}.mlp."
         # Conv1D weights are (in, out); expert weights are (E, out, in).
