@@ -56,6 +56,10 @@ MOGE_CONFIG_DOCSTRING = r"""
 """
 
 
+# Output fields that `Trainer.evaluate` leaves out of the predictions (they are per batch, not per example).
+ROUTING_OUTPUTS = ("router_logits", "aux_loss", "moge_loss", "z_loss")
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -189,6 +193,7 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
     )
 
     model_type = "gpt2_moge"
+    keys_to_ignore_at_inference = ["past_key_values", *ROUTING_OUTPUTS]
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -220,6 +225,7 @@ class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
     )
 
     model_type = "vit_moge"
+    keys_to_ignore_at_inference = list(ROUTING_OUTPUTS)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

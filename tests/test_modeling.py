@@ -200,6 +200,18 @@ def test_generate_with_cache_matches_without():
     assert torch.equal(cached, uncached)
 
 
+def test_hidden_states_attentions_and_resized_embeddings():
+    model, batch = build("gpt2-lm", n_inner=64)
+    model.set_attn_implementation("eager")
+    model.eval()
+    outputs = model(**batch, output_hidden_states=True, output_attentions=True)
+    assert len(outputs.hidden_states) == model.config.n_layer + 1
+    assert len(outputs.attentions) == model.config.n_layer
+    model.resize_token_embeddings(VOCAB + 5)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model(input_ids(batch=2, seq=3) + 5).logits.shape == (2, 3, VOCAB + 5)
+
+
 def test_return_dict_false_gives_tuples():
     model, batch = build("gpt2-lm")
     model.eval()
