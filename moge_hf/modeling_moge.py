@@ -549,7 +549,16 @@ class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = loss + self._weighted_routing_loss(outputs)
+            routing_loss = self._weighted_routing_loss(outputs)
+            num_items_in_batch = kwargs.get("num_items_in_batch")
+            if num_items_in_batch is not None:
+                # Trainer divides the LM loss by the label tokens of the whole accumulated (and gathered) batch
+                # rather than by gradient-accumulation steps; weighting the per-batch routing losses by this
+                # micro-batch's share of those tokens makes them average over the whole batch too.
+                shift_labels = kwargs.get("shift_labels")
+                shift_labels = labels[..., 1:] if shift_labels is None else shift_labels
+                routing_loss = routing_loss * ((shift_labels != -100).sum() / num_items_in_batch)
+            loss = loss + routing_loss
 
         return MoGECausalLMOutputWithPast(
             loss=loss,
@@ -564,6 +573,10 @@ class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel):
 
 class GPT2MoGEForSequenceClassification(GPT2MoGEPreTrainedModel, GPT2ForSequenceClassification):
     """GPT-2 MoGE with a linear head on the last non-padding token, like `GPT2ForSequenceClassification`."""
+
+    # The classification loss is a mean over the batch, not a sum over `num_items_in_batch`: let Trainer divide it
+    # (and the routing losses) by the gradient-accumulation steps.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: GPT2MoGEConfig):
         GPT2PreTrainedModel.__init__(self, config)  # not the parent's __init__: it builds a dense GPT2Model
@@ -708,6 +721,9 @@ class ViTMoGEForImageClassification(ViTMoGEPreTrainedModel, ViTForImageClassific
     >>> out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 7]))
     ```
     """
+
+    # The classification loss is a mean over the batch: let Trainer divide it by the gradient-accumulation steps.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: ViTMoGEConfig):
         ViTPreTrainedModel.__init__(self, config)  # not the parent's __init__: it builds a dense ViTModel

@@ -131,6 +131,18 @@ def test_moge_coef_zero_is_plain_moe(case):
         assert not torch.allclose(grads[i], moge_grads[i]), names[i]
 
 
+def test_routing_losses_follow_trainer_token_normalization():
+    """With Trainer's `num_items_in_batch`, the routing losses are weighted by the micro-batch's share of tokens."""
+    model, batch = build("gpt2-lm")
+    model.eval()
+    plain = model(**batch)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    half = model(**batch, num_items_in_batch=2 * tokens)  # this micro-batch holds half of the batch's tokens
+    torch.testing.assert_close(half.loss, 0.5 * plain.loss)  # both the LM loss and the routing losses halve
+    whole = model(**batch, num_items_in_batch=tokens)
+    torch.testing.assert_close(whole.loss, plain.loss)
+
+
 def test_routing_losses_ignore_padding_tokens():
     model, _ = build("gpt2-lm")
     model.eval()
