@@ -33,6 +33,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
 from .losses import _group_sparsity_from_matrix, group_window_matrix, load_balancing_loss, router_z_loss
+from .upcycling import upcycle_from_dense
 
 
 logger = logging.get_logger(__name__)
@@ -218,6 +219,25 @@ class MoGEModelMixin:
         family = {name: f"{module}.{cls.__name__}" for name, cls in AUTO_MODEL_CLASSES[self.config.model_type].items()}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **family}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_dense(cls, dense_model_or_path, *, expert_noise_std: float = 0.0, **config_overrides):
+        """Sparse upcycling: a MoGE model whose experts all start as copies of the dense model's MLP of their layer.
+
+        Args:
+            dense_model_or_path (`PreTrainedModel` or `str`):
+                A dense transformers model of the matching architecture (e.g. `GPT2LMHeadModel` for
+                `GPT2MoGELMHeadModel`, `ViTForImageClassification` for `ViTMoGEForImageClassification`), or a local
+                folder or Hub id holding one.
+            expert_noise_std (`float`, *optional*, defaults to 0.0):
+                Standard deviation of Gaussian noise added to each expert copy, relative to the weights' std.
+            config_overrides:
+                MoGE config fields (`num_experts`, `moe_layers`, `moge_loss_coef`, ...) for the new model.
+
+        With `expert_noise_std=0` and renormalized top-k gate weights, the upcycled model computes what the dense one
+        does.
+        """
+        return upcycle_from_dense(cls, dense_model_or_path, expert_noise_std=expert_noise_std, **config_overrides)
 
     def set_moge_sigma(self, sigma: float) -> None:
         """Set the Gaussian sigma of every MoGE layer and `config.moge_sigma` (what a sigma schedule calls)."""
