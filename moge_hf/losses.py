@@ -69,7 +69,10 @@ def _check_window(map_shape: tuple[int, int], window: int, sigma: float, padding
 def gaussian_window(window: int, sigma: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The `(window, window)` Gaussian weights `exp(-((i - h//2)^2 + (j - h//2)^2) / (2 sigma^2))`, summing to 1."""
     offsets = torch.arange(window, device=device, dtype=torch.float64) - window // 2
-    weights = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2.0 * float(sigma) ** 2))
+    squared_distance = offsets[:, None] ** 2 + offsets[None, :] ** 2
+    # The centre has exponent 0 whatever sigma is (also when sigma**2 underflows to 0).
+    exponent = torch.where(squared_distance > 0, -squared_distance / (2.0 * float(sigma) ** 2), 0.0)
+    weights = torch.exp(exponent)
     return (weights / weights.sum()).to(dtype)
 
 
@@ -154,8 +157,10 @@ def group_sparsity_loss(
 
     Each token's routing probabilities are laid out on the `rows x cols` expert map and squared; every
     `window x window` window (stride 1) sums them with normalized Gaussian weights, and the square root of that sum
-    (plus 1e-8) is the window's group norm. Small group norms on most windows mean that the experts a token uses sit
-    together on the map.
+    (plus 1e-8) is the window's group norm; the loss averages them. Among routings that spread a token's mass over
+    the same number of experts, it is lowest when those experts sit together on the map (they share windows). Like
+    any sum of L2 norms under a fixed L1 budget, it also falls as the mass spreads over more experts: uniform routing
+    scores lowest of all.
 
     Args:
         router_probs (`torch.Tensor` of shape `(..., num_experts)`):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moge_hf.losses import (
     default_map_shape,
@@ -288,8 +289,8 @@ def test_neighbours_cost_less_than_far_apart_valid_interior(sigma):
 
 
 def test_neighbours_cost_less_than_corners_valid_small_sigma():
-    # The brief's example with padding="valid" on 4x4, window 2: holds for sigma <= 1. (With a large sigma the corner
-    # experts, each in a single window, are cheaper: the edge effect of "valid" windows wins.)
+    # 4x4 map, window 2, padding="valid": neighbours (0, 0)-(0, 1) against opposite corners (0, 0)-(3, 3). This holds
+    # for sigma <= 1 only: with a large sigma the corners, each in a single window, are cheaper (edge effect).
     near = two_expert_token(16, 0, 1)
     far = two_expert_token(16, 0, 15)
     assert group_sparsity_loss(near, (4, 4), 2, 1.0) < group_sparsity_loss(far, (4, 4), 2, 1.0)
@@ -452,14 +453,19 @@ def test_load_balancing_matches_reference(case, top_k):
     torch.testing.assert_close(grad_actual, grad_expected, rtol=RTOL, atol=ATOL)
 
 
-def test_load_balancing_slot_order_matters_per_slot_not_overall():
-    # The dispatch fractions are per slot, but the loss sums them over slots: swapping slots leaves it unchanged,
-    # while sending the second slot elsewhere changes it.
-    probs = torch.softmax(torch.randn(5, 6, dtype=torch.float64), dim=-1)
+def test_load_balancing_sums_over_slots():
+    # Swapping the k slots of every token leaves the loss unchanged; sending one slot to another expert changes it.
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(5, 6, generator=gen, dtype=torch.float64), dim=-1)
     index = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 2], [1, 3]])
     base = load_balancing_loss(probs, index)
-    torch.testing.assert_close(load_balancing_loss(probs, index.flip(-1)), base)
     torch.testing.assert_close(base.double(), reference_load_balancing(probs, index), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(load_balancing_loss(probs, index.flip(-1)), base)
+    moved = index.clone()
+    moved[0, 1] = 5
+    changed = load_balancing_loss(probs, moved)
+    torch.testing.assert_close(changed.double(), reference_load_balancing(probs, moved), rtol=RTOL, atol=ATOL)
+    assert abs(changed.item() - base.item()) > 1e-3
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
@@ -505,9 +511,6 @@ def test_load_balancing_all_masked_is_zero():
     assert loss.item() == 0.0
 
 
-mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
-
-
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -517,7 +520,7 @@ def test_load_balancing_matches_transformers(num_layers, top_k, with_mask):
     logits = [torch.randn(batch * seq, num_experts, requires_grad=True) for _ in range(num_layers)]
     attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]) if with_mask else None
 
-    expected = mixtral.load_balancing_loss_func(
+    expected = load_balancing_loss_func(
         tuple(logits), num_experts=num_experts, top_k=top_k, attention_mask=attention_mask
     )
     probs = torch.softmax(torch.cat(logits, dim=0), dim=-1)
@@ -569,3 +572,12 @@ def test_router_z_loss_masked_tokens_excluded():
     mask = torch.tensor([[True, False, True, True], [False, False, True, True]])
     torch.testing.assert_close(router_z_loss(logits, mask=mask), router_z_loss(logits[mask]))
     assert router_z_loss(logits, mask=torch.zeros(2, 4, dtype=torch.bool)).item() == 0.0
+
+
+def test_tiny_sigma_gives_a_single_point_window():
+    """A sigma whose square underflows to 0 still gives the limit (all weight on the centre), not NaN."""
+    expected = torch.zeros(3, 3, dtype=torch.float64)
+    expected[1, 1] = 1.0
+    torch.testing.assert_close(gaussian_window(3, 1e-200, dtype=torch.float64), expected)
+    probs = torch.softmax(torch.randn(5, 16), dim=-1)
+    assert torch.isfinite(group_sparsity_loss(probs, (4, 4), 3, 1e-200))
