@@ -1,5 +1,353 @@
-"""Sparse upcycling (Komatsuzaki et al. 2023): MoGE models initialized from dense GPT-2 / ViT checkpoints."""
+"""Sparse upcycling (Komatsuzaki et al. 2023): MoGE models initialized from dense GPT-2 / ViT checkpoints.
+
+Every non-MLP weight of the dense model is copied as is; in each layer of `config.moe_layers`, every expert starts
+as a copy of that layer's dense MLP (optionally with a little Gaussian noise) and the router is freshly initialized.
+With renormalized top-k gate weights (`norm_topk_prob`, the default for `num_experts_per_tok > 1`) the gate weights of
+a token sum to one, so the upcycled model computes exactly what the dense one does until training moves the experts
+apart.
+
+This module is imported by `modeling_moge.py`, so it must not import that module (the MoGE classes come in as
+arguments) and it only imports `torch`, `transformers` and siblings, so that folders written by `save_pretrained`
+still load with `trust_remote_code=True`.
+"""
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PreTrainedConfig,
+    PreTrainedModel,
+    ViTForImageClassification,
+    ViTModel,
+)
+from transformers.utils import logging
 
 
-def upcycle_from_dense(moge_class, dense_model_or_path, *, expert_noise_std: float = 0.0, **config_overrides):
-    raise NotImplementedError("sparse upcycling is being written")
+logger = logging.get_logger(__name__)
+
+__all__ = ["upcycle_from_dense"]
+
+# Keys of a dense config's `to_dict()` that describe the dense checkpoint rather than the model to build.
+_DENSE_ONLY_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_commit_hash")
+
+
+@dataclass(frozen=True)
+class _DenseFamily:
+    """Where a dense model family keeps its layers and MLP projections."""
+
+    display_name: str  # e.g. "GPT-2"
+    model_type: str  # the dense config's `model_type`
+    base_class: type[PreTrainedModel]  # the dense base model (`model.base_model`)
+    layers: str  # attribute of the base model holding the `nn.ModuleList` of layers
+    mlp: str  # attribute of a layer holding its MLP
+    up_proj: str  # attribute of the MLP holding the first projection
+    down_proj: str  # attribute of the MLP holding the second projection
+    conv1d: bool  # GPT-2's `Conv1D` stores weights as (in, out), the transpose of `nn.Linear`'s
+
+
+_GPT2 = _DenseFamily("GPT-2", "gpt2", GPT2Model, "h", "mlp", "c_fc", "c_proj", conv1d=True)
+_VIT = _DenseFamily("ViT", "vit", ViTModel, "layers", "mlp", "fc1", "fc2", conv1d=False)
+
+# The dense class each MoGE class upcycles from. Every MoGE class subclasses its dense class, so the first of these in
+# a MoGE class's MRO is its match (this holds for classes loaded with `trust_remote_code` and for user subclasses).
+_DENSE_CLASSES: dict[type[PreTrainedModel], _DenseFamily] = {
+    GPT2Model: _GPT2,
+    GPT2LMHeadModel: _GPT2,
+    GPT2ForSequenceClassification: _GPT2,
+    ViTModel: _VIT,
+    ViTForImageClassification: _VIT,
+}
+
+
+def upcycle_from_dense(
+    moge_class: type[PreTrainedModel],
+    dense_model_or_path: PreTrainedModel | str | os.PathLike,
+    *,
+    expert_noise_std: float = 0.0,
+    **config_overrides,
+) -> PreTrainedModel:
+    r"""Build a `moge_class` model from a dense GPT-2 / ViT model by sparse upcycling (what `from_dense` calls).
+
+    The MoGE config is the dense config plus `config_overrides`. Every weight outside the MLPs of `moe_layers` is
+    copied exactly, as are the MLPs of the other layers. In each MoGE layer every expert is a copy of the layer's dense
+    MLP (GPT-2's `Conv1D` weights transposed into the experts' `(out, in)` layout) and the router keeps the model's
+    fresh initialization (normal, std `initializer_range`). Head weights that the dense model lacks (e.g. the
+    `score` of a sequence classifier upcycled from a `GPT2LMHeadModel`) are freshly initialized, with a warning, as
+    `from_pretrained` does for a checkpoint of another head.
+
+    Args:
+        moge_class (`type[PreTrainedModel]`):
+            The MoGE model class to build: `GPT2MoGEModel`, `GPT2MoGELMHeadModel`,
+            `GPT2MoGEForSequenceClassification`, `ViTMoGEModel` or `ViTMoGEForImageClassification` (or a subclass).
+        dense_model_or_path (`PreTrainedModel`, `str` or `os.PathLike`):
+            A dense transformers model of the same family (GPT-2 for the GPT-2 MoGE classes, ViT for the ViT ones),
+            or a local `save_pretrained` folder or Hub id holding one, loaded with the matching dense class
+            (`GPT2LMHeadModel` for `GPT2MoGELMHeadModel`, ...). A model instance of another class of the family is
+            accepted too: its base model and whichever head weights match are copied (so a `GPT2LMHeadModel`
+            can become a `GPT2MoGEForSequenceClassification`, and any GPT-2 model a `GPT2MoGEModel`). When the
+            target is `ViTMoGEModel`, the pooler and mask token are kept if and only if the dense model has them.
+        expert_noise_std (`float`, *optional*, defaults to 0.0):
+            Relative standard deviation of independent Gaussian noise added to the `up_proj` and `down_proj` weights
+            of every expert: the noise's std is `expert_noise_std` times the std of the dense weight it perturbs.
+            Biases are copied exactly. `0.0` makes every expert an exact copy. Uses torch's global random generator.
+        config_overrides:
+            Fields for the MoGE config (`num_experts`, `num_experts_per_tok`, `moe_layers`, `moge_loss_coef`, ...,
+            or dense fields that do not change weight shapes, such as dropout rates or `num_labels`). Invalid values
+            raise the config's `ValueError`. `expert_intermediate_size`, if given, must equal the dense MLP's size.
+
+    Returns:
+        `PreTrainedModel`: the `moge_class` model in evaluation mode (as `from_pretrained` returns models), in the
+        dense model's dtype and on its device. `config._name_or_path` names the dense source: the folder or Hub id
+        it was loaded from, or the dense model's own `config._name_or_path`.
+
+    Raises:
+        `ValueError`: the dense model is not of the family of `moge_class` (or already a MoGE model), the folder holds
+            another model type, an override is invalid, or an override changes a weight shape.
+        `OSError`: `dense_model_or_path` is not a folder with a `config.json` nor a reachable Hub id.
+        `TypeError`: `moge_class` is not a MoGE class, or `dense_model_or_path` neither a model nor a path.
+
+    Example:
+
+    ```python
+    >>> from transformers import GPT2LMHeadModel
+    >>> from moge_hf import GPT2MoGELMHeadModel
+    >>> dense = GPT2LMHeadModel.from_pretrained("openai-community/gpt2")
+    >>> moge = GPT2MoGELMHeadModel.from_dense(dense, num_experts=8, num_experts_per_tok=2, moge_window=2)
+    ```
+    """
+    dense_class = _dense_class_of(moge_class)
+    family = _DENSE_CLASSES[dense_class]
+    is_number = isinstance(expert_noise_std, (int, float)) and not isinstance(expert_noise_std, bool)
+    if not is_number or not math.isfinite(expert_noise_std) or expert_noise_std < 0:
+        raise ValueError(f"expert_noise_std must be a finite number >= 0, got {expert_noise_std!r}")
+
+    if isinstance(dense_model_or_path, (str, os.PathLike)):
+        source = os.fspath(dense_model_or_path)
+        dense = _load_dense(moge_class, dense_class, family, source)
+    elif isinstance(dense_model_or_path, PreTrainedModel):
+        dense = dense_model_or_path
+        source = dense.config._name_or_path
+        _check_dense_model(moge_class, dense_class, family, dense)
+    else:
+        raise TypeError(
+            f"{moge_class.__name__}.from_dense takes a dense {family.display_name} model or the path / Hub id of one, "
+            f"got {type(dense_model_or_path).__name__}"
+        )
+
+    config = _moge_config(moge_class, dense.config, config_overrides)
+    config._name_or_path = source
+    dense_base = dense.base_model
+    init_kwargs = {}
+    if issubclass(moge_class, family.base_class):  # a base model: mirror the dense base's optional parts
+        init_kwargs = _optional_parts(family, dense_base)
+    moge = moge_class._from_config(config, dtype=dense.dtype, **init_kwargs)
+    moge.to(dense.device)
+    _check_norm_topk_prob(moge_class, config)
+
+    with torch.no_grad():
+        _copy_base(moge_class, family, dense_base, moge.base_model, expert_noise_std)
+        if moge.base_model is not moge:
+            _copy_heads(moge_class, dense, moge)
+    if moge.can_generate() and dense.can_generate() and getattr(dense, "generation_config", None) is not None:
+        moge.generation_config = copy.deepcopy(dense.generation_config)
+    return moge.eval()
+
+
+def _dense_class_of(moge_class: type) -> type[PreTrainedModel]:
+    """The dense transformers class `moge_class` upcycles from: the first supported dense class in its MRO."""
+    model_type = getattr(getattr(moge_class, "config_class", None), "model_type", None)
+    if isinstance(moge_class, type) and isinstance(model_type, str) and model_type.endswith("_moge"):
+        for klass in moge_class.__mro__:
+            if klass in _DENSE_CLASSES:
+                return klass
+    raise TypeError(
+        f"upcycle_from_dense builds GPT2MoGEModel, GPT2MoGELMHeadModel, GPT2MoGEForSequenceClassification, "
+        f"ViTMoGEModel or ViTMoGEForImageClassification models, got {moge_class!r}"
+    )
+
+
+def _expected(family: _DenseFamily, dense_class: type[PreTrainedModel], what: str) -> str:
+    return f"a dense {family.display_name} {what} (model_type {family.model_type!r}, e.g. {dense_class.__name__})"
+
+
+def _describe(config_dict: dict) -> str:
+    """`model_type 'vit' (ViTForImageClassification)`: what a config dict holds, for error messages."""
+    model_type, architectures = config_dict.get("model_type"), config_dict.get("architectures")
+    found = f"model_type {model_type!r}" if model_type else "no model_type"
+    return found + (f" ({', '.join(architectures)})" if architectures else "")
+
+
+def _load_dense(
+    moge_class: type, dense_class: type[PreTrainedModel], family: _DenseFamily, source: str
+) -> PreTrainedModel:
+    """Load the dense model at `source` (local folder or Hub id) with `dense_class`, after checking its model type."""
+    expected = _expected(family, dense_class, "checkpoint")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise OSError(
+            f"{moge_class.__name__}.from_dense expected {expected} in the folder {source!r}, but found no "
+            "config.json there (save the dense model with `save_pretrained`)"
+        )
+    if os.path.isfile(source):
+        raise OSError(
+            f"{moge_class.__name__}.from_dense expected {expected}: a `save_pretrained` folder or a Hub id, "
+            f"but {source!r} is a file"
+        )
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(source)
+    except OSError as error:
+        raise OSError(
+            f"{moge_class.__name__}.from_dense expected {expected} at {source!r}, but could not read its config: "
+            f"{error}"
+        ) from error
+    model_type = config_dict.get("model_type")
+    if model_type != family.model_type:
+        already = " (it is already a MoGE model)" if model_type == moge_class.config_class.model_type else ""
+        raise ValueError(
+            f"{moge_class.__name__}.from_dense expected {expected} at {source!r}, but found "
+            f"{_describe(config_dict)}{already}"
+        )
+    return dense_class.from_pretrained(source)
+
+
+def _check_dense_model(
+    moge_class: type, dense_class: type[PreTrainedModel], family: _DenseFamily, dense: PreTrainedModel
+) -> None:
+    """Raise a `ValueError` unless `dense` is a dense model of `family` (any head) with the usual MLP layout."""
+    model_type = getattr(dense.config, "model_type", None)
+    expected = _expected(family, dense_class, "model")
+    if model_type != family.model_type or not isinstance(dense.base_model, family.base_class):
+        already = " (it is already a MoGE model)" if model_type == moge_class.config_class.model_type else ""
+        raise ValueError(
+            f"{moge_class.__name__}.from_dense expected {expected}, but got a {type(dense).__name__} with "
+            f"model_type {model_type!r}{already}"
+        )
+
+
+def _moge_config(moge_class: type, dense_config: PreTrainedConfig, overrides: dict) -> PreTrainedConfig:
+    """The dense config's fields plus `overrides`, as `moge_class`'s config (which checks the MoGE fields)."""
+    config_dict = dense_config.to_dict()
+    for key in _DENSE_ONLY_CONFIG_KEYS:
+        config_dict.pop(key, None)
+    attn_implementation = getattr(dense_config, "_attn_implementation", None)
+    if attn_implementation is not None and "attn_implementation" not in overrides:
+        config_dict["attn_implementation"] = attn_implementation
+    config_dict.update(overrides)
+    return moge_class.config_class(**config_dict)
+
+
+def _optional_parts(family: _DenseFamily, dense_base: nn.Module) -> dict:
+    """`__init__` arguments of a MoGE base model that give it the optional parts the dense base model has."""
+    if family is _VIT:
+        return {
+            "add_pooling_layer": dense_base.pooler is not None,
+            "use_mask_token": dense_base.embeddings.mask_token is not None,
+        }
+    return {}
+
+
+def _check_norm_topk_prob(moge_class: type, config: PreTrainedConfig) -> None:
+    if config.num_experts_per_tok == 1 and config.norm_topk_prob is None:
+        logger.warning(
+            f"{moge_class.__name__}.from_dense: with top-1 routing and norm_topk_prob left unset, each token's "
+            "expert output is scaled by its gate probability, so the upcycled model does not start as the dense "
+            "one. Pass norm_topk_prob=True to start from the dense model's function."
+        )
+
+
+def _dense_mlp_weights(family: _DenseFamily, mlp: nn.Module, where: str) -> tuple[torch.Tensor, ...]:
+    """`(up_weight, up_bias, down_weight, down_bias)` of a dense MLP in the experts' `(out, in)` layout."""
+    up, down = getattr(mlp, family.up_proj, None), getattr(mlp, family.down_proj, None)
+    if up is None or down is None or up.bias is None or down.bias is None:
+        raise ValueError(
+            f"{where} is not a dense {family.display_name} MLP with biased `{family.up_proj}` and "
+            f"`{family.down_proj}` projections: {type(mlp).__name__}"
+        )
+    up_weight, down_weight = (up.weight.T, down.weight.T) if family.conv1d else (up.weight, down.weight)
+    return up_weight, up.bias, down_weight, down.bias
+
+
+def _copy_base(
+    moge_class: type, family: _DenseFamily, dense_base: nn.Module, moge_base: nn.Module, expert_noise_std: float
+) -> None:
+    """Copy the dense base model into the MoGE base model: MLPs of `moe_layers` into every expert, the rest as is."""
+    config = moge_base.config
+    moe_prefixes = tuple(f"{family.layers}.{index}.{family.mlp}." for index in config.moe_layers)
+    dense_state = {k: v for k, v in dense_base.state_dict().items() if not k.startswith(moe_prefixes)}
+    moge_state = {k: v for k, v in moge_base.state_dict().items() if not k.startswith(moe_prefixes)}
+
+    missing = sorted(moge_state.keys() - dense_state.keys())
+    # A pooler the MoGE model has no place for (e.g. a `ViTModel`'s upcycled into an image classifier) is dropped.
+    unexpected = sorted(k for k in dense_state.keys() - moge_state.keys() if not k.startswith("pooler."))
+    if missing or unexpected:
+        raise ValueError(
+            f"{moge_class.__name__}.from_dense: the MoGE model does not have the dense model's layout "
+            f"(missing from the dense model: {missing[:5]}, not in the MoGE model: {unexpected[:5]}); "
+            "do not override fields that change the architecture (such as the number of layers)"
+        )
+    for key, target in moge_state.items():
+        _copy_checked(moge_class, key, target, dense_state[key])
+
+    layers = getattr(dense_base, family.layers)
+    moge_layers = getattr(moge_base, family.layers)
+    dense_size = config.dense_intermediate_size
+    for index in config.moe_layers:
+        where = f"{family.layers}.{index}.{family.mlp}"
+        weights = _dense_mlp_weights(family, getattr(layers[index], family.mlp), f"layer {index}'s MLP ({where})")
+        actual_size = weights[0].shape[0]
+        expert_size = config.expert_intermediate_size or dense_size
+        if expert_size != actual_size or dense_size != actual_size:
+            raise ValueError(
+                f"{moge_class.__name__}.from_dense copies each dense MLP into every expert, so the experts must have "
+                f"the dense MLP's hidden size {actual_size} (layer {index}), but the MoGE config asks for "
+                f"expert_intermediate_size={config.expert_intermediate_size} and a dense MLP size of {dense_size}; "
+                "do not override expert_intermediate_size or the MLP size"
+            )
+        experts = getattr(moge_layers[index], family.mlp).experts
+        names = ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
+        for name, source in zip(names, weights):
+            target = getattr(experts, name)
+            _copy_checked(moge_class, f"{where}.experts.{name}", target, source.unsqueeze(0).expand_as(target))
+        if expert_noise_std > 0:
+            for name, source in (("up_proj", weights[0]), ("down_proj", weights[2])):
+                target = getattr(experts, name)
+                scale = expert_noise_std * source.detach().float().std()
+                noise = torch.randn(target.shape, device=target.device, dtype=torch.float32) * scale
+                target.add_(noise.to(target.dtype))
+
+
+def _copy_checked(moge_class: type, key: str, target: torch.Tensor, source: torch.Tensor) -> None:
+    if target.shape != source.shape:
+        raise ValueError(
+            f"{moge_class.__name__}.from_dense: {key} has shape {tuple(target.shape)} in the MoGE model but "
+            f"{tuple(source.shape)} in the dense model; do not override fields that change weight shapes"
+        )
+    target.copy_(source)
+
+
+def _copy_heads(moge_class: type, dense: PreTrainedModel, moge: PreTrainedModel) -> None:
+    """Copy the head weights of `moge` that `dense` has with the same name and shape; warn about the others."""
+    prefix = moge.base_model_prefix + "."
+    base_pointers = {tensor.data_ptr() for tensor in moge.base_model.state_dict().values()}
+    dense_state = dense.state_dict() if dense.base_model is not dense else {}
+    fresh = []
+    for key, target in moge.state_dict().items():
+        if key.startswith(prefix) or target.data_ptr() in base_pointers:  # base weights, or tied to them
+            continue
+        source = dense_state.get(key)
+        if source is not None and source.shape == target.shape:
+            target.copy_(source)
+        else:
+            found = "missing" if source is None else f"shape {tuple(source.shape)}"
+            fresh.append(f"{key} (MoGE {tuple(target.shape)}, dense {found})")
+    if fresh:
+        logger.warning(
+            f"{moge_class.__name__}.from_dense: these head weights are not in the dense {type(dense).__name__} and "
+            f"are newly initialized; train them before use: {', '.join(fresh)}"
+        )
