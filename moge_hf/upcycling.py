@@ -238,6 +238,11 @@ def _moge_config(moge_class: type, dense_config: PreTrainedConfig, overrides: di
     attn_implementation = getattr(dense_config, "_attn_implementation", None)
     if attn_implementation is not None and "attn_implementation" not in overrides:
         config_dict["attn_implementation"] = attn_implementation
+    # Configs accept unknown keyword arguments silently; a misspelled override (`num_expert=4`) must not be lost.
+    known = moge_class.config_class()
+    unknown = sorted(key for key in overrides if key != "attn_implementation" and not hasattr(known, key))
+    if unknown:
+        raise ValueError(f"{moge_class.__name__}.from_dense: unknown config field(s) {unknown}")
     config_dict.update(overrides)
     return moge_class.config_class(**config_dict)
 

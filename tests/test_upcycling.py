@@ -349,3 +349,9 @@ def test_bad_overrides_raise():
         GPT2MoGELMHeadModel.from_dense(dense, n_layer=4, **moe_kwargs(4, 2, [0]))
     with pytest.raises(ValueError, match="expert_noise_std must be a finite number >= 0"):
         GPT2MoGELMHeadModel.from_dense(dense, expert_noise_std=-0.1, **moe_kwargs(4, 2, [0]))
+
+
+def test_misspelled_override_is_an_error():
+    dense = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['num_expert'\]"):
+        GPT2MoGELMHeadModel.from_dense(dense, num_expert=4)
