@@ -1,0 +1,369 @@
+"""Training MoGE models with `transformers.Trainer`: the sigma schedule and the MoGE metrics in Trainer's logs.
+
+`Trainer` trains the MoGE models as they are: their `loss` already holds the task loss plus the weighted routing
+losses. [`MoGESigmaCallback`] adds what `Trainer` cannot know about: it anneals the Gaussian sigma of the
+group-sparsity regularizer along `config.moge_sigma_schedule`, and logs sigma, the unscaled routing losses, and each
+MoGE layer's expert load and routing entropy through Trainer's own logging (so `report_to` TensorBoard, W&B, ... and
+`state.log_history` all get them). Attach it with [`add_moge_callback`], which puts it ahead of the reporting
+callbacks: `Trainer` calls callbacks in the order they were added, and its own (reporters, progress printer) come
+first otherwise.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["MoGESigmaCallback", "add_moge_callback", "annealed_sigma"]
+
+LOSS_NAMES = ("aux_loss", "moge_loss", "z_loss")
+
+
+def annealed_sigma(progress: float, schedule: Sequence[float]) -> float:
+    """Sigma of the group-sparsity regularizer at a point of training: `init - (init - final) * progress**power`.
+
+    Args:
+        progress (`float`):
+            Fraction of training done, e.g. `global_step / max_steps`; clamped to `[0, 1]`.
+        schedule (`Sequence[float]`):
+            `[init, final, power]`, as in `config.moge_sigma_schedule` (the paper uses `[10.0, 1.0, 0.2]`).
+
+    Returns:
+        `float`: sigma, `init` at progress 0 and `final` at progress 1.
+
+    Example:
+
+    ```python
+    >>> from moge_hf.training import annealed_sigma
+    >>> annealed_sigma(0.0, [10.0, 1.0, 0.2]), annealed_sigma(1.0, [10.0, 1.0, 0.2])
+    (10.0, 1.0)
+    >>> round(annealed_sigma(0.5, [10.0, 2.0, 1.0]), 6)
+    6.0
+    ```
+    """
+    if schedule is None or len(schedule) != 3:
+        raise ValueError(f"schedule must be [init, final, power], got {schedule!r}")
+    init, final, power = (float(value) for value in schedule)
+    progress = float(progress)
+    if not math.isfinite(progress):
+        raise ValueError(f"progress must be a finite number, got {progress!r}")
+    progress = min(max(progress, 0.0), 1.0)
+    return init - (init - final) * progress**power
+
+
+def _unwrap_moge_model(model: nn.Module) -> nn.Module:
+    """The MoGE model inside `model`: through DDP / DataParallel (`.module`), `torch.compile` (`._orig_mod`), PEFT."""
+    current = model
+    for _ in range(16):
+        # Look on the class: wrappers such as PEFT forward unknown attributes to the wrapped model.
+        if callable(getattr(type(current), "set_moge_sigma", None)):
+            return current
+        for name in ("module", "_orig_mod"):
+            inner = getattr(current, name, None)
+            if isinstance(inner, nn.Module):
+                current = inner
+                break
+        else:
+            get_base_model = getattr(type(current), "get_base_model", None)
+            if not callable(get_base_model):
+                break
+            current = current.get_base_model()
+    raise ValueError(
+        f"MoGESigmaCallback needs a MoGE model (one with `set_moge_sigma`, e.g. GPT2MoGELMHeadModel), got "
+        f"{type(model).__name__}"
+    )
+
+
+class MoGESigmaCallback(TrainerCallback):
+    """Anneal the MoGE sigma along `config.moge_sigma_schedule` and log MoGE metrics through `Trainer`'s logging.
+
+    **Sigma.** At the start of training and before every optimizer step (`on_step_begin`, i.e. before the forward
+    passes of the step's micro-batches) it sets `model.set_moge_sigma(annealed_sigma(global_step / max_steps,
+    config.moge_sigma_schedule))`, and at the end of training the value at the final progress (`final` for a run that
+    completes). Sigma is a function of `state.global_step` only, so `trainer.train(resume_from_checkpoint=...)`
+    continues the schedule exactly. With `moge_sigma_schedule=None` sigma is left alone.
+
+    **Metrics.** Added to every training log (the logs that hold Trainer's `loss`), averaged over the logging window
+    (the optimizer steps since the previous log):
+
+    - `moge/sigma`: sigma of the last step;
+    - `moge/aux_loss`, `moge/moge_loss`, `moge/z_loss`: the *unscaled* routing losses of the model outputs (means
+      over the MoGE layers), averaged over the training forward passes (micro-batches);
+    - `moge/layer{i}/load_e{j}`: the fraction of layer `i`'s routed token-slots (tokens x top-k) that went to expert
+      `j` (they sum to 1 per layer; uniform is `1 / num_experts`);
+    - `moge/layer{i}/entropy`: the mean over tokens of the entropy (in nats) of the routing probabilities.
+
+    They are collected by forward hooks, registered at `on_train_begin` and removed at `on_train_end`: one on the
+    model (its outputs' losses) and one on each MoGE router (load, entropy). Only training forwards count
+    (`model.training`), padding tokens (`attention_mask == 0`, passed as a keyword 2-D mask) are left out of the load
+    and entropy, and the values are accumulated detached on the model's device and read once per log (collecting them
+    needs no device sync per step). Router calls outside the model's own forward, such as the recomputation of
+    gradient checkpointing during backward, are not counted. In distributed training the sums are all-reduced at each
+    training log (which every process reaches, as for Trainer's `loss`), so the metrics cover the global batch.
+
+    `Trainer` calls callbacks in the order they were added, its own (reporting integrations, the progress printer)
+    first, and passes each the same `logs`: attach this callback with [`add_moge_callback`] so that it runs first and
+    the reporters see the MoGE keys. Added any other way (`callbacks=[...]`, `trainer.add_callback`), it still
+    schedules sigma and writes the metrics into `state.log_history`, but the reporters that ran before it miss them.
+
+    Args:
+        log_metrics (`bool`, *optional*, defaults to `True`):
+            Whether to log the metrics; `False` only schedules sigma (no hooks).
+        log_expert_load (`bool`, *optional*, defaults to `True`):
+            Whether to log the per-expert load (`num_experts` keys per MoGE layer); the entropies are logged anyway.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+    >>> from moge_hf.training import add_moge_callback
+    >>> model = GPT2MoGELMHeadModel(GPT2MoGEConfig(n_layer=2, n_embd=64, n_head=4, num_experts=4, moge_window=2,
+    ...                                            moge_loss_coef=1e-2, moge_sigma_schedule=[10.0, 1.0, 0.2]))
+    >>> trainer = Trainer(model=model, args=TrainingArguments("out", max_steps=100, report_to="tensorboard"),
+    ...                   train_dataset=train_dataset)
+    >>> add_moge_callback(trainer)
+    >>> trainer.train()
+    ```
+    """
+
+    def __init__(self, log_metrics: bool = True, log_expert_load: bool = True):
+        self.log_metrics = log_metrics
+        self.log_expert_load = log_expert_load
+        self.placed_first = False  # set by `add_moge_callback`
+        self._model: nn.Module | None = None
+        self._hooks: list = []
+        self._layer_names: list[str] = []
+        self._num_experts = 0
+        self._in_forward = False
+        self._token_mask: torch.Tensor | None = None
+        # Running sums since the last log, on the model's device. `_float_sums`: the three losses, then the entropy
+        # sum of each layer; `_int_sums`: the number of forwards, the routed slots per (layer, expert), then the
+        # tokens of each layer (integers, so that counts stay exact however long the logging window).
+        self._float_sums: torch.Tensor | None = None
+        self._int_sums: torch.Tensor | None = None
+
+    # ---- sigma ----------------------------------------------------------------------------------------------------
+
+    def _set_sigma(self, state: TrainerState) -> None:
+        model = self._model
+        schedule = model.config.moge_sigma_schedule
+        if schedule is None:
+            return
+        progress = state.global_step / state.max_steps if state.max_steps and state.max_steps > 0 else 0.0
+        sigma = annealed_sigma(progress, schedule)
+        blocks = model.moge_blocks()
+        if any(block.sigma != sigma for block in blocks) or model.config.moge_sigma != sigma:
+            model.set_moge_sigma(sigma)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._remove_hooks()
+        self._model = _unwrap_moge_model(kwargs["model"])
+        self._set_sigma(state)
+        if self.log_metrics:
+            self._register_hooks()
+            if not self.placed_first and args.report_to:
+                logger.warning(
+                    "MoGESigmaCallback was not attached with `moge_hf.training.add_moge_callback(trainer)`: the MoGE "
+                    f"metrics go to `state.log_history`, but the reporting callbacks ({args.report_to}) run before it "
+                    "and will not see them."
+                )
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._model is not None:
+            self._set_sigma(state)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._model is not None:
+            self._set_sigma(state)  # the value at the progress reached: `final` when training ran to `max_steps`
+        self._remove_hooks()
+
+    # ---- metrics --------------------------------------------------------------------------------------------------
+
+    def _register_hooks(self) -> None:
+        model = self._model
+        blocks = model.moge_blocks()
+        layers = sorted(getattr(model.config, "moe_layers", None) or [])
+        if len(layers) != len(blocks):
+            layers = list(range(len(blocks)))
+        self._layer_names = [f"layer{index}" for index in layers]
+        self._num_experts = blocks[0].router.num_experts if blocks else 0
+        self._float_sums = None
+        self._int_sums = None
+        self._hooks = [
+            model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
+            model.register_forward_hook(self._model_hook, always_call=True),
+        ]
+        for layer, block in enumerate(blocks):
+            self._hooks.append(block.router.register_forward_hook(self._router_hook(layer)))
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._in_forward = False
+        self._token_mask = None
+
+    def _sums(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running sums, allocated (zeros) on first use and moved to `device` if the model moved."""
+        num_layers = len(self._layer_names)
+        if self._float_sums is None:
+            self._float_sums = torch.zeros(len(LOSS_NAMES) + num_layers, device=device)
+            self._int_sums = torch.zeros(1 + num_layers * (self._num_experts + 1), dtype=torch.long, device=device)
+        elif self._float_sums.device != device:
+            self._float_sums = self._float_sums.to(device)
+            self._int_sums = self._int_sums.to(device)
+        return self._float_sums, self._int_sums
+
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._in_forward = module.training
+        mask = kwargs.get("attention_mask")
+        self._token_mask = mask.reshape(-1) != 0 if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+    def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
+        counted, self._in_forward, self._token_mask = self._in_forward, False, None
+        if not counted:
+            return
+        losses = [getattr(output, name, None) for name in LOSS_NAMES]
+        if any(loss is None for loss in losses):  # e.g. tuple outputs
+            return
+        with torch.no_grad():
+            losses = torch.stack([loss.detach().float().reshape(()) for loss in losses])
+            float_sums, int_sums = self._sums(losses.device)
+            float_sums[: len(LOSS_NAMES)] += losses
+            int_sums[0] += 1
+
+    def _router_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, routing) -> None:
+            # Only inside a training forward of the model: not in evaluation, and not when gradient checkpointing
+            # recomputes the layer during backward (the model's forward has returned by then).
+            if not (self._in_forward and module.training):
+                return
+            with torch.no_grad():
+                probs = routing.probs.detach()  # (T, E)
+                index = routing.top_k_index  # (T, k)
+                float_sums, int_sums = self._sums(probs.device)
+                num_experts, num_layers = self._num_experts, len(self._layer_names)
+                entropy = torch.special.entr(probs.float()).sum(-1)  # (T,)
+                mask = self._token_mask
+                if mask is not None and mask.numel() == probs.shape[0]:
+                    weights = mask.to(device=probs.device, dtype=torch.long)  # (T,)
+                    entropy = entropy * weights
+                    tokens = weights.sum()
+                    slot_weights = weights[:, None].expand_as(index).reshape(-1)
+                else:
+                    tokens = probs.shape[0]
+                    slot_weights = torch.ones(index.numel(), dtype=torch.long, device=probs.device)
+                float_sums[len(LOSS_NAMES) + layer] += entropy.sum()
+                start = 1 + layer * num_experts
+                int_sums[start : start + num_experts].index_add_(0, index.reshape(-1), slot_weights)
+                int_sums[1 + num_layers * num_experts + layer] += tokens
+
+        return hook
+
+    def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                sums = sums.clone()
+                torch.distributed.all_reduce(sums)
+        return sums
+
+    def metrics(self) -> dict[str, float]:
+        """The MoGE metrics of the training forwards since the last call (or the start of training), then reset.
+
+        `on_log` calls it for every training log; it is public for custom training loops. In distributed training
+        every process must call it (it all-reduces the sums).
+        """
+        model = self._model
+        if model is None:
+            return {}
+        blocks = model.moge_blocks()
+        metrics = {"moge/sigma": float(blocks[0].sigma if blocks else model.config.moge_sigma)}
+        if self._float_sums is None:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return metrics
+            self._sums(next(model.parameters()).device)  # this process saw no forward: it still joins the reduce
+        float_sums = self._reduce(self._float_sums).tolist()
+        int_sums = self._reduce(self._int_sums).tolist()
+        self._float_sums.zero_()
+        self._int_sums.zero_()
+        num_forwards = int_sums[0]
+        if num_forwards:
+            for i, name in enumerate(LOSS_NAMES):
+                metrics[f"moge/{name}"] = float_sums[i] / num_forwards
+        num_experts, num_layers = self._num_experts, len(self._layer_names)
+        width = max(2, len(str(num_experts - 1)))
+        for layer, layer_name in enumerate(self._layer_names):
+            tokens = int_sums[1 + num_layers * num_experts + layer]
+            if not tokens:
+                continue
+            metrics[f"moge/{layer_name}/entropy"] = float_sums[len(LOSS_NAMES) + layer] / tokens
+            if self.log_expert_load:
+                counts = int_sums[1 + layer * num_experts : 1 + (layer + 1) * num_experts]
+                slots = sum(counts)
+                for expert, count in enumerate(counts):
+                    metrics[f"moge/{layer_name}/load_e{expert:0{width}d}"] = count / slots
+        return metrics
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        # Trainer's training logs hold `loss`; evaluation logs hold `eval_loss`, the end-of-training summary
+        # `train_loss`. Trainer reaches every training log on every process, so the all-reduce in `metrics` is safe.
+        if not self.log_metrics or self._model is None or logs is None or "loss" not in logs:
+            return
+        metrics = self.metrics()
+        # `Trainer.log` appended a copy of `logs` (plus `step`) to `log_history` before calling the callbacks.
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last is not logs and "loss" in last and last.get("step") == state.global_step:
+            last.update(metrics)
+        logs.update(metrics)
+
+
+def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = None, **kwargs) -> MoGESigmaCallback:
+    """Attach a [`MoGESigmaCallback`] to `trainer` ahead of every other callback, so that reporters see its metrics.
+
+    `Trainer` runs callbacks in the order they were added, and adds its own (reporting integrations such as
+    TensorBoard and W&B, the progress printer) before the user's; `on_log` hands every callback the same `logs`. The
+    MoGE callback adds its metrics to `logs`, so it must run first: this puts it at the head of
+    `trainer.callback_handler.callbacks`. Any other `MoGESigmaCallback` the trainer holds is removed (with no
+    `callback` and no `kwargs`, an existing one is moved to the head instead).
+
+    Args:
+        trainer (`Trainer`):
+            The trainer, built with a MoGE model (or a wrapper of one).
+        callback (`MoGESigmaCallback`, *optional*):
+            The callback to attach; by default a new one built with `kwargs`.
+        kwargs:
+            Arguments of [`MoGESigmaCallback`] (`log_metrics`, `log_expert_load`) when `callback` is not given.
+
+    Returns:
+        `MoGESigmaCallback`: the attached callback.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from moge_hf.training import add_moge_callback
+    >>> trainer = Trainer(model=model, args=TrainingArguments("out", report_to="tensorboard"), train_dataset=data)
+    >>> callback = add_moge_callback(trainer)
+    >>> trainer.train()  # logs `moge/sigma`, `moge/moge_loss`, `moge/layer1/load_e00`, ... to TensorBoard
+    ```
+    """
+    callbacks = trainer.callback_handler.callbacks
+    existing = [cb for cb in callbacks if isinstance(cb, MoGESigmaCallback)]
+    if callback is None:
+        callback = existing[0] if existing and not kwargs else MoGESigmaCallback(**kwargs)
+    elif kwargs:
+        raise TypeError("add_moge_callback: pass either `callback` or the arguments of a new one, not both")
+    for cb in existing:
+        if cb is not callback:
+            logger.warning(f"add_moge_callback: removing another MoGESigmaCallback from the trainer ({cb!r})")
+        callbacks.remove(cb)
+    callbacks.insert(0, callback)
+    callback.placed_first = True
+    return callback

@@ -1,0 +1,420 @@
+"""Training with `transformers.Trainer`: plain Trainer, gradient accumulation, the sigma schedule, MoGE metrics."""
+
+import copy
+import logging
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import gpt2_config, input_ids, pixel_values, vit_config
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import integration_utils
+from transformers.integrations.integration_utils import TensorBoardCallback
+
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+from moge_hf.training import MoGESigmaCallback, add_moge_callback, annealed_sigma
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine each parallel region can wait ~0.1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(output_dir),
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def lm_batch(seed: int = 0, batch: int = 8, seq: int = 7, padded: bool = True) -> dict[str, torch.Tensor]:
+    """An LM batch; with `padded`, a few rows are right-padded (mask 0, label -100)."""
+    ids = input_ids(seed, batch=batch, seq=seq)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[: batch // 2, -2:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def as_dataset(batch: dict[str, torch.Tensor]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({name: value.tolist() for name, value in batch.items()})
+
+
+def tiny_lm(**overrides) -> GPT2MoGELMHeadModel:
+    torch.manual_seed(0)
+    return GPT2MoGELMHeadModel(gpt2_config(**overrides))
+
+
+def fake_state(global_step: int = 0, max_steps: int = 8) -> TrainerState:
+    state = TrainerState()
+    state.global_step, state.max_steps = global_step, max_steps
+    return state
+
+
+# ---- annealed_sigma -------------------------------------------------------------------------------------------------
+
+
+def test_annealed_sigma_follows_the_formula_and_clamps_progress():
+    schedule = [10.0, 1.0, 0.2]
+    assert annealed_sigma(0.0, schedule) == 10.0
+    assert annealed_sigma(1.0, schedule) == pytest.approx(1.0)
+    assert annealed_sigma(0.5, schedule) == pytest.approx(10.0 - 9.0 * 0.5**0.2)
+    assert annealed_sigma(0.25, [4.0, 2.0, 1.0]) == pytest.approx(3.5)
+    assert annealed_sigma(-3.0, schedule) == 10.0  # clamped to [0, 1]
+    assert annealed_sigma(7.0, schedule) == pytest.approx(1.0)
+    assert annealed_sigma(0.5, (2.0, 4.0, 1.0)) == pytest.approx(3.0)  # annealing up works too; tuples are fine
+    values = [annealed_sigma(p / 10, schedule) for p in range(11)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    for bad in ([10.0, 1.0], None):
+        with pytest.raises(ValueError, match="init, final, power"):
+            annealed_sigma(0.5, bad)
+    with pytest.raises(ValueError, match="finite"):
+        annealed_sigma(float("nan"), schedule)
+
+
+# ---- the callback without Trainer -------------------------------------------------------------------------------
+
+
+def test_callback_sets_sigma_from_the_schedule_and_progress(tmp_path):
+    model = tiny_lm(moge_sigma_schedule=[4.0, 0.5, 0.5])
+    callback, args, control = MoGESigmaCallback(), training_args(tmp_path), TrainerControl()
+    block = model.moge_blocks()[0]
+
+    callback.on_train_begin(args, fake_state(0, 8), control, model=model)
+    assert block.sigma == model.config.moge_sigma == 4.0
+    torch.testing.assert_close(block.window_matrix, block.build_window_matrix(4.0))
+    callback.on_step_begin(args, fake_state(2, 8), control, model=model)
+    assert block.sigma == model.config.moge_sigma == pytest.approx(4.0 - 3.5 * 0.25**0.5)
+    torch.testing.assert_close(block.window_matrix, block.build_window_matrix(block.sigma))
+    callback.on_train_end(args, fake_state(8, 8), control, model=model)
+    assert block.sigma == model.config.moge_sigma == 0.5  # the schedule's end once training completes
+
+
+def test_callback_leaves_sigma_alone_without_a_schedule(tmp_path):
+    model = tiny_lm(moge_sigma=1.7)
+    callback, args, control = MoGESigmaCallback(), training_args(tmp_path), TrainerControl()
+    for event, step in (("on_train_begin", 0), ("on_step_begin", 3), ("on_train_end", 8)):
+        getattr(callback, event)(args, fake_state(step, 8), control, model=model)
+        assert model.config.moge_sigma == 1.7
+        assert all(block.sigma == 1.7 for block in model.moge_blocks())
+
+
+def test_callback_unwraps_wrapped_models_and_rejects_others(tmp_path):
+    model = tiny_lm(moge_sigma_schedule=[4.0, 0.5, 0.5])
+    wrapped = torch.nn.DataParallel(model)  # on CPU it just holds the model in `.module`, as DDP does
+    callback, args, control = MoGESigmaCallback(), training_args(tmp_path), TrainerControl()
+    callback.on_train_begin(args, fake_state(4, 8), control, model=wrapped)
+    assert model.config.moge_sigma == pytest.approx(4.0 - 3.5 * 0.5**0.5)
+    wrapped.train()
+    wrapped(**lm_batch())  # the hooks sit on the MoGE model, so a forward through the wrapper counts
+    metrics = callback.metrics()
+    assert metrics["moge/sigma"] == model.config.moge_sigma
+    assert "moge/moge_loss" in metrics and "moge/layer1/entropy" in metrics
+    callback.on_train_end(args, fake_state(8, 8), control, model=wrapped)
+
+    with pytest.raises(ValueError, match="needs a MoGE model"):
+        MoGESigmaCallback().on_train_begin(args, fake_state(), control, model=torch.nn.Linear(2, 2))
+
+
+def expected_routing_metrics(outputs, batches, layers, num_experts, top_k):
+    """Load and entropy computed the obvious way from the returned router logits, over the non-padding tokens."""
+    expected = {}
+    for i, layer in enumerate(layers):
+        probs = torch.cat([out.router_logits[i].float().softmax(-1) for out in outputs])  # (T, E)
+        keep = torch.cat([batch["attention_mask"].reshape(-1) for batch in batches]).bool()
+        probs = probs[keep]
+        entropy = -(probs * probs.log()).sum(-1)
+        expected[f"moge/layer{layer}/entropy"] = entropy.mean().item()
+        chosen = probs.topk(top_k, dim=-1).indices.reshape(-1)
+        for expert in range(num_experts):
+            expected[f"moge/layer{layer}/load_e{expert:02d}"] = (chosen == expert).sum().item() / chosen.numel()
+    return expected
+
+
+def test_metrics_average_training_forwards_and_leave_out_padding_and_evaluation(tmp_path):
+    model = tiny_lm(n_layer=4, moe_layers=[1, 3], moge_sigma=2.5)
+    callback, args, control = MoGESigmaCallback(), training_args(tmp_path), TrainerControl()
+    state = fake_state()
+    callback.on_train_begin(args, state, control, model=model)
+
+    model.train()
+    batches = [lm_batch(seed=1), lm_batch(seed=2)]
+    outputs = [model(**batch, output_router_logits=True) for batch in batches]
+    model.eval()
+    model(**lm_batch(seed=3))  # evaluation forwards are not counted
+    model.train()
+
+    logs = {"loss": 1.0, "learning_rate": 1e-3}
+    callback.on_log(args, state, control, logs=logs)
+    expected = expected_routing_metrics(outputs, batches, [1, 3], num_experts=8, top_k=2)
+    for name in ("aux_loss", "moge_loss", "z_loss"):
+        expected[f"moge/{name}"] = sum(getattr(out, name).item() for out in outputs) / len(outputs)
+    expected["moge/sigma"] = 2.5
+    assert set(logs) == {"loss", "learning_rate", *expected}
+    for key, value in expected.items():
+        assert logs[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for layer in (1, 3):
+        assert sum(logs[f"moge/layer{layer}/load_e{e:02d}"] for e in range(8)) == pytest.approx(1.0)
+
+    # The window restarts after each training log; evaluation and end-of-training logs are left alone.
+    model(**batches[0])
+    logs = {"loss": 2.0}
+    callback.on_log(args, state, control, logs=logs)
+    assert logs["moge/moge_loss"] == pytest.approx(outputs[0].moge_loss.item(), rel=1e-5)
+    eval_logs, summary = {"eval_loss": 1.0}, {"train_loss": 1.0}
+    callback.on_log(args, state, control, logs=eval_logs)
+    callback.on_log(args, state, control, logs=summary)
+    assert eval_logs == {"eval_loss": 1.0} and summary == {"train_loss": 1.0}
+
+    # At the end of training every hook is removed.
+    callback.on_train_end(args, state, control, model=model)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert all(not block.router._forward_hooks for block in model.moge_blocks())
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputation_is_not_counted(tmp_path, use_reentrant):
+    model = tiny_lm()
+    checkpoint_kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the older name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    callback, args, control = MoGESigmaCallback(), training_args(tmp_path), TrainerControl()
+    callback.on_train_begin(args, fake_state(), control, model=model)
+    router_calls = []
+    model.moge_blocks()[0].router.register_forward_hook(lambda *_: router_calls.append(1))
+
+    model.train()
+    batch = lm_batch()
+    model(**batch).loss.backward()
+    assert len(router_calls) == 2  # the router ran again when backward recomputed the layer...
+    tokens = int(batch["attention_mask"].sum())
+    # ... but its routing counts once: the token count (last int sum) and the routed slots (top-2 per token).
+    assert int(callback._int_sums[-1]) == tokens
+    assert int(callback._int_sums[1:-1].sum()) == 2 * tokens
+    assert int(callback._int_sums[0]) == 1
+    callback.on_train_end(args, fake_state(), control, model=model)
+
+
+def test_metrics_all_reduce_in_distributed_training(tmp_path, monkeypatch):
+    """With a process group, the sums are all-reduced: here a fake second process contributes the same sums."""
+    model = tiny_lm()
+    callback, args, control = MoGESigmaCallback(), training_args(tmp_path), TrainerControl()
+    callback.on_train_begin(args, fake_state(), control, model=model)
+    model.train()
+    model(**lm_batch())
+    single = copy.deepcopy(callback).metrics()
+
+    reduced = []
+
+    def all_reduce(tensor):
+        reduced.append(tensor.dtype)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert callback.metrics() == pytest.approx(single)
+    assert reduced == [torch.float32, torch.long]
+    # A process that saw no forward since the last log still joins the all-reduce.
+    fresh = MoGESigmaCallback()
+    fresh.on_train_begin(args, fake_state(), control, model=model)
+    assert set(fresh.metrics()) == {"moge/sigma"} and len(reduced) == 4
+    callback.on_train_end(args, fake_state(), control, model=model)
+    fresh.on_train_end(args, fake_state(), control, model=model)
+
+
+# ---- plain Trainer ------------------------------------------------------------------------------------------------
+
+
+def test_plain_trainer_logs_the_models_loss_and_lowers_it(tmp_path):
+    model = tiny_lm()
+    batch = lm_batch(seed=5)  # one batch of 8: Trainer's first step sees exactly these rows
+    model.train()
+    with torch.no_grad():
+        out = model(**batch)
+    expected = out.loss.item()
+    # The model's loss is the LM loss plus the weighted routing losses (coefficients of `tiny.gpt2_config`).
+    lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    routing = 0.01 * out.aux_loss + 0.001 * out.z_loss + 0.1 * out.moge_loss
+    assert expected == pytest.approx((lm_loss + routing).item(), rel=1e-6) and out.moge_loss > 0
+
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=12), train_dataset=as_dataset(batch))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+    assert losses[-1] < 0.8 * losses[0]
+    assert not any(key.startswith("moge/") for entry in trainer.state.log_history for key in entry)
+
+
+def gpt2_case():
+    # No padding: every micro-batch holds the same share of label tokens and of routed tokens.
+    # router_aux_loss_coef=0: the load-balancing loss is a product of two batch means, not a sum over tokens, so no
+    # weighting of micro-batches reproduces it (with its weight 0.01, these 28-token micro-batches change the routers'
+    # update by up to ~100% and the other weights' by ~1-2%). The z-loss and the MoGE loss are token means.
+    model = tiny_lm(router_aux_loss_coef=0.0)
+    return model, as_dataset(lm_batch(seed=7, padded=False))
+
+
+def vit_case():
+    torch.manual_seed(0)
+    model = ViTMoGEForImageClassification(vit_config(router_aux_loss_coef=0.0, router_z_loss_coef=0.01))
+    data = {"pixel_values": pixel_values(seed=7, batch=8), "labels": torch.arange(8) % 5}
+    return model, datasets.Dataset.from_dict({k: v.tolist() for k, v in data.items()}).with_format("torch")
+
+
+@pytest.mark.parametrize("case", [gpt2_case, vit_case], ids=["gpt2-lm", "vit-cls"])
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, case):
+    base, dataset = case()
+    before = {name: param.detach().clone() for name, param in base.named_parameters()}
+    updates = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        model = copy.deepcopy(base)
+        args = training_args(
+            tmp_path / f"bs{batch_size}",
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",  # updates proportional to the gradients (Adam's first step is about sign(grad))
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            weight_decay=0.0,
+        )
+        Trainer(model=model, args=args, train_dataset=dataset).train()
+        updates.append({name: param.detach() - before[name] for name, param in model.named_parameters()})
+    full, accumulated = updates
+    for name in full:
+        torch.testing.assert_close(
+            accumulated[name], full[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    assert any(full[name].abs().max() > 1e-3 for name in full if "router" in name)
+    assert any(full[name].abs().max() > 1e-3 for name in full if "experts" in name)
+
+
+# ---- Trainer with the callback -----------------------------------------------------------------------------------
+
+
+def record_sigma(model, records):
+    """Record the sigma of the first MoGE layer at each training forward."""
+
+    def hook(module, args):
+        if module.training:
+            records.append(module.sigma)
+
+    return model.moge_blocks()[0].register_forward_pre_hook(hook)
+
+
+def test_sigma_schedule_resumes_exactly_from_a_checkpoint(tmp_path):
+    schedule = [4.0, 0.5, 0.5]
+    base = tiny_lm(moge_sigma_schedule=schedule)
+    dataset = as_dataset(lm_batch(seed=9))
+    args = dict(
+        max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, save_strategy="steps", save_steps=2
+    )
+
+    model, uninterrupted = copy.deepcopy(base), []
+    record_sigma(model, uninterrupted)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "full", **args), train_dataset=dataset)
+    add_moge_callback(trainer)
+    trainer.train()
+    # Each optimizer step (two micro-batches) runs at sigma(global_step / max_steps).
+    assert uninterrupted == pytest.approx([annealed_sigma(step / 4, schedule) for step in range(4) for _ in range(2)])
+    logged = [entry["moge/sigma"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx([annealed_sigma(step / 4, schedule) for step in range(4)])
+    assert model.config.moge_sigma == 0.5  # the schedule's end after training; saved with the model
+
+    resumed_model, resumed = copy.deepcopy(base), []  # starts at the config's sigma (1.0), not the schedule's
+    record_sigma(resumed_model, resumed)
+    args["save_strategy"] = "no"
+    trainer = Trainer(model=resumed_model, args=training_args(tmp_path / "resumed", **args), train_dataset=dataset)
+    add_moge_callback(trainer)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert resumed == uninterrupted[4:]
+    for name, param in resumed_model.named_parameters():
+        torch.testing.assert_close(param, model.get_parameter(name), msg=name)
+
+
+class FakeWriter:
+    """Stands in for TensorBoard's `SummaryWriter` (tensorboard is not a dependency)."""
+
+    instances: list["FakeWriter"] = []
+
+    def __init__(self, log_dir=None):
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        FakeWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def add_text(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class FakeTensorBoardCallback(TensorBoardCallback):
+    """transformers' `TensorBoardCallback` (its own `on_log`) writing to a `FakeWriter`."""
+
+    def __init__(self):
+        self._SummaryWriter = FakeWriter
+        self.tb_writer = None
+        self.logging_dir = None
+
+
+@pytest.mark.parametrize("attach", ["add_moge_callback", "callbacks"])
+def test_reporting_callbacks_receive_the_moge_metrics(tmp_path, monkeypatch, caplog, attach):
+    """`report_to="tensorboard"` puts the reporter before user callbacks; `add_moge_callback` runs ahead of it."""
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", FakeTensorBoardCallback)
+    monkeypatch.setattr(FakeWriter, "instances", [])
+    model = tiny_lm(moge_sigma_schedule=[4.0, 1.0, 1.0])
+    args = training_args(tmp_path, max_steps=2, report_to="tensorboard", per_device_train_batch_size=4)
+    callbacks = [MoGESigmaCallback()] if attach == "callbacks" else None
+    trainer = Trainer(model=model, args=args, train_dataset=as_dataset(lm_batch()), callbacks=callbacks)
+    assert any(isinstance(cb, FakeTensorBoardCallback) for cb in trainer.callback_handler.callbacks)
+    if attach == "add_moge_callback":
+        callback = add_moge_callback(trainer)
+        assert trainer.callback_handler.callbacks[0] is callback
+        assert add_moge_callback(trainer) is callback  # idempotent: no second callback
+        assert sum(isinstance(cb, MoGESigmaCallback) for cb in trainer.callback_handler.callbacks) == 1
+    with caplog.at_level(logging.WARNING, logger="moge_hf.training"):
+        trainer.train()
+
+    keys = ["moge/sigma", "moge/moge_loss", "moge/aux_loss", "moge/z_loss", "moge/layer1/entropy"]
+    keys += [f"moge/layer1/load_e{expert:02d}" for expert in range(8)]
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(history) == 2 and all(key in entry for entry in history for key in keys)
+    assert [entry["moge/sigma"] for entry in history] == pytest.approx([4.0, 2.5])
+    (writer,) = FakeWriter.instances
+    if attach == "add_moge_callback":
+        assert not caplog.records
+        for key in keys:
+            steps_values = writer.scalars[f"train/{key}"]
+            assert steps_values == [(entry["step"], entry[key]) for entry in history]
+    else:
+        # Added after the reporter, the callback writes `log_history` but the reporter has already run, and a
+        # warning says so.
+        assert not any(tag.startswith("train/moge/") for tag in writer.scalars)
+        assert "add_moge_callback" in caplog.text
+    assert "train/loss" in writer.scalars
