@@ -22,6 +22,7 @@ from .modeling_moge import (
     ViTMoGEModel,
     ViTMoGEPreTrainedModel,
 )
+from .training import MoGESigmaCallback, add_moge_callback, annealed_sigma
 
 
 __version__ = "0.1.0"
@@ -34,11 +35,14 @@ __all__ = [
     "GPT2MoGEPreTrainedModel",
     "MoGEExperts",
     "MoGERouter",
+    "MoGESigmaCallback",
     "MoGESparseMoeBlock",
     "ViTMoGEConfig",
     "ViTMoGEForImageClassification",
     "ViTMoGEModel",
     "ViTMoGEPreTrainedModel",
+    "add_moge_callback",
+    "annealed_sigma",
     "default_map_shape",
     "group_sparsity_loss",
     "group_window_matrix",
