@@ -1,0 +1,216 @@
+"""Worker of tests/test_distributed.py: trains tiny top-1 GPT-2 MoGE language models on 1 or 2 CPU processes.
+
+Launch it with `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py ...`
+(gloo), or with plain `python` for one process. `--runs` is a JSON list of runs, done in order; each writes
+`<out>/<name>/rank<r>.pt` holding what the tests check: the `loss` and the routing losses of every micro-batch as the
+model returned them, Trainer's logged losses, the initial and final weights, and how many experts got no token on
+this rank in each forward pass of each MoGE layer.
+
+A run's `mode` is `"trainer"` (plain `transformers.Trainer`: DDP when launched on 2 processes) or `"fsdp2"` (a loop
+doing what Trainer does, on a model sharded with `torch.distributed.fsdp.fully_shard` per `GPT2Block`, the unit of
+scripts/accelerate_fsdp.yaml; on CPU, accelerate and Trainer fall back to DDP even when asked for FSDP).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny import gpt2_config  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator  # noqa: E402
+
+from moge_hf import GPT2MoGELMHeadModel  # noqa: E402
+from moge_hf.modeling_moge import MoGERouter  # noqa: E402
+
+
+SEQ = 8
+VOCAB = 99
+# SGD with momentum rather than Adam: Adam turns a gradient that is zero in exact arithmetic but ~1e-11 of rounding
+# noise in floating point (e.g. the attention key bias: softmax ignores a shift of all scores) into an update of up to
+# ~lr, so a reordered sum (DDP's all-reduce) would change those weights by ~1e-4 and hide what the tests compare.
+LEARNING_RATE = 0.5
+MOMENTUM = 0.9
+MAX_GRAD_NORM = 1.0
+
+
+def model_config(router_aux_loss_coef: float):
+    """Top-1 routing over 8 experts in both layers; 16 tokens per rank and layer leave some experts without a token.
+
+    Hidden and expert sizes are multiples of 8 so that `grouped_mm` runs; dropout is 0 (tiny.gpt2_config).
+    """
+    return gpt2_config(
+        n_embd=32,
+        n_inner=64,
+        n_positions=SEQ,
+        num_experts=8,
+        num_experts_per_tok=1,
+        moe_layers=[0, 1],
+        router_aux_loss_coef=router_aux_loss_coef,
+        router_z_loss_coef=0.001,
+        moge_loss_coef=0.1,
+    )
+
+
+def dataset(num_samples: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed sequences `(start + step * t) mod 98 + 1`: learnable, so the loss drops within a few steps."""
+    generator = torch.Generator().manual_seed(1234)
+    starts = torch.randint(0, VOCAB - 1, (num_samples, 1), generator=generator)
+    steps = torch.randint(1, 4, (num_samples, 1), generator=generator)
+    ids = (starts + steps * torch.arange(SEQ)) % (VOCAB - 1) + 1
+    return [{"input_ids": row, "labels": row.clone(), "attention_mask": torch.ones_like(row)} for row in ids]
+
+
+def build_model(run: dict):
+    """The model of a run (the same initial weights in every process) and the lists its hooks fill."""
+    torch.manual_seed(0)
+    model = GPT2MoGELMHeadModel(model_config(run["router_aux_loss_coef"]))
+    model.set_experts_implementation(run["experts_implementation"])
+    records = {"micro_losses": [], "aux_loss": [], "z_loss": [], "moge_loss": [], "empty_experts": []}
+
+    def record_losses(module, args, output):
+        # `loss` of every micro-batch as the model returned it (before Trainer's scaling by the number of processes)
+        # and its unscaled routing losses.
+        records["micro_losses"].append(float(output.loss.detach()))
+        for name in ("aux_loss", "z_loss", "moge_loss"):
+            records[name].append(float(getattr(output, name).detach()))
+
+    model.register_forward_hook(record_losses)
+    for module in model.modules():
+        if isinstance(module, MoGERouter):
+            module.register_forward_hook(
+                lambda module, args, routing: records["empty_experts"].append(
+                    int((torch.bincount(routing.top_k_index.flatten(), minlength=module.num_experts) == 0).sum())
+                )
+            )
+    return model, records
+
+
+def snapshot(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Full, detached CPU copies of a state dict (DTensors of an FSDP2 model are gathered)."""
+    full = {}
+    for name, tensor in state_dict.items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        full[name] = tensor.detach().cpu().clone()
+    return full
+
+
+class LossLog(TrainerCallback):
+    def __init__(self):
+        self.logged = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.logged.append(float(logs["loss"]))
+
+
+def train_with_trainer(run: dict, out: Path) -> dict:
+    model, records = build_model(run)
+    initial = snapshot(model.state_dict())
+    param_names = [name for name, _ in model.named_parameters()]
+    args = TrainingArguments(
+        output_dir=str(out / run["name"] / "trainer"),
+        per_device_train_batch_size=run["per_device_batch"],
+        gradient_accumulation_steps=run["grad_accum"],
+        max_steps=run["steps"],
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        optim_args=f"momentum={MOMENTUM}",
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        seed=42,
+        data_seed=42,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    global_batch = run["per_device_batch"] * run["grad_accum"] * args.world_size
+    log = LossLog()
+    # Two global batches, seen in the same order every epoch: steps 3 and 4 revisit the data of steps 1 and 2.
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(2 * global_batch), callbacks=[log])
+    trainer.train()
+    return {
+        **records,
+        "world_size": args.world_size,
+        "rank": args.process_index,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "wrapped_model": type(trainer.model_wrapped).__name__,
+        "logged_losses": log.logged,
+        "param_names": param_names,
+        "initial": initial,
+        "final": snapshot(trainer.accelerator.get_state_dict(trainer.model)),
+    }
+
+
+def train_with_fsdp2(run: dict, out: Path) -> dict:
+    """What Trainer does for a causal LM (token-count loss normalization over all ranks, loss times the number of
+    processes because gradients are averaged, gradient clipping, the same optimizer), on an FSDP2-sharded model."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model, records = build_model(run)
+    initial = snapshot(model.state_dict())
+    param_names = [name for name, _ in model.named_parameters()]
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    sharded = type(model.transformer.h[0].mlp.experts.up_proj).__name__
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    batch_size = run["per_device_batch"]
+    global_batch = batch_size * world_size
+    data = dataset(2 * global_batch)
+    for step in range(run["steps"]):
+        start = (step % 2) * global_batch + rank * batch_size  # how accelerate shards a sequential sampler
+        batch = default_data_collator(data[start : start + batch_size])
+        num_items_in_batch = (batch["labels"][:, 1:] != -100).sum()
+        dist.all_reduce(num_items_in_batch)
+        loss = model(**batch, num_items_in_batch=num_items_in_batch).loss
+        (loss * world_size).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+    return {
+        **records,
+        "world_size": world_size,
+        "rank": rank,
+        "distributed_type": "FSDP2",
+        "wrapped_model": type(model).__name__,
+        "sharded_parameter": sharded,
+        "param_names": param_names,
+        "initial": initial,
+        "final": snapshot(model.state_dict()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", required=True, help="JSON list of runs")
+    cli = parser.parse_args()
+    torch.set_num_threads(1)  # processes share two cores: one thread each is fastest
+    for run in json.loads(cli.runs):
+        train = train_with_fsdp2 if run.get("mode") == "fsdp2" else train_with_trainer
+        result = train(run, cli.out)
+        (cli.out / run["name"]).mkdir(parents=True, exist_ok=True)
+        torch.save(result, cli.out / run["name"] / f"rank{result['rank']}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
