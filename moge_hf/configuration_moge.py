@@ -26,6 +26,11 @@ MOGE_CONFIG_DOCSTRING = r"""
         `intermediate_size` for ViT).
     router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
         Weight of the Switch load-balancing loss in `loss`.
+    router_aux_loss_global (`bool`, *optional*, defaults to `False`):
+        In distributed training, compute the load-balancing loss with the expert dispatch fractions of the global
+        batch (one all-reduce of `num_layers x k x num_experts` counts per step) instead of each rank's own, so that
+        N processes x batch B train exactly like 1 process x batch N*B. Every rank must then run the same training
+        forward passes (as under DDP/FSDP); leave it off to run a rank alone in training mode.
     router_z_loss_coef (`float`, *optional*, defaults to 0.0):
         Weight of the ST-MoE router z-loss in `loss`.
     router_jitter_noise (`float`, *optional*, defaults to 0.0):
@@ -77,6 +82,7 @@ class MoGEConfigMixin:
     moe_layers: list[int] | tuple[int, ...] | None = None
     expert_intermediate_size: int | None = None
     router_aux_loss_coef: float | int = 0.01
+    router_aux_loss_global: bool = False
     router_z_loss_coef: float | int = 0.0
     router_jitter_noise: float | int = 0.0
     norm_topk_prob: bool | None = None
@@ -147,8 +153,9 @@ class MoGEConfigMixin:
                 not _is_number(v) or v <= 0 for v in self.moge_sigma_schedule
             ):
                 bad("moge_sigma_schedule", "must be [init, final, power], three finite numbers > 0, or None")
-        if not isinstance(self.output_router_logits, bool):
-            bad("output_router_logits", "must be a bool")
+        for name in ("router_aux_loss_global", "output_router_logits"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be a bool")
 
     @property
     def moge_resolved_map_shape(self) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "default_map_shape",
+    "dispatch_counts",
     "gaussian_window",
     "group_sparsity_loss",
     "group_window_matrix",
@@ -203,8 +204,28 @@ def group_sparsity_loss(
     return _group_sparsity_from_matrix(router_probs.reshape(-1, num_experts), matrix, window, reduction, token_mask)
 
 
+def dispatch_counts(
+    top_k_index: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many (unmasked) tokens each top-k slot sends to each expert, and how many tokens there are.
+
+    Returns:
+        `(counts, num_tokens)`: float32 tensors of shapes `(k, num_experts)` and `()`. Summed over data-parallel
+        ranks and divided, they give the dispatch fractions of the global batch (`load_balancing_loss`'s
+        `dispatch_fraction`).
+    """
+    token_mask = _token_mask(mask, top_k_index.shape[:-1], "top_k_index")
+    dispatch = F.one_hot(top_k_index.reshape(-1, top_k_index.shape[-1]), num_experts).float()  # (T, k, E)
+    if token_mask is None:
+        return dispatch.sum(0), torch.tensor(float(dispatch.shape[0]), device=dispatch.device)
+    return (dispatch * token_mask[:, None, None]).sum(0), token_mask.sum()
+
+
 def load_balancing_loss(
-    router_probs: torch.Tensor, top_k_index: torch.Tensor, mask: torch.Tensor | None = None
+    router_probs: torch.Tensor,
+    top_k_index: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dispatch_fraction: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6), generalized to top-k as in transformers.
 
@@ -215,6 +236,9 @@ def load_balancing_loss(
         router_probs (`torch.Tensor` of shape `(..., num_experts)`): routing probabilities.
         top_k_index (`torch.LongTensor` of shape `(..., k)`): the experts each token is sent to.
         mask (`torch.BoolTensor` of shape `router_probs.shape[:-1]`, *optional*): `False` for padding tokens.
+        dispatch_fraction (`torch.Tensor` of shape `(k, num_experts)`, *optional*):
+            The fractions `f` to use instead of this batch's own, e.g. those of the global batch over data-parallel
+            ranks (see `dispatch_counts`). `f` carries no gradient in either case.
 
     Returns:
         `torch.Tensor`: a float32 scalar.
@@ -227,10 +251,16 @@ def load_balancing_loss(
     num_experts = router_probs.shape[-1]
     token_mask = _token_mask(mask, router_probs.shape[:-1], "router_probs")
     probs = router_probs.reshape(-1, num_experts).float()
-    dispatch = F.one_hot(top_k_index.reshape(probs.shape[0], -1), num_experts).float()  # (T, k, E)
-    tokens_per_expert = _mean_over_tokens(dispatch, token_mask)  # (k, E)
+    if dispatch_fraction is None:
+        dispatch = F.one_hot(top_k_index.reshape(probs.shape[0], -1), num_experts).float()  # (T, k, E)
+        dispatch_fraction = _mean_over_tokens(dispatch, token_mask)  # (k, E)
+    elif dispatch_fraction.shape != (top_k_index.shape[-1], num_experts):
+        raise ValueError(
+            f"dispatch_fraction has shape {tuple(dispatch_fraction.shape)}, expected "
+            f"(k, num_experts) = {(top_k_index.shape[-1], num_experts)}"
+        )
     prob_per_expert = _mean_over_tokens(probs, token_mask)  # (E,)
-    return num_experts * (tokens_per_expert * prob_per_expert).sum()
+    return num_experts * (dispatch_fraction * prob_per_expert).sum()
 
 
 def router_z_loss(router_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,7 +32,13 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
-from .losses import _group_sparsity_from_matrix, group_window_matrix, load_balancing_loss, router_z_loss
+from .losses import (
+    _group_sparsity_from_matrix,
+    dispatch_counts,
+    group_window_matrix,
+    load_balancing_loss,
+    router_z_loss,
+)
 from .upcycling import upcycle_from_dense
 
 
@@ -161,12 +167,21 @@ class MoGESparseMoeBlock(nn.Module):
             self.routing_sink.append(routing)
         return self.dropout(output.view(batch_shape))
 
-    def routing_losses(self, routing: MoGERouting, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Unscaled `aux_loss`, `z_loss` and `moge_loss` of one forward pass; `token_mask` is `(T,)` floats or None."""
+    def routing_losses(
+        self,
+        routing: MoGERouting,
+        token_mask: torch.Tensor | None,
+        dispatch_fraction: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unscaled `aux_loss`, `z_loss` and `moge_loss` of one forward pass.
+
+        `token_mask` is `(T,)` floats or None; `dispatch_fraction` optionally replaces the batch's own expert
+        dispatch fractions in the load-balancing loss (those of the global batch, see `router_aux_loss_global`).
+        """
         probs = routing.probs
         clean_probs = probs if routing.clean_logits is routing.logits else routing.clean_logits.float().softmax(-1)
         return {
-            "aux_loss": load_balancing_loss(probs, routing.top_k_index, _as_bool(token_mask)),
+            "aux_loss": load_balancing_loss(probs, routing.top_k_index, _as_bool(token_mask), dispatch_fraction),
             "z_loss": router_z_loss(routing.logits, _as_bool(token_mask)),
             "moge_loss": _group_sparsity_from_matrix(
                 clean_probs, self.window_matrix.float(), self.window, self.reduction, token_mask
@@ -176,6 +191,12 @@ class MoGESparseMoeBlock(nn.Module):
 
 def _as_bool(token_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if token_mask is None else token_mask.bool()
+
+
+def _data_parallel_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -284,11 +305,26 @@ class MoGEModelMixin:
             self._check_router_logits_finite(records)
         if token_mask is not None:
             token_mask = token_mask.reshape(-1).to(torch.float32)
-        per_layer = [block.routing_losses(routing, token_mask) for block, routing in zip(blocks, records)]
+        fractions = [None] * len(records)
+        if self.config.router_aux_loss_global and self.training and _data_parallel_world_size() > 1:
+            fractions = self._global_dispatch_fractions(records, token_mask)
+        per_layer = [
+            block.routing_losses(routing, token_mask, fraction)
+            for block, routing, fraction in zip(blocks, records, fractions)
+        ]
         fields = {name: torch.stack([losses[name] for losses in per_layer]).mean() for name in ROUTING_LOSS_NAMES}
         if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
             fields["router_logits"] = tuple(routing.logits for routing in records)
         return outputs, fields
+
+    def _global_dispatch_fractions(self, records: list[MoGERouting], token_mask: torch.Tensor | None):
+        """Per MoGE layer, the `(k, E)` dispatch fractions of the global batch: one all-reduce over all ranks."""
+        mask = _as_bool(token_mask)
+        per_layer = [dispatch_counts(routing.top_k_index, self.config.num_experts, mask) for routing in records]
+        counts = torch.stack([layer_counts for layer_counts, _ in per_layer])  # (L, k, E)
+        totals = torch.cat([counts.flatten(), per_layer[0][1].reshape(1)])
+        torch.distributed.all_reduce(totals)
+        return list((totals[:-1].view_as(counts) / totals[-1].clamp(min=1.0)).unbind(0))
 
     def _check_router_logits_finite(self, records: list[MoGERouting]) -> None:
         finite = torch.stack([torch.isfinite(routing.logits).all() for routing in records])

@@ -39,7 +39,7 @@ MOMENTUM = 0.9
 MAX_GRAD_NORM = 1.0
 
 
-def model_config(router_aux_loss_coef: float):
+def model_config(router_aux_loss_coef: float, router_aux_loss_global: bool = False):
     """Top-1 routing over 8 experts in both layers; 16 tokens per rank and layer leave some experts without a token.
 
     Hidden and expert sizes are multiples of 8 so that `grouped_mm` runs; dropout is 0 (tiny.gpt2_config).
@@ -52,6 +52,7 @@ def model_config(router_aux_loss_coef: float):
         num_experts_per_tok=1,
         moe_layers=[0, 1],
         router_aux_loss_coef=router_aux_loss_coef,
+        router_aux_loss_global=router_aux_loss_global,
         router_z_loss_coef=0.001,
         moge_loss_coef=0.1,
     )
@@ -69,7 +70,7 @@ def dataset(num_samples: int) -> list[dict[str, torch.Tensor]]:
 def build_model(run: dict):
     """The model of a run (the same initial weights in every process) and the lists its hooks fill."""
     torch.manual_seed(0)
-    model = GPT2MoGELMHeadModel(model_config(run["router_aux_loss_coef"]))
+    model = GPT2MoGELMHeadModel(model_config(run["router_aux_loss_coef"], run.get("router_aux_loss_global", False)))
     model.set_experts_implementation(run["experts_implementation"])
     records = {"micro_losses": [], "aux_loss": [], "z_loss": [], "moge_loss": [], "empty_experts": []}
 

@@ -17,7 +17,9 @@ micro-batch has its own, as under gradient accumulation and in transformers' oth
 * 2 processes x batch B == 1 process x batch B x 2 accumulation steps, with every routing loss on;
 * 2 processes x batch B == 1 process x batch 2B when `router_aux_loss_coef=0`;
 * with the load-balancing loss on, they differ by exactly `coef * (mean of the per-rank aux losses - aux of the
-  global batch)` at the first step, and the other routing losses do not differ.
+  global batch)` at the first step, and the other routing losses do not differ;
+* with `router_aux_loss_global=True` (dispatch fractions all-reduced over the ranks) they match again, load-balancing
+  loss on.
 
 Trainer logs the mean over ranks of `loss * num_processes`, i.e. the loss of the global batch: the sum over ranks
 and micro-batches of the `loss` the model returned.
@@ -58,12 +60,13 @@ needs_gloo = pytest.mark.skipif(
 )
 
 
-def run(name, implementation, aux_coef, batch, grad_accum, mode="trainer"):
+def run(name, implementation, aux_coef, batch, grad_accum, mode="trainer", aux_global=False):
     return {
         "name": name,
         "mode": mode,
         "experts_implementation": implementation,
         "router_aux_loss_coef": aux_coef,
+        "router_aux_loss_global": aux_global,
         "per_device_batch": batch,
         "grad_accum": grad_accum,
         "steps": STEPS,
@@ -74,6 +77,7 @@ TWO_PROCESS_RUNS = [
     *(run(f"ddp-{impl}-aux", impl, AUX, BATCH, 1) for impl in IMPLEMENTATIONS),
     *(run(f"ddp-{impl}-noaux", impl, 0.0, BATCH, 1) for impl in IMPLEMENTATIONS),
     run("fsdp2-eager-aux", "eager", AUX, BATCH, 1, mode="fsdp2"),
+    run("ddp-eager-aux-global", "eager", AUX, BATCH, 1, aux_global=True),
 ]
 ONE_PROCESS_RUNS = [
     *(run(f"one-{impl}-aux-accum2", impl, AUX, BATCH, 2) for impl in IMPLEMENTATIONS),
@@ -245,6 +249,17 @@ def test_load_balancing_loss_is_the_only_term_that_depends_on_the_split(results)
     assert step_losses(ddp)[0] - step_losses(one)[0] == pytest.approx(AUX * aux_shift, abs=1e-6)
     difference, _ = max_relative_difference(ddp[0]["final"], one[0]["final"])
     assert difference > 100 * WEIGHT_RTOL  # a real difference, not rounding
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_global_load_balancing_matches_one_process_with_the_same_global_batch(results):
+    """`router_aux_loss_global=True`: each rank's load-balancing loss uses the dispatch fractions of the global batch,
+    so the mean over ranks is the global batch's loss and 2 x B trains exactly like 1 x 2B, every routing loss on."""
+    ranks, reference = results["ddp-eager-aux-global"], results["one-eager-aux-batch2B"]
+    first_step_aux = (ranks[0]["aux_loss"][0] + ranks[1]["aux_loss"][0]) / 2
+    assert first_step_aux == pytest.approx(reference[0]["aux_loss"][0], rel=1e-6, abs=0)
+    assert_same_training(ranks, 1, reference, 1)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -581,3 +581,27 @@ def test_tiny_sigma_gives_a_single_point_window():
     torch.testing.assert_close(gaussian_window(3, 1e-200, dtype=torch.float64), expected)
     probs = torch.softmax(torch.randn(5, 16), dim=-1)
     assert torch.isfinite(group_sparsity_loss(probs, (4, 4), 3, 1e-200))
+
+
+def test_dispatch_counts_and_given_dispatch_fraction():
+    """`dispatch_counts` summed over shards, divided, gives the fractions of the whole batch; passing them as
+    `dispatch_fraction` to each shard's loss makes the mean of the shards' losses the whole batch's loss."""
+    from moge_hf.losses import dispatch_counts
+
+    generator = torch.Generator().manual_seed(7)
+    probs = torch.softmax(torch.randn(12, 6, generator=generator, dtype=torch.float64), dim=-1)
+    top_k = probs.topk(2, dim=-1).indices
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[[3, 9]] = False
+    counts, tokens = dispatch_counts(top_k, 6, mask)
+    assert tokens == 10 and counts.shape == (2, 6) and counts.sum() == 20
+    whole = load_balancing_loss(probs, top_k, mask)
+    torch.testing.assert_close(load_balancing_loss(probs, top_k, mask, counts / tokens), whole.float())
+    # Two shards of 6 tokens with the same number of real tokens each: global fractions reproduce the whole batch.
+    shards = [slice(0, 6), slice(6, 12)]
+    total_counts = sum(dispatch_counts(top_k[s], 6, mask[s])[0] for s in shards)
+    fraction = total_counts / mask.sum()
+    shard_losses = [load_balancing_loss(probs[s], top_k[s], mask[s], fraction) for s in shards]
+    torch.testing.assert_close(sum(shard_losses) / 2, whole.float())
+    with pytest.raises(ValueError, match="dispatch_fraction"):
+        load_balancing_loss(probs, top_k, mask, torch.ones(1, 6))

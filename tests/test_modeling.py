@@ -384,6 +384,7 @@ def test_from_pretrained_experts_implementation(tmp_path):
         ({"moge_padding": "same"}, "moge_padding"),
         ({"moge_reduction": "sum"}, "moge_reduction"),
         ({"num_experts": "8"}, "num_experts"),
+        ({"router_aux_loss_global": 1}, "router_aux_loss_global"),
     ],
 )
 @pytest.mark.parametrize("make_config", [gpt2_config, vit_config])
