@@ -484,12 +484,13 @@ def _moge_rows(config: Mapping[str, Any], model_type: str) -> list[dict[str, Any
     ]
 
 
-def _labels(config: Mapping[str, Any], limit: int = 50) -> tuple[list[str], bool]:
+def _labels(config: Mapping[str, Any], limit: int = 50) -> tuple[list[str], int]:
+    """Up to `limit` class names of `id2label` and their total number; none when they are transformers' defaults."""
     id2label = config.get("id2label") or {}
     labels = [str(id2label[key]) for key in sorted(id2label, key=lambda key: int(key))]
     if not labels or all(re.fullmatch(r"LABEL_\d+", label) for label in labels):
-        return [], False
-    return labels[:limit], len(labels) > limit
+        return [], 0
+    return labels[:limit], len(labels)
 
 
 def _dataset_entries(dataset, dataset_config) -> list[dict[str, Any]]:
@@ -648,7 +649,7 @@ def render_model_card(
         model_name=model_name if eval_results else None,  # `model-index` needs a name; the card needs no other
         eval_results=eval_results,
     )
-    labels, labels_truncated = _labels(config)
+    labels, num_labels = _labels(config)
     top_k = config["num_experts_per_tok"]
     variables = {
         "model_name": model_name,
@@ -679,7 +680,8 @@ def render_model_card(
         "model_index": eval_results is not None,
         "results_source": f"`{Path(results).name}`" if isinstance(results, (str, os.PathLike)) else None,
         "labels": labels,
-        "labels_truncated": labels_truncated,
+        "num_labels": num_labels,
+        "labels_truncated": num_labels > len(labels),
         "num_experts": config["num_experts"],
         "top_k": top_k,
         "vocab_size": config.get("vocab_size"),
@@ -873,13 +875,13 @@ class MoGEHubCallback(TrainerCallback):
     r"""Make `Trainer`'s pushes to the Hub carry the MoGE code and a MoGE model card. Attach it with
     [`add_moge_hub_callback`].
 
-    `Trainer` pushes `args.output_dir` in two ways. `trainer.push_to_hub()` (also called by `save_model()` and at the
-    end of `train()` with `push_to_hub=True`) saves the model there (`save_pretrained` writes the code and the
-    `auto_map`), then writes its own card with `create_model_card`, then uploads; [`add_moge_hub_callback`] makes
-    that `create_model_card` write the MoGE card instead. The pushes at checkpoints (`hub_strategy` `"every_save"`,
-    `"checkpoint"`, `"all_checkpoints"`) copy only the config and weights from the checkpoint into `output_dir`: at
-    their `on_push_begin` this callback writes the code files and the MoGE card there, so that every pushed revision
-    loads with `trust_remote_code=True`.
+    `Trainer` pushes `args.output_dir` in two ways. `trainer.push_to_hub()` (which `trainer.save_model()` also calls
+    when `args.push_to_hub` is set; `train()` does not push at its end) saves the model there (`save_pretrained`
+    writes the code and the `auto_map`), then writes its own card with `create_model_card`, then uploads;
+    [`add_moge_hub_callback`] makes that `create_model_card` write the MoGE card instead. The pushes at checkpoints
+    (`hub_strategy` `"every_save"`, `"checkpoint"`, `"all_checkpoints"`) copy only the config and weights from the
+    checkpoint into `output_dir`: at their `on_push_begin` this callback writes the code files and the MoGE card
+    there, so that every pushed revision loads with `trust_remote_code=True`.
 
     The card's metrics: `results` if given; otherwise the latest evaluation metrics and the training loss in
     `state.log_history` (measured by this trainer), updated with `all_results.json` / `eval_results.json` from

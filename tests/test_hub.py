@@ -1,0 +1,618 @@
+"""Sharing on the Hub: the upload folder loads where moge_hf cannot be imported (models and pipelines), the card holds
+only what the run measured, pushes need a token before any network call, and Trainer's pushes carry code and card.
+
+Nothing here touches the network: `HfApi.create_repo` / `upload_folder` are replaced by fakes that copy the folder
+they would upload.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.utils import filter_repo_objects
+from PIL import Image
+from tiny import gpt2_config, input_ids, pixel_values, vit_config
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, ViTImageProcessor, pipeline
+
+from moge_hf import (
+    GPT2MoGEForSequenceClassification,
+    GPT2MoGELMHeadModel,
+    ViTMoGEForImageClassification,
+    ViTMoGEModel,
+)
+from moge_hf.hub import (
+    HubTokenError,
+    MoGEHubCallback,
+    add_moge_hub_callback,
+    check_moge_model_dir,
+    prepare_upload_folder,
+    push_model_dir,
+    render_model_card,
+)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE_FILES = {"modeling_moge.py", "configuration_moge.py", "losses.py", "upcycling.py"}
+EOS = "<|endoftext|>"
+PROMPT = "To be or not"
+GPT2_RESULTS = {
+    "epoch": 1.0,
+    "eval_loss": 3.5,
+    "perplexity": 33.11,
+    "eval_runtime": 0.5,
+    "eval_samples": 10,
+    "eval_samples_per_second": 20.0,
+    "train_loss": 3.9,
+    "train_runtime": 2.0,
+    "total_flos": 1234.0,
+}
+VIT_RESULTS = {"eval_accuracy": 0.25, "eval_loss": 1.6, "test_accuracy": 0.2, "eval_runtime": 0.1}
+MOGE_TAGS = {"moge", "mixture-of-experts", "custom_code"}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("push_to_hub_script", ROOT / "scripts" / "push_to_hub.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's kind) trained offline on a few lines."""
+    bpe = ByteLevelBPETokenizer()
+    lines = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer"]
+    bpe.train_from_iterator(lines, vocab_size=300, min_frequency=1, special_tokens=[EOS], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+
+
+def add_run_leftovers(folder: Path) -> None:
+    """What a Trainer output folder holds besides the model: none of it belongs on the Hub."""
+    (folder / "training_args.bin").write_bytes(b"pickle")
+    (folder / "README.md").write_text("---\nlicense: mit\n---\nThis model is a fine-tuned version of ...\n")
+    (folder / "checkpoint-1").mkdir()
+    (folder / "checkpoint-1" / "config.json").write_text("{}")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.out").write_text("tensorboard")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    config = gpt2_config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    folder = tmp_path_factory.mktemp("gpt2") / "gpt2-moge"
+    GPT2MoGELMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "all_results.json").write_text(json.dumps(GPT2_RESULTS))
+    add_run_leftovers(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    labels = ["cat", "dog", "frog", "ship", "truck"]
+    config = vit_config(id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    folder = tmp_path_factory.mktemp("vit") / "vit-moge"
+    ViTMoGEForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_upload(gpt2_dir) -> Path:
+    """The dry run of the script (results found in the model folder)."""
+    out = gpt2_dir.parent / "dry-run"
+    argv = ["--model-dir", str(gpt2_dir), "--repo-id", "me/gpt2-moge", "--dry-run", str(out)]
+    argv += ["--dataset", "karpathy/tiny_shakespeare", "--base-model", "openai-community/gpt2"]
+    assert load_script().main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def vit_upload(vit_dir) -> Path:
+    out = vit_dir.parent / "upload"
+    prepare_upload_folder(vit_dir, out, repo_id="me/vit-moge", results=VIT_RESULTS, dataset="uoft-cs/cifar10")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fake Hub
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class FakeHub:
+    """Stands in for `HfApi.create_repo` / `upload_folder`: copies each uploaded folder to `root/<n>`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.repos: list[dict] = []
+        self.uploads: list[dict] = []
+
+    def install(self, monkeypatch) -> None:
+        hub = self
+
+        def create_repo(api, repo_id, **kwargs):
+            hub.repos.append({"repo_id": repo_id, "token": api.token, **kwargs})
+            name = repo_id if "/" in repo_id else f"me/{repo_id}"
+            return SimpleNamespace(repo_id=name, url=f"https://huggingface.co/{name}")
+
+        def upload_folder(api, *, repo_id, folder_path, run_as_future=False, **kwargs):
+            folder_path = Path(folder_path)
+            files = sorted(str(p.relative_to(folder_path)) for p in folder_path.rglob("*") if p.is_file())
+            files = list(
+                filter_repo_objects(
+                    files, allow_patterns=kwargs.get("allow_patterns"), ignore_patterns=kwargs.get("ignore_patterns")
+                )
+            )
+            copy = hub.root / str(len(hub.uploads))
+            for name in files:
+                (copy / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(folder_path / name, copy / name)
+            hub.uploads.append({"repo_id": repo_id, "folder": copy, "files": files, "token": api.token, **kwargs})
+            result = SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", oid="0")
+            if run_as_future:
+                future = Future()
+                future.set_result(result)
+                return future
+            return result
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+
+def forbid_network(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the Hub was called")
+
+    for name in ("create_repo", "upload_folder", "create_commit", "upload_file", "whoami", "repo_info", "model_info"):
+        monkeypatch.setattr(HfApi, name, fail)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loading without moge_hf: one child process for every folder
+# ------------------------------------------------------------------------------------------------------------------
+
+# The child blocks `import moge_hf`, loads each folder through an Auto class and a pipeline with
+# `trust_remote_code=True`, and saves what it computed. It takes the dry-run folders at once and the trainer's pushed
+# folders when `more_jobs.json` appears, so that it imports and loads while the trainer fixture trains.
+CHILD = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.modules["moge_hf"] = None  # any `import moge_hf` now raises ImportError
+    import torch
+    import transformers
+    from transformers import pipeline
+
+    work = sys.argv[1]
+
+    def run(job):
+        model = getattr(transformers, job["auto_class"]).from_pretrained(job["folder"], trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        inputs = torch.load(job["inputs"])
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        result = {"class": type(model).__name__, "logits": logits}
+        if job["task"] == "text-generation":
+            generator = pipeline("text-generation", model=job["folder"], trust_remote_code=True)
+            assert type(generator.model).__module__.startswith("transformers_modules.")
+            kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+            result["pipeline"] = generator(job["prompt"], **kwargs)[0]["generated_text"]
+            result["token_ids"] = generator(job["prompt"], return_tensors=True, **kwargs)[0]["generated_token_ids"]
+        elif job["task"] == "image-classification":
+            classifier = pipeline("image-classification", model=job["folder"], trust_remote_code=True)
+            assert type(classifier.model).__module__.startswith("transformers_modules.")
+            result["pipeline"] = classifier(job["image"], top_k=5)
+        return result
+
+    results = {job["name"]: run(job) for job in json.load(open(f"{work}/jobs.json"))}
+    deadline = time.time() + 600
+    while not os.path.exists(f"{work}/more_jobs.json") and time.time() < deadline:
+        time.sleep(0.05)
+    results.update({job["name"]: run(job) for job in json.load(open(f"{work}/more_jobs.json"))})
+    torch.save(results, f"{work}/results.pt")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("image") / "image.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (24, 20, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory, gpt2_upload, vit_upload, image_path):
+    """The child process, started on the dry-run folders (see `CHILD`); killed at the end if still running."""
+    work = tmp_path_factory.mktemp("child")
+    torch.save({"input_ids": input_ids()}, work / "ids.pt")
+    torch.save({"pixel_values": pixel_values()}, work / "pixels.pt")
+    jobs = [
+        dict(name="gpt2", folder=str(gpt2_upload), auto_class="AutoModelForCausalLM", inputs=str(work / "ids.pt")),
+        dict(name="vit", folder=str(vit_upload), auto_class="AutoModelForImageClassification"),
+    ]
+    jobs[0].update(task="text-generation", prompt=PROMPT)
+    jobs[1].update(task="image-classification", image=image_path, inputs=str(work / "pixels.pt"))
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(work / "modules")}
+    with open(work / "child.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-c", CHILD, str(work)], cwd=work, env=env, stdout=log, stderr=log)
+    yield SimpleNamespace(process=process, work=work)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def child_results(child, trainer_pushes):
+    """What the child computed; `child` comes first, so that it runs while `trainer_pushes` trains."""
+    work = child.work
+    jobs = [
+        dict(name="trainer", folder=str(trainer_pushes.hub.uploads[-1]["folder"])),
+        dict(name="checkpoint", folder=str(trainer_pushes.hub.uploads[0]["folder"])),
+    ]
+    for job in jobs:
+        job.update(task=None, auto_class="AutoModelForCausalLM", inputs=str(work / "ids.pt"))
+    (work / "more_jobs.tmp").write_text(json.dumps(jobs))
+    os.replace(work / "more_jobs.tmp", work / "more_jobs.json")
+    returncode = child.process.wait(timeout=600)
+    assert returncode == 0, (work / "child.log").read_text()[-4000:]
+    return torch.load(work / "results.pt")
+
+
+def test_dry_run_folder_is_exactly_what_loading_needs(gpt2_upload, vit_upload):
+    model_files = {"model.safetensors", "config.json", "README.md", *CODE_FILES}
+    assert {p.name for p in gpt2_upload.iterdir()} == model_files | {
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    assert {p.name for p in vit_upload.iterdir()} == model_files | {"preprocessor_config.json"}
+    assert "fine-tuned version" not in (gpt2_upload / "README.md").read_text()  # the old Trainer card is replaced
+
+
+def test_dry_run_folders_load_without_moge_hf_with_identical_outputs(gpt2_dir, vit_dir, child_results):
+    gpt2 = GPT2MoGELMHeadModel.from_pretrained(gpt2_dir).eval()
+    vit = ViTMoGEForImageClassification.from_pretrained(vit_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(child_results["gpt2"]["logits"], gpt2(input_ids()).logits)
+        assert torch.equal(child_results["vit"]["logits"], vit(pixel_values()).logits)
+    assert child_results["gpt2"]["class"] == "GPT2MoGELMHeadModel"
+    assert child_results["vit"]["class"] == "ViTMoGEForImageClassification"
+
+
+def test_trainer_pushed_folders_load_without_moge_hf(trainer_pushes, child_results):
+    # The final push holds the trained model; the first checkpoint push an earlier state with the same code.
+    assert torch.equal(child_results["trainer"]["logits"], trainer_pushes.logits)
+    assert child_results["checkpoint"]["logits"].shape == trainer_pushes.logits.shape
+
+
+def test_pipelines_on_saved_models(gpt2_dir, vit_dir, image_path, child_results):
+    generator = pipeline("text-generation", model=str(gpt2_dir), trust_remote_code=True)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    text = generator(PROMPT, **kwargs)[0]["generated_text"]
+    token_ids = list(generator(PROMPT, return_tensors=True, **kwargs)[0]["generated_token_ids"])
+    prompt_ids = generator.tokenizer(PROMPT)["input_ids"]
+    assert len(token_ids) == len(prompt_ids) + 5 and token_ids[: len(prompt_ids)] == prompt_ids
+    assert text.startswith(PROMPT) and text == generator.tokenizer.decode(token_ids, skip_special_tokens=True)
+    # The same generation without moge_hf.
+    assert child_results["gpt2"]["pipeline"] == text
+    assert list(child_results["gpt2"]["token_ids"]) == token_ids
+
+    classifier = pipeline("image-classification", model=str(vit_dir), trust_remote_code=True)
+    predictions = classifier(image_path, top_k=5)
+    assert {p["label"] for p in predictions} == {"cat", "dog", "frog", "ship", "truck"}
+    assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
+    child = child_results["vit"]["pipeline"]
+    assert [p["label"] for p in child] == [p["label"] for p in predictions]
+    assert [p["score"] for p in child] == pytest.approx([p["score"] for p in predictions], abs=1e-6)
+    assert classifier(Image.open(image_path))[0]["label"] == predictions[0]["label"]  # a PIL image too
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Trainer's own push
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer_pushes(tmp_path_factory):
+    """A tiny GPT-2 MoGE trained by a plain `Trainer` with `push_to_hub=True`, pushing at every save and at the end."""
+    root = tmp_path_factory.mktemp("trainer")
+    output_dir = root / "out"
+    output_dir.mkdir()
+    # An `all_results.json` left by an earlier run in the same folder: its numbers were not measured by this run.
+    stale = output_dir / "all_results.json"
+    stale.write_text(json.dumps({"eval_accuracy": 0.987654}))
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    hub = FakeHub(root / "hub")
+    torch.manual_seed(0)
+    ids = input_ids(batch=8)
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        hub.install(monkeypatch)
+        args = TrainingArguments(
+            str(output_dir),
+            push_to_hub=True,
+            hub_model_id="gpt2-moge-trainer",
+            hub_strategy="every_save",
+            save_strategy="steps",
+            save_steps=2,
+            eval_strategy="steps",
+            eval_steps=2,
+            max_steps=4,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=4,
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
+        )
+        trainer = Trainer(model=GPT2MoGELMHeadModel(gpt2_config()), args=args, train_dataset=data, eval_dataset=data)
+        add_moge_hub_callback(trainer, dataset="karpathy/tiny_shakespeare")
+        trainer.train()
+        trainer.push_to_hub(license="mit")
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(input_ids()).logits
+    return SimpleNamespace(hub=hub, trainer=trainer, logits=logits)
+
+
+def test_trainer_push_to_hub_carries_code_config_and_moge_card(trainer_pushes):
+    hub = trainer_pushes.hub
+    assert [repo["repo_id"] for repo in hub.repos] == ["gpt2-moge-trainer"]
+    # Two checkpoint pushes (steps 2 and 4), then `trainer.push_to_hub()`.
+    assert len(hub.uploads) == 3
+    for upload in hub.uploads:
+        assert upload["repo_id"] == "me/gpt2-moge-trainer"
+        assert CODE_FILES | {"config.json", "model.safetensors", "README.md"} <= set(upload["files"])
+        assert not any(name.startswith("checkpoint-") for name in upload["files"])
+        config = json.loads((upload["folder"] / "config.json").read_text())
+        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moge.GPT2MoGELMHeadModel"
+        card = ModelCard.load(upload["folder"] / "README.md")
+        assert MOGE_TAGS | {"gpt2"} <= set(card.data.tags)
+        assert card.data.pipeline_tag == "text-generation"
+        assert card.data.library_name == "transformers"
+        assert "How MoGE differs from a plain MoE" in card.text
+        assert 'repo_id = "me/gpt2-moge-trainer"' in card.text
+        assert "0.987654" not in str(card) and "accuracy" not in str(card)  # the stale results were ignored
+
+    final = ModelCard.load(hub.uploads[-1]["folder"] / "README.md")
+    assert final.data.license == "mit"  # `trainer.push_to_hub(license=...)` reaches the card
+    assert final.data.datasets == ["karpathy/tiny_shakespeare"]
+    eval_losses = [entry["eval_loss"] for entry in trainer_pushes.trainer.state.log_history if "eval_loss" in entry]
+    assert [(r.metric_type, r.metric_value, r.dataset_split) for r in final.data.eval_results] == [
+        ("loss", eval_losses[-1], "validation")
+    ]
+    assert "| learning_rate | 5e-05 |" in final.text  # the trainer's hyperparameters
+    first = ModelCard.load(hub.uploads[0]["folder"] / "README.md")
+    assert [r.metric_value for r in first.data.eval_results] == [eval_losses[0]]
+
+
+def test_add_moge_hub_callback_checks_its_arguments(tmp_path):
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=TrainingArguments(str(tmp_path), report_to=[]))
+    with pytest.raises(ValueError, match="needs a trainer of a MoGE model"):
+        add_moge_hub_callback(trainer)
+    callback = MoGEHubCallback(dataset="x/y")
+    with pytest.raises(TypeError, match="either"):
+        add_moge_hub_callback(trainer, callback, dataset="x/y")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model cards
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_card_metadata_and_model_index_hold_only_the_measured_metrics(gpt2_upload, vit_upload):
+    card = ModelCard.load(gpt2_upload / "README.md")
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "text-generation"
+    assert MOGE_TAGS | {"gpt2"} <= set(data.tags)
+    assert data.datasets == ["karpathy/tiny_shakespeare"]
+    assert data.base_model == "openai-community/gpt2"
+    assert data.license == "apache-2.0"
+    measured = {(r.metric_type, r.metric_value, r.dataset_split, r.task_type) for r in data.eval_results}
+    assert measured == {
+        ("loss", 3.5, "validation", "text-generation"),
+        ("perplexity", 33.11, "validation", "text-generation"),
+    }
+    assert {r.dataset_type for r in data.eval_results} == {"karpathy/tiny_shakespeare"}
+    assert "| loss (task + weighted routing losses) | 3.9 |" in card.text  # the training loss, from the same file
+    for bookkeeping in ("runtime", "samples_per_second", "flos", "1234"):
+        assert bookkeeping not in str(card)
+    assert "AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True)" in card.text
+    assert 'repo_id = "me/gpt2-moge"' in card.text
+
+    card = ModelCard.load(vit_upload / "README.md")
+    assert card.data.pipeline_tag == "image-classification"
+    assert MOGE_TAGS | {"vit"} <= set(card.data.tags)
+    assert card.data.base_model is None
+    measured = {(r.metric_type, r.metric_value, r.dataset_split) for r in card.data.eval_results}
+    assert measured == {("accuracy", 0.25, "validation"), ("loss", 1.6, "validation"), ("accuracy", 0.2, "test")}
+    assert 'pipeline("image-classification", model=repo_id, trust_remote_code=True)' in card.text
+    assert "`cat`, `dog`, `frog`, `ship`, `truck`" in card.text
+
+
+def test_card_settings_come_from_the_config():
+    config = gpt2_config(
+        num_experts=6,
+        num_experts_per_tok=1,
+        moge_map_shape=[2, 3],
+        moge_window=3,
+        moge_padding="circular",
+        moge_reduction="paper",
+        moge_sigma_schedule=[10.0, 1.0, 0.2],
+        moge_loss_coef=3e-5,
+        router_aux_loss_coef=0.02,
+        moe_layers=[0, 1],
+        num_labels=3,
+    )
+    card = render_model_card(GPT2MoGEForSequenceClassification(config), repo_id="me/cls")
+    assert card.data.pipeline_tag == "text-classification"
+    for row in (
+        "| `num_experts` | 6 |",
+        "| `num_experts_per_tok` | 1 |",
+        "| `moge_map_shape` | 2 x 3 |",
+        "| `moge_window` | 3 |",
+        "| `moge_sigma_schedule` | [10.0, 1.0, 0.2] |",
+        "| `moge_padding` | `circular` |",
+        "| `moge_reduction` | `paper` |",
+        "| `moge_loss_coef` | 3e-05 |",
+        "| `router_aux_loss_coef` | 0.02 |",
+        "| `moe_layers` | [0, 1] of 2 |",
+    ):
+        assert row in card.text, row
+    assert "plain MoE baseline" not in card.text
+    assert 'pipeline("text-classification"' in card.text
+
+    baseline = render_model_card(ViTMoGEModel(vit_config(moge_loss_coef=0.0)))
+    assert baseline.data.pipeline_tag == "image-feature-extraction"
+    assert "the plain\nmixture-of-experts baseline" in baseline.text
+    assert "| `moge_loss_coef` | 0.0 (plain MoE baseline) |" in baseline.text
+
+
+def test_card_without_results_says_so_and_has_no_model_index(gpt2_dir):
+    card = render_model_card(gpt2_dir, repo_id="me/gpt2-moge", dataset="karpathy/tiny_shakespeare")
+    assert card.data.eval_results is None
+    assert "model-index" not in card.data.to_yaml() and "metrics" not in card.data.to_yaml()
+    assert "Results were not measured" in card.text
+    assert "3.5" not in card.text and "33.11" not in card.text  # the results file is only read when passed
+
+    # Results without a dataset: listed in the text, but no `model-index` (it needs a dataset).
+    card = render_model_card(gpt2_dir, results={"eval_loss": 2.75})
+    assert card.data.eval_results is None and "model-index" not in card.data.to_yaml()
+    assert "not in the card's `model-index` metadata because no dataset was given" in card.text
+    assert "| validation | loss (task + weighted routing losses) | 2.75 |" in card.text
+    assert "your-username/your-moge-model" in card.text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def broken_copy(gpt2_dir: Path, tmp_path: Path, damage) -> Path:
+    folder = tmp_path / "broken"
+    shutil.copytree(gpt2_dir, folder)
+    damage(folder)
+    return folder
+
+
+def set_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    for key, value in changes.items():
+        if value is None:
+            del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda f: (f / "config.json").unlink(), "has no config.json"),
+        (lambda f: set_config(f, model_type="gpt2"), "model of type 'gpt2', not a moge_hf model"),
+        (lambda f: set_config(f, auto_map=None), "no `auto_map`"),
+        (lambda f: set_config(f, architectures=["GPT2MoGEForTokenClassification"]), "not in its `auto_map`"),
+        (lambda f: (f / "modeling_moge.py").unlink(), r"code files \['modeling_moge.py'\]"),
+        (lambda f: (f / "losses.py").unlink(), r"code files \['losses.py'\]"),  # imported by the other code files
+        (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), "no safetensors weights.*bin"),
+    ],
+)
+def test_not_a_moge_model_dir_errors(gpt2_dir, tmp_path, damage, message):
+    folder = broken_copy(gpt2_dir, tmp_path, damage)
+    with pytest.raises(ValueError, match=message):
+        check_moge_model_dir(folder)
+    with pytest.raises(ValueError, match=message):
+        prepare_upload_folder(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_reports_errors_without_a_traceback(gpt2_dir, tmp_path, capsys):
+    script = load_script()
+    argv = ["--repo-id", "me/x", "--dry-run", str(tmp_path / "out")]
+    assert script.main(["--model-dir", str(tmp_path / "missing"), *argv]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    assert script.main(["--model-dir", str(gpt2_dir), *argv[:2], "--dry-run", str(gpt2_dir)]) == 1
+    assert "must not be the model folder" in capsys.readouterr().err
+    assert script.main(["--model-dir", str(gpt2_dir), "--repo-id", "me/bad id", "--dry-run", str(tmp_path / "o")]) == 1
+    assert "Repo id must use alphanumeric chars" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_script_results_options(gpt2_dir, tmp_path):
+    script = load_script()
+    argv = ["--model-dir", str(gpt2_dir), "--repo-id", "me/x", "--dataset", "karpathy/tiny_shakespeare"]
+    assert script.main([*argv, "--no-results", "--dry-run", str(tmp_path / "none")]) == 0
+    card = ModelCard.load(tmp_path / "none" / "README.md")
+    assert card.data.eval_results is None and "Results were not measured" in card.text
+    (tmp_path / "eval.json").write_text(json.dumps({"eval_loss": 2.5, "eval_runtime": 9.0}))
+    assert script.main([*argv, "--results", str(tmp_path / "eval.json"), "--dry-run", str(tmp_path / "file")]) == 0
+    card = ModelCard.load(tmp_path / "file" / "README.md")
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("loss", 2.5)]
+    assert "(`eval.json`)" in card.text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pushes
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "tokens"))
+    assert huggingface_hub.get_token() is None
+
+
+def test_push_without_a_token_fails_before_any_network_call(gpt2_dir, no_token, monkeypatch, capsys):
+    forbid_network(monkeypatch)
+    with pytest.raises(HubTokenError, match="hf auth login.*HF_TOKEN"):
+        push_model_dir(gpt2_dir, "me/gpt2-moge")
+    with pytest.raises(ValueError, match="Repo id must"):  # a bad id is reported first, also before the network
+        push_model_dir(gpt2_dir, "me/bad id")
+    assert load_script().main(["--model-dir", str(gpt2_dir), "--repo-id", "me/gpt2-moge", "--private"]) == 1
+    error = capsys.readouterr().err
+    assert "hf auth login" in error and "HF_TOKEN" in error and "nothing was uploaded" in error
+
+
+def test_push_uploads_the_dry_run_folder(gpt2_dir, gpt2_upload, no_token, monkeypatch, tmp_path):
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    commit = load_script().main(
+        ["--model-dir", str(gpt2_dir), "--repo-id", "me/gpt2-moge", "--private"]
+        + ["--dataset", "karpathy/tiny_shakespeare", "--base-model", "openai-community/gpt2"]
+    )
+    assert commit == 0
+    assert hub.repos == [
+        {"repo_id": "me/gpt2-moge", "token": "hf_from_env", "private": True, "exist_ok": True, "repo_type": "model"}
+    ]
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "me/gpt2-moge" and upload["token"] == "hf_from_env"
+    assert upload["delete_patterns"] == ["model*.safetensors", "model.safetensors.index.json"]  # stale weights
+    assert sorted(upload["files"]) == sorted(p.name for p in gpt2_upload.iterdir())
+    for name in upload["files"]:
+        assert (upload["folder"] / name).read_bytes() == (gpt2_upload / name).read_bytes(), name
+
+    push_model_dir(gpt2_dir, "me/other", token="hf_explicit")
+    assert hub.repos[-1]["token"] == "hf_explicit" and hub.repos[-1]["private"] is None
+    assert "Results were not measured" in (hub.uploads[-1]["folder"] / "README.md").read_text()
