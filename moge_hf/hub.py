@@ -447,7 +447,7 @@ def _moge_rows(config: Mapping[str, Any], model_type: str) -> list[dict[str, Any
     dense_size = (
         (config.get("n_inner") or 4 * config["n_embd"]) if model_type == "gpt2_moge" else config["intermediate_size"]
     )
-    rows, cols = resolve_map_shape(config["num_experts"], config.get("moge_map_shape"))
+    map_rows, map_cols = resolve_map_shape(config["num_experts"], config.get("moge_map_shape"))
     top_k = config["num_experts_per_tok"]
     norm_topk = config.get("norm_topk_prob")
     norm_topk = top_k > 1 if norm_topk is None else norm_topk
@@ -457,13 +457,13 @@ def _moge_rows(config: Mapping[str, Any], model_type: str) -> list[dict[str, Any
     def row(name, field, value):
         return {"name": name, "field": field, "value": value}
 
-    return [
+    rows = [
         row("experts per MoGE layer", "num_experts", config["num_experts"]),
         row("experts per token (top-k)", "num_experts_per_tok", top_k),
         row("renormalized top-k gate weights", "norm_topk_prob", "yes" if norm_topk else "no"),
         row("MoGE layers", "moe_layers", f"{sorted(config['moe_layers'])} of {num_layers}"),
         row("expert hidden size", "expert_intermediate_size", config.get("expert_intermediate_size") or dense_size),
-        row("expert map (rows x cols)", "moge_map_shape", f"{rows} x {cols}"),
+        row("expert map (rows x cols)", "moge_map_shape", f"{map_rows} x {map_cols}"),
         row("window side h", "moge_window", config.get("moge_window")),
         row("Gaussian sigma (as saved)", "moge_sigma", config.get("moge_sigma")),
         row(
@@ -482,6 +482,10 @@ def _moge_rows(config: Mapping[str, Any], model_type: str) -> list[dict[str, Any
         row("router z-loss weight", "router_z_loss_coef", config.get("router_z_loss_coef")),
         row("router jitter noise", "router_jitter_noise", config.get("router_jitter_noise")),
     ]
+    if "router_aux_loss_global" in config:  # configs saved before the field existed lack it
+        global_aux = "yes" if config["router_aux_loss_global"] else "no"
+        rows.insert(-2, row("load balancing over the global batch", "router_aux_loss_global", global_aux))
+    return rows
 
 
 def _labels(config: Mapping[str, Any], limit: int = 50) -> tuple[list[str], int]:

@@ -459,6 +459,7 @@ def test_card_settings_come_from_the_config():
         moge_sigma_schedule=[10.0, 1.0, 0.2],
         moge_loss_coef=3e-5,
         router_aux_loss_coef=0.02,
+        router_aux_loss_global=True,
         moe_layers=[0, 1],
         num_labels=3,
     )
@@ -475,6 +476,7 @@ def test_card_settings_come_from_the_config():
         "| `moge_loss_coef` | 3e-05 |",
         "| `router_aux_loss_coef` | 0.02 |",
         "| `moe_layers` | [0, 1] of 2 |",
+        "| `router_aux_loss_global` | yes |",
     ):
         assert row in card.text, row
     assert "plain MoE baseline" not in card.text
