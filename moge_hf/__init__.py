@@ -8,6 +8,15 @@ import transformers
 from transformers import AutoConfig
 
 from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
+from .hub import (
+    HubTokenError,
+    MoGEHubCallback,
+    add_moge_hub_callback,
+    check_moge_model_dir,
+    prepare_upload_folder,
+    push_model_dir,
+    render_model_card,
+)
 from .losses import default_map_shape, group_sparsity_loss, group_window_matrix, load_balancing_loss, router_z_loss
 from .modeling_moge import (
     AUTO_MODEL_CLASSES,
@@ -28,6 +37,13 @@ from .training import MoGESigmaCallback, add_moge_callback, annealed_sigma
 __version__ = "0.1.0"
 
 __all__ = [
+    "HubTokenError",
+    "MoGEHubCallback",
+    "add_moge_hub_callback",
+    "check_moge_model_dir",
+    "prepare_upload_folder",
+    "push_model_dir",
+    "render_model_card",
     "GPT2MoGEConfig",
     "GPT2MoGEForSequenceClassification",
     "GPT2MoGELMHeadModel",
