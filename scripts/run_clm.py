@@ -1,0 +1,654 @@
+#!/usr/bin/env python
+"""Train and evaluate a GPT-2 MoGE language model (`GPT2MoGELMHeadModel`) on a text data set with `Trainer`.
+
+The model is built from scratch from the config arguments below, upcycled from a dense GPT-2
+(`--dense_model_name_or_path`, see `GPT2MoGELMHeadModel.from_dense`), or loaded from a saved MoGE model
+(`--model_name_or_path`). The text is a Hub data set (`--dataset_name`) or local text files (`--train_file`, optional
+`--validation_file`; without one, the last `--validation_split_percentage` percent of the training lines are held
+out). The tokenizer is `--tokenizer_name`, the dense model's, or a byte-level BPE trained on the training text and
+saved with the model. Texts are concatenated and cut into `--block_size` blocks. Evaluation reports the language
+modeling loss alone (`eval_lm_loss`, without the routing losses that `eval_loss` includes) and
+`perplexity = exp(eval_lm_loss)`.
+
+`--moge_loss_coef 0` is the plain MoE baseline; `--compare_moe_baseline` trains that baseline too, with the same
+seed, data, tokenizer and steps (in `<output_dir>/moe_baseline`), and prints both arms side by side.
+
+Example (the repository's main job: tiny Shakespeare, a few minutes on a 2-core CPU):
+
+```bash
+python scripts/run_clm.py --train_file data/tinyshakespeare/input.txt --output_dir runs/clm_tinyshakespeare \
+    --moge_loss_coef 0.01 --moge_sigma_schedule 10 1 0.2 --compare_moe_baseline
+```
+
+It runs with `python` and with `accelerate launch`.
+"""
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass, field, replace
+from itertools import chain
+from urllib.parse import urlparse
+
+import datasets
+import torch
+import transformers
+from datasets import DatasetDict, load_dataset
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.trainer_utils import get_last_checkpoint
+
+from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+from moge_hf.training import add_moge_callback
+
+
+logger = logging.getLogger(__name__)
+
+EXPERTS_IMPLEMENTATIONS = ("eager", *ALL_EXPERTS_FUNCTIONS.keys())
+END_OF_TEXT = "<|endoftext|>"
+# Architecture of a model built from scratch, when not given (the main job's small GPT-2 MoGE).
+SCRATCH_DEFAULTS = {"n_layer": 4, "n_embd": 128, "n_head": 4}
+# MoGE config fields that the command line can set; `None` keeps the config's default (or the loaded model's value).
+MOGE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_layers",
+    "expert_intermediate_size",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_jitter_noise",
+    "norm_topk_prob",
+    "moge_loss_coef",
+    "moge_map_shape",
+    "moge_window",
+    "moge_sigma",
+    "moge_sigma_schedule",
+    "moge_padding",
+    "moge_reduction",
+)
+# Fields that change no weight shape: the only ones that may be changed on a saved MoGE model (`--model_name_or_path`).
+TRAINING_ONLY_FIELDS = (
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_jitter_noise",
+    "norm_topk_prob",
+    "moge_loss_coef",
+    "moge_window",
+    "moge_sigma",
+    "moge_sigma_schedule",
+    "moge_padding",
+    "moge_reduction",
+)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: from scratch (config arguments), upcycled from a dense GPT-2, or a saved MoGE model."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved GPT-2 MoGE model (folder or Hub id) to train further. Default: from scratch."},
+    )
+    dense_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dense GPT-2 (folder or Hub id) to upcycle with `GPT2MoGELMHeadModel.from_dense`: every expert "
+            "starts as a copy of its layer's MLP. Its tokenizer is used unless --tokenizer_name is given."
+        },
+    )
+    expert_noise_std: float = field(
+        default=0.0, metadata={"help": "Upcycling only: relative std of the noise added to each expert copy."}
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A tokenizer (folder or Hub id). Default: the loaded model's, else a byte-level BPE trained on "
+            "the training text (see --vocab_size)."
+        },
+    )
+    vocab_size: int = field(
+        default=2048, metadata={"help": "Vocabulary size of the byte-level BPE trained when no tokenizer is given."}
+    )
+    n_layer: int | None = field(default=None, metadata={"help": "From scratch: number of layers (default 4)."})
+    n_embd: int | None = field(default=None, metadata={"help": "From scratch: hidden size (default 128)."})
+    n_head: int | None = field(default=None, metadata={"help": "From scratch: attention heads (default 4)."})
+    n_inner: int | None = field(default=None, metadata={"help": "From scratch: dense MLP size (default 4 * n_embd)."})
+    n_positions: int | None = field(
+        default=None, metadata={"help": "From scratch: position embeddings (default: --block_size)."}
+    )
+    dropout: float | None = field(
+        default=None,
+        metadata={"help": "Sets resid_pdrop, embd_pdrop and attn_pdrop (from scratch default 0.0: short runs)."},
+    )
+    num_experts: int | None = field(default=None, metadata={"help": "Experts per MoGE layer (config default 16)."})
+    num_experts_per_tok: int | None = field(default=None, metadata={"help": "Top-k routing (config default 2)."})
+    moe_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layers whose MLP is a MoGE layer (config default: every other from 1)."}
+    )
+    expert_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Hidden size of each expert (config default: the dense MLP's)."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the load-balancing loss (config default 0.01)."}
+    )
+    router_z_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the router z-loss (config default 0.0)."}
+    )
+    router_jitter_noise: float | None = field(
+        default=None, metadata={"help": "Multiplicative jitter on the router input (config default 0.0)."}
+    )
+    norm_topk_prob: bool | None = field(
+        default=None, metadata={"help": "Renormalize the top-k gate weights (config default: k > 1)."}
+    )
+    moge_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Lambda of the group-sparsity regularizer; 0 (the config default) is the MoE baseline."},
+    )
+    moge_map_shape: list[int] | None = field(
+        default=None, metadata={"help": "Rows and cols of the expert map, e.g. `4 4` (config default: most square)."}
+    )
+    moge_window: int | None = field(default=None, metadata={"help": "Window side h (config default 3)."})
+    moge_sigma: float | None = field(default=None, metadata={"help": "Gaussian sigma (config default 1.0)."})
+    moge_sigma_schedule: list[float] | None = field(
+        default=None,
+        metadata={"help": "`init final power` sigma annealing during training, e.g. `10 1 0.2` (the paper's)."},
+    )
+    moge_padding: str | None = field(default=None, metadata={"help": "`valid` (config default) or `circular`."})
+    moge_reduction: str | None = field(
+        default=None, metadata={"help": "`mean` (config default) or `paper` (the paper's lambda values carry over)."}
+    )
+    experts_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Experts implementation, one of {EXPERTS_IMPLEMENTATIONS} (default: transformers' choice; "
+            "`eager` is the fastest for small models on a CPU)."
+        },
+    )
+    compare_moe_baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the lambda = 0 MoE baseline with the same seed, data, tokenizer and steps in "
+            "<output_dir>/moe_baseline, and print both arms' eval loss and perplexity."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which text to train and evaluate on, and how to cut it into blocks."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set name, e.g. `wikitext`."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Its configuration, e.g. `wikitext-2-raw-v1`."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Training text (.txt, .csv, .json or .jsonl)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation text, same format."})
+    validation_split_percentage: int = field(
+        default=10,
+        metadata={"help": "Without a validation set: the last this-many percent of the training lines are held out."},
+    )
+    text_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the text (default: `text`, else the first column)."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Length in tokens of each training block."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation blocks."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks in .txt files."})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of the input, all before any data is loaded or any model trained
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub can be reached (a quick TCP connection), so that offline runs fail fast."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Raise a `ValueError` (or `FileNotFoundError`) naming the bad argument, before anything is loaded."""
+    if model_args.model_name_or_path and model_args.dense_model_name_or_path:
+        raise ValueError("Pass either --model_name_or_path (a MoGE model) or --dense_model_name_or_path, not both.")
+    if model_args.model_name_or_path or model_args.dense_model_name_or_path:
+        given = [name for name in (*SCRATCH_DEFAULTS, "n_inner", "n_positions") if getattr(model_args, name)]
+        if given:
+            raise ValueError(f"--{given[0]} only applies to a model built from scratch; the loaded model sets it.")
+    if model_args.model_name_or_path:
+        fixed = [name for name in MOGE_FIELDS if name not in TRAINING_ONLY_FIELDS]
+        given = [name for name in fixed if getattr(model_args, name) is not None]
+        if given:
+            raise ValueError(f"--{given[0]} changes weight shapes and cannot be changed on a saved MoGE model.")
+    implementation = model_args.experts_implementation
+    if implementation is not None and implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown --experts_implementation {implementation!r}; choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}."
+        )
+    if model_args.tokenizer_name is None and not model_args.model_name_or_path:
+        if not model_args.dense_model_name_or_path and model_args.vocab_size < 257:
+            raise ValueError(
+                f"--vocab_size must be at least 257 (256 bytes and {END_OF_TEXT}), got {model_args.vocab_size}."
+            )
+    if data_args.dataset_name is None and data_args.train_file is None:
+        raise ValueError(
+            "Pass a data set: --dataset_name NAME or --train_file FILE (e.g. data/tinyshakespeare/input.txt)."
+        )
+    if data_args.dataset_name is not None and data_args.train_file is not None:
+        raise ValueError("Pass either --dataset_name or --train_file, not both.")
+    for name in ("train_file", "validation_file"):
+        path = getattr(data_args, name)
+        if path is not None:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--{name} {path!r} does not exist or is not a file.")
+            if os.path.splitext(path)[1].lower() not in (".txt", ".text", ".csv", ".json", ".jsonl"):
+                raise ValueError(f"--{name} {path!r} must be a .txt, .csv, .json or .jsonl file.")
+    if not 0 < data_args.validation_split_percentage < 100:
+        raise ValueError(
+            f"--validation_split_percentage must be in (0, 100), got {data_args.validation_split_percentage}."
+        )
+    if data_args.block_size < 2:
+        raise ValueError(f"--block_size must be at least 2, got {data_args.block_size}.")
+
+
+def moge_overrides(model_args: ModelArguments) -> dict:
+    """The MoGE config fields given on the command line (those not left at `None`)."""
+    return {name: getattr(model_args, name) for name in MOGE_FIELDS if getattr(model_args, name) is not None}
+
+
+def scratch_config(model_args: ModelArguments, data_args: DataArguments, vocab_size: int, eos_id: int):
+    """The `GPT2MoGEConfig` of a model built from scratch; invalid MoGE values raise its `ValueError`."""
+    kwargs = {name: getattr(model_args, name) or default for name, default in SCRATCH_DEFAULTS.items()}
+    dropout = model_args.dropout if model_args.dropout is not None else 0.0
+    return GPT2MoGEConfig(
+        vocab_size=vocab_size,
+        n_positions=model_args.n_positions or data_args.block_size,
+        n_inner=model_args.n_inner,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        **kwargs,
+        **moge_overrides(model_args),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data and tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None) -> DatasetDict:
+    """`train` and `validation` splits of raw text, from the Hub or from local files."""
+    pct = data_args.validation_split_percentage
+    if data_args.dataset_name is not None:
+        if not os.path.exists(data_args.dataset_name) and not hub_reachable():
+            raise ConnectionError(
+                f"--dataset_name {data_args.dataset_name!r}: the Hugging Face Hub cannot be reached from here (no "
+                "network, or HF_HUB_OFFLINE=1) and it is not a local folder. Pass local text with --train_file "
+                "(e.g. data/tinyshakespeare/input.txt)."
+            )
+        name, config = data_args.dataset_name, data_args.dataset_config_name
+        try:
+            raw = load_dataset(name, config, cache_dir=cache_dir)
+            if "validation" not in raw:
+                raw = DatasetDict(
+                    train=load_dataset(name, config, split=f"train[:{100 - pct}%]", cache_dir=cache_dir),
+                    validation=load_dataset(name, config, split=f"train[{100 - pct}%:]", cache_dir=cache_dir),
+                )
+        except (ConnectionError, FileNotFoundError, OSError) as error:
+            raise ConnectionError(f"Could not load --dataset_name {name!r}: {error}") from error
+        return raw
+
+    def loader_and_kwargs(path: str) -> tuple[str, dict]:
+        extension = os.path.splitext(path)[1].lower().lstrip(".")
+        if extension in ("txt", "text"):
+            return "text", {"keep_linebreaks": data_args.keep_linebreaks}
+        return ("json" if extension == "jsonl" else extension), {}
+
+    loader, kwargs = loader_and_kwargs(data_args.train_file)
+    if data_args.validation_file is not None:
+        data_files = {"train": data_args.train_file, "validation": data_args.validation_file}
+        return load_dataset(loader, data_files=data_files, cache_dir=cache_dir, **kwargs)
+    data_files = {"train": data_args.train_file}
+    return DatasetDict(
+        train=load_dataset(
+            loader, data_files=data_files, split=f"train[:{100 - pct}%]", cache_dir=cache_dir, **kwargs
+        ),
+        validation=load_dataset(
+            loader, data_files=data_files, split=f"train[{100 - pct}%:]", cache_dir=cache_dir, **kwargs
+        ),
+    )
+
+
+def text_column(raw: DatasetDict, data_args: DataArguments) -> str:
+    columns = raw["train"].column_names
+    name = data_args.text_column_name or ("text" if "text" in columns else columns[0])
+    if name not in columns:
+        raise ValueError(f"--text_column_name {name!r} is not a column of the training data {columns}.")
+    return name
+
+
+def train_byte_level_bpe(texts, vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer with `<|endoftext|>`, trained on an iterable of text batches.
+
+    Args:
+        texts (`Iterable[list[str]]`): Batches of training text.
+        vocab_size (`int`): Vocabulary size, the 256 bytes and `<|endoftext|>` included.
+        model_max_length (`int`): The tokenizer's `model_max_length` (the model's context length).
+
+    Returns:
+        `PreTrainedTokenizerFast`: the tokenizer, ready for `save_pretrained` and `AutoTokenizer.from_pretrained`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
+        model_max_length=model_max_length,
+    )
+
+
+def get_tokenizer(model_args: ModelArguments, data_args: DataArguments, raw: DatasetDict, column: str):
+    """`--tokenizer_name`, else the loaded model's tokenizer, else a byte-level BPE trained on the training text."""
+    source = model_args.tokenizer_name or model_args.model_name_or_path or model_args.dense_model_name_or_path
+    if source is not None:
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            flag = "--tokenizer_name" if model_args.tokenizer_name else "the model's folder"
+            raise ValueError(
+                f"Could not load a tokenizer from {source!r} ({flag}): {error}. Pass --tokenizer_name explicitly."
+            ) from error
+    logger.info(f"Training a byte-level BPE tokenizer (vocab {model_args.vocab_size}) on the training text")
+    train = raw["train"]
+    batches = (train[i : i + 1000][column] for i in range(0, len(train), 1000))
+    return train_byte_level_bpe(batches, model_args.vocab_size, model_max_length=data_args.block_size)
+
+
+def tokenize_and_group(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, column: str, data_args: DataArguments):
+    """Tokenize the text and cut the concatenated tokens into `block_size` blocks (`labels` = `input_ids`).
+
+    Raises a `ValueError` when a split has fewer tokens than one block.
+    """
+    block_size = data_args.block_size
+
+    def tokenize(examples):
+        return tokenizer(examples[column])
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in ("input_ids", "attention_mask")}
+        total = (len(concatenated["input_ids"]) // block_size) * block_size
+        result = {k: [v[i : i + block_size] for i in range(0, total, block_size)] for k, v in concatenated.items()}
+        result["labels"] = [list(ids) for ids in result["input_ids"]]
+        return result
+
+    tokenized = raw.map(
+        tokenize,
+        batched=True,
+        num_proc=data_args.preprocessing_num_workers,
+        remove_columns=raw["train"].column_names,
+        desc="Tokenizing",
+    )
+    grouped = DatasetDict()
+    for split, dataset in tokenized.items():
+        # Small splits are grouped in one batch, so that no split with a block's worth of tokens comes out empty;
+        # large ones in batches of 1,000 texts (each batch drops its last partial block).
+        grouped[split] = dataset.map(
+            group_texts,
+            batched=True,
+            batch_size=None if len(dataset) <= 100_000 else 1000,
+            num_proc=data_args.preprocessing_num_workers,
+            desc=f"Grouping {split} texts in blocks of {block_size}",
+        )
+        if len(grouped[split]) == 0:
+            num_tokens = sum(len(ids) for ids in dataset["input_ids"])
+            raise ValueError(
+                f"The {split} text has {num_tokens} tokens, fewer than --block_size {block_size}: pass more text "
+                "(a longer file, or a larger --validation_split_percentage), or a smaller --block_size."
+            )
+    if data_args.max_train_samples is not None:
+        grouped["train"] = grouped["train"].select(range(min(len(grouped["train"]), data_args.max_train_samples)))
+    if data_args.max_eval_samples is not None:
+        grouped["validation"] = grouped["validation"].select(
+            range(min(len(grouped["validation"]), data_args.max_eval_samples))
+        )
+    return grouped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, metrics, training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overrides: dict) -> GPT2MoGELMHeadModel:
+    """From scratch (`config`), upcycled from the dense model, or loaded; then the experts implementation."""
+    if model_args.dense_model_name_or_path:
+        model = GPT2MoGELMHeadModel.from_dense(
+            model_args.dense_model_name_or_path, expert_noise_std=model_args.expert_noise_std, **overrides
+        )
+    elif model_args.model_name_or_path:
+        model = GPT2MoGELMHeadModel.from_pretrained(model_args.model_name_or_path, **overrides)
+    else:
+        model = GPT2MoGELMHeadModel(config)
+    if model_args.experts_implementation is not None:
+        model.set_experts_implementation(model_args.experts_implementation)
+    return model
+
+
+def lm_loss_per_block(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`(batch, 2)`: each block's summed next-token loss and its number of predicted tokens (Trainer gathers these
+    instead of the logits, so evaluation needs no memory for `vocab_size` floats per token)."""
+    logits = logits[..., :-1, :].float()
+    labels = labels[..., 1:]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    counts = (labels != -100).sum(-1)
+    return torch.stack([losses.sum(-1), counts.to(losses.dtype)], dim=-1)
+
+
+def compute_metrics(eval_prediction) -> dict[str, float]:
+    """`lm_loss` (mean next-token loss, routing losses left out) and `perplexity = exp(lm_loss)`."""
+    sums = torch.as_tensor(eval_prediction.predictions).reshape(-1, 2).double().sum(0)
+    lm_loss = float(sums[0] / sums[1])
+    return {"lm_loss": lm_loss, "perplexity": math.exp(lm_loss) if lm_loss < 700 else float("inf")}
+
+
+def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_arm: bool) -> str | None:
+    """The checkpoint to resume from: a path, or `last`/`true` for the latest `checkpoint-*` in `output_dir`."""
+    value = training_args.resume_from_checkpoint
+    if value is None or value.lower() in ("false", "no", "none"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is not None:
+            logger.warning(
+                f"{output_dir} already holds {last}; training starts over (pass --resume_from_checkpoint last to "
+                "resume)."
+            )
+        return None
+    if value.lower() in ("last", "true", "yes") or not main_arm:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None and main_arm:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}.")
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
+    return value
+
+
+def run_arm(
+    name: str,
+    model: GPT2MoGELMHeadModel,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    lm_datasets: DatasetDict,
+) -> dict[str, float]:
+    """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if data_args.block_size > model.config.n_positions:
+        raise ValueError(
+            f"--block_size {data_args.block_size} is longer than the model's n_positions={model.config.n_positions}."
+        )
+    config = model.config
+    logger.info(
+        f"[{name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config.n_layer} layers, "
+        f"MoGE layers {config.moe_layers}: {config.num_experts} experts top-{config.num_experts_per_tok} on a "
+        f"{'x'.join(map(str, config.moge_resolved_map_shape))} map, moge_loss_coef={config.moge_loss_coef}, "
+        f"moge_sigma_schedule={config.moge_sigma_schedule}, experts_implementation={config._experts_implementation}"
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=lm_datasets["train"] if training_args.do_train else None,
+        eval_dataset=lm_datasets["validation"] if training_args.do_eval else None,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics if training_args.do_eval else None,
+        preprocess_logits_for_metrics=lm_loss_per_block if training_args.do_eval else None,
+    )
+    add_moge_callback(trainer)
+
+    metrics = {}
+    if training_args.do_train:
+        checkpoint = resolve_checkpoint(training_args, training_args.output_dir, main_arm=name == "MoGE")
+        if checkpoint is not None:
+            logger.info(f"[{name}] Resuming training from {checkpoint}")
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        train_metrics = dict(train_result.metrics, train_samples=len(lm_datasets["train"]))
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(lm_datasets["validation"])
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> None:
+    """Print the arms' eval losses and perplexities as a table and save them as `comparison.json`."""
+    lines = [
+        "| arm | lambda (moge_loss_coef) | eval LM loss | perplexity | eval loss (with routing losses) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    table = []
+    for name, coef, metrics in rows:
+        lm_loss, ppl, loss = (metrics.get(f"eval_{k}", float("nan")) for k in ("lm_loss", "perplexity", "loss"))
+        lines.append(f"| {name} | {coef:g} | {lm_loss:.4f} | {ppl:.2f} | {loss:.4f} |")
+        table.append(
+            {"arm": name, "moge_loss_coef": coef, "eval_lm_loss": lm_loss, "perplexity": ppl, "eval_loss": loss}
+        )
+    print("\n" + "\n".join(lines) + "\n", flush=True)
+    with open(os.path.join(output_dir, "comparison.json"), "w") as f:
+        json.dump(table, f, indent=2)
+
+
+def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Parse `args` (default: the command line), train and evaluate; return the metrics of each arm."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    if not (training_args.do_train or training_args.do_eval):  # neither asked for: do both
+        training_args.do_train = training_args.do_eval = True
+
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # nothing to pin to (and torch warns about it)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    log_level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+    # Everything that can be checked before the data is read: the arguments, the files, the MoGE config values
+    # (a model built from scratch is checked through its config, an upcycled or saved one is built right away).
+    check_arguments(model_args, data_args)
+    overrides = moge_overrides(model_args)
+    from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
+    if from_scratch:
+        scratch_config(model_args, data_args, vocab_size=model_args.vocab_size, eos_id=0)
+        model = None
+    else:
+        set_seed(training_args.seed)
+        model = build_model(model_args, None, overrides)
+
+    with training_args.main_process_first(desc="loading and tokenizing the text"):
+        raw = load_raw_datasets(data_args)
+        column = text_column(raw, data_args)
+        tokenizer = get_tokenizer(model_args, data_args, raw, column)
+        lm_datasets = tokenize_and_group(raw, tokenizer, column, data_args)
+    logger.info(
+        f"{len(lm_datasets['train'])} training and {len(lm_datasets['validation'])} validation blocks of "
+        f"{data_args.block_size} tokens (vocabulary {len(tokenizer)})"
+    )
+
+    arms = [("MoGE", overrides, training_args)]
+    if model_args.compare_moe_baseline:
+        baseline_dir = os.path.join(training_args.output_dir, "moe_baseline")
+        arms.append(
+            ("MoE baseline", {**overrides, "moge_loss_coef": 0.0}, replace(training_args, output_dir=baseline_dir))
+        )
+    results, rows = {}, []
+    for name, arm_overrides, arm_args in arms:
+        if model is None:
+            set_seed(training_args.seed)  # the same initial weights in every arm
+            config = None
+            if from_scratch:
+                config = scratch_config(model_args, data_args, len(tokenizer), tokenizer.eos_token_id)
+                config.moge_loss_coef = arm_overrides.get("moge_loss_coef", config.moge_loss_coef)
+            model = build_model(model_args, config, arm_overrides)
+        results[name] = run_arm(name, model, data_args, arm_args, tokenizer, lm_datasets)
+        rows.append((name, float(model.config.moge_loss_coef), results[name]))
+        model = None
+    if training_args.do_eval and training_args.process_index == 0:
+        print_comparison(rows, training_args.output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()

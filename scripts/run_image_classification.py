@@ -1,0 +1,733 @@
+#!/usr/bin/env python
+"""Train and evaluate a ViT MoGE image classifier (`ViTMoGEForImageClassification`) with `Trainer`.
+
+The model is built from scratch from the config arguments below (default: a small ViT for 32x32 images, patch 4),
+upcycled from a dense ViT (`--dense_model_name_or_path`, see `ViTMoGEForImageClassification.from_dense`), or loaded
+from a saved MoGE model (`--model_name_or_path`). The images come from a Hub data set (`--dataset_name`), `imagefolder`
+folders (`--train_dir`, optional `--validation_dir`: one sub-folder per class), or Parquet / CSV / JSON / Arrow files
+(`--train_file`, optional `--validation_file`). The image and label columns are found by their features (`Image`,
+`ClassLabel`) or common names, or given with `--image_column_name` / `--label_column_name`. Without a validation set,
+`--train_val_split` of the training images are held out.
+
+Training images are randomly cropped (with padding) and flipped; all are resized to the model's image size and
+normalized with the mean and std of a `ViTImageProcessor`, which is saved with the model. Accuracy comes from
+`evaluate.load("accuracy")`, or, when that cannot be loaded (it needs the Hub), is computed directly.
+
+`--moge_loss_coef 0` is the plain MoE baseline; `--compare_moe_baseline` trains that baseline too, with the same
+seed, data and steps (in `<output_dir>/moe_baseline`), and prints both arms side by side.
+
+Example (CIFAR-10 from Parquet files):
+
+```bash
+python scripts/run_image_classification.py --train_file ../shared/data/cifar10/train.parquet \
+    --validation_file ../shared/data/cifar10/test.parquet --output_dir runs/vit_cifar10 \
+    --num_experts 32 --num_experts_per_tok 1 --moge_map_shape 4 8 --moe_layers 4 5 \
+    --moge_loss_coef 0.003 --moge_reduction paper --moge_sigma_schedule 10 1 0.2 --max_steps 2000
+```
+
+It runs with `python` and with `accelerate launch`.
+"""
+
+import json
+import logging
+import os
+import random
+import socket
+import sys
+from dataclasses import dataclass, field, replace
+from urllib.parse import urlparse
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from datasets import ClassLabel, DatasetDict, load_dataset
+from transformers import (
+    AutoImageProcessor,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    ViTImageProcessor,
+    set_seed,
+)
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.trainer_utils import get_last_checkpoint
+
+from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
+from moge_hf.training import add_moge_callback
+
+
+logger = logging.getLogger(__name__)
+
+EXPERTS_IMPLEMENTATIONS = ("eager", *ALL_EXPERTS_FUNCTIONS.keys())
+# Architecture of a model built from scratch, when not given: a small ViT for 32x32 images.
+SCRATCH_DEFAULTS = {
+    "image_size": 32,
+    "patch_size": 4,
+    "num_hidden_layers": 6,
+    "hidden_size": 192,
+    "num_attention_heads": 3,
+    "intermediate_size": 768,
+}
+MOGE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_layers",
+    "expert_intermediate_size",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_jitter_noise",
+    "norm_topk_prob",
+    "moge_loss_coef",
+    "moge_map_shape",
+    "moge_window",
+    "moge_sigma",
+    "moge_sigma_schedule",
+    "moge_padding",
+    "moge_reduction",
+)
+# Fields that change no weight shape: the only ones that may be changed on a saved MoGE model (`--model_name_or_path`).
+TRAINING_ONLY_FIELDS = (
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_jitter_noise",
+    "norm_topk_prob",
+    "moge_loss_coef",
+    "moge_window",
+    "moge_sigma",
+    "moge_sigma_schedule",
+    "moge_padding",
+    "moge_reduction",
+)
+IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture", "photo")
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "category")
+FILE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: from scratch (config arguments), upcycled from a dense ViT, or a saved MoGE model."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved ViT MoGE model (folder or Hub id) to train further. Default: from scratch."},
+    )
+    dense_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dense ViT (folder or Hub id) to upcycle with `ViTMoGEForImageClassification.from_dense`: every "
+            "expert starts as a copy of its layer's MLP. Its image processor is used if it has one."
+        },
+    )
+    expert_noise_std: float = field(
+        default=0.0, metadata={"help": "Upcycling only: relative std of the noise added to each expert copy."}
+    )
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "An image processor (folder or Hub id). Default: the model's, else a new ViTImageProcessor."
+        },
+    )
+    image_size: int | None = field(default=None, metadata={"help": "From scratch: image side (default 32)."})
+    patch_size: int | None = field(default=None, metadata={"help": "From scratch: patch side (default 4)."})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "From scratch: layers (default 6)."})
+    hidden_size: int | None = field(default=None, metadata={"help": "From scratch: hidden size (default 192)."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "From scratch: heads (default 3)."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: MLP size (default 768)."})
+    dropout: float | None = field(
+        default=None, metadata={"help": "Sets hidden_dropout_prob and attention_probs_dropout_prob (scratch: 0.0)."}
+    )
+    num_experts: int | None = field(default=None, metadata={"help": "Experts per MoGE layer (config default 16)."})
+    num_experts_per_tok: int | None = field(default=None, metadata={"help": "Top-k routing (config default 2)."})
+    moe_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layers whose MLP is a MoGE layer (config default: every other from 1)."}
+    )
+    expert_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Hidden size of each expert (config default: the dense MLP's)."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the load-balancing loss (config default 0.01)."}
+    )
+    router_z_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the router z-loss (config default 0.0)."}
+    )
+    router_jitter_noise: float | None = field(
+        default=None, metadata={"help": "Multiplicative jitter on the router input (config default 0.0)."}
+    )
+    norm_topk_prob: bool | None = field(
+        default=None, metadata={"help": "Renormalize the top-k gate weights (config default: k > 1)."}
+    )
+    moge_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Lambda of the group-sparsity regularizer; 0 (the config default) is the MoE baseline."},
+    )
+    moge_map_shape: list[int] | None = field(
+        default=None, metadata={"help": "Rows and cols of the expert map, e.g. `4 8` (config default: most square)."}
+    )
+    moge_window: int | None = field(default=None, metadata={"help": "Window side h (config default 3)."})
+    moge_sigma: float | None = field(default=None, metadata={"help": "Gaussian sigma (config default 1.0)."})
+    moge_sigma_schedule: list[float] | None = field(
+        default=None,
+        metadata={"help": "`init final power` sigma annealing during training, e.g. `10 1 0.2` (the paper's)."},
+    )
+    moge_padding: str | None = field(default=None, metadata={"help": "`valid` (config default) or `circular`."})
+    moge_reduction: str | None = field(
+        default=None, metadata={"help": "`mean` (config default) or `paper` (the paper's lambda values carry over)."}
+    )
+    experts_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Experts implementation, one of {EXPERTS_IMPLEMENTATIONS} (default: transformers' choice)."
+        },
+    )
+    compare_moe_baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the lambda = 0 MoE baseline with the same seed, data and steps in "
+            "<output_dir>/moe_baseline, and print both arms' accuracy."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which images to train and evaluate on."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set name, e.g. `cifar10`."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration, if any."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "An `imagefolder` of training images: one sub-folder per class."}
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "An `imagefolder` of validation images."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training images in a .parquet, .csv, .json(l) or .arrow file."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Validation images, same format."})
+    train_val_split: float = field(
+        default=0.15,
+        metadata={"help": "Without a validation (or test) split: the fraction of training images held out."},
+    )
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Column of the images (default: the `Image` feature, else a common name)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Column of the labels (default: the `ClassLabel` feature, else `label`, ...)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation images."})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of the input, before any data is loaded or any model trained
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub can be reached (a quick TCP connection), so that offline runs fail fast."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Raise a `ValueError` (or `FileNotFoundError`) naming the bad argument, before anything is loaded."""
+    if model_args.model_name_or_path and model_args.dense_model_name_or_path:
+        raise ValueError("Pass either --model_name_or_path (a MoGE model) or --dense_model_name_or_path, not both.")
+    if model_args.model_name_or_path or model_args.dense_model_name_or_path:
+        given = [name for name in SCRATCH_DEFAULTS if getattr(model_args, name) is not None]
+        if given:
+            raise ValueError(f"--{given[0]} only applies to a model built from scratch; the loaded model sets it.")
+    if model_args.model_name_or_path:
+        fixed = [name for name in MOGE_FIELDS if name not in TRAINING_ONLY_FIELDS]
+        given = [name for name in fixed if getattr(model_args, name) is not None]
+        if given:
+            raise ValueError(f"--{given[0]} changes weight shapes and cannot be changed on a saved MoGE model.")
+    implementation = model_args.experts_implementation
+    if implementation is not None and implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown --experts_implementation {implementation!r}; choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}."
+        )
+    sources = [name for name in ("dataset_name", "train_dir", "train_file") if getattr(data_args, name)]
+    if len(sources) != 1:
+        raise ValueError(
+            "Pass exactly one image source: --dataset_name NAME, --train_dir FOLDER (an imagefolder) or "
+            f"--train_file FILE (e.g. ../shared/data/cifar10/train.parquet); got {sources or 'none'}."
+        )
+    if data_args.validation_dir and not data_args.train_dir:
+        raise ValueError("--validation_dir goes with --train_dir.")
+    if data_args.validation_file and not data_args.train_file:
+        raise ValueError("--validation_file goes with --train_file.")
+    for name in ("train_dir", "validation_dir"):
+        path = getattr(data_args, name)
+        if path is not None and not os.path.isdir(path):
+            raise FileNotFoundError(f"--{name} {path!r} does not exist or is not a folder.")
+    for name in ("train_file", "validation_file"):
+        path = getattr(data_args, name)
+        if path is not None:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--{name} {path!r} does not exist or is not a file.")
+            if os.path.splitext(path)[1].lower() not in FILE_LOADERS:
+                raise ValueError(f"--{name} {path!r} must be one of {', '.join(FILE_LOADERS)} files.")
+    if not 0 < data_args.train_val_split < 1:
+        raise ValueError(f"--train_val_split must be in (0, 1), got {data_args.train_val_split}.")
+    try:
+        import PIL  # noqa: F401  (datasets decodes images with Pillow)
+    except ImportError as error:
+        raise ImportError("Images need Pillow: pip install Pillow") from error
+
+
+def moge_overrides(model_args: ModelArguments) -> dict:
+    """The MoGE config fields given on the command line (those not left at `None`)."""
+    return {name: getattr(model_args, name) for name in MOGE_FIELDS if getattr(model_args, name) is not None}
+
+
+def scratch_config(model_args: ModelArguments, labels: list[str]) -> ViTMoGEConfig:
+    """The `ViTMoGEConfig` of a model built from scratch; invalid MoGE values raise its `ValueError`."""
+    kwargs = {name: getattr(model_args, name) or default for name, default in SCRATCH_DEFAULTS.items()}
+    dropout = model_args.dropout if model_args.dropout is not None else 0.0
+    return ViTMoGEConfig(
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        **kwargs,
+        **moge_overrides(model_args),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_image_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
+    """`train` and `validation` splits: the data set's own (`validation`, else `test`), or held out of `train`."""
+    if data_args.dataset_name is not None:
+        name = data_args.dataset_name
+        if not os.path.exists(name) and not hub_reachable():
+            raise ConnectionError(
+                f"--dataset_name {name!r}: the Hugging Face Hub cannot be reached from here (no network, or "
+                "HF_HUB_OFFLINE=1) and it is not a local folder. Pass local images with --train_dir or --train_file "
+                "(e.g. --train_file ../shared/data/cifar10/train.parquet)."
+            )
+        try:
+            raw = load_dataset(name, data_args.dataset_config_name)
+        except (ConnectionError, FileNotFoundError, OSError) as error:
+            raise ConnectionError(f"Could not load --dataset_name {name!r}: {error}") from error
+    elif data_args.train_dir is not None:
+        data_files = {"train": os.path.join(data_args.train_dir, "**")}
+        if data_args.validation_dir is not None:
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        raw = load_dataset("imagefolder", data_files=data_files)
+    else:
+        data_files = {"train": data_args.train_file}
+        if data_args.validation_file is not None:
+            data_files["validation"] = data_args.validation_file
+        loader = FILE_LOADERS[os.path.splitext(data_args.train_file)[1].lower()]
+        raw = load_dataset(loader, data_files=data_files)
+
+    if "validation" not in raw:
+        if "test" in raw:
+            raw["validation"] = raw.pop("test")
+        else:
+            split = raw["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
+            raw = DatasetDict(train=split["train"], validation=split["test"])
+    raw = DatasetDict(train=raw["train"], validation=raw["validation"])
+    if data_args.max_train_samples is not None:
+        raw["train"] = (
+            raw["train"].shuffle(seed=seed).select(range(min(len(raw["train"]), data_args.max_train_samples)))
+        )
+    if data_args.max_eval_samples is not None:
+        raw["validation"] = raw["validation"].select(range(min(len(raw["validation"]), data_args.max_eval_samples)))
+    return raw
+
+
+def find_columns(raw: DatasetDict, data_args: DataArguments) -> tuple[str, str]:
+    """The image and label columns: given, else by feature type (`Image`, `ClassLabel`), else by common names."""
+    features = raw["train"].features
+    columns = list(features)
+
+    def pick(given: str | None, feature_type: type, names: tuple[str, ...], flag: str) -> str | None:
+        if given is not None:
+            if given not in columns:
+                raise ValueError(f"--{flag} {given!r} is not a column of the training images {columns}.")
+            return given
+        typed = [name for name in columns if isinstance(features[name], feature_type)]
+        if typed:
+            return typed[0]
+        return next((name for name in names if name in columns), None)
+
+    image_column = pick(data_args.image_column_name, datasets.Image, IMAGE_COLUMN_NAMES, "image_column_name")
+    if image_column is None:
+        raise ValueError(
+            f"Found no image column among {columns}: no `Image` feature and none of {IMAGE_COLUMN_NAMES}. Pass "
+            "--image_column_name."
+        )
+    label_column = pick(data_args.label_column_name, ClassLabel, LABEL_COLUMN_NAMES, "label_column_name")
+    if label_column is None or label_column == image_column:
+        hint = (
+            "put the images of each class in a sub-folder named after the class"
+            if data_args.train_dir
+            else "pass --label_column_name"
+        )
+        raise ValueError(
+            f"The image data set has no labels: its columns are {columns}, with no `ClassLabel` feature and none of "
+            f"{LABEL_COLUMN_NAMES}. For classification every image needs a label: {hint}."
+        )
+    for split, dataset in raw.items():
+        if label_column not in dataset.column_names or image_column not in dataset.column_names:
+            raise ValueError(
+                f"The {split} images lack the column {label_column!r} or {image_column!r}: {dataset.column_names}"
+            )
+    return image_column, label_column
+
+
+def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
+    """The class names, with string labels encoded as a `ClassLabel` and both splits sharing its names."""
+    feature = raw["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        other = raw["validation"].features[label_column]
+        if isinstance(other, ClassLabel) and list(other.names) != names:
+            raise ValueError(
+                f"The training and validation images have different classes: {names} and {list(other.names)}."
+            )
+        return raw, names
+    if feature.dtype == "string":
+        names = sorted(set(raw["train"][label_column]) | set(raw["validation"][label_column]))
+        label = ClassLabel(names=names)
+        raw = DatasetDict({split: ds.cast_column(label_column, label) for split, ds in raw.items()})
+        return raw, names
+    if feature.dtype.startswith("int"):
+        values = set(raw["train"][label_column]) | set(raw["validation"][label_column])
+        if min(values) < 0:
+            raise ValueError(f"Integer labels must be >= 0, found {min(values)} in {label_column!r}.")
+        return raw, [str(i) for i in range(max(values) + 1)]
+    raise ValueError(f"The label column {label_column!r} holds {feature}, not class labels (ints or strings).")
+
+
+def image_transforms(processor: ViTImageProcessor):
+    """`(train, eval)` transforms from a PIL image to a normalized `(3, H, W)` float tensor.
+
+    Training: resize, random crop with zero padding of 1/8 of the side, horizontal flip. Evaluation: resize. Both
+    normalize with the processor's mean and std. torchvision is used if installed, else plain torch.
+    """
+    size = processor.size
+    height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+    mean = torch.tensor(processor.image_mean).view(-1, 1, 1)
+    std = torch.tensor(processor.image_std).view(-1, 1, 1)
+    padding = max(1, min(height, width) // 8)
+    try:
+        from torchvision import transforms as T
+    except ImportError:  # plain torch
+        T = None
+
+    if T is not None:
+        normalize = T.Normalize(mean=processor.image_mean, std=processor.image_std)
+        train = T.Compose(
+            [
+                T.Resize((height, width)),
+                T.RandomCrop((height, width), padding=padding),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
+        evaluate = T.Compose([T.Resize((height, width)), T.ToTensor(), normalize])
+        return (lambda image: train(image.convert("RGB"))), (lambda image: evaluate(image.convert("RGB")))
+
+    def to_tensor(image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float() / 255
+        if pixels.shape[1:] != (height, width):
+            pixels = torch.nn.functional.interpolate(
+                pixels[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False
+            )[0].clamp(0, 1)
+        return pixels
+
+    def train(image) -> torch.Tensor:
+        pixels = torch.nn.functional.pad(to_tensor(image), (padding,) * 4)
+        top, left = random.randint(0, 2 * padding), random.randint(0, 2 * padding)
+        pixels = pixels[:, top : top + height, left : left + width]
+        if random.random() < 0.5:
+            pixels = pixels.flip(-1)
+        return (pixels - mean) / std
+
+    def evaluate(image) -> torch.Tensor:
+        return (to_tensor(image) - mean) / std
+
+    return train, evaluate
+
+
+def with_transforms(
+    raw: DatasetDict, processor: ViTImageProcessor, image_column: str, label_column: str
+) -> DatasetDict:
+    """The splits as `{"pixel_values", "labels"}` examples, transformed on the fly (augmented for training)."""
+    train_transform, eval_transform = image_transforms(processor)
+
+    def transform_with(image_transform):
+        def transform(batch: dict) -> dict:
+            return {
+                "pixel_values": [image_transform(image) for image in batch[image_column]],
+                "labels": batch[label_column],
+            }
+
+        return transform
+
+    return DatasetDict(
+        train=raw["train"].with_transform(transform_with(train_transform)),
+        validation=raw["validation"].with_transform(transform_with(eval_transform)),
+    )
+
+
+def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, metrics, training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_model(
+    model_args: ModelArguments, config: ViTMoGEConfig | None, overrides: dict, labels: list[str]
+) -> ViTMoGEForImageClassification:
+    """From scratch (`config`), upcycled from the dense model, or loaded; then the experts implementation."""
+    label_fields = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+    if model_args.dense_model_name_or_path:
+        model = ViTMoGEForImageClassification.from_dense(
+            model_args.dense_model_name_or_path,
+            expert_noise_std=model_args.expert_noise_std,
+            **label_fields,
+            **overrides,
+        )
+    elif model_args.model_name_or_path:
+        model = ViTMoGEForImageClassification.from_pretrained(
+            model_args.model_name_or_path, **label_fields, **overrides, ignore_mismatched_sizes=True
+        )
+    else:
+        model = ViTMoGEForImageClassification(config)
+    if model_args.experts_implementation is not None:
+        model.set_experts_implementation(model_args.experts_implementation)
+    return model
+
+
+def load_image_processor(name_or_path: str) -> ViTImageProcessor:
+    """`AutoImageProcessor.from_pretrained`, or `ViTImageProcessor`'s where the Auto class needs torchvision (as in
+    some transformers versions when torchvision is not installed)."""
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except ImportError:
+        return ViTImageProcessor.from_pretrained(name_or_path)
+
+
+def get_image_processor(model_args: ModelArguments, image_size: int) -> ViTImageProcessor:
+    """`--image_processor_name`, else the loaded model's processor, else a new `ViTImageProcessor` for `image_size`."""
+    if model_args.image_processor_name:
+        return load_image_processor(model_args.image_processor_name)
+    source = model_args.model_name_or_path or model_args.dense_model_name_or_path
+    if source is not None:
+        try:
+            return load_image_processor(source)
+        except (OSError, ValueError):
+            logger.info(
+                f"{source} has no image processor: using a new ViTImageProcessor for {image_size}x{image_size}"
+            )
+    return ViTImageProcessor(size={"height": image_size, "width": image_size})
+
+
+def accuracy_metric():
+    """`compute(predictions=..., references=...)` of `evaluate.load("accuracy")`, or the same computed directly."""
+    import evaluate
+    from huggingface_hub import constants
+
+    if hub_reachable() or constants.HF_HUB_OFFLINE:  # online, or offline with a possibly cached copy: fails fast
+        try:
+            metric = evaluate.load("accuracy")
+            return metric.compute
+        except Exception as error:  # noqa: BLE001  (any failure: fall back)
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    else:
+        reason = "the Hugging Face Hub cannot be reached"
+    logger.warning(
+        f'evaluate.load("accuracy") is not available ({reason}); computing accuracy directly as the fraction of '
+        "correct predictions (the same metric)."
+    )
+
+    def compute(predictions, references) -> dict[str, float]:
+        return {"accuracy": float((np.asarray(predictions) == np.asarray(references)).mean())}
+
+    return compute
+
+
+def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_arm: bool) -> str | None:
+    """The checkpoint to resume from: a path, or `last`/`true` for the latest `checkpoint-*` in `output_dir`."""
+    value = training_args.resume_from_checkpoint
+    if value is None or value.lower() in ("false", "no", "none"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is not None:
+            logger.warning(
+                f"{output_dir} already holds {last}; training starts over (pass --resume_from_checkpoint last to "
+                "resume)."
+            )
+        return None
+    if value.lower() in ("last", "true", "yes") or not main_arm:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None and main_arm:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}.")
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
+    return value
+
+
+def run_arm(
+    name: str,
+    model: ViTMoGEForImageClassification,
+    training_args: TrainingArguments,
+    processor: ViTImageProcessor,
+    image_datasets: DatasetDict,
+    accuracy,
+) -> dict[str, float]:
+    """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
+    config = model.config
+    logger.info(
+        f"[{name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config.num_hidden_layers} "
+        f"layers, MoGE layers {config.moe_layers}: {config.num_experts} experts top-{config.num_experts_per_tok} on "
+        f"a {'x'.join(map(str, config.moge_resolved_map_shape))} map, moge_loss_coef={config.moge_loss_coef}, "
+        f"moge_sigma_schedule={config.moge_sigma_schedule}, experts_implementation={config._experts_implementation}"
+    )
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return accuracy(predictions=np.argmax(logits, axis=-1), references=eval_prediction.label_ids)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=image_datasets["train"] if training_args.do_train else None,
+        eval_dataset=image_datasets["validation"] if training_args.do_eval else None,
+        processing_class=processor,
+        data_collator=collate_fn,
+        compute_metrics=compute_metrics,
+    )
+    add_moge_callback(trainer)
+
+    metrics = {}
+    if training_args.do_train:
+        checkpoint = resolve_checkpoint(training_args, training_args.output_dir, main_arm=name == "MoGE")
+        if checkpoint is not None:
+            logger.info(f"[{name}] Resuming training from {checkpoint}")
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        train_metrics = dict(train_result.metrics, train_samples=len(image_datasets["train"]))
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(image_datasets["validation"])
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> None:
+    """Print the arms' eval accuracy and loss as a table and save them as `comparison.json`."""
+    lines = ["| arm | lambda (moge_loss_coef) | eval accuracy | eval loss |", "| --- | --- | --- | --- |"]
+    table = []
+    for name, coef, metrics in rows:
+        accuracy, loss = (metrics.get(f"eval_{k}", float("nan")) for k in ("accuracy", "loss"))
+        lines.append(f"| {name} | {coef:g} | {accuracy:.4f} | {loss:.4f} |")
+        table.append({"arm": name, "moge_loss_coef": coef, "eval_accuracy": accuracy, "eval_loss": loss})
+    print("\n" + "\n".join(lines) + "\n", flush=True)
+    with open(os.path.join(output_dir, "comparison.json"), "w") as f:
+        json.dump(table, f, indent=2)
+
+
+def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Parse `args` (default: the command line), train and evaluate; return the metrics of each arm."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    if not (training_args.do_train or training_args.do_eval):  # neither asked for: do both
+        training_args.do_train = training_args.do_eval = True
+    training_args.remove_unused_columns = False  # the transforms need the image column
+
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # nothing to pin to (and torch warns about it)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    log_level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+    # Everything that can be checked before the images are read: the arguments, the paths, the MoGE config values
+    # (a model built from scratch is checked through its config; an upcycled or saved one is built once the
+    # classes are known, still before training).
+    check_arguments(model_args, data_args)
+    overrides = moge_overrides(model_args)
+    from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
+    if from_scratch:
+        scratch_config(model_args, labels=["a", "b"])
+
+    with training_args.main_process_first(desc="loading the images"):
+        raw = load_image_datasets(data_args, training_args.seed)
+    image_column, label_column = find_columns(raw, data_args)
+    raw, labels = class_names(raw, label_column)
+    accuracy = accuracy_metric() if training_args.do_eval else None
+    logger.info(
+        f"{len(raw['train'])} training and {len(raw['validation'])} validation images, columns "
+        f"{image_column!r} / {label_column!r}, {len(labels)} classes: {', '.join(labels[:10])}"
+        + (" ..." if len(labels) > 10 else "")
+    )
+
+    arms = [("MoGE", overrides, training_args)]
+    if model_args.compare_moe_baseline:
+        baseline_dir = os.path.join(training_args.output_dir, "moe_baseline")
+        arms.append(
+            ("MoE baseline", {**overrides, "moge_loss_coef": 0.0}, replace(training_args, output_dir=baseline_dir))
+        )
+    results, rows = {}, []
+    for name, arm_overrides, arm_args in arms:
+        set_seed(training_args.seed)  # the same initial weights and augmentations in every arm
+        config = None
+        if from_scratch:
+            config = scratch_config(model_args, labels)
+            config.moge_loss_coef = arm_overrides.get("moge_loss_coef", config.moge_loss_coef)
+        model = build_model(model_args, config, arm_overrides, labels)
+        processor = get_image_processor(model_args, model.config.image_size)
+        image_datasets = with_transforms(raw, processor, image_column, label_column)
+        results[name] = run_arm(name, model, arm_args, processor, image_datasets, accuracy)
+        rows.append((name, float(model.config.moge_loss_coef), results[name]))
+        del model
+    if training_args.do_eval and training_args.process_index == 0:
+        print_comparison(rows, training_args.output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()

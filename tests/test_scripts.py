@@ -1,0 +1,410 @@
+"""End-to-end tests of `scripts/run_clm.py` and `scripts/run_image_classification.py` on tiny data made here.
+
+The training runs go through `sys.executable` subprocesses, as a user would run the scripts; the bad-input checks,
+which fail before any training, call the scripts' `main(args)` in this process (importing torch and transformers
+once instead of once per case). Everything runs on the CPU with no network (see `conftest.py`).
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+PIL = pytest.importorskip("PIL.Image", reason="the image tests need Pillow")
+
+# The repository's main job (the README's command); `test_main_job_command_parses_and_runs_on_a_slice` checks the
+# README's copy when there is one.
+MAIN_JOB = (
+    "python scripts/run_clm.py --train_file data/tinyshakespeare/input.txt --output_dir runs/clm_tinyshakespeare "
+    "--moge_loss_coef 0.01 --moge_sigma_schedule 10 1 0.2 --compare_moe_baseline"
+)
+
+COMMON = [
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "--seed",
+    "0",
+    "--disable_tqdm",
+    "true",
+    "--save_steps",
+    "2",
+    "--logging_steps",
+    "1",
+]
+TINY_GPT2 = [
+    "--n_layer", "2", "--n_embd", "32", "--n_head", "2",
+    "--num_experts", "4", "--num_experts_per_tok", "2", "--moge_map_shape", "2", "2", "--moge_window", "2",
+    "--moe_layers", "1", "--vocab_size", "300", "--block_size", "16", "--experts_implementation", "eager",
+    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+]  # fmt: skip
+TINY_VIT = [
+    "--image_size", "16", "--patch_size", "4", "--num_hidden_layers", "2", "--hidden_size", "32",
+    "--num_attention_heads", "2", "--intermediate_size", "64",
+    "--num_experts", "4", "--num_experts_per_tok", "1", "--moge_map_shape", "2", "2", "--moge_window", "2",
+    "--moe_layers", "1", "--experts_implementation", "eager",
+    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+]  # fmt: skip
+
+TEXT = (
+    "First Citizen: Before we proceed any further, hear me speak.\n"
+    "All: Speak, speak.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine each parallel region can wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(name: str):
+    """The script `scripts/<name>.py` as a module (its `main(args)` runs it in this process)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_clm():
+    return load_script("run_clm")
+
+
+@pytest.fixture(scope="module")
+def run_image_classification():
+    return load_script("run_image_classification")
+
+
+def run(script: str, args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    """Run `scripts/<script>.py args` with this Python, one thread, offline; fail with its output if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / f"{script}.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+# ---- data -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(TEXT * 30)
+    return path
+
+
+def random_image(rng: np.random.Generator, size: int = 12):
+    return PIL.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """An imagefolder: train/{cat,dog}/*.png and validation/{cat,dog}/*.png (12x12, resized to 16 by the script)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("validation", 2)):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                random_image(rng).save(root / split / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def parquet_files(tmp_path_factory) -> tuple[Path, Path]:
+    """CIFAR-10-like Parquet files: an `img` Image column and a `label` ClassLabel column, written with datasets."""
+    root = tmp_path_factory.mktemp("parquet")
+    rng = np.random.default_rng(1)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    paths = []
+    for split, count in (("train", 12), ("test", 6)):
+        data = {"img": [random_image(rng) for _ in range(count)], "label": [i % 3 for i in range(count)]}
+        path = root / f"{split}.parquet"
+        datasets.Dataset.from_dict(data, features=features).to_parquet(str(path))
+        paths.append(path)
+    return tuple(paths)
+
+
+# ---- run_clm.py -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clm_run(text_file, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One from-scratch run of both arms (MoGE and the MoE baseline), 3 steps, checkpoints every 2."""
+    out = tmp_path_factory.mktemp("clm") / "out"
+    args = ["--train_file", str(text_file), "--output_dir", str(out), "--max_steps", "3", *TINY_GPT2, *COMMON]
+    args += ["--moge_loss_coef", "0.01", "--moge_sigma_schedule", "10", "1", "0.2", "--compare_moe_baseline"]
+    result = run("run_clm", args, tmp_path_factory.mktemp("cache"))
+    return out, result
+
+
+def test_clm_trains_both_arms_and_saves_what_loads(clm_run):
+    out, result = clm_run
+    for folder, coef in ((out, 0.01), (out / "moe_baseline", 0.0)):
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (folder / name).is_file(), f"{folder / name} is missing"
+        assert (folder / "checkpoint-2").is_dir()
+        metrics = read_json(folder / "eval_results.json")
+        assert {"eval_loss", "eval_lm_loss", "eval_perplexity"} <= metrics.keys()
+        assert metrics["eval_perplexity"] == pytest.approx(np.exp(metrics["eval_lm_loss"]), rel=1e-6)
+        assert read_json(folder / "config.json")["moge_loss_coef"] == coef
+        history = read_json(folder / "trainer_state.json")["log_history"]
+        assert any("moge/sigma" in entry for entry in history)  # the MoGE callback ran
+    table = read_json(out / "comparison.json")
+    assert [(row["arm"], row["moge_loss_coef"]) for row in table] == [("MoGE", 0.01), ("MoE baseline", 0.0)]
+    assert re.search(r"\| MoGE \| 0\.01 \| \d+\.\d{4} \| \d+\.\d\d \|", result.stdout)
+    assert re.search(r"\| MoE baseline \| 0 \| \d+\.\d{4} \| \d+\.\d\d \|", result.stdout)
+
+    # The saved model and tokenizer load with the Auto classes and generate.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert isinstance(model, GPT2MoGELMHeadModel)
+    assert model.config.num_experts == 4 and model.config.moge_sigma_schedule == [10.0, 1.0, 0.2]
+    assert len(tokenizer) == model.config.vocab_size <= 300
+    ids = tokenizer("First Citizen: hear me", return_tensors="pt").input_ids
+    assert tokenizer.decode(ids[0]) == "First Citizen: hear me"  # byte-level BPE round trip
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert generated.shape == (1, ids.shape[1] + 3)
+
+
+def mark_checkpoint(checkpoint: Path) -> float:
+    """Give the checkpoint's first logged loss a value no run produces; a run that resumes from it keeps it."""
+    state_file = checkpoint / "trainer_state.json"
+    state = read_json(state_file)
+    sentinel = 1234.5
+    next(entry for entry in state["log_history"] if "loss" in entry)["loss"] = sentinel
+    state_file.write_text(json.dumps(state))
+    return sentinel
+
+
+def test_clm_resumes_from_a_checkpoint(clm_run, text_file, tmp_path):
+    out, _ = clm_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    sentinel = mark_checkpoint(resumed / "checkpoint-2")
+    args = ["--train_file", str(text_file), "--output_dir", str(resumed), "--max_steps", "4", *TINY_GPT2, *COMMON]
+    args += ["--moge_loss_coef", "0.01", "--moge_sigma_schedule", "10", "1", "0.2", "--resume_from_checkpoint", "last"]
+    result = run("run_clm", args, tmp_path / "cache")
+    assert f"Resuming training from {resumed / 'checkpoint-2'}" in result.stdout
+    state = read_json(resumed / "trainer_state.json")
+    assert state["global_step"] == 4
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert losses[0] == sentinel and len(losses) == 4  # steps 1-2 from the checkpoint, 3-4 run here
+
+
+def test_clm_upcycles_a_dense_gpt2(clm_run, text_file, tmp_path):
+    out, _ = clm_run
+    dense_dir = tmp_path / "dense"
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    dense.save_pretrained(dense_dir)
+    AutoTokenizer.from_pretrained(out).save_pretrained(dense_dir)  # the dense model's tokenizer
+    upcycled = tmp_path / "upcycled"
+    args = [
+        "--train_file",
+        str(text_file),
+        "--output_dir",
+        str(upcycled),
+        "--dense_model_name_or_path",
+        str(dense_dir),
+    ]
+    args += ["--num_experts", "4", "--moge_window", "2", "--moe_layers", "0", "1", "--block_size", "16"]
+    args += ["--max_steps", "1", "--moge_loss_coef", "0.01", *COMMON]
+    run("run_clm", args, tmp_path / "cache")
+    model = AutoModelForCausalLM.from_pretrained(upcycled)
+    assert isinstance(model, GPT2MoGELMHeadModel) and model.config.moe_layers == [0, 1]
+    assert "eval_perplexity" in read_json(upcycled / "eval_results.json")
+
+
+def clm_args(text_file: Path, out: Path, *extra: str) -> list[str]:
+    return ["--train_file", str(text_file), "--output_dir", str(out), "--max_steps", "1", *TINY_GPT2, *COMMON, *extra]
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"--train_file": "missing.txt"}, FileNotFoundError, r"--train_file 'missing\.txt' does not exist"),
+        ({"--experts_implementation": "fancy_mm"}, ValueError, r"Unknown --experts_implementation 'fancy_mm'"),
+        ({"--moge_window": "3"}, ValueError, r"moge_window"),  # a 3x3 window does not fit the 2x2 map
+        ({"--moge_loss_coef": "-1"}, ValueError, r"moge_loss_coef"),
+        ({"--block_size": "100000"}, ValueError, r"fewer than --block_size 100000"),
+        ({"--vocab_size": "100"}, ValueError, r"--vocab_size must be at least 257"),
+    ],
+    ids=["missing-file", "experts-implementation", "moge-window", "moge-loss-coef", "text-too-short", "vocab-size"],
+)
+def test_clm_rejects_bad_input_before_training(run_clm, text_file, tmp_path, change, error, message):
+    args = clm_args(text_file, tmp_path / "out")
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    with pytest.raises(error, match=message):
+        run_clm.main(args)
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_clm_rejects_an_unreachable_hub_dataset_at_once(run_clm, tmp_path):
+    with pytest.raises(ConnectionError, match=r"Hugging Face Hub cannot be reached.*--train_file"):
+        run_clm.main(["--dataset_name", "wikitext", "--output_dir", str(tmp_path), "--report_to", "none"])
+
+
+def main_job_command() -> str:
+    """The README's main-job command if the README has one, else `MAIN_JOB`."""
+    readme = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)\n```", readme, flags=re.DOTALL):
+        found = re.search(r"python3? scripts/run_clm\.py[^&;|\n]*", block.replace("\\\n", " "))
+        if found:
+            return found.group(0).strip()
+    return MAIN_JOB
+
+
+def test_main_job_command_parses_and_runs_on_a_slice(run_clm, tmp_path):
+    argv = shlex.split(main_job_command())
+    assert argv[0] in ("python", "python3") and argv[1] == "scripts/run_clm.py"
+    args = argv[2:]
+    assert (ROOT / args[args.index("--train_file") + 1]).is_file()  # the repository ships the text
+    args[args.index("--train_file") + 1] = str(ROOT / args[args.index("--train_file") + 1])
+    # A dry version: the real text and tokenizer, one step of both arms on a few blocks, a smaller model.
+    args += ["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--max_train_samples", "4"]
+    args += ["--max_eval_samples", "4", "--n_embd", "32", "--n_head", "2", "--n_layer", "2", "--block_size", "32"]
+    args += ["--vocab_size", "512", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"]
+    results = run_clm.main(args)
+    assert set(results) == {"MoGE", "MoE baseline"}
+    assert all(np.isfinite(metrics["eval_perplexity"]) for metrics in results.values())
+
+
+# ---- run_image_classification.py ------------------------------------------------------------------------------------
+
+
+def test_image_classification_on_an_imagefolder_trains_resumes_and_loads(
+    run_image_classification, image_folder, tmp_path, caplog
+):
+    out = tmp_path / "out"
+    args = ["--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation")]
+    args += ["--output_dir", str(out), *TINY_VIT, *COMMON, "--moge_loss_coef", "0.01"]
+    run("run_image_classification", [*args, "--max_steps", "2"], tmp_path / "cache")
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json"):
+        assert (out / name).is_file(), f"{out / name} is missing"
+    assert "eval_accuracy" in read_json(out / "eval_results.json")
+
+    # Resume (in this process, to save a start-up) from the run's checkpoint at step 2.
+    sentinel = mark_checkpoint(out / "checkpoint-2")
+    with caplog.at_level("INFO"):
+        run_image_classification.main([*args, "--max_steps", "3", "--resume_from_checkpoint", "last"])
+    assert f"Resuming training from {out / 'checkpoint-2'}" in caplog.text
+    state = read_json(out / "trainer_state.json")
+    assert state["global_step"] == 3
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert losses[0] == sentinel and len(losses) == 3
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    try:
+        processor = AutoImageProcessor.from_pretrained(out)
+    except ImportError:  # transformers 5.17's AutoImageProcessor needs torchvision; its ViTImageProcessor does not
+        processor = ViTImageProcessor.from_pretrained(out)
+    assert isinstance(model, ViTMoGEForImageClassification)
+    assert model.config.id2label == {0: "cat", 1: "dog"}
+    rng = np.random.default_rng(3)
+    pixel_values = processor([random_image(rng), random_image(rng)], return_tensors="pt").pixel_values
+    assert pixel_values.shape == (2, 3, 16, 16)
+    assert model(pixel_values).logits.shape == (2, 2)
+
+
+def test_image_classification_on_parquet_files_with_baseline(parquet_files, tmp_path):
+    train, test = parquet_files
+    out = tmp_path / "out"
+    args = ["--train_file", str(train), "--validation_file", str(test), "--output_dir", str(out), *TINY_VIT]
+    args += [*COMMON, "--max_steps", "2", "--moge_loss_coef", "0.01", "--compare_moe_baseline"]
+    result = run("run_image_classification", args, tmp_path / "cache")
+    for folder in (out, out / "moe_baseline"):
+        metrics = read_json(folder / "eval_results.json")
+        assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_samples"] == 6
+        assert (folder / "preprocessor_config.json").is_file()
+    assert "computing accuracy directly" in result.stdout + result.stderr  # evaluate.load needs the Hub
+    assert re.search(r"\| MoE baseline \| 0 \| \d\.\d{4} \|", result.stdout)
+    assert AutoModelForImageClassification.from_pretrained(out).config.num_labels == 3
+
+
+def test_image_classification_upcycles_a_dense_vit(run_image_classification, parquet_files, tmp_path):
+    train, test = parquet_files
+    dense_dir = tmp_path / "dense"
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16, patch_size=4, num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64
+    )
+    ViTForImageClassification(config).save_pretrained(dense_dir)
+    out = tmp_path / "out"
+    args = ["--train_file", str(train), "--validation_file", str(test), "--output_dir", str(out)]
+    args += ["--dense_model_name_or_path", str(dense_dir), "--num_experts", "4", "--moge_window", "2"]
+    args += ["--num_experts_per_tok", "2", "--moe_layers", "1", "--max_steps", "1", "--moge_loss_coef", "0.01"]
+    args += ["--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--per_device_train_batch_size", "4"]
+    results = run_image_classification.main(args)
+    assert 0 <= results["MoGE"]["eval_accuracy"] <= 1
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert isinstance(model, ViTMoGEForImageClassification) and model.config.num_labels == 3
+
+
+def test_image_classification_rejects_bad_input_before_training(run_image_classification, image_folder, tmp_path):
+    main = run_image_classification.main
+    base = ["--output_dir", str(tmp_path / "out"), *TINY_VIT, *COMMON, "--max_steps", "1"]
+    with pytest.raises(FileNotFoundError, match=r"--train_dir '.*nowhere' does not exist"):
+        main(["--train_dir", str(tmp_path / "nowhere"), *base])
+    with pytest.raises(FileNotFoundError, match=r"--train_file '.*missing\.parquet' does not exist"):
+        main(["--train_file", str(tmp_path / "missing.parquet"), *base])
+    with pytest.raises(ValueError, match=r"Unknown --experts_implementation 'fancy_mm'"):
+        main(["--train_dir", str(image_folder / "train"), *base, "--experts_implementation", "fancy_mm"])
+    with pytest.raises(ValueError, match=r"moge_map_shape"):
+        main(["--train_dir", str(image_folder / "train"), *base, "--moge_map_shape", "3", "3"])
+    # Images in one folder: an imagefolder without labels.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(4):
+        random_image(rng).save(flat / f"{i}.png")
+    with pytest.raises(ValueError, match=r"The image data set has no labels.*sub-folder named after the class"):
+        main(["--train_dir", str(flat), *base])
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
