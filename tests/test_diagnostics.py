@@ -1,0 +1,363 @@
+"""Routing diagnostics (`moge_hf.diagnostics`) on hand-made routings with known answers, and a smoke run of
+`scripts/compare_moe_moge.py` on tiny synthetic data."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import gpt2_config, input_ids, pixel_values, vit_config
+
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+from moge_hf import diagnostics as diag
+from moge_hf.modeling_moge import MoGERouting
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- load, entropy -------------------------------------------------------------------------------------------------
+
+
+def test_expert_load_counts_slots_and_skips_masked_tokens():
+    top_k = np.array([[0, 1], [0, 2], [3, 0]])
+    np.testing.assert_allclose(diag.expert_load(top_k, 4), [3 / 6, 1 / 6, 1 / 6, 1 / 6])
+    np.testing.assert_allclose(diag.expert_load(top_k, 4, mask=[True, True, False]), [2 / 4, 1 / 4, 1 / 4, 0])
+    np.testing.assert_allclose(diag.expert_load(torch.tensor([2, 2]), 3), [0, 0, 1])
+
+
+def test_entropies():
+    uniform = np.full((5, 8), 1 / 8)
+    one_hot = np.eye(8)[:5]
+    assert diag.routing_entropy(uniform) == pytest.approx(math.log(8))
+    assert diag.routing_entropy(one_hot) == pytest.approx(0.0)
+    assert diag.routing_entropy(np.concatenate([uniform, one_hot]), mask=[True] * 5 + [False] * 5) == pytest.approx(
+        math.log(8)
+    )
+    assert diag.normalized_entropy([0.25] * 4) == pytest.approx(1.0)
+    assert diag.normalized_entropy([1, 0, 0, 0]) == pytest.approx(0.0)
+    np.testing.assert_allclose(diag.mean_routing_probs(one_hot[:2]), [0.5, 0.5, 0, 0, 0, 0, 0, 0])
+
+
+# ---- the map -------------------------------------------------------------------------------------------------------
+
+
+def test_grid_distances_valid_and_torus():
+    valid = diag.grid_distance_matrix((4, 8))
+    torus = diag.grid_distance_matrix((4, 8), circular=True)
+    # expert 0 = (0, 0), 7 = (0, 7), 31 = (3, 7), 10 = (1, 2)
+    assert valid[0, 7] == 7 and torus[0, 7] == 1
+    assert valid[0, 31] == 7 and torus[0, 31] == 1
+    assert valid[0, 10] == 2 and torus[0, 10] == 2
+    assert (np.diag(valid) == 0).all() and (valid == valid.T).all() and (torus <= valid).all()
+    # window 3: within one window <=> Chebyshev distance <= 1
+    assert diag.within_window([0, 0, 0, 0], [9, 7, 31, 10], (4, 8), 3).tolist() == [True, False, False, False]
+    assert diag.within_window([0, 0, 0, 0], [9, 7, 31, 10], (4, 8), 3, circular=True).tolist() == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert diag.within_window([0], [10], (4, 8), 5).tolist() == [True]  # window 5: distance <= 2
+    assert diag.within_window([5], [5], (4, 8), 1).tolist() == [True]
+
+
+def test_mean_by_distance():
+    distances = diag.grid_distance_matrix((2, 2)).astype(float)
+    assert diag.mean_by_distance(distances, (2, 2)) == {1: 1.0}
+    assert diag.mean_by_distance(np.ones((6, 6)), (2, 3)) == {1: 1.0, 2: 1.0}
+
+
+# ---- mutual information --------------------------------------------------------------------------------------------
+
+
+def test_mutual_information_known_answers():
+    classes = np.repeat(np.arange(10), 50)
+    perfect = classes * 3  # one expert per class
+    assert diag.mutual_information(classes, perfect) == pytest.approx(math.log2(10))
+    # every (class, expert) pair equally often: independent, MI exactly 0
+    grid_classes, grid_experts = np.meshgrid(np.arange(10), np.arange(4), indexing="ij")
+    assert diag.mutual_information(grid_classes.ravel(), grid_experts.ravel()) == pytest.approx(0.0, abs=1e-12)
+    # two classes sharing one expert: I = H(expert) = log2(5)
+    assert diag.mutual_information(classes, classes // 2) == pytest.approx(math.log2(5))
+    assert diag.miller_madow_bias(classes, perfect) == pytest.approx(9 * 9 / (2 * 500 * math.log(2)))
+
+
+def test_shuffled_mutual_information_is_a_null():
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 10, 4000)
+    experts = rng.integers(0, 8, 4000)
+    null = diag.shuffled_mutual_information(classes, experts, num_shuffles=5)
+    assert 0 < null < 0.05
+    # grouped shuffle: tokens of an image share its class; a perfect map stays far above the null
+    groups = np.repeat(np.arange(400), 10)
+    image_class = rng.integers(0, 10, 400)[groups]
+    mi = diag.mutual_information(image_class, image_class)
+    assert diag.shuffled_mutual_information(image_class, image_class, groups=groups) < 0.5 * mi
+
+
+def test_frequent_token_buckets():
+    ids = np.array([5, 5, 5, 7, 7, 9, 1, 2])
+    buckets, frequent = diag.frequent_token_buckets(ids, num_buckets=3)
+    assert frequent.tolist() == [5, 7]
+    assert buckets.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+# ---- invariance bookkeeping ----------------------------------------------------------------------------------------
+
+
+def test_routing_agreement():
+    a = np.array([[0, 1], [2, 3], [7, 6], [4, 5]])
+    b = np.array([[0, 1], [3, 2], [0, 6], [12, 13]])
+    result = diag.routing_agreement(a, b, (4, 4), window=3, circular=False)
+    assert result["num_tokens"] == 4
+    assert result["same_top1"] == pytest.approx(1 / 4)
+    assert result["same_set"] == pytest.approx(2 / 4)
+    # top-1 pairs: (0,0) same; (2,3) adjacent; (7,0): (1,3)-(0,0) distance 3; (4,12): (1,0)-(3,0) distance 2
+    assert result["within_window"] == pytest.approx(2 / 4)
+    assert result["jaccard"] == pytest.approx((1 + 1 + 1 / 3 + 0) / 4)
+    torus = diag.routing_agreement(a, b, (4, 4), window=3, circular=True, chance_seed=None)
+    assert torus["within_window"] == pytest.approx(3 / 4)  # on the 4x4 torus (7, 0) are neighbours, (4, 12) not
+    assert "chance_same_top1" not in torus and "chance_same_top1" in result
+
+
+def patch_id_images(rows: int, cols: int, patch: int) -> torch.Tensor:
+    """One image whose patch (i, j) is filled with the value i * cols + j."""
+    ids = torch.arange(rows * cols, dtype=torch.float32).view(rows, cols)
+    return ids.repeat_interleave(patch, 0).repeat_interleave(patch, 1).expand(1, 3, -1, -1).clone()
+
+
+@pytest.mark.parametrize("shift", [(0, 1), (1, 0), (0, -1), (-1, 1)])
+def test_shift_correspondence_matches_rolled_images(shift):
+    rows, cols, patch = 3, 4, 2
+    image = patch_id_images(rows, cols, patch)
+    shifted = diag.shift_images(image, patch, shift)
+    source, target = diag.shift_correspondence((rows, cols), shift, num_prefix_tokens=1)
+    patch_value = shifted[0, 0, ::patch, ::patch].reshape(-1)  # value of every patch after the shift
+    assert torch.equal(patch_value[torch.as_tensor(target - 1)], torch.as_tensor(source - 1, dtype=torch.float32))
+    dy, dx = shift
+    assert len(source) == (rows - abs(dy)) * (cols - abs(dx))  # wrapped patches left out
+
+
+def test_flip_correspondence_matches_flipped_images():
+    rows, cols, patch = 2, 4, 2
+    image = patch_id_images(rows, cols, patch)
+    flipped = diag.flip_images(image)
+    source, target = diag.flip_correspondence((rows, cols), num_prefix_tokens=0)
+    patch_value = flipped[0, 0, ::patch, ::patch].reshape(-1)
+    assert torch.equal(patch_value[torch.as_tensor(target)], torch.as_tensor(source, dtype=torch.float32))
+
+
+# ---- models --------------------------------------------------------------------------------------------------------
+
+
+def constant_routing(model, expert: int = 3):
+    """Make every router of `model` ignore its input: all tokens go to `expert` (then its neighbours)."""
+
+    def hook(module, args, routing):
+        tokens = routing.probs.shape[0]
+        logits = torch.zeros_like(routing.logits)
+        logits[:, expert] = 5.0
+        logits[:, (expert + 1) % logits.shape[1]] = 2.0
+        probs = logits.float().softmax(-1)
+        weights, index = torch.topk(probs, module.top_k, dim=-1)
+        assert index.shape[0] == tokens
+        return MoGERouting(logits, logits, probs, weights, index)
+
+    return [block.router.register_forward_hook(hook) for block in model.moge_blocks()]
+
+
+def vit_batches(count: int = 2, batch: int = 6):
+    generator = torch.Generator().manual_seed(0)
+    return [
+        {"pixel_values": pixel_values(seed, batch=batch), "labels": torch.randint(0, 5, (batch,), generator=generator)}
+        for seed in range(count)
+    ]
+
+
+def test_invariance_is_one_when_routing_ignores_the_input():
+    torch.manual_seed(0)
+    vit = ViTMoGEForImageClassification(vit_config(moge_map_shape=[2, 4], moge_window=2))
+    gpt = GPT2MoGELMHeadModel(gpt2_config())
+    handles = constant_routing(vit) + constant_routing(gpt)
+    image = diag.image_routing_invariance(vit, vit_batches())
+    text = diag.text_routing_invariance(gpt, [{"input_ids": input_ids(0)}], replacement_ids=[1, 2, 3])
+    for handle in handles:
+        handle.remove()
+    assert set(image) == {"shift_right", "shift_down", "flip"}
+    for result in (*image.values(), *text.values()):
+        for layer in result["layers"]:
+            assert layer["same_top1"] == layer["same_set"] == layer["within_window"] == layer["jaccard"] == 1.0
+    # 16x16 images, patch 4: a 4x4 grid; a shift by one patch leaves 3 x 4 patches per image, a flip all 16
+    assert image["shift_right"]["layers"][0]["num_tokens"] == 12 * 12
+    assert image["flip"]["layers"][0]["num_tokens"] == 12 * 16
+    assert text["next_token"]["layers"][0]["num_tokens"] == input_ids(0).shape[0]
+
+
+def test_invariance_of_a_real_model_is_a_fraction():
+    torch.manual_seed(0)
+    gpt = GPT2MoGELMHeadModel(gpt2_config(moge_padding="circular"))
+    ids = input_ids(1)
+    text = diag.text_routing_invariance(gpt, [{"input_ids": ids}], replacement_ids=list(range(1, 30)), seed=3)
+    batch, seq = ids.shape
+    for layer in text["context_replacement"]["layers"]:
+        assert batch <= layer["num_tokens"] <= batch * (seq - 1)
+        assert 0.0 <= layer["same_set"] <= layer["same_top1"] or layer["same_set"] <= 1.0
+        assert layer["same_top1"] <= layer["within_window"] <= 1.0
+    json.dumps(text)
+
+
+def test_routing_diagnostics_vit_and_gpt2_are_json_and_consistent():
+    torch.manual_seed(0)
+    vit = ViTMoGEForImageClassification(vit_config())
+    result = diag.routing_diagnostics(vit, vit_batches(), hidden_tokens_per_batch=16)
+    json.dumps(result)
+    assert result["num_tokens"] == 2 * 6 * 17  # 16 patches + [CLS]
+    for layer in result["layers"]:
+        assert sum(layer["load"]) == pytest.approx(1.0)
+        assert sum(layer["mean_prob"]) == pytest.approx(1.0)
+        assert 0 <= layer["mi_label_bits"] <= math.log2(5)
+        assert -1 <= layer["output_cosine_mean"] <= 1 and "prob_correlation_neighbors" in layer
+
+    gpt = GPT2MoGELMHeadModel(gpt2_config())
+    ids = input_ids(0)
+    mask = torch.ones_like(ids)
+    mask[:, -2:] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask, "labels": ids}]  # LM labels are not class labels
+    data = diag.collect_routing(gpt, batches)
+    assert data.labels is None and data.token_mask.sum() == ids.shape[0] * (ids.shape[1] - 2)
+    result = diag.routing_diagnostics(gpt, data, num_token_buckets=8)
+    json.dumps(result)
+    assert result["num_tokens"] == int(mask.sum())
+    assert "mi_token_bits" in result["layers"][0] and "mi_label_bits" not in result["layers"][0]
+    expected_load = diag.expert_load(data.top_k_index[0][data.token_mask], 8)
+    np.testing.assert_allclose(result["layers"][0]["load"], expected_load)
+
+
+def test_collector_records_routing_in_token_order():
+    torch.manual_seed(0)
+    gpt = GPT2MoGELMHeadModel(gpt2_config())
+    ids = input_ids(0)
+    out = gpt(ids, output_router_logits=True)
+    data = diag.collect_routing(gpt, [{"input_ids": ids}], hidden_tokens_per_batch=5)
+    for layer, logits in enumerate(out.router_logits):
+        np.testing.assert_allclose(data.probs[layer], logits.softmax(-1).detach().numpy(), atol=1e-6)
+    assert data.hidden[0].shape == (5, 32)
+    assert data.position.tolist()[: ids.shape[1]] == list(range(ids.shape[1]))
+
+
+def test_redundancy_of_copied_and_negated_experts():
+    torch.manual_seed(0)
+    gpt = GPT2MoGELMHeadModel(gpt2_config())
+    experts = gpt.moge_blocks()[0].experts
+    with torch.no_grad():
+        for name in ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias"):
+            getattr(experts, name)[1:] = getattr(experts, name)[0]
+        experts.down_proj[1] *= -1
+        experts.down_proj_bias[1] *= -1
+    weights = diag.weight_cosine_similarity(experts)
+    assert weights[0, 2] == pytest.approx(1.0) and weights[2, 7] == pytest.approx(1.0)
+    hidden = torch.randn(20, 32)
+    outputs = diag.output_cosine_similarity(experts, hidden)
+    assert outputs[0, 2] == pytest.approx(1.0, abs=1e-6)
+    assert outputs[0, 1] == pytest.approx(-1.0, abs=1e-6)
+    per_token = diag.all_expert_outputs(experts, hidden)
+    assert per_token.shape == (8, 20, 32)
+
+
+def test_plots_write_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    layers = [{"layer": 1, "load": [1 / 8] * 8, "mean_prob": list(np.linspace(0, 0.25, 8))}]
+    maps = diag.plot_expert_maps({"moe": layers, "moge": layers}, (2, 4), str(tmp_path / "maps.png"))
+    curve = {"train_steps": [1, 2], "train_loss": [2.0, 1.5], "eval_steps": [2], "eval_metric": [0.3]}
+    curves = diag.plot_learning_curves({"moe": [curve, curve]}, str(tmp_path / "curves.png"))
+    bars = diag.plot_diagnostics({"moe": {"a": [1.0, 2.0]}, "moge": {"a": [1.5]}}, ["a", "b"], str(tmp_path / "d.png"))
+    for path in (maps, curves, bars):
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the comparison script -----------------------------------------------------------------------------------------
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("compare_moe_moge", ROOT / "scripts" / "compare_moe_moge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_parquet(path: Path, count: int, seed: int) -> str:
+    datasets = pytest.importorskip("datasets")
+    Image = pytest.importorskip("PIL.Image")  # decoding image data sets needs Pillow
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+    data = datasets.Dataset.from_dict({"img": images, "label": rng.integers(0, 3, count).tolist()})
+    data.cast_column("img", datasets.Image()).to_parquet(str(path))
+    return str(path)
+
+
+SMALL = "--max_steps 3 --eval_every 2 --eval_examples 8 --diagnostic_examples 8 --batch_size 8 --eval_batch_size 8"
+SMALL = [*SMALL.split(), "--seeds", "0", "--do_test", "--logging_steps", "1"]
+
+
+def check_outputs(results: dict, out: Path, arms: list[str]):
+    saved = json.loads((out / "results.json").read_text())
+    assert [run["arm"] for run in saved["runs"]] == arms
+    assert set(saved["summary"]) == set(arms)
+    for run in saved["runs"]:
+        assert run["curve"]["eval_steps"] == [2, 3] and len(run["curve"]["train_loss"]) == 3
+        assert run["diagnostics"]["layers"] and run["invariance"]
+        assert "test" in run and "validation" in run
+    assert results["table_markdown"].count("\n") == 2 * len(arms) + 1
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in ("expert_maps_seed0.png", "learning_curves.png", "diagnostics.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_script_vision_smoke(tmp_path):
+    script = load_script()
+    train = tiny_parquet(tmp_path / "train.parquet", 48, 0)
+    test = tiny_parquet(tmp_path / "test.parquet", 16, 1)
+    out = tmp_path / "vision"
+    args = ["--task", "vision", "--train_file", train, "--test_file", test, "--output_dir", str(out)]
+    args += ["--validation_size", "8", "--train_size", "32", "--hidden_size", "32", "--num_layers", "2"]
+    results = script.main(args + SMALL)
+    check_outputs(results, out, ["moe", "moge-valid", "moge-circular"])
+    moe, valid, circular = results["runs"]
+    assert moe["diagnostics"]["padding"] == "valid" and circular["diagnostics"]["padding"] == "circular"
+    assert len(circular["diagnostics"]["layers"][0]["load"]) == 32  # the paper setup: 32 experts on a 4x8 map
+    assert results["data_sizes"] == {"train": 32, "validation": 8, "test": 16}
+
+
+def test_compare_script_language_smoke(tmp_path):
+    script = load_script()
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 80)
+    out = tmp_path / "language"
+    args = ["--task", "language", "--train_file", str(text), "--output_dir", str(out), "--block_size", "16"]
+    args += ["--moge_loss_coefs", "0.001", "0.01", "--paddings", "valid", "--hidden_size", "32", "--num_layers", "2"]
+    results = script.main(args + SMALL)
+    check_outputs(results, out, ["moe", "moge-l0.001-valid", "moge-l0.01-valid"])
+    assert results["runs"][1]["log_history"][0]["moge/sigma"] == pytest.approx(10.0)  # the sigma schedule is on
+    assert "context_replacement" in results["runs"][0]["invariance"]
+
+
+def test_compare_script_rejects_bad_arms():
+    script = load_script()
+    with pytest.raises(ValueError, match="lambdas"):
+        script.main(["--task", "language", "--train_file", "x", "--moge_loss_coefs", "0"])
