@@ -640,6 +640,9 @@ def run_arm(
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
+        moge_logs = [entry for entry in trainer.state.log_history if "moge/moge_loss" in entry]
+        if moge_logs:  # the unscaled regularizer in the last training log (the MoGE callback's metric)
+            metrics["train_moge_loss_last_log"] = moge_logs[-1]["moge/moge_loss"]
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = len(image_datasets["validation"])
@@ -651,12 +654,25 @@ def run_arm(
 
 def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> None:
     """Print the arms' eval accuracy and loss as a table and save them as `comparison.json`."""
-    lines = ["| arm | lambda (moge_loss_coef) | eval accuracy | eval loss |", "| --- | --- | --- | --- |"]
+    lines = [
+        "| arm | lambda (moge_loss_coef) | eval accuracy | eval loss | moge_loss (unscaled, last train log) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     table = []
     for name, coef, metrics in rows:
-        accuracy, loss = (metrics.get(f"eval_{k}", float("nan")) for k in ("accuracy", "loss"))
-        lines.append(f"| {name} | {coef:g} | {accuracy:.4f} | {loss:.4f} |")
-        table.append({"arm": name, "moge_loss_coef": coef, "eval_accuracy": accuracy, "eval_loss": loss})
+        nan = float("nan")
+        row = {
+            "arm": name,
+            "moge_loss_coef": coef,
+            "eval_accuracy": metrics.get("eval_accuracy", nan),
+            "eval_loss": metrics.get("eval_loss", nan),
+            "train_moge_loss_last_log": metrics.get("train_moge_loss_last_log", nan),
+        }
+        lines.append(
+            f"| {name} | {coef:g} | {row['eval_accuracy']:.4f} | {row['eval_loss']:.4f} "
+            f"| {row['train_moge_loss_last_log']:.4f} |"
+        )
+        table.append(row)
     print("\n" + "\n".join(lines) + "\n", flush=True)
     with open(os.path.join(output_dir, "comparison.json"), "w") as f:
         json.dump(table, f, indent=2)
