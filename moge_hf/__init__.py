@@ -7,6 +7,7 @@ for `save_pretrained` to write their code and `auto_map`, so saved folders load 
 import transformers
 from transformers import AutoConfig
 
+from . import diagnostics
 from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
 from .hub import (
     HubTokenError,
@@ -37,6 +38,7 @@ from .training import MoGESigmaCallback, add_moge_callback, annealed_sigma
 __version__ = "0.1.0"
 
 __all__ = [
+    "diagnostics",
     "HubTokenError",
     "MoGEHubCallback",
     "add_moge_hub_callback",
