@@ -573,6 +573,10 @@ def run_arm(
     return metrics
 
 
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
 def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> None:
     """Print the arms' eval losses and perplexities as a table and save them as `comparison.json`."""
     lines = [
@@ -593,7 +597,7 @@ def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> No
         }
         lines.append(
             f"| {name} | {coef:g} | {row['eval_lm_loss']:.4f} | {row['perplexity']:.2f} | {row['eval_loss']:.4f} "
-            f"| {row['train_moge_loss_last_log']:.4f} |"
+            f"| {_fmt(row['train_moge_loss_last_log'])} |"
         )
         table.append(row)
     print("\n" + "\n".join(lines) + "\n", flush=True)

@@ -30,6 +30,7 @@ It runs with `python` and with `accelerate launch`.
 
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -652,6 +653,10 @@ def run_arm(
     return metrics
 
 
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
 def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> None:
     """Print the arms' eval accuracy and loss as a table and save them as `comparison.json`."""
     lines = [
@@ -670,7 +675,7 @@ def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> No
         }
         lines.append(
             f"| {name} | {coef:g} | {row['eval_accuracy']:.4f} | {row['eval_loss']:.4f} "
-            f"| {row['train_moge_loss_last_log']:.4f} |"
+            f"| {_fmt(row['train_moge_loss_last_log'])} |"
         )
         table.append(row)
     print("\n" + "\n".join(lines) + "\n", flush=True)
