@@ -56,6 +56,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.trainer_utils import get_last_checkpoint
 
 from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+from moge_hf.hub import add_moge_hub_callback
 from moge_hf.training import add_moge_callback
 
 
@@ -72,6 +73,7 @@ MOGE_FIELDS = (
     "moe_layers",
     "expert_intermediate_size",
     "router_aux_loss_coef",
+    "router_aux_loss_global",
     "router_z_loss_coef",
     "router_jitter_noise",
     "norm_topk_prob",
@@ -86,6 +88,7 @@ MOGE_FIELDS = (
 # Fields that change no weight shape: the only ones that may be changed on a saved MoGE model (`--model_name_or_path`).
 TRAINING_ONLY_FIELDS = (
     "router_aux_loss_coef",
+    "router_aux_loss_global",
     "router_z_loss_coef",
     "router_jitter_noise",
     "norm_topk_prob",
@@ -147,6 +150,10 @@ class ModelArguments:
     )
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the load-balancing loss (config default 0.01)."}
+    )
+    router_aux_loss_global: bool | None = field(
+        default=None,
+        metadata={"help": "Load balancing over the global batch under data parallelism (config default False)."},
     )
     router_z_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the router z-loss (config default 0.0)."}
@@ -548,6 +555,8 @@ def run_arm(
         preprocess_logits_for_metrics=lm_loss_per_block if training_args.do_eval else None,
     )
     add_moge_callback(trainer)
+    if training_args.push_to_hub:  # Trainer's pushes then carry the model code and a MoGE model card
+        add_moge_hub_callback(trainer, dataset=data_args.dataset_name)
 
     metrics = {}
     if training_args.do_train:

@@ -55,6 +55,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.trainer_utils import get_last_checkpoint
 
 from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
+from moge_hf.hub import add_moge_hub_callback
 from moge_hf.training import add_moge_callback
 
 
@@ -76,6 +77,7 @@ MOGE_FIELDS = (
     "moe_layers",
     "expert_intermediate_size",
     "router_aux_loss_coef",
+    "router_aux_loss_global",
     "router_z_loss_coef",
     "router_jitter_noise",
     "norm_topk_prob",
@@ -90,6 +92,7 @@ MOGE_FIELDS = (
 # Fields that change no weight shape: the only ones that may be changed on a saved MoGE model (`--model_name_or_path`).
 TRAINING_ONLY_FIELDS = (
     "router_aux_loss_coef",
+    "router_aux_loss_global",
     "router_z_loss_coef",
     "router_jitter_noise",
     "norm_topk_prob",
@@ -148,6 +151,10 @@ class ModelArguments:
     )
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the load-balancing loss (config default 0.01)."}
+    )
+    router_aux_loss_global: bool | None = field(
+        default=None,
+        metadata={"help": "Load balancing over the global batch under data parallelism (config default False)."},
     )
     router_z_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the router z-loss (config default 0.0)."}
@@ -628,6 +635,8 @@ def run_arm(
         compute_metrics=compute_metrics,
     )
     add_moge_callback(trainer)
+    if training_args.push_to_hub:  # Trainer's pushes then carry the model code and a MoGE model card
+        add_moge_hub_callback(trainer)
 
     metrics = {}
     if training_args.do_train:
