@@ -50,7 +50,18 @@ __all__ = [
 ]
 
 # The card templates (jinja, rendered by `ModelCard.from_template`), one per model family.
-MODEL_CARD_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+# The templates live in the repository's `model_cards/`; a wheel installs them under `<prefix>/share/moge_hf/`.
+MODEL_CARD_TEMPLATES_DIR = next(
+    (
+        folder
+        for folder in (
+            Path(__file__).resolve().parent.parent / "model_cards",
+            Path(sys.prefix) / "share" / "moge_hf" / "model_cards",
+        )
+        if folder.is_dir()
+    ),
+    Path(__file__).resolve().parent.parent / "model_cards",
+)
 MODEL_CARD_TEMPLATES = {
     "gpt2_moge": MODEL_CARD_TEMPLATES_DIR / "gpt2_moge.md",
     "vit_moge": MODEL_CARD_TEMPLATES_DIR / "vit_moge.md",
