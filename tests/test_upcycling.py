@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import VOCAB, input_ids, pixel_values
+from tiny import GPT2_DENSE, VIT_DENSE, VOCAB, input_ids, pixel_values
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -33,39 +33,11 @@ ATOL = RTOL = 1e-5
 
 
 def dense_gpt2_config(**overrides) -> GPT2Config:
-    kwargs = dict(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=32,
-        n_layer=3,
-        n_head=4,
-        n_inner=37,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=VOCAB - 1,
-        eos_token_id=VOCAB - 1,
-        pad_token_id=0,
-    )
-    kwargs.update(overrides)
-    return GPT2Config(**kwargs)
+    return GPT2Config(**{**GPT2_DENSE, "n_layer": 3, **overrides})
 
 
 def dense_vit_config(**overrides) -> ViTConfig:
-    kwargs = dict(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=5,
-    )
-    kwargs.update(overrides)
-    return ViTConfig(**kwargs)
+    return ViTConfig(**{**VIT_DENSE, **overrides})
 
 
 def make_dense(model_class, config, seed: int = 0):

@@ -8,20 +8,38 @@ from moge_hf import GPT2MoGEConfig, ViTMoGEConfig
 BATCH, SEQ, VOCAB = 13, 7, 99
 
 
+# The dense parts of the tiny configs (also the dense models that tests upcycle).
+GPT2_DENSE = dict(
+    vocab_size=VOCAB,
+    n_positions=32,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    n_inner=37,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=VOCAB - 1,
+    eos_token_id=VOCAB - 1,
+    pad_token_id=0,
+)
+VIT_DENSE = dict(
+    image_size=16,
+    patch_size=4,
+    num_channels=3,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    num_labels=5,
+)
+
+
 def gpt2_config(**overrides) -> GPT2MoGEConfig:
     kwargs = dict(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_inner=37,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=VOCAB - 1,
-        eos_token_id=VOCAB - 1,
-        pad_token_id=0,
+        GPT2_DENSE,
         num_experts=8,
         num_experts_per_tok=2,
         moge_map_shape=[2, 4],
@@ -35,14 +53,7 @@ def gpt2_config(**overrides) -> GPT2MoGEConfig:
 
 def vit_config(**overrides) -> ViTMoGEConfig:
     kwargs = dict(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        num_labels=5,
+        VIT_DENSE,
         num_experts=8,
         num_experts_per_tok=1,
         moge_map_shape=[2, 4],
