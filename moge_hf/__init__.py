@@ -32,7 +32,7 @@ from .modeling_moge import (
     ViTMoGEModel,
     ViTMoGEPreTrainedModel,
 )
-from .training import MoGESigmaCallback, add_moge_callback, annealed_sigma
+from .training import MoGEArguments, MoGESigmaCallback, add_moge_callback, annealed_sigma
 
 
 __version__ = "0.1.0"
@@ -51,6 +51,7 @@ __all__ = [
     "GPT2MoGELMHeadModel",
     "GPT2MoGEModel",
     "GPT2MoGEPreTrainedModel",
+    "MoGEArguments",
     "MoGEExperts",
     "MoGERouter",
     "MoGESigmaCallback",

@@ -11,6 +11,7 @@ first otherwise.
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -20,9 +21,84 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["MoGESigmaCallback", "add_moge_callback", "annealed_sigma"]
+__all__ = ["MoGEArguments", "MoGESigmaCallback", "add_moge_callback", "annealed_sigma"]
 
 LOSS_NAMES = ("aux_loss", "moge_loss", "z_loss")
+
+
+# MoGE fields that change no weight shape: the only ones a training script may change on a saved MoGE model.
+SHAPE_FREE_MOGE_FIELDS = (
+    "router_aux_loss_coef",
+    "router_aux_loss_global",
+    "router_z_loss_coef",
+    "router_jitter_noise",
+    "norm_topk_prob",
+    "moge_loss_coef",
+    "moge_window",
+    "moge_sigma",
+    "moge_sigma_schedule",
+    "moge_padding",
+    "moge_reduction",
+)
+
+
+@dataclass
+class MoGEArguments:
+    """The MoGE config fields as command-line arguments (for `HfArgumentParser`), shared by the training scripts.
+
+    Every field defaults to `None`, which keeps the config's default (or a loaded model's value).
+    """
+
+    num_experts: int | None = field(default=None, metadata={"help": "Experts per MoGE layer (config default 16)."})
+    num_experts_per_tok: int | None = field(default=None, metadata={"help": "Top-k routing (config default 2)."})
+    moe_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layers whose MLP is a MoGE layer (config default: every other from 1)."}
+    )
+    expert_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Hidden size of each expert (config default: the dense MLP's)."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the load-balancing loss (config default 0.01)."}
+    )
+    router_aux_loss_global: bool | None = field(
+        default=None,
+        metadata={"help": "Load balancing over the global batch under data parallelism (config default False)."},
+    )
+    router_z_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the router z-loss (config default 0.0)."}
+    )
+    router_jitter_noise: float | None = field(
+        default=None, metadata={"help": "Multiplicative jitter on the router input (config default 0.0)."}
+    )
+    norm_topk_prob: bool | None = field(
+        default=None, metadata={"help": "Renormalize the top-k gate weights (config default: k > 1)."}
+    )
+    moge_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Lambda of the group-sparsity regularizer; 0 (the config default) is the MoE baseline."},
+    )
+    moge_map_shape: list[int] | None = field(
+        default=None, metadata={"help": "Rows and cols of the expert map, e.g. `4 8` (config default: most square)."}
+    )
+    moge_window: int | None = field(default=None, metadata={"help": "Window side h (config default 3)."})
+    moge_sigma: float | None = field(default=None, metadata={"help": "Gaussian sigma (config default 1.0)."})
+    moge_sigma_schedule: list[float] | None = field(
+        default=None,
+        metadata={"help": "`init final power` sigma annealing during training, e.g. `10 1 0.2` (the paper's)."},
+    )
+    moge_padding: str | None = field(default=None, metadata={"help": "`valid` (config default) or `circular`."})
+    moge_reduction: str | None = field(
+        default=None, metadata={"help": "`mean` (config default) or `paper` (the paper's lambda values carry over)."}
+    )
+
+    def moge_overrides(self) -> dict:
+        """The MoGE config fields given (those not left at `None`)."""
+        names = (f.name for f in fields(MoGEArguments))
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def shape_changing_overrides(self) -> list[str]:
+        """The given MoGE fields that would change weight shapes (not allowed on a saved MoGE model)."""
+        return [name for name in self.moge_overrides() if name not in SHAPE_FREE_MOGE_FIELDS]
 
 
 def annealed_sigma(progress: float, schedule: Sequence[float]) -> float:

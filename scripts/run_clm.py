@@ -57,7 +57,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
 from moge_hf.hub import add_moge_hub_callback
-from moge_hf.training import add_moge_callback
+from moge_hf.training import MoGEArguments, add_moge_callback
 
 
 logger = logging.getLogger(__name__)
@@ -66,43 +66,10 @@ EXPERTS_IMPLEMENTATIONS = ("eager", *ALL_EXPERTS_FUNCTIONS.keys())
 END_OF_TEXT = "<|endoftext|>"
 # Architecture of a model built from scratch, when not given (the main job's small GPT-2 MoGE).
 SCRATCH_DEFAULTS = {"n_layer": 4, "n_embd": 128, "n_head": 4}
-# MoGE config fields that the command line can set; `None` keeps the config's default (or the loaded model's value).
-MOGE_FIELDS = (
-    "num_experts",
-    "num_experts_per_tok",
-    "moe_layers",
-    "expert_intermediate_size",
-    "router_aux_loss_coef",
-    "router_aux_loss_global",
-    "router_z_loss_coef",
-    "router_jitter_noise",
-    "norm_topk_prob",
-    "moge_loss_coef",
-    "moge_map_shape",
-    "moge_window",
-    "moge_sigma",
-    "moge_sigma_schedule",
-    "moge_padding",
-    "moge_reduction",
-)
-# Fields that change no weight shape: the only ones that may be changed on a saved MoGE model (`--model_name_or_path`).
-TRAINING_ONLY_FIELDS = (
-    "router_aux_loss_coef",
-    "router_aux_loss_global",
-    "router_z_loss_coef",
-    "router_jitter_noise",
-    "norm_topk_prob",
-    "moge_loss_coef",
-    "moge_window",
-    "moge_sigma",
-    "moge_sigma_schedule",
-    "moge_padding",
-    "moge_reduction",
-)
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(MoGEArguments):
     """Which model to train: from scratch (config arguments), upcycled from a dense GPT-2, or a saved MoGE model."""
 
     model_name_or_path: str | None = field(
@@ -139,47 +106,6 @@ class ModelArguments:
     dropout: float | None = field(
         default=None,
         metadata={"help": "Sets resid_pdrop, embd_pdrop and attn_pdrop (from scratch default 0.0: short runs)."},
-    )
-    num_experts: int | None = field(default=None, metadata={"help": "Experts per MoGE layer (config default 16)."})
-    num_experts_per_tok: int | None = field(default=None, metadata={"help": "Top-k routing (config default 2)."})
-    moe_layers: list[int] | None = field(
-        default=None, metadata={"help": "Layers whose MLP is a MoGE layer (config default: every other from 1)."}
-    )
-    expert_intermediate_size: int | None = field(
-        default=None, metadata={"help": "Hidden size of each expert (config default: the dense MLP's)."}
-    )
-    router_aux_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the load-balancing loss (config default 0.01)."}
-    )
-    router_aux_loss_global: bool | None = field(
-        default=None,
-        metadata={"help": "Load balancing over the global batch under data parallelism (config default False)."},
-    )
-    router_z_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the router z-loss (config default 0.0)."}
-    )
-    router_jitter_noise: float | None = field(
-        default=None, metadata={"help": "Multiplicative jitter on the router input (config default 0.0)."}
-    )
-    norm_topk_prob: bool | None = field(
-        default=None, metadata={"help": "Renormalize the top-k gate weights (config default: k > 1)."}
-    )
-    moge_loss_coef: float | None = field(
-        default=None,
-        metadata={"help": "Lambda of the group-sparsity regularizer; 0 (the config default) is the MoE baseline."},
-    )
-    moge_map_shape: list[int] | None = field(
-        default=None, metadata={"help": "Rows and cols of the expert map, e.g. `4 4` (config default: most square)."}
-    )
-    moge_window: int | None = field(default=None, metadata={"help": "Window side h (config default 3)."})
-    moge_sigma: float | None = field(default=None, metadata={"help": "Gaussian sigma (config default 1.0)."})
-    moge_sigma_schedule: list[float] | None = field(
-        default=None,
-        metadata={"help": "`init final power` sigma annealing during training, e.g. `10 1 0.2` (the paper's)."},
-    )
-    moge_padding: str | None = field(default=None, metadata={"help": "`valid` (config default) or `circular`."})
-    moge_reduction: str | None = field(
-        default=None, metadata={"help": "`mean` (config default) or `paper` (the paper's lambda values carry over)."}
     )
     experts_implementation: str | None = field(
         default=None,
@@ -249,8 +175,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         if given:
             raise ValueError(f"--{given[0]} only applies to a model built from scratch; the loaded model sets it.")
     if model_args.model_name_or_path:
-        fixed = [name for name in MOGE_FIELDS if name not in TRAINING_ONLY_FIELDS]
-        given = [name for name in fixed if getattr(model_args, name) is not None]
+        given = model_args.shape_changing_overrides()
         if given:
             raise ValueError(f"--{given[0]} changes weight shapes and cannot be changed on a saved MoGE model.")
     implementation = model_args.experts_implementation
@@ -284,11 +209,6 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ValueError(f"--block_size must be at least 2, got {data_args.block_size}.")
 
 
-def moge_overrides(model_args: ModelArguments) -> dict:
-    """The MoGE config fields given on the command line (those not left at `None`)."""
-    return {name: getattr(model_args, name) for name in MOGE_FIELDS if getattr(model_args, name) is not None}
-
-
 def scratch_config(model_args: ModelArguments, data_args: DataArguments, vocab_size: int, eos_id: int):
     """The `GPT2MoGEConfig` of a model built from scratch; invalid MoGE values raise its `ValueError`."""
     kwargs = {name: getattr(model_args, name) or default for name, default in SCRATCH_DEFAULTS.items()}
@@ -303,7 +223,7 @@ def scratch_config(model_args: ModelArguments, data_args: DataArguments, vocab_s
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         **kwargs,
-        **moge_overrides(model_args),
+        **model_args.moge_overrides(),
     )
 
 
@@ -639,7 +559,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     # Everything that can be checked before the data is read: the arguments, the files, the MoGE config values
     # (a model built from scratch is checked through its config, an upcycled or saved one is built right away).
     check_arguments(model_args, data_args)
-    overrides = moge_overrides(model_args)
+    overrides = model_args.moge_overrides()
     from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if from_scratch:
         scratch_config(model_args, data_args, vocab_size=model_args.vocab_size, eos_id=0)

@@ -56,7 +56,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
 from moge_hf.hub import add_moge_hub_callback
-from moge_hf.training import add_moge_callback
+from moge_hf.training import MoGEArguments, add_moge_callback
 
 
 logger = logging.getLogger(__name__)
@@ -71,45 +71,13 @@ SCRATCH_DEFAULTS = {
     "num_attention_heads": 3,
     "intermediate_size": 768,
 }
-MOGE_FIELDS = (
-    "num_experts",
-    "num_experts_per_tok",
-    "moe_layers",
-    "expert_intermediate_size",
-    "router_aux_loss_coef",
-    "router_aux_loss_global",
-    "router_z_loss_coef",
-    "router_jitter_noise",
-    "norm_topk_prob",
-    "moge_loss_coef",
-    "moge_map_shape",
-    "moge_window",
-    "moge_sigma",
-    "moge_sigma_schedule",
-    "moge_padding",
-    "moge_reduction",
-)
-# Fields that change no weight shape: the only ones that may be changed on a saved MoGE model (`--model_name_or_path`).
-TRAINING_ONLY_FIELDS = (
-    "router_aux_loss_coef",
-    "router_aux_loss_global",
-    "router_z_loss_coef",
-    "router_jitter_noise",
-    "norm_topk_prob",
-    "moge_loss_coef",
-    "moge_window",
-    "moge_sigma",
-    "moge_sigma_schedule",
-    "moge_padding",
-    "moge_reduction",
-)
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture", "photo")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "category")
 FILE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(MoGEArguments):
     """Which model to train: from scratch (config arguments), upcycled from a dense ViT, or a saved MoGE model."""
 
     model_name_or_path: str | None = field(
@@ -140,47 +108,6 @@ class ModelArguments:
     intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: MLP size (default 768)."})
     dropout: float | None = field(
         default=None, metadata={"help": "Sets hidden_dropout_prob and attention_probs_dropout_prob (scratch: 0.0)."}
-    )
-    num_experts: int | None = field(default=None, metadata={"help": "Experts per MoGE layer (config default 16)."})
-    num_experts_per_tok: int | None = field(default=None, metadata={"help": "Top-k routing (config default 2)."})
-    moe_layers: list[int] | None = field(
-        default=None, metadata={"help": "Layers whose MLP is a MoGE layer (config default: every other from 1)."}
-    )
-    expert_intermediate_size: int | None = field(
-        default=None, metadata={"help": "Hidden size of each expert (config default: the dense MLP's)."}
-    )
-    router_aux_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the load-balancing loss (config default 0.01)."}
-    )
-    router_aux_loss_global: bool | None = field(
-        default=None,
-        metadata={"help": "Load balancing over the global batch under data parallelism (config default False)."},
-    )
-    router_z_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the router z-loss (config default 0.0)."}
-    )
-    router_jitter_noise: float | None = field(
-        default=None, metadata={"help": "Multiplicative jitter on the router input (config default 0.0)."}
-    )
-    norm_topk_prob: bool | None = field(
-        default=None, metadata={"help": "Renormalize the top-k gate weights (config default: k > 1)."}
-    )
-    moge_loss_coef: float | None = field(
-        default=None,
-        metadata={"help": "Lambda of the group-sparsity regularizer; 0 (the config default) is the MoE baseline."},
-    )
-    moge_map_shape: list[int] | None = field(
-        default=None, metadata={"help": "Rows and cols of the expert map, e.g. `4 8` (config default: most square)."}
-    )
-    moge_window: int | None = field(default=None, metadata={"help": "Window side h (config default 3)."})
-    moge_sigma: float | None = field(default=None, metadata={"help": "Gaussian sigma (config default 1.0)."})
-    moge_sigma_schedule: list[float] | None = field(
-        default=None,
-        metadata={"help": "`init final power` sigma annealing during training, e.g. `10 1 0.2` (the paper's)."},
-    )
-    moge_padding: str | None = field(default=None, metadata={"help": "`valid` (config default) or `circular`."})
-    moge_reduction: str | None = field(
-        default=None, metadata={"help": "`mean` (config default) or `paper` (the paper's lambda values carry over)."}
     )
     experts_implementation: str | None = field(
         default=None,
@@ -253,8 +180,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         if given:
             raise ValueError(f"--{given[0]} only applies to a model built from scratch; the loaded model sets it.")
     if model_args.model_name_or_path:
-        fixed = [name for name in MOGE_FIELDS if name not in TRAINING_ONLY_FIELDS]
-        given = [name for name in fixed if getattr(model_args, name) is not None]
+        given = model_args.shape_changing_overrides()
         if given:
             raise ValueError(f"--{given[0]} changes weight shapes and cannot be changed on a saved MoGE model.")
     implementation = model_args.experts_implementation
@@ -291,11 +217,6 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ImportError("Images need Pillow: pip install Pillow") from error
 
 
-def moge_overrides(model_args: ModelArguments) -> dict:
-    """The MoGE config fields given on the command line (those not left at `None`)."""
-    return {name: getattr(model_args, name) for name in MOGE_FIELDS if getattr(model_args, name) is not None}
-
-
 def scratch_config(model_args: ModelArguments, labels: list[str]) -> ViTMoGEConfig:
     """The `ViTMoGEConfig` of a model built from scratch; invalid MoGE values raise its `ValueError`."""
     kwargs = {name: getattr(model_args, name) or default for name, default in SCRATCH_DEFAULTS.items()}
@@ -307,7 +228,7 @@ def scratch_config(model_args: ModelArguments, labels: list[str]) -> ViTMoGEConf
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
         **kwargs,
-        **moge_overrides(model_args),
+        **model_args.moge_overrides(),
     )
 
 
@@ -719,7 +640,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     # (a model built from scratch is checked through its config; an upcycled or saved one is built once the
     # classes are known, still before training).
     check_arguments(model_args, data_args)
-    overrides = moge_overrides(model_args)
+    overrides = model_args.moge_overrides()
     from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if from_scratch:
         scratch_config(model_args, labels=["a", "b"])
