@@ -410,3 +410,13 @@ def test_image_classification_rejects_bad_input_before_training(run_image_classi
     with pytest.raises(ValueError, match=r"The image data set has no labels.*sub-folder named after the class"):
         main(["--train_dir", str(flat), *base])
     assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--num_experts", "4"), ("--moge_map_shape", "2 2")])
+def test_clm_refuses_shape_changes_on_a_saved_model(run_clm, text_file, tmp_path, flag, value):
+    args = ["--model_name_or_path", str(tmp_path / "saved"), "--train_file", str(text_file)]
+    args += ["--output_dir", str(tmp_path / "out"), *COMMON, flag, *value.split()]
+    with pytest.raises(ValueError, match=rf"--{flag[2:]} changes weight shapes"):
+        run_clm.main(args)
+    # Fields that leave the weights' shapes alone are allowed: the same check passes for them.
+    assert run_clm.ModelArguments(moge_loss_coef=0.5, moge_window=1).shape_changing_overrides() == []
