@@ -96,19 +96,44 @@ def group_window_matrix(
         `torch.Tensor` of shape `(num_experts, num_windows)`.
     """
     _check_window(map_shape, window, sigma, padding)
+    experts, squared_distance = window_layout(map_shape, window, padding)
+    return window_matrix_from_layout(experts, squared_distance, sigma, map_shape[0] * map_shape[1]).to(
+        device=device, dtype=dtype
+    )
+
+
+def window_layout(map_shape: tuple[int, int], window: int, padding: str = "valid") -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the windows of the expert map fall, independent of sigma.
+
+    Returns `experts` `(G, window * window)` int64, the expert under each cell of each window, and `squared_distance`
+    `(G, window * window)` float64, the cell's squared distance to the window's centre cell `(h // 2, h // 2)`.
+    Windows are in row-major order of their top-left corner, cells in row-major order within a window.
+    """
     rows, cols = map_shape
-    kernel = gaussian_window(window, sigma, dtype=torch.float64)
     if padding == "valid":
-        corners = [(a, b) for a in range(rows - window + 1) for b in range(cols - window + 1)]
+        corners = torch.cartesian_prod(torch.arange(rows - window + 1), torch.arange(cols - window + 1))
     else:
-        corners = [(a, b) for a in range(rows) for b in range(cols)]
-    matrix = torch.zeros(rows * cols, len(corners), dtype=torch.float64)
-    for g, (a, b) in enumerate(corners):
-        for i in range(window):
-            for j in range(window):
-                # `+=`: on a torus smaller than the window, one expert can fall in a window twice.
-                matrix[((a + i) % rows) * cols + (b + j) % cols, g] += kernel[i, j]
-    return matrix.to(device=device, dtype=dtype)
+        corners = torch.cartesian_prod(torch.arange(rows), torch.arange(cols))
+    cells = torch.cartesian_prod(torch.arange(window), torch.arange(window))  # (h*h, 2)
+    positions = corners.reshape(-1, 1, 2) + cells  # (G, h*h, 2)
+    experts = (positions[..., 0] % rows) * cols + positions[..., 1] % cols
+    squared_distance = ((cells - window // 2) ** 2).sum(-1).to(torch.float64).expand(experts.shape[0], -1)
+    return experts, squared_distance.contiguous()
+
+
+def window_matrix_from_layout(
+    experts: torch.Tensor, squared_distance: torch.Tensor, sigma: float, num_experts: int
+) -> torch.Tensor:
+    """`group_window_matrix` from a `window_layout`, on the layout's device with no host round trip: `(E, G)`."""
+    # The centre has exponent 0 whatever sigma is (also when sigma**2 underflows to 0).
+    exponent = torch.where(squared_distance > 0, -squared_distance / (2.0 * float(sigma) ** 2), 0.0)
+    weights = torch.exp(exponent)
+    weights = weights / weights.sum(-1, keepdim=True)  # (G, h*h), each row the normalized Gaussian
+    num_windows = experts.shape[0]
+    window_index = torch.arange(num_windows, device=experts.device).unsqueeze(-1).expand_as(experts)
+    matrix = weights.new_zeros(num_experts, num_windows)
+    # accumulate: on a torus smaller than the window, one expert can fall in a window twice.
+    return matrix.index_put_((experts.reshape(-1), window_index.reshape(-1)), weights.reshape(-1), accumulate=True)
 
 
 def _token_mask(mask: torch.Tensor | None, leading_shape: torch.Size, name: str) -> torch.Tensor | None:

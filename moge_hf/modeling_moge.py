@@ -20,7 +20,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.models.gpt2.modeling_gpt2 import (
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
@@ -35,9 +35,10 @@ from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
 from .losses import (
     _group_sparsity_from_matrix,
     dispatch_counts,
-    group_window_matrix,
     load_balancing_loss,
     router_z_loss,
+    window_layout,
+    window_matrix_from_layout,
 )
 from .upcycling import upcycle_from_dense
 
@@ -98,7 +99,9 @@ class MoGEExperts(nn.Module):
     """`num_experts` non-gated MLPs (up projection, activation, down projection, with biases) as 3-D weights.
 
     The layout `(num_experts, out, in)` is transformers' own, so `experts_implementation="eager" | "grouped_mm" |
-    "batched_mm"` all run these weights. This `forward` is the eager one: a loop over the experts that got tokens.
+    "batched_mm"` all run these weights, and so does moge_hf's fused Triton kernel, `"moge_triton"` (GPU). This
+    `forward` is the eager one: the `(token, slot)` pairs are sorted by expert once, gathered once, and every expert
+    that got tokens runs on its contiguous slice; the combine over the k slots is a deterministic sum.
     """
 
     def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str):
@@ -110,22 +113,35 @@ class MoGEExperts(nn.Module):
         self.up_proj_bias = nn.Parameter(torch.empty(self.num_experts, intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden_size, intermediate_size))
         self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden_size))
+        self.activation = activation  # the ACT2FN name, for kernels that fuse the activation
         self.act_fn = ACT2FN[activation]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        final_hidden_states = torch.zeros_like(hidden_states)  # (T, d)
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, T)
-            experts_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
-        for expert in experts_hit:
-            top_k_pos, token_idx = torch.where(expert_mask[expert])
-            hidden = F.linear(hidden_states[token_idx], self.up_proj[expert], self.up_proj_bias[expert])
-            hidden = F.linear(self.act_fn(hidden), self.down_proj[expert], self.down_proj_bias[expert])
-            hidden = hidden * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, hidden.to(final_hidden_states.dtype))
-        return final_hidden_states
+        if torch.compiler.is_compiling():
+            # The per-expert slices below have data-dependent sizes; a compiled graph takes transformers' grouped
+            # GEMM path instead (it traces on every device and dtype), or its batched one where sizes are not
+            # multiples of 8 (grouped GEMMs need 16-byte aligned strides).
+            aligned = self.hidden_dim % 8 == 0 and self.intermediate_dim % 8 == 0
+            path = ALL_EXPERTS_FUNCTIONS["grouped_mm" if aligned else "batched_mm"]
+            return path(self, hidden_states, top_k_index, top_k_weights)
+        num_tokens, top_k = top_k_index.shape
+        expert_ids = top_k_index.reshape(-1)  # (S,) with S = T * k, one entry per (token, slot) pair
+        order = torch.argsort(expert_ids, stable=True)  # (S,) pairs grouped by expert
+        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()  # the one host sync
+        grouped = hidden_states[order // top_k]  # (S, d) gathered once
+        outputs = []
+        for expert, rows in enumerate(grouped.split(counts)):
+            if rows.shape[0] == 0:
+                continue
+            hidden = self.act_fn(F.linear(rows, self.up_proj[expert], self.up_proj_bias[expert]))
+            outputs.append(F.linear(hidden, self.down_proj[expert], self.down_proj_bias[expert]))
+        if not outputs:  # no tokens at all
+            return torch.zeros_like(hidden_states)
+        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]  # (S, d), float32
+        combined = torch.empty_like(weighted).index_copy_(0, order, weighted)  # back to (token, slot) order
+        return combined.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 class MoGESparseMoeBlock(nn.Module):
@@ -145,12 +161,18 @@ class MoGESparseMoeBlock(nn.Module):
         self.padding = config.moge_padding
         self.reduction = config.moge_reduction
         self.sigma = float(config.moge_sigma)
-        # (E, G) Gaussian window weights; a buffer so that it follows the model's device, refilled when sigma changes.
+        # Where the windows fall on the map (sigma-free, integer buffers so that `.to(dtype)` leaves them exact), and
+        # the (E, G) Gaussian window weights built from them; buffers follow the model's device, and a new sigma is
+        # applied in place on that device, with no host round trip.
+        window_experts, squared_distance = window_layout(self.map_shape, self.window, self.padding)
+        self.register_buffer("window_experts", window_experts, persistent=False)
+        self.register_buffer("window_squared_distance", squared_distance.round().long(), persistent=False)
         self.register_buffer("window_matrix", self.build_window_matrix(self.sigma), persistent=False)
         self.routing_sink: list | None = None
 
     def build_window_matrix(self, sigma: float) -> torch.Tensor:
-        return group_window_matrix(self.map_shape, self.window, sigma, self.padding)
+        distance = self.window_squared_distance.to(torch.float32)
+        return window_matrix_from_layout(self.window_experts, distance, sigma, self.experts.num_experts)
 
     @torch.no_grad()
     def set_sigma(self, sigma: float) -> None:
@@ -278,6 +300,10 @@ class MoGEModelMixin:
         elif isinstance(module, MoGERouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, MoGESparseMoeBlock):
+            # Non-persistent buffers are not in the checkpoint: rebuild them (from_pretrained leaves them empty).
+            window_experts, squared_distance = window_layout(module.map_shape, module.window, module.padding)
+            init.copy_(module.window_experts, window_experts)
+            init.copy_(module.window_squared_distance, squared_distance.round().long())
             init.copy_(module.window_matrix, module.build_window_matrix(module.sigma))
 
     def _swap_mlps(self, layers: nn.ModuleList, mlp_name: str, activation: str, dropout: float) -> None:
