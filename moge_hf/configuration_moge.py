@@ -57,7 +57,8 @@ MOGE_CONFIG_DOCSTRING = r"""
         `window**2 * num_windows`, so that their `moge_loss_coef` values carry over).
     output_router_logits (`bool`, *optional*, defaults to `False`):
         Whether the models return the router logits of every MoGE layer. The routing losses are computed and added
-        to `loss` whether or not this is set.
+        to `loss` whether or not this is set. The outputs always carry the three unscaled routing losses; those
+        whose coefficient is 0 are computed without autograd (reported, not trained on: no backward cost).
 """
 
 

@@ -194,21 +194,29 @@ class MoGESparseMoeBlock(nn.Module):
         routing: MoGERouting,
         token_mask: torch.Tensor | None,
         dispatch_fraction: torch.Tensor | None = None,
+        differentiable: frozenset[str] = frozenset(("aux_loss", "z_loss", "moge_loss")),
     ) -> dict[str, torch.Tensor]:
         """Unscaled `aux_loss`, `z_loss` and `moge_loss` of one forward pass.
 
         `token_mask` is `(T,)` floats or None; `dispatch_fraction` optionally replaces the batch's own expert
         dispatch fractions in the load-balancing loss (those of the global batch, see `router_aux_loss_global`).
+        Losses not named in `differentiable` are computed without autograd (their coefficient is 0: they are
+        reported, not trained on, and cost no backward).
         """
-        probs = routing.probs
-        clean_probs = probs if routing.clean_logits is routing.logits else routing.clean_logits.float().softmax(-1)
-        return {
-            "aux_loss": load_balancing_loss(probs, routing.top_k_index, _as_bool(token_mask), dispatch_fraction),
-            "z_loss": router_z_loss(routing.logits, _as_bool(token_mask)),
-            "moge_loss": _group_sparsity_from_matrix(
+        mask = _as_bool(token_mask)
+        losses = {}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "aux_loss" in differentiable):
+            losses["aux_loss"] = load_balancing_loss(routing.probs, routing.top_k_index, mask, dispatch_fraction)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "z_loss" in differentiable):
+            losses["z_loss"] = router_z_loss(routing.logits, mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "moge_loss" in differentiable):
+            clean_probs = routing.probs
+            if routing.clean_logits is not routing.logits:
+                clean_probs = routing.clean_logits.float().softmax(-1)
+            losses["moge_loss"] = _group_sparsity_from_matrix(
                 clean_probs, self.window_matrix.float(), self.window, self.reduction, token_mask
-            ),
-        }
+            )
+        return losses
 
 
 def _as_bool(token_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -334,8 +342,10 @@ class MoGEModelMixin:
         fractions = [None] * len(records)
         if self.config.router_aux_loss_global and self.training and _data_parallel_world_size() > 1:
             fractions = self._global_dispatch_fractions(records, token_mask)
+        coefs = (self.config.router_aux_loss_coef, self.config.router_z_loss_coef, self.config.moge_loss_coef)
+        differentiable = frozenset(name for name, coef in zip(ROUTING_LOSS_NAMES, coefs) if coef)
         per_layer = [
-            block.routing_losses(routing, token_mask, fraction)
+            block.routing_losses(routing, token_mask, fraction, differentiable)
             for block, routing, fraction in zip(blocks, records, fractions)
         ]
         fields = {name: torch.stack([losses[name] for losses in per_layer]).mean() for name in ROUTING_LOSS_NAMES}

@@ -1,0 +1,113 @@
+"""`torch.compile`: the MoGE models trace into one graph in training, match eager, and train under Trainer.
+
+The `aot_eager` backend traces forward and backward exactly as inductor does (graph breaks, recompiles) without
+generating code, which keeps these tests fast; inductor itself is exercised by scripts/bench_moge.py.
+"""
+
+import datasets
+import pytest
+import torch
+import torch._dynamo
+from tiny import gpt2_config, input_ids, pixel_values, vit_config
+from transformers import Trainer, TrainingArguments
+
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+from moge_hf.training import add_moge_callback
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def build(kind: str, aligned: bool):
+    """A tiny MoGE model in training mode with every routing loss on, and a labelled batch for it.
+
+    `aligned` expert sizes (multiples of 8) default to transformers' grouped GEMM experts, others to moge_hf's eager
+    experts, which hand a compiled graph to transformers' batched GEMM path.
+    """
+    torch.manual_seed(0)
+    size = 40 if aligned else 37
+    losses = dict(moge_loss_coef=0.1, router_z_loss_coef=1e-3, router_jitter_noise=0.1)
+    if kind == "gpt2":
+        model = GPT2MoGELMHeadModel(gpt2_config(n_inner=size, **losses))
+        ids = input_ids(0, batch=4, seq=7)
+        mask = torch.ones_like(ids)
+        mask[:2, -2:] = 0
+        batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    else:
+        model = ViTMoGEForImageClassification(vit_config(intermediate_size=size, **losses))
+        batch = dict(pixel_values=pixel_values(0, batch=4), labels=torch.arange(4) % model.config.num_labels)
+    expected = "grouped_mm" if aligned else "eager"
+    assert model.config._experts_implementation == expected
+    return model.train(), batch
+
+
+def loss_and_grads(model, batch, seed: int = 0):
+    torch.manual_seed(seed)  # the same router jitter in both runs
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["grouped_mm", "eager"])
+@pytest.mark.parametrize("kind", ["gpt2", "vit"])
+def test_training_forward_has_no_graph_break(kind, aligned):
+    model, batch = build(kind, aligned)
+    explanation = torch._dynamo.explain(model)(**batch)
+    assert explanation.graph_break_count == 0, [str(reason) for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["grouped_mm", "eager"])
+@pytest.mark.parametrize("kind", ["gpt2", "vit"])
+def test_fullgraph_compile_matches_eager_in_training(kind, aligned):
+    model, batch = build(kind, aligned)
+    loss, grads = loss_and_grads(model, batch)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_new_sigma_needs_no_recompile_and_changes_the_compiled_loss():
+    model, batch = build("gpt2", aligned=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    first = compiled(**batch).moge_loss
+    model.set_moge_sigma(0.3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = compiled(**batch).moge_loss
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, model(**batch).moge_loss)
+
+
+def test_trainer_with_torch_compile_trains_with_the_sigma_schedule(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2MoGELMHeadModel(gpt2_config(n_inner=40, moge_loss_coef=0.1, moge_sigma_schedule=[4.0, 1.0, 1.0]))
+    ids = input_ids(0, batch=8, seq=7)
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        max_steps=4,
+        torch_compile=True,
+        torch_compile_backend="aot_eager",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    add_moge_callback(trainer)
+    torch._dynamo.utils.counters.clear()
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert model.config.moge_sigma == pytest.approx(1.0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the training forward was compiled
