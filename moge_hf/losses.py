@@ -102,7 +102,9 @@ def group_window_matrix(
     )
 
 
-def window_layout(map_shape: tuple[int, int], window: int, padding: str = "valid") -> tuple[torch.Tensor, torch.Tensor]:
+def window_layout(
+    map_shape: tuple[int, int], window: int, padding: str = "valid"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the windows of the expert map fall, independent of sigma.
 
     Returns `experts` `(G, window * window)` int64, the expert under each cell of each window, and `squared_distance`
