@@ -114,7 +114,9 @@ class MoGEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden_size, intermediate_size))
         self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden_size))
         self.activation = activation  # the ACT2FN name, for kernels that fuse the activation
-        self.act_fn = ACT2FN[activation]
+        # GPT-2's "gelu_new" is the tanh approximation of GELU written out in Python (eight kernels forward, more
+        # backward); PyTorch's fused one computes the same function up to float rounding.
+        self.act_fn = ACT2FN["gelu_pytorch_tanh" if activation == "gelu_new" else activation]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -131,12 +133,19 @@ class MoGEExperts(nn.Module):
         order = torch.argsort(expert_ids, stable=True)  # (S,) pairs grouped by expert
         counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()  # the one host sync
         grouped = hidden_states[order // top_k]  # (S, d) gathered once
+        # Unbound once: the backward stacks each weight's gradient once, where indexing `self.up_proj[expert]` would
+        # fill and add a whole (E, f, d) gradient per expert.
+        weights = (
+            self.up_proj.unbind(0),
+            self.up_proj_bias.unbind(0),
+            self.down_proj.unbind(0),
+            self.down_proj_bias.unbind(0),
+        )
         outputs = []
-        for expert, rows in enumerate(grouped.split(counts)):
+        for rows, up, up_bias, down, down_bias in zip(grouped.split(counts), *weights):
             if rows.shape[0] == 0:
                 continue
-            hidden = self.act_fn(F.linear(rows, self.up_proj[expert], self.up_proj_bias[expert]))
-            outputs.append(F.linear(hidden, self.down_proj[expert], self.down_proj_bias[expert]))
+            outputs.append(F.linear(self.act_fn(F.linear(rows, up, up_bias)), down, down_bias))
         if not outputs:  # no tokens at all
             return torch.zeros_like(hidden_states)
         weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]  # (S, d), float32

@@ -1,0 +1,421 @@
+"""Benchmark MoGE blocks and training steps side by side, as ratios to a dense MLP with the same active FLOPs.
+
+Block mode (default) times one whole MoGE block (router, experts, load-balancing loss and the MoGE regularizer) per
+experts implementation, forward or forward+backward, against the dense-equivalent MLP (`d -> k*f -> d`, bias, GELU:
+the FLOPs of one token's k experts). Every number is the median of `--reps` runs after `--warmup` runs, timed with
+CUDA events on a GPU and `time.perf_counter` on CPU, all in one process so that the ratios compare like with like.
+
+Step mode (`--step`) times a whole GPT-2 MoGE training step (forward, backward, AdamW) with `moge_loss_coef` 0 and
+> 0, and reports tokens/s and peak memory of both: the cost of the regularizer in a real model.
+
+    python scripts/bench_moge.py                       # GPU: GPT-2 small shape, E=16, k=2, 16k tokens, bf16
+    python scripts/bench_moge.py --sweep               # GPU: GPT-2 S/M, ViT-S/B shapes, E 8..64, k 1/2, 4k..64k
+    python scripts/bench_moge.py --step                # GPU: GPT-2 small training step, lambda 0 vs 0.01
+    python scripts/bench_moge.py --device cpu          # CPU: a small shape in float32
+
+Implementations ("paths"):
+    dense          the dense-equivalent MLP (the bar)
+    hf_loop        transformers' per-expert eager loop (one-hot mask, a `where` per expert, `index_add_`), the
+                   pattern of transformers' MoE models' own eager forwards, for non-gated experts with bias
+    grouped_mm     transformers' `grouped_mm` experts
+    eager          moge_hf's eager experts (sort once, gather once, per-expert slices)
+    moge_triton    moge_hf's fused Triton experts (GPU)
+Each is timed in eager mode and, with `--compile` (default on GPU), under `torch.compile` (suffix `+compile`).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+from moge_hf.modeling_moge import MoGESparseMoeBlock
+
+
+SHAPES = {"gpt2-small": (768, 3072), "gpt2-medium": (1024, 4096), "vit-s": (384, 1536), "vit-b": (768, 3072)}
+PATHS = ("dense", "hf_loop", "grouped_mm", "eager", "moge_triton")
+
+
+def hf_loop_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' per-expert eager loop (its MoE models' own `forward`), for non-gated experts with bias."""
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, k, T)
+        experts_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert in experts_hit:
+        expert = expert[0]
+        top_k_pos, token_idx = torch.where(expert_mask[expert])
+        hidden = F.linear(hidden_states[token_idx], self.up_proj[expert], self.up_proj_bias[expert])
+        hidden = F.linear(self.act_fn(hidden), self.down_proj[expert], self.down_proj_bias[expert])
+        hidden = hidden * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, hidden.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+ALL_EXPERTS_FUNCTIONS["hf_loop"] = hf_loop_experts_forward  # local to this process: the benchmark's baseline
+
+
+@dataclass
+class Case:
+    shape: str
+    hidden: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+    tokens: int
+    backward: bool
+    ms: dict = field(default_factory=dict)  # path -> median milliseconds
+    peak_mib: dict = field(default_factory=dict)  # path -> peak memory above the inputs, MiB
+    errors: dict = field(default_factory=dict)  # path -> why it did not run
+
+
+class Timer:
+    def __init__(self, device: torch.device, warmup: int, reps: int):
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def median_ms(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        self.sync()
+        if self.device.type == "cuda":
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.reps)
+            ]
+            for start, end in events:
+                start.record()
+                fn()
+                end.record()
+            self.sync()
+            return statistics.median(start.elapsed_time(end) for start, end in events)
+        times = []
+        for _ in range(self.reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def peak_mib(self, fn) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        self.sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        fn()
+        self.sync()
+        return (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
+
+
+def block_config(case: Case, moge_loss_coef: float, implementation: str) -> GPT2MoGEConfig:
+    config = GPT2MoGEConfig(
+        n_embd=case.hidden,
+        n_inner=case.intermediate,
+        n_head=max(1, case.hidden // 64),
+        n_layer=2,
+        num_experts=case.num_experts,
+        num_experts_per_tok=case.top_k,
+        moge_loss_coef=moge_loss_coef,
+        moge_window=3 if min(_near_square(case.num_experts)) >= 3 else 2,
+    )
+    config._experts_implementation = implementation
+    return config
+
+
+def _near_square(num_experts: int) -> tuple[int, int]:
+    from moge_hf.losses import default_map_shape
+
+    return default_map_shape(num_experts)
+
+
+def make_block_step(case: Case, path: str, dtype: torch.dtype, device: torch.device, moge_loss_coef: float, compile_):
+    """A closure running one forward (and backward) of the block for `path`, on fresh random data."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(case.tokens, case.hidden, generator=generator) * 0.5).to(device=device, dtype=dtype)
+    grad_out = torch.randn(case.tokens, case.hidden, generator=generator).to(device=device, dtype=dtype)
+    x.requires_grad_(case.backward)
+    if path == "dense":
+        hidden = case.top_k * case.intermediate
+        module = nn.Sequential(
+            nn.Linear(case.hidden, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, case.hidden)
+        )
+        module = module.to(device=device, dtype=dtype)
+
+        def forward():
+            return (module(x) * grad_out).sum()
+
+    else:
+        config = block_config(case, moge_loss_coef, path)
+        module = MoGESparseMoeBlock(config, case.hidden, case.intermediate, "gelu_new", dropout=0.0)
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                parameter.normal_(0.0, 0.02 if "bias" not in name else 0.0)
+        module = module.to(device=device, dtype=dtype)
+        coefs = (config.router_aux_loss_coef, moge_loss_coef)
+        differentiable = frozenset(name for name, coef in zip(("aux_loss", "moge_loss"), coefs) if coef)
+
+        def forward():
+            module.routing_sink = records = []
+            out = module(x)
+            module.routing_sink = None
+            losses = module.routing_losses(records[0], None, None, differentiable)
+            return (out * grad_out).sum() + coefs[0] * losses["aux_loss"] + coefs[1] * losses["moge_loss"]
+
+    if compile_:
+        forward = torch.compile(forward)
+    parameters = list(module.parameters())
+
+    def step():
+        if not case.backward:
+            with torch.no_grad():
+                return forward()
+        for parameter in parameters:
+            parameter.grad = None
+        x.grad = None
+        forward().backward()
+
+    return step
+
+
+def run_block_case(case: Case, paths, timer: Timer, dtype, device, moge_loss_coef: float, compile_modes):
+    for path in paths:
+        for compile_ in compile_modes:
+            name = path + ("+compile" if compile_ else "")
+            try:
+                step = make_block_step(case, path, dtype, device, moge_loss_coef, compile_)
+                case.ms[name] = timer.median_ms(step)
+                peak = timer.peak_mib(step)
+                if peak is not None:
+                    case.peak_mib[name] = peak
+            except Exception as error:  # a path that cannot run here (no Triton, out of memory): report, go on
+                case.errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+def print_block_table(cases: list[Case]) -> None:
+    names = sorted({name for case in cases for name in (*case.ms, *case.errors)}, key=_path_order)
+    header = f"{'shape':<12}{'E':>4}{'k':>3}{'tokens':>8} {'pass':<8}{'dense ms':>10} " + " ".join(
+        f"{name:>18}" for name in names if name != "dense"
+    )
+    print(header)
+    for case in cases:
+        dense = case.ms.get("dense")
+        cells = []
+        for name in names:
+            if name == "dense":
+                continue
+            if name in case.ms and dense:
+                cells.append(f"{case.ms[name] / dense:>17.2f}x")
+            else:
+                cells.append(f"{'-' if name not in case.errors else 'error':>18}")
+        pass_name = "fwd+bwd" if case.backward else "fwd"
+        dense_cell = f"{dense:>10.3f}" if dense else f"{'-':>10}"
+        print(
+            f"{case.shape:<12}{case.num_experts:>4}{case.top_k:>3}{case.tokens:>8} {pass_name:<8}{dense_cell} "
+            + " ".join(cells)
+        )
+    errors = {(name, error) for case in cases for name, error in case.errors.items()}
+    for name, error in sorted(errors):
+        print(f"  {name}: {error}")
+    if any(case.peak_mib for case in cases):
+        print("\npeak memory above the inputs, MiB")
+        for case in cases:
+            cells = " ".join(f"{name}={case.peak_mib[name]:.0f}" for name in names if name in case.peak_mib)
+            print(
+                f"  {case.shape} E={case.num_experts} k={case.top_k} T={case.tokens} {'fwd+bwd' if case.backward else 'fwd'}: {cells}"
+            )
+
+
+def _path_order(name: str):
+    base, _, suffix = name.partition("+")
+    return (PATHS.index(base) if base in PATHS else len(PATHS), suffix)
+
+
+# ---- training step -------------------------------------------------------------------------------------------------
+
+
+def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """GPT-2 MoGE training steps (AdamW), lambda = 0 against lambda > 0, per experts implementation."""
+    results = []
+    batch, seq = args.step_batch, args.step_seq
+    for path in args.paths:
+        if path == "dense":
+            continue
+        for compile_ in args.compile_modes:
+            for coef in (0.0, args.moge_loss_coef):
+                name = f"{path}{'+compile' if compile_ else ''} lambda={coef:g}"
+                try:
+                    torch.manual_seed(0)
+                    config = GPT2MoGEConfig(
+                        n_embd=args.step_hidden,
+                        n_layer=args.step_layers,
+                        n_head=args.step_hidden // 64,
+                        n_positions=seq,
+                        vocab_size=50257,
+                        num_experts=args.num_experts[0],
+                        num_experts_per_tok=args.top_k[0],
+                        moge_loss_coef=coef,
+                        moge_sigma_schedule=[10.0, 1.0, 0.2],
+                        attn_implementation="sdpa",
+                        experts_implementation=path,
+                    )
+                    model = GPT2MoGELMHeadModel(config).to(device)
+                    model.train()
+                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+                    forward = torch.compile(model) if compile_ else model
+                    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+                    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+                    state = {"step": 0}
+
+                    def step():
+                        model.set_moge_sigma(10.0 - 9.0 * min(1.0, state["step"] / 100) ** 0.2)  # as the callback does
+                        state["step"] += 1
+                        with autocast:
+                            loss = forward(input_ids=ids, labels=ids).loss
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+
+                    timer = Timer(device, args.warmup, args.reps)
+                    ms = timer.median_ms(step)
+                    peak = timer.peak_mib(step)
+                    results.append({"name": name, "ms": ms, "tokens_per_s": batch * seq / ms * 1e3, "peak_mib": peak})
+                except Exception as error:
+                    results.append(
+                        {"name": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+                    )
+                finally:
+                    model = optimizer = forward = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    print(
+        f"GPT-2 MoGE training step: {args.step_layers} layers, d={args.step_hidden}, MoE every other layer, "
+        f"E={args.num_experts[0]}, k={args.top_k[0]}, batch {batch} x {seq} tokens, {dtype}"
+    )
+    reference = {}
+    for result in results:
+        if "error" in result:
+            print(f"  {result['name']:<32} error: {result['error']}")
+            continue
+        base = result["name"].rsplit(" ", 1)[0]
+        reference.setdefault(base, result["ms"])
+        ratio = result["ms"] / reference[base]
+        peak = f"{result['peak_mib']:.0f} MiB" if result["peak_mib"] is not None else "-"
+        print(
+            f"  {result['name']:<32} {result['ms']:9.2f} ms  {result['tokens_per_s']:>10.0f} tok/s  peak {peak:>10}"
+            f"  {ratio:.3f}x lambda=0"
+        )
+    return results
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on GPU, fp32 on CPU"
+    )
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="default: gpt2-small (GPU), see --sweep")
+    parser.add_argument("--hidden", type=int, help="custom shape: hidden size (with --intermediate)")
+    parser.add_argument("--intermediate", type=int, help="custom shape: expert size")
+    parser.add_argument("--num_experts", type=int, nargs="+", default=[16])
+    parser.add_argument("--top_k", type=int, nargs="+", default=[2])
+    parser.add_argument("--tokens", type=int, nargs="+", help="default: 16384 on GPU, 2048 on CPU")
+    parser.add_argument("--passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    parser.add_argument(
+        "--compile",
+        dest="compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time every path under torch.compile (default: on GPU only)",
+    )
+    parser.add_argument("--moge_loss_coef", type=float, default=0.01, help="lambda of the regularizer (> 0)")
+    parser.add_argument("--sweep", action="store_true", help="all shapes, E in 8 16 32 64, k in 1 2, 4k to 64k tokens")
+    parser.add_argument("--step", action="store_true", help="time GPT-2 MoGE training steps instead of blocks")
+    parser.add_argument("--step_hidden", type=int, default=768)
+    parser.add_argument("--step_layers", type=int, default=12)
+    parser.add_argument("--step_batch", type=int, default=16)
+    parser.add_argument("--step_seq", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=None, help="default: 10 on GPU, 2 on CPU")
+    parser.add_argument("--reps", type=int, default=None, help="default: 50 on GPU, 5 on CPU")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--json", help="write every number to this JSON file")
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    args.compile_modes = (False, True) if (gpu if args.compile is None else args.compile) else (False,)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    args.reps = args.reps if args.reps is not None else (50 if gpu else 5)
+    if args.sweep:
+        args.shapes, args.num_experts, args.top_k = sorted(SHAPES), [8, 16, 32, 64], [1, 2]
+        args.tokens = args.tokens or [4096, 16384, 65536]
+    if (args.hidden is None) != (args.intermediate is None):
+        parser.error("--hidden and --intermediate go together")
+    if args.hidden is not None:
+        SHAPES["custom"] = (args.hidden, args.intermediate)
+        args.shapes = ["custom"]
+    args.shapes = args.shapes or (["gpt2-small"] if gpu else ["cpu-small"])
+    SHAPES.setdefault("cpu-small", (256, 1024))
+    args.tokens = args.tokens or ([16384] if gpu else [2048])
+    if args.moge_loss_coef <= 0:
+        parser.error("--moge_loss_coef must be > 0 (lambda = 0 is what it is compared with)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; median of {args.reps} after {args.warmup} warm-up"
+    )
+    if args.step:
+        report = {"device": name, "step": run_step(args, device, args.dtype)}
+    else:
+        cases = []
+        timer = Timer(device, args.warmup, args.reps)
+        for shape in args.shapes:
+            hidden, intermediate = SHAPES[shape]
+            for num_experts in args.num_experts:
+                for top_k in args.top_k:
+                    for tokens in args.tokens:
+                        for pass_name in args.passes:
+                            case = Case(
+                                shape, hidden, intermediate, num_experts, top_k, tokens, pass_name == "fwd+bwd"
+                            )
+                            run_block_case(
+                                case, args.paths, timer, args.dtype, device, args.moge_loss_coef, args.compile_modes
+                            )
+                            cases.append(case)
+                            print(f"  done {shape} E={num_experts} k={top_k} T={tokens} {pass_name}", file=sys.stderr)
+        print(
+            "MoGE block (router + experts + load-balancing loss + regularizer, lambda "
+            f"{args.moge_loss_coef:g}), time as a ratio to the dense-equivalent MLP"
+        )
+        print_block_table(cases)
+        report = {"device": name, "blocks": [asdict(case) for case in cases]}
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(
+                {**report, "argv": sys.argv, "dtype": str(args.dtype), "torch": torch.__version__}, file, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()
