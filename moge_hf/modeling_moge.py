@@ -372,7 +372,22 @@ class MoGEModelMixin:
         return list((totals[:-1].view_as(counts) / totals[-1].clamp(min=1.0)).unbind(0))
 
     def _check_router_logits_finite(self, records: list[MoGERouting]) -> None:
+        """Raise if a router saw NaN/Inf. On CPU at once; on a GPU without stalling the stream for it: the flags go
+        to the host asynchronously and are read by a later forward pass, once the copy is done."""
         finite = torch.stack([torch.isfinite(routing.logits).all() for routing in records])
+        if finite.device.type != "cuda":
+            self._raise_if_not_finite(finite)
+            return
+        pending = self.__dict__.setdefault("_pending_finite_checks", [])
+        while pending and pending[0][1].query():
+            self._raise_if_not_finite(pending.pop(0)[0])
+        host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+        host.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        pending.append((host, event))
+
+    def _raise_if_not_finite(self, finite: torch.Tensor) -> None:
         if not bool(finite.all()):
             bad = [self.config.moe_layers[i] for i in (~finite).nonzero().flatten().tolist()]
             raise ValueError(

@@ -197,7 +197,7 @@ def run_block_case(case: Case, paths, timer: Timer, dtype, device, moge_loss_coe
                 if peak is not None:
                     case.peak_mib[name] = peak
             except Exception as error:  # a path that cannot run here (no Triton, out of memory): report, go on
-                case.errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                case.errors[name] = f"{type(error).__name__}: {_first_line(error)}"
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -232,9 +232,8 @@ def print_block_table(cases: list[Case]) -> None:
         print("\npeak memory above the inputs, MiB")
         for case in cases:
             cells = " ".join(f"{name}={case.peak_mib[name]:.0f}" for name in names if name in case.peak_mib)
-            print(
-                f"  {case.shape} E={case.num_experts} k={case.top_k} T={case.tokens} {'fwd+bwd' if case.backward else 'fwd'}: {cells}"
-            )
+            pass_name = "fwd+bwd" if case.backward else "fwd"
+            print(f"  {case.shape} E={case.num_experts} k={case.top_k} T={case.tokens} {pass_name}: {cells}")
 
 
 def _path_order(name: str):
@@ -245,10 +244,44 @@ def _path_order(name: str):
 # ---- training step -------------------------------------------------------------------------------------------------
 
 
+def make_train_step(args, device: torch.device, dtype: torch.dtype, path: str, compile_: bool, coef: float):
+    """One GPT-2 MoGE training step (sigma schedule, autocast forward, backward, AdamW) as a closure."""
+    torch.manual_seed(0)
+    config = GPT2MoGEConfig(
+        n_embd=args.step_hidden,
+        n_layer=args.step_layers,
+        n_head=args.step_hidden // 64,
+        n_positions=args.step_seq,
+        vocab_size=50257,
+        num_experts=args.num_experts[0],
+        num_experts_per_tok=args.top_k[0],
+        moge_loss_coef=coef,
+        moge_sigma_schedule=[10.0, 1.0, 0.2],
+        attn_implementation="sdpa",
+        experts_implementation=path,
+    )
+    model = GPT2MoGELMHeadModel(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(model) if compile_ else model
+    ids = torch.randint(0, config.vocab_size, (args.step_batch, args.step_seq), device=device)
+    state = {"step": 0}
+
+    def step():
+        model.set_moge_sigma(10.0 - 9.0 * min(1.0, state["step"] / 100) ** 0.2)  # what MoGESigmaCallback does
+        state["step"] += 1
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """GPT-2 MoGE training steps (AdamW), lambda = 0 against lambda > 0, per experts implementation."""
+    """GPT-2 MoGE training steps, lambda = 0 against lambda > 0, per experts implementation."""
     results = []
-    batch, seq = args.step_batch, args.step_seq
+    tokens = args.step_batch * args.step_seq
     for path in args.paths:
         if path == "dense":
             continue
@@ -256,52 +289,20 @@ def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
             for coef in (0.0, args.moge_loss_coef):
                 name = f"{path}{'+compile' if compile_ else ''} lambda={coef:g}"
                 try:
-                    torch.manual_seed(0)
-                    config = GPT2MoGEConfig(
-                        n_embd=args.step_hidden,
-                        n_layer=args.step_layers,
-                        n_head=args.step_hidden // 64,
-                        n_positions=seq,
-                        vocab_size=50257,
-                        num_experts=args.num_experts[0],
-                        num_experts_per_tok=args.top_k[0],
-                        moge_loss_coef=coef,
-                        moge_sigma_schedule=[10.0, 1.0, 0.2],
-                        attn_implementation="sdpa",
-                        experts_implementation=path,
-                    )
-                    model = GPT2MoGELMHeadModel(config).to(device)
-                    model.train()
-                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-                    forward = torch.compile(model) if compile_ else model
-                    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
-                    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-                    state = {"step": 0}
-
-                    def step():
-                        model.set_moge_sigma(10.0 - 9.0 * min(1.0, state["step"] / 100) ** 0.2)  # as the callback does
-                        state["step"] += 1
-                        with autocast:
-                            loss = forward(input_ids=ids, labels=ids).loss
-                        loss.backward()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-
+                    step = make_train_step(args, device, dtype, path, compile_, coef)
                     timer = Timer(device, args.warmup, args.reps)
                     ms = timer.median_ms(step)
                     peak = timer.peak_mib(step)
-                    results.append({"name": name, "ms": ms, "tokens_per_s": batch * seq / ms * 1e3, "peak_mib": peak})
+                    results.append({"name": name, "ms": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mib": peak})
                 except Exception as error:
-                    results.append(
-                        {"name": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
-                    )
+                    results.append({"name": name, "error": f"{type(error).__name__}: {_first_line(error)}"})
                 finally:
-                    model = optimizer = forward = None
+                    step = None
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     print(
         f"GPT-2 MoGE training step: {args.step_layers} layers, d={args.step_hidden}, MoE every other layer, "
-        f"E={args.num_experts[0]}, k={args.top_k[0]}, batch {batch} x {seq} tokens, {dtype}"
+        f"E={args.num_experts[0]}, k={args.top_k[0]}, batch {args.step_batch} x {args.step_seq} tokens, {dtype}"
     )
     reference = {}
     for result in results:
@@ -310,13 +311,16 @@ def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
             continue
         base = result["name"].rsplit(" ", 1)[0]
         reference.setdefault(base, result["ms"])
-        ratio = result["ms"] / reference[base]
         peak = f"{result['peak_mib']:.0f} MiB" if result["peak_mib"] is not None else "-"
         print(
             f"  {result['name']:<32} {result['ms']:9.2f} ms  {result['tokens_per_s']:>10.0f} tok/s  peak {peak:>10}"
-            f"  {ratio:.3f}x lambda=0"
+            f"  {result['ms'] / reference[base]:.3f}x lambda=0"
         )
     return results
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [""])[0][:200]
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -382,9 +386,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; median of {args.reps} after {args.warmup} warm-up"
-    )
+    timing = f"median of {args.reps} after {args.warmup} warm-up"
+    print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; {timing}")
     if args.step:
         report = {"device": name, "step": run_step(args, device, args.dtype)}
     else:
