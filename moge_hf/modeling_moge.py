@@ -40,10 +40,15 @@ from .losses import (
     window_layout,
     window_matrix_from_layout,
 )
+from .triton_experts import is_available as triton_experts_available
+from .triton_experts import triton_experts_forward
 from .upcycling import upcycle_from_dense
 
 
 logger = logging.get_logger(__name__)
+
+# moge_hf's fused Triton experts, chosen with `experts_implementation="moge_triton"` (GPU, eager mode).
+ALL_EXPERTS_FUNCTIONS.register("moge_triton", triton_experts_forward)
 
 __all__ = [
     "GPT2MoGEForSequenceClassification",
@@ -257,6 +262,10 @@ class MoGEModelMixin:
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # `grouped_mm` needs 16-byte aligned strides: expert sizes that are multiples of 8 elements (bf16) suffice.
         # transformers picks it by default whenever torch has it; for odd sizes that would crash, so take "eager".
+        if requested_experts == "moge_triton" and not triton_experts_available():
+            raise ValueError(
+                'experts_implementation="moge_triton" needs triton and a CUDA GPU; use "grouped_mm" or "eager"'
+            )
         implementation = super().get_correct_experts_implementation(requested_experts)
         sizes = (self.config.hidden_size, self.config.expert_intermediate_size or self.config.dense_intermediate_size)
         if implementation == "grouped_mm" and any(size % 8 for size in sizes):
