@@ -105,8 +105,10 @@ class MoGEExperts(nn.Module):
 
     The layout `(num_experts, out, in)` is transformers' own, so `experts_implementation="eager" | "grouped_mm" |
     "batched_mm"` all run these weights, and so does moge_hf's fused Triton kernel, `"moge_triton"` (GPU). This
-    `forward` is the eager one: the `(token, slot)` pairs are sorted by expert once, gathered once, and every expert
-    that got tokens runs on its contiguous slice; the combine over the k slots is a deterministic sum.
+    `forward`, `"eager"`, is the default: on CPU the `(token, slot)` pairs are sorted by expert once, gathered once,
+    and every expert that got tokens runs on its contiguous slice (the combine over the k slots is a deterministic
+    sum); on a GPU and under `torch.compile` it hands over to transformers' grouped GEMM path, which needs no host
+    sync.
     """
 
     def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str):
@@ -126,11 +128,12 @@ class MoGEExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # The per-expert slices below have data-dependent sizes; a compiled graph takes transformers' grouped
-            # GEMM path instead (it traces on every device and dtype), or its batched one where sizes are not
-            # multiples of 8 (grouped GEMMs need 16-byte aligned strides).
-            aligned = self.hidden_dim % 8 == 0 and self.intermediate_dim % 8 == 0
+        aligned = self.hidden_dim % 8 == 0 and self.intermediate_dim % 8 == 0
+        if torch.compiler.is_compiling() or (hidden_states.is_cuda and aligned):
+            # The per-expert slices below have data-dependent sizes (a host sync, a graph break). On a GPU, and in a
+            # compiled graph, transformers' grouped GEMM path runs instead: no sync, it traces on every device and
+            # dtype. Grouped GEMMs need 16-byte aligned strides; a compiled graph with other sizes takes the batched
+            # path (one GEMM per (token, slot) pair).
             path = ALL_EXPERTS_FUNCTIONS["grouped_mm" if aligned else "batched_mm"]
             return path(self, hidden_states, top_k_index, top_k_weights)
         num_tokens, top_k = top_k_index.shape
@@ -260,21 +263,22 @@ class MoGEModelMixin:
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # `grouped_mm` needs 16-byte aligned strides: expert sizes that are multiples of 8 elements (bf16) suffice.
-        # transformers picks it by default whenever torch has it; for odd sizes that would crash, so take "eager".
+        # The default is moge_hf's own experts forward ("eager"), which picks the fastest correct path per device
+        # (see `MoGEExperts.forward`); transformers would default to `grouped_mm`, slower on CPU.
+        if requested_experts is None:
+            return "eager"
         if requested_experts == "moge_triton" and not triton_experts_available():
             raise ValueError(
                 'experts_implementation="moge_triton" needs triton and a CUDA GPU; use "grouped_mm" or "eager"'
             )
         implementation = super().get_correct_experts_implementation(requested_experts)
+        # `grouped_mm` needs 16-byte aligned strides: expert sizes that are multiples of 8 elements (bf16) suffice.
         sizes = (self.config.hidden_size, self.config.expert_intermediate_size or self.config.dense_intermediate_size)
         if implementation == "grouped_mm" and any(size % 8 for size in sizes):
-            if requested_experts == "grouped_mm":
-                raise ValueError(
-                    f'experts_implementation="grouped_mm" needs hidden and expert sizes that are multiples of 8, got '
-                    f'{sizes}; use experts_implementation="eager" or "batched_mm"'
-                )
-            implementation = "eager"
+            raise ValueError(
+                f'experts_implementation="grouped_mm" needs hidden and expert sizes that are multiples of 8, got '
+                f'{sizes}; use experts_implementation="eager" or "batched_mm"'
+            )
         return implementation
 
     def moge_blocks(self) -> list[MoGESparseMoeBlock]:

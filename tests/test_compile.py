@@ -22,14 +22,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def build(kind: str, aligned: bool):
-    """A tiny MoGE model in training mode with every routing loss on, and a labelled batch for it.
+# (experts_implementation, expert size): the default ("eager") hands a compiled graph to transformers' grouped GEMMs
+# for sizes that are multiples of 8 and to its batched GEMMs for others; "grouped_mm" is transformers' own path.
+PATHS = {"eager-aligned": ("eager", 40), "eager-unaligned": ("eager", 37), "grouped_mm": ("grouped_mm", 40)}
 
-    `aligned` expert sizes (multiples of 8) default to transformers' grouped GEMM experts, others to moge_hf's eager
-    experts, which hand a compiled graph to transformers' batched GEMM path.
-    """
+
+def build(kind: str, path: str):
+    """A tiny MoGE model in training mode with every routing loss on, and a labelled batch for it."""
     torch.manual_seed(0)
-    size = 40 if aligned else 37
+    implementation, size = PATHS[path]
     losses = dict(moge_loss_coef=0.1, router_z_loss_coef=1e-3, router_jitter_noise=0.1)
     if kind == "gpt2":
         model = GPT2MoGELMHeadModel(gpt2_config(n_inner=size, **losses))
@@ -40,8 +41,7 @@ def build(kind: str, aligned: bool):
     else:
         model = ViTMoGEForImageClassification(vit_config(intermediate_size=size, **losses))
         batch = dict(pixel_values=pixel_values(0, batch=4), labels=torch.arange(4) % model.config.num_labels)
-    expected = "grouped_mm" if aligned else "eager"
-    assert model.config._experts_implementation == expected
+    model.set_experts_implementation(implementation)
     return model.train(), batch
 
 
@@ -53,19 +53,19 @@ def loss_and_grads(model, batch, seed: int = 0):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("aligned", [True, False], ids=["grouped_mm", "eager"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["gpt2", "vit"])
-def test_training_forward_has_no_graph_break(kind, aligned):
-    model, batch = build(kind, aligned)
+def test_training_forward_has_no_graph_break(kind, path):
+    model, batch = build(kind, path)
     explanation = torch._dynamo.explain(model)(**batch)
     assert explanation.graph_break_count == 0, [str(reason) for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("aligned", [True, False], ids=["grouped_mm", "eager"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["gpt2", "vit"])
-def test_fullgraph_compile_matches_eager_in_training(kind, aligned):
-    model, batch = build(kind, aligned)
+def test_fullgraph_compile_matches_eager_in_training(kind, path):
+    model, batch = build(kind, path)
     loss, grads = loss_and_grads(model, batch)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
@@ -75,7 +75,7 @@ def test_fullgraph_compile_matches_eager_in_training(kind, aligned):
 
 
 def test_new_sigma_needs_no_recompile_and_changes_the_compiled_loss():
-    model, batch = build("gpt2", aligned=True)
+    model, batch = build("gpt2", "eager-aligned")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     first = compiled(**batch).moge_loss
     model.set_moge_sigma(0.3)
