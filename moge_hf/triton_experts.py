@@ -1,6 +1,6 @@
 """Fused Triton kernels for `MoGEExperts` (ScatterMoE-style): no padding to capacity, no token ever dropped.
 
-With `T` tokens, `k` slots per token, `S = T * k` (token, slot) pairs, `E` experts, hidden size `d` and expert size `f`:
+With `T` tokens, `k` slots per token, `S = T * k` (token, slot) pairs, `E` experts, hidden size `d`, expert size `f`:
 
 1. Sort once. The flat expert ids `(S,)` are sorted stably; `sort_idx[g]` is the slot `t * k + j` of grouped row `g`,
    so the rows of expert `e` are the contiguous range `offsets[e]:offsets[e + 1]` of "grouped order". Two index arrays
@@ -23,15 +23,17 @@ That is what autograd saves through `F.linear -> act -> F.linear`, and it spares
 projection GEMM (a third of the forward FLOPs); `Z` is not written at all when no gradient is needed.
 
 All products accumulate in fp32. fp32 inputs use IEEE products unless `torch.set_float32_matmul_precision` allows
-TF32, as for `torch.matmul`. On a GPU the kernels are autotuned over a few block configs keyed on the matrix sizes;
-under the Triton interpreter (`TRITON_INTERPRET=1`, read when this module is imported) they run with fixed 16-wide
-blocks on CPU tensors. `triton_experts_forward` is wrapped in `torch.compiler.disable`: `torch.compile` graph-breaks
-around it and runs it eagerly, so dynamo never traces Triton launches or the custom autograd Function.
+TF32, as for `torch.matmul`. On a GPU the kernels are autotuned over a few block configs keyed on the matrix sizes.
+Under the Triton interpreter they run on CPU tensors with fixed 32-wide blocks; `TRITON_INTERPRET=1` must then be set
+before triton is first imported (triton decorates its own `@jit` helpers, such as `tl.sum`, at that import).
+`triton_experts_forward` is wrapped in `torch.compiler.disable`: `torch.compile` graph-breaks around it and runs it
+eagerly, so dynamo never traces the Triton launches or the custom autograd Function.
 """
 
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 try:
@@ -46,7 +48,7 @@ __all__ = ["SUPPORTED_ACTIVATIONS", "is_available", "triton_experts_forward"]
 SUPPORTED_ACTIVATIONS = {"gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INTERPRET_BLOCK = 16  # every block size under the interpreter (the smallest `tl.dot` accepts)
+_INTERPRET_BLOCK = 32  # every block size under the interpreter: small, but the interpreter is slow per program
 
 
 def is_available() -> bool:
@@ -130,7 +132,7 @@ if triton is not None:
         INPUT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
     ):
-        """(BLOCK_M, BLOCK_N) fp32 block of x[in_rows] @ w, x row-major (*, K), w[k, n] at k*stride_wk + n*stride_wn."""
+        """(BLOCK_M, BLOCK_N) fp32 x[in_rows] @ w; x is (*, K) row-major, w[k, n] at k*stride_wk + n*stride_wn."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         n_mask = offs_n < N
         for k0 in range(0, K, BLOCK_K):
@@ -150,7 +152,7 @@ if triton is not None:
             acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
         return acc
 
-    @_autotune(_SCATTER_CONFIGS, key=["N", "K"])
+    @_autotune(_SCATTER_CONFIGS, key=["N", "K", "BLOCK_M"])
     @triton.jit
     def _scatter_matmul_kernel(
         x_ptr,  # (R_in, K): tokens (GATHER) or grouped rows
@@ -231,7 +233,7 @@ if triton is not None:
             out_rows = rows.to(tl.int64)
         tl.store(out_ptr + out_rows[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @_autotune(_ACT_GRAD_CONFIGS, key=["N", "K"])
+    @_autotune(_ACT_GRAD_CONFIGS, key=["N", "K", "BLOCK_M"])
     @triton.jit
     def _scatter_matmul_act_grad_kernel(
         dout_ptr,  # (T, K) output gradient
@@ -260,7 +262,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """G = dout[token(g)] @ W[e]; dZ = gate * G * act'(Z); partial dgate = sum over the block's columns of G * A."""
+        """G = dout[token(g)] @ W[e]; dZ = gate * G * act'(Z); partial dgate = row sums of G * A in this block."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -321,7 +323,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        """dW[e] = dY_e^T @ X_e and db[e] = sum of the rows of dY_e over the grouped rows of expert e (zero if none)."""
+        """dW[e] = dY_e^T @ X_e and db[e] = sum of the rows of dY_e (rows of expert e; zero if it has none)."""
         pid_tile = tl.program_id(0)
         expert = tl.program_id(1)
         num_k_tiles = tl.cdiv(K, BLOCK_K)
@@ -405,10 +407,10 @@ def _fixed_blocks(*names: str) -> dict[str, int]:
     return {name: _INTERPRET_BLOCK for name in names} if _INTERPRET else {}
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # ignored by `tl.dot` for 16-bit inputs
+def _dot_options(dtype: torch.dtype) -> dict[str, str | bool]:
+    """`tl.dot` options: IEEE fp32 products unless torch allows TF32; bf16 upcast only under the interpreter."""
+    ieee = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return {"INPUT_PRECISION": "ieee" if ieee else "tf32", "UPCAST_DOT": _INTERPRET and dtype == torch.bfloat16}
 
 
 def _scatter_matmul(
@@ -450,8 +452,7 @@ def _scatter_matmul(
         SAVE_PRE=pre is not None,
         ACTIVATION=activation,
         GATE=gate is not None,
-        INPUT_PRECISION=_input_precision(x.dtype),
-        UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16,
+        **_dot_options(x.dtype),
         BLOCK_M=routing.block_m,
         **_fixed_blocks("BLOCK_N", "BLOCK_K"),
     )
@@ -486,8 +487,7 @@ def _group_xt_dy(
         GATHER_DY=gather_dy,
         GATE=gate is not None,
         GATHER_X=gather_x,
-        INPUT_PRECISION=_input_precision(x.dtype),
-        UPCAST_DOT=_INTERPRET and x.dtype == torch.bfloat16,
+        **_dot_options(x.dtype),
         **_fixed_blocks("BLOCK_N", "BLOCK_K", "BLOCK_R"),
     )
     return dw, db
@@ -497,7 +497,7 @@ def _combine(rows: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype
     """(S, d) slot rows -> (T, d) sum over the k slots of each token, in fp32, deterministic."""
     if top_k == 1:
         return rows.to(dtype)
-    return rows.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+    return rows.view(num_tokens, top_k, rows.shape[1]).sum(dim=1).to(dtype)
 
 
 class _TritonExpertsFunction(torch.autograd.Function):
@@ -536,7 +536,9 @@ class _TritonExpertsFunction(torch.autograd.Function):
             activation=activation,
         )
         # (S, d) gate-weighted slot rows; with k == 1 the slot rows are the output rows, written in the output dtype.
-        rows = torch.empty(routing.num_rows, hidden, device=device, dtype=dtype if routing.top_k == 1 else torch.float32)
+        rows = torch.empty(
+            routing.num_rows, hidden, device=device, dtype=dtype if routing.top_k == 1 else torch.float32
+        )
         # down_proj[e] is (d, f): as (K=f, N=d), element (k, n) sits at n * f + k.
         _scatter_matmul(
             act,
@@ -556,6 +558,7 @@ class _TritonExpertsFunction(torch.autograd.Function):
         return _combine(rows, num_tokens, routing.top_k, dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         hidden_states, up_proj, down_proj, down_proj_bias, top_k_index, gate, pre, act = ctx.saved_tensors
         routing: _Routing = ctx.routing
@@ -594,8 +597,7 @@ class _TritonExpertsFunction(torch.autograd.Function):
                 inter,
                 1,
                 ACTIVATION=ctx.activation,
-                INPUT_PRECISION=_input_precision(dtype),
-                UPCAST_DOT=_INTERPRET and dtype == torch.bfloat16,
+                **_dot_options(dtype),
                 BLOCK_M=routing.block_m,
                 BLOCK_N=block_n,
                 **_fixed_blocks("BLOCK_K"),

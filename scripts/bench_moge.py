@@ -84,26 +84,31 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def median_ms(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
+    def median_ms(self, steps: dict) -> dict:
+        """Median milliseconds of each closure in `steps`, timed interleaved (one run of each in turn, `reps`
+        rounds) so that drifting clocks or a shared machine affect every closure alike."""
+        for step in steps.values():
+            for _ in range(self.warmup):
+                step()
         self.sync()
-        if self.device.type == "cuda":
-            events = [
-                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.reps)
-            ]
-            for start, end in events:
-                start.record()
-                fn()
-                end.record()
-            self.sync()
-            return statistics.median(start.elapsed_time(end) for start, end in events)
-        times = []
+        cuda = self.device.type == "cuda"
+        times = {name: [] for name in steps}
         for _ in range(self.reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+            for name, step in steps.items():
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    step()
+                    end.record()
+                    times[name].append((start, end))
+                else:
+                    start = time.perf_counter()
+                    step()
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        self.sync()
+        if cuda:
+            times = {name: [start.elapsed_time(end) for start, end in events] for name, events in times.items()}
+        return {name: statistics.median(values) for name, values in times.items()}
 
     def peak_mib(self, fn) -> float | None:
         if self.device.type != "cuda":
@@ -187,20 +192,24 @@ def make_block_step(case: Case, path: str, dtype: torch.dtype, device: torch.dev
 
 
 def run_block_case(case: Case, paths, timer: Timer, dtype, device, moge_loss_coef: float, compile_modes):
+    """Build every path's block step, check it runs (and measure its peak memory), then time them interleaved."""
+    steps = {}
     for path in paths:
         for compile_ in compile_modes:
             name = path + ("+compile" if compile_ else "")
             try:
                 step = make_block_step(case, path, dtype, device, moge_loss_coef, compile_)
-                case.ms[name] = timer.median_ms(step)
+                step()  # compiles, autotunes, or fails here
                 peak = timer.peak_mib(step)
                 if peak is not None:
                     case.peak_mib[name] = peak
+                steps[name] = step
             except Exception as error:  # a path that cannot run here (no Triton, out of memory): report, go on
                 case.errors[name] = f"{type(error).__name__}: {_first_line(error)}"
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    case.ms.update(timer.median_ms(steps))
+    steps.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def print_block_table(cases: list[Case]) -> None:
@@ -252,7 +261,9 @@ def make_train_step(args, device: torch.device, dtype: torch.dtype, path: str, c
         n_layer=args.step_layers,
         n_head=args.step_hidden // 64,
         n_positions=args.step_seq,
-        vocab_size=50257,
+        vocab_size=args.step_vocab,
+        bos_token_id=args.step_vocab - 1,
+        eos_token_id=args.step_vocab - 1,
         num_experts=args.num_experts[0],
         num_experts_per_tok=args.top_k[0],
         moge_loss_coef=coef,
@@ -279,27 +290,29 @@ def make_train_step(args, device: torch.device, dtype: torch.dtype, path: str, c
 
 
 def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """GPT-2 MoGE training steps, lambda = 0 against lambda > 0, per experts implementation."""
+    """GPT-2 MoGE training steps, lambda = 0 against lambda > 0 (timed interleaved), per experts implementation."""
     results = []
     tokens = args.step_batch * args.step_seq
+    timer = Timer(device, args.warmup, args.reps)
     for path in args.paths:
         if path == "dense":
             continue
         for compile_ in args.compile_modes:
+            steps = {}
             for coef in (0.0, args.moge_loss_coef):
                 name = f"{path}{'+compile' if compile_ else ''} lambda={coef:g}"
                 try:
                     step = make_train_step(args, device, dtype, path, compile_, coef)
-                    timer = Timer(device, args.warmup, args.reps)
-                    ms = timer.median_ms(step)
-                    peak = timer.peak_mib(step)
-                    results.append({"name": name, "ms": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mib": peak})
+                    step()
+                    steps[name] = (step, timer.peak_mib(step))
                 except Exception as error:
                     results.append({"name": name, "error": f"{type(error).__name__}: {_first_line(error)}"})
-                finally:
-                    step = None
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+            for name, ms in timer.median_ms({name: step for name, (step, _) in steps.items()}).items():
+                peak = steps[name][1]
+                results.append({"name": name, "ms": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mib": peak})
+            steps.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(
         f"GPT-2 MoGE training step: {args.step_layers} layers, d={args.step_hidden}, MoE every other layer, "
         f"E={args.num_experts[0]}, k={args.top_k[0]}, batch {args.step_batch} x {args.step_seq} tokens, {dtype}"
@@ -354,6 +367,7 @@ def parse_args(argv=None):
     parser.add_argument("--step_layers", type=int, default=12)
     parser.add_argument("--step_batch", type=int, default=16)
     parser.add_argument("--step_seq", type=int, default=1024)
+    parser.add_argument("--step_vocab", type=int, default=50257)
     parser.add_argument("--warmup", type=int, default=None, help="default: 10 on GPU, 2 on CPU")
     parser.add_argument("--reps", type=int, default=None, help="default: 50 on GPU, 5 on CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
