@@ -36,6 +36,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+from moge_hf.losses import _group_sparsity_from_matrix, default_map_shape, gaussian_window, group_window_matrix
 from moge_hf.modeling_moge import MoGESparseMoeBlock
 
 
@@ -130,16 +131,10 @@ def block_config(case: Case, moge_loss_coef: float, implementation: str) -> GPT2
         num_experts=case.num_experts,
         num_experts_per_tok=case.top_k,
         moge_loss_coef=moge_loss_coef,
-        moge_window=3 if min(_near_square(case.num_experts)) >= 3 else 2,
+        moge_window=min(3, *default_map_shape(case.num_experts)),
     )
     config._experts_implementation = implementation
     return config
-
-
-def _near_square(num_experts: int) -> tuple[int, int]:
-    from moge_hf.losses import default_map_shape
-
-    return default_map_shape(num_experts)
 
 
 def make_block_step(case: Case, path: str, dtype: torch.dtype, device: torch.device, moge_loss_coef: float, compile_):
@@ -336,6 +331,49 @@ def _first_line(error: Exception) -> str:
     return (str(error).splitlines() or [""])[0][:200]
 
 
+# ---- the regularizer alone ---------------------------------------------------------------------------------------
+
+
+def naive_group_sparsity(logits: torch.Tensor, map_shape, window: int, sigma: float) -> torch.Tensor:
+    """The regularizer as the method reads: softmax, square, a Gaussian conv2d over the map, sqrt, mean."""
+    rows, cols = map_shape
+    squared = logits.float().softmax(-1).square().view(-1, 1, rows, cols)
+    kernel = gaussian_window(window, sigma, device=logits.device).view(1, 1, window, window)
+    return torch.sqrt(F.conv2d(squared, kernel) + 1e-8).mean()
+
+
+def run_regularizer(args, device: torch.device) -> list[dict]:
+    """fwd+bwd of the regularizer from router logits: the naive conv2d form against moge_hf's one-GEMM form."""
+    timer = Timer(device, args.warmup, args.reps)
+    results = []
+    for num_experts in args.num_experts:
+        map_shape = default_map_shape(num_experts)
+        window = min(3, *map_shape)
+        matrix = group_window_matrix(map_shape, window, 1.0, device=device)
+        for tokens in args.tokens:
+            logits = torch.randn(tokens, num_experts, device=device, dtype=args.dtype, requires_grad=True)
+
+            def naive(logits=logits, map_shape=map_shape, window=window):
+                naive_group_sparsity(logits, map_shape, window, 1.0).backward()
+
+            def gemm(logits=logits, matrix=matrix, window=window):
+                probs = logits.float().softmax(-1)  # the router computes these anyway; counted here all the same
+                _group_sparsity_from_matrix(probs, matrix, window, "mean", None).backward()
+
+            with torch.no_grad():  # the two forms compute the same loss
+                want = naive_group_sparsity(logits, map_shape, window, 1.0)
+                got = _group_sparsity_from_matrix(logits.float().softmax(-1), matrix, window, "mean", None)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            ms = timer.median_ms({"naive conv2d": naive, "moge_hf GEMM": gemm})
+            results.append({"num_experts": num_experts, "tokens": tokens, **ms})
+            print(
+                f"  E={num_experts:<3} map {map_shape[0]}x{map_shape[1]} h={window} T={tokens:<6} naive conv2d "
+                f"{ms['naive conv2d']:8.3f} ms   moge_hf GEMM {ms['moge_hf GEMM']:8.3f} ms   "
+                f"{ms['naive conv2d'] / ms['moge_hf GEMM']:.1f}x faster"
+            )
+    return results
+
+
 # ---- main ----------------------------------------------------------------------------------------------------------
 
 
@@ -363,6 +401,9 @@ def parse_args(argv=None):
     parser.add_argument("--moge_loss_coef", type=float, default=0.01, help="lambda of the regularizer (> 0)")
     parser.add_argument("--sweep", action="store_true", help="all shapes, E in 8 16 32 64, k in 1 2, 4k to 64k tokens")
     parser.add_argument("--step", action="store_true", help="time GPT-2 MoGE training steps instead of blocks")
+    parser.add_argument(
+        "--regularizer", action="store_true", help="time the regularizer alone (fwd+bwd): naive conv2d vs one GEMM"
+    )
     parser.add_argument("--step_hidden", type=int, default=768)
     parser.add_argument("--step_layers", type=int, default=12)
     parser.add_argument("--step_batch", type=int, default=16)
@@ -404,6 +445,9 @@ def main(argv=None) -> None:
     print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; {timing}")
     if args.step:
         report = {"device": name, "step": run_step(args, device, args.dtype)}
+    elif args.regularizer:
+        print("MoGE regularizer from router logits, forward + backward")
+        report = {"device": name, "regularizer": run_regularizer(args, device)}
     else:
         cases = []
         timer = Timer(device, args.warmup, args.reps)
