@@ -261,6 +261,7 @@ def make_train_step(args, device: torch.device, dtype: torch.dtype, path: str, c
         eos_token_id=args.step_vocab - 1,
         num_experts=args.num_experts[0],
         num_experts_per_tok=args.top_k[0],
+        moge_window=min(3, *default_map_shape(args.num_experts[0])),
         moge_loss_coef=coef,
         moge_sigma_schedule=[10.0, 1.0, 0.2],
         attn_implementation="sdpa",

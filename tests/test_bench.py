@@ -1,0 +1,59 @@
+"""scripts/bench_moge.py runs every mode end to end on tiny shapes (what it measures is not checked here: timings
+do not belong in tests; docs/PERFORMANCE.md has the numbers)."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_moge.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_moge", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--device", "cpu", "--warmup", "0", "--reps", "2", "--num_experts", "4", "--top_k", "2", "--tokens", "40"]
+
+
+def test_block_mode_times_every_path_or_says_why_not(bench, tmp_path, capsys):
+    out = tmp_path / "blocks.json"
+    bench.main([*TINY, "--hidden", "32", "--intermediate", "64", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [case["backward"] for case in report["blocks"]] == [False, True]
+    for case in report["blocks"]:
+        assert set(case["ms"]) | set(case["errors"]) == set(bench.PATHS)
+        assert all(ms > 0 for ms in case["ms"].values())
+        assert {"dense", "hf_loop", "grouped_mm", "eager"} <= set(case["ms"]), case["errors"]
+    printed = capsys.readouterr().out
+    assert "ratio to the dense-equivalent MLP" in printed and "custom" in printed
+
+
+def test_step_mode_compares_lambda_zero_with_lambda_positive(bench, tmp_path, capsys):
+    out = tmp_path / "step.json"
+    step = ["--step", "--step_hidden", "64", "--step_layers", "2", "--step_batch", "2", "--step_seq", "16"]
+    bench.main([*TINY, *step, "--step_vocab", "50", "--paths", "eager", "--json", str(out)])
+    results = json.loads(out.read_text())["step"]
+    assert [result["name"] for result in results] == ["eager lambda=0", "eager lambda=0.01"]
+    assert all(result["tokens_per_s"] > 0 for result in results)
+    assert "1.000x lambda=0" in capsys.readouterr().out
+
+
+def test_regularizer_mode_checks_both_forms_agree(bench, tmp_path):
+    out = tmp_path / "regularizer.json"
+    bench.main([*TINY, "--regularizer", "--num_experts", "16", "32", "--json", str(out)])
+    results = json.loads(out.read_text())["regularizer"]
+    assert [result["num_experts"] for result in results] == [16, 32]
+
+
+def test_bad_arguments_are_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--hidden", "32"])  # without --intermediate
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--moge_loss_coef", "0"])
