@@ -8,8 +8,8 @@ import datasets
 import pytest
 import torch
 import torch._dynamo
-from tiny import gpt2_config, input_ids, pixel_values, vit_config
-from transformers import Trainer, TrainingArguments
+from tiny import gpt2_config, input_ids, pixel_values, training_args, vit_config
+from transformers import Trainer
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
 from moge_hf.training import add_moge_callback
@@ -90,19 +90,7 @@ def test_trainer_with_torch_compile_trains_with_the_sigma_schedule(tmp_path):
     model = GPT2MoGELMHeadModel(gpt2_config(n_inner=40, moge_loss_coef=0.1, moge_sigma_schedule=[4.0, 1.0, 1.0]))
     ids = input_ids(0, batch=8, seq=7)
     dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        max_steps=4,
-        torch_compile=True,
-        torch_compile_backend="aot_eager",
-    )
+    args = training_args(tmp_path, max_steps=4, torch_compile=True, torch_compile_backend="aot_eager")
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     add_moge_callback(trainer)
     torch._dynamo.utils.counters.clear()

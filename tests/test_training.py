@@ -7,8 +7,8 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import gpt2_config, input_ids, pixel_values, vit_config
-from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+from tiny import gpt2_config, input_ids, pixel_values, training_args, vit_config
+from transformers import Trainer, TrainerControl, TrainerState
 from transformers.integrations import integration_utils
 from transformers.integrations.integration_utils import TensorBoardCallback
 
@@ -23,22 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def training_args(output_dir, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(output_dir),
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 def lm_batch(seed: int = 0, batch: int = 8, seq: int = 7, padded: bool = True) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Tiny MoGE configs and inputs shared by the tests (hidden 32, 2-4 layers, 4 heads, batch 13, seq 7)."""
 
 import torch
+from transformers import TrainingArguments
 
 from moge_hf import GPT2MoGEConfig, ViTMoGEConfig
 
@@ -72,3 +73,20 @@ def input_ids(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor
 def pixel_values(seed: int = 0, batch: int = BATCH, size: int = 16) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    """Trainer arguments for tiny CPU runs: no reports, no saving, a log line every step."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
