@@ -105,10 +105,11 @@ class MoGEExperts(nn.Module):
 
     The layout `(num_experts, out, in)` is transformers' own, so `experts_implementation="eager" | "grouped_mm" |
     "batched_mm"` all run these weights, and so does moge_hf's fused Triton kernel, `"moge_triton"` (GPU). This
-    `forward`, `"eager"`, is the default: on CPU the `(token, slot)` pairs are sorted by expert once, gathered once,
-    and every expert that got tokens runs on its contiguous slice (the combine over the k slots is a deterministic
-    sum); on a GPU and under `torch.compile` it hands over to transformers' grouped GEMM path, which needs no host
-    sync.
+    `forward`, `"eager"`, is the default. It sorts the `(token, slot)` pairs by expert once and gathers the hidden
+    states once; then on CPU every expert that got tokens runs on its contiguous slice (`sliced_forward`), and on a
+    GPU two grouped GEMMs run all experts at once with no host sync (`grouped_forward`, sizes that are multiples of
+    8). The k slots of a token are summed in fp32, deterministically. A compiled graph takes transformers' grouped
+    (or batched) GEMM path instead.
     """
 
     def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str):
@@ -129,36 +130,73 @@ class MoGEExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         aligned = self.hidden_dim % 8 == 0 and self.intermediate_dim % 8 == 0
-        if torch.compiler.is_compiling() or (hidden_states.is_cuda and aligned):
-            # The per-expert slices below have data-dependent sizes (a host sync, a graph break). On a GPU, and in a
-            # compiled graph, transformers' grouped GEMM path runs instead: no sync, it traces on every device and
-            # dtype. Grouped GEMMs need 16-byte aligned strides; a compiled graph with other sizes takes the batched
-            # path (one GEMM per (token, slot) pair).
+        if torch.compiler.is_compiling():
+            # The sliced path has data-dependent sizes (a graph break): a compiled graph takes transformers' grouped
+            # GEMM path, which traces on every device and dtype, or its batched one where grouped GEMMs cannot run
+            # (they need 16-byte aligned strides).
             path = ALL_EXPERTS_FUNCTIONS["grouped_mm" if aligned else "batched_mm"]
             return path(self, hidden_states, top_k_index, top_k_weights)
-        num_tokens, top_k = top_k_index.shape
+        if hidden_states.is_cuda and aligned:
+            return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
+        return self.sliced_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _sort_by_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor):
+        """Sort the `(token, slot)` pairs by expert once: the order, the sorted expert ids, the gathered rows."""
         expert_ids = top_k_index.reshape(-1)  # (S,) with S = T * k, one entry per (token, slot) pair
-        order = torch.argsort(expert_ids, stable=True)  # (S,) pairs grouped by expert
-        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()  # the one host sync
-        grouped = hidden_states[order // top_k]  # (S, d) gathered once
+        sorted_ids, order = torch.sort(expert_ids, stable=True)  # (S,) pairs grouped by expert
+        return order, sorted_ids, hidden_states[order // top_k_index.shape[1]]  # rows (S, d), gathered once
+
+    @staticmethod
+    def _combine(rows: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype):
+        """Scale the expert-sorted rows `(S, d)` by their gate weights and sum each token's k slots, in fp32."""
+        num_tokens, top_k = top_k_weights.shape
+        weighted = rows.float() * top_k_weights.reshape(-1)[order, None]  # (S, d)
+        combined = torch.empty_like(weighted).index_copy_(0, order, weighted)  # back to (token, slot) order
+        return combined.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+
+    def sliced_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """CPU path: every expert that got tokens runs on its contiguous slice of the sorted rows (one host sync)."""
+        order, sorted_ids, grouped = self._sort_by_expert(hidden_states, top_k_index)
+        counts = torch.bincount(sorted_ids, minlength=self.num_experts).tolist()
         # Unbound once: the backward stacks each weight's gradient once, where indexing `self.up_proj[expert]` would
         # fill and add a whole (E, f, d) gradient per expert.
-        weights = (
-            self.up_proj.unbind(0),
-            self.up_proj_bias.unbind(0),
-            self.down_proj.unbind(0),
-            self.down_proj_bias.unbind(0),
-        )
+        weights = (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias)
         outputs = []
-        for rows, up, up_bias, down, down_bias in zip(grouped.split(counts), *weights):
-            if rows.shape[0] == 0:
-                continue
-            outputs.append(F.linear(self.act_fn(F.linear(rows, up, up_bias)), down, down_bias))
+        for rows, up, up_bias, down, down_bias in zip(grouped.split(counts), *(w.unbind(0) for w in weights)):
+            if rows.shape[0] > 0:
+                outputs.append(F.linear(self.act_fn(F.linear(rows, up, up_bias)), down, down_bias))
         if not outputs:  # no tokens at all
             return torch.zeros_like(hidden_states)
-        weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None]  # (S, d), float32
-        combined = torch.empty_like(weighted).index_copy_(0, order, weighted)  # back to (token, slot) order
-        return combined.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        return self._combine(torch.cat(outputs), order, top_k_weights, hidden_states.dtype)
+
+    def grouped_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """GPU path: two grouped GEMMs over the sorted rows, no host sync. Needs sizes that are multiples of 8.
+
+        Under autocast the GEMMs run in the autocast dtype, as `F.linear` would (grouped GEMMs are not autocast
+        ops: run on fp32 weights they would take PyTorch's slow fp32 fallback).
+        """
+        device_type = hidden_states.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.up_proj.dtype
+        order, sorted_ids, grouped = self._sort_by_expert(hidden_states, top_k_index)
+        counts = torch.histc(
+            sorted_ids.float() if device_type == "cpu" else sorted_ids.int(), self.num_experts, 0, self.num_experts - 1
+        )
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end of each expert's rows
+        up = _grouped_mm(grouped.to(dtype), self.up_proj.to(dtype).transpose(1, 2), offsets)  # (S, f)
+        hidden = self.act_fn(up + self.up_proj_bias.to(dtype)[sorted_ids])
+        down = _grouped_mm(hidden, self.down_proj.to(dtype).transpose(1, 2), offsets)  # (S, d)
+        rows = down + self.down_proj_bias.to(dtype)[sorted_ids]
+        return self._combine(rows, order, top_k_weights, hidden_states.dtype)
+
+
+def _grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`rows (S, K) @ weights[e] (K, N)` for the rows of each expert `e`, delimited by `offsets`."""
+    grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return grouped_mm(rows, weights, offs=offsets)
 
 
 class MoGESparseMoeBlock(nn.Module):

@@ -11,6 +11,12 @@ from moge_hf.losses import group_sparsity_loss, load_balancing_loss, router_z_lo
 
 
 IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
+# moge_hf's eager forward runs `sliced_forward` on CPU and `grouped_forward` on a GPU: test both here.
+PATHS = [*IMPLEMENTATIONS, "eager-grouped"]
+
+
+def run_experts(experts, path, *inputs):
+    return experts.grouped_forward(*inputs) if path == "eager-grouped" else experts(*inputs)
 
 
 def make_experts(implementation, num_experts=6, hidden=16, intermediate=24, activation="gelu_new", seed=0):
@@ -39,13 +45,13 @@ def per_token_reference(experts, hidden_states, top_k_index, top_k_weights):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "num_tokens,num_experts,top_k,starve",
     [(1, 4, 1, False), (17, 6, 2, False), (17, 6, 2, True), (40, 8, 3, True), (9, 1, 1, False)],
 )
-def test_experts_match_per_token_loop(implementation, num_tokens, num_experts, top_k, starve):
-    experts = make_experts(implementation, num_experts=num_experts)
+def test_experts_match_per_token_loop(path, num_tokens, num_experts, top_k, starve):
+    experts = make_experts(path.split("-")[0], num_experts=num_experts)
     generator = torch.Generator().manual_seed(1)
     hidden_states = torch.randn(num_tokens, 16, generator=generator, requires_grad=True)
     scores = torch.randn(num_tokens, num_experts, generator=generator)
@@ -54,7 +60,7 @@ def test_experts_match_per_token_loop(implementation, num_tokens, num_experts, t
     weights, index = scores.softmax(-1).topk(top_k, dim=-1)
     weights = weights.detach().requires_grad_(True)
 
-    out = experts(hidden_states, index, weights)
+    out = run_experts(experts, path, hidden_states, index, weights)
     ref = per_token_reference(experts, hidden_states, index, weights)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -65,6 +71,21 @@ def test_experts_match_per_token_loop(implementation, num_tokens, num_experts, t
     for got, want in zip(grads, ref_grads):
         got = torch.zeros_like(want) if got is None else got
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["eager", "eager-grouped"])
+def test_experts_under_bf16_autocast_keep_fp32_weights_and_output(path):
+    experts = make_experts("eager", num_experts=6)
+    generator = torch.Generator().manual_seed(2)
+    hidden_states = torch.randn(33, 16, generator=generator)
+    weights, index = torch.randn(33, 6, generator=generator).softmax(-1).topk(2, dim=-1)
+    ref = per_token_reference(experts, hidden_states, index, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run_experts(experts, path, hidden_states, index, weights)
+    assert out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    out.sum().backward()
+    assert all(param.grad is not None and param.grad.dtype == torch.float32 for param in experts.parameters())
 
 
 def test_router_topk_and_gate_weights():
