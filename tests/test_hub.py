@@ -46,7 +46,7 @@ from moge_hf.hub import (
 
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE_FILES = {"modeling_moge.py", "configuration_moge.py", "losses.py", "upcycling.py"}
+CODE_FILES = {"modeling_moge.py", "configuration_moge.py", "losses.py", "triton_experts.py", "upcycling.py"}
 EOS = "<|endoftext|>"
 PROMPT = "To be or not"
 GPT2_RESULTS = {
