@@ -107,9 +107,9 @@ class MoGEExperts(nn.Module):
     "batched_mm"` all run these weights, and so does moge_hf's fused Triton kernel, `"moge_triton"` (GPU). This
     `forward`, `"eager"`, is the default. It sorts the `(token, slot)` pairs by expert once and gathers the hidden
     states once; then on CPU every expert that got tokens runs on its contiguous slice (`sliced_forward`), and on a
-    GPU two grouped GEMMs run all experts at once with no host sync (`grouped_forward`, sizes that are multiples of
-    8). The k slots of a token are summed in fp32, deterministically. A compiled graph takes transformers' grouped
-    (or batched) GEMM path instead.
+    GPU (and in CPU training with 32 experts or more) two grouped GEMMs run all experts at once with no host sync
+    (`grouped_forward`, sizes that are multiples of 8). The k slots of a token are summed in fp32, deterministically.
+    A compiled graph takes transformers' grouped (or batched) GEMM path instead.
     """
 
     def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str):
@@ -136,9 +136,14 @@ class MoGEExperts(nn.Module):
             # (they need 16-byte aligned strides).
             path = ALL_EXPERTS_FUNCTIONS["grouped_mm" if aligned else "batched_mm"]
             return path(self, hidden_states, top_k_index, top_k_weights)
-        if hidden_states.is_cuda and aligned:
+        if aligned and (hidden_states.is_cuda or (self.num_experts >= 32 and self._needs_grad(hidden_states))):
+            # On CPU, slices win the forward; with many experts, the grouped GEMMs' backward (weight gradients written
+            # in place) wins training (docs/PERFORMANCE.md).
             return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
         return self.sliced_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _needs_grad(self, hidden_states: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (hidden_states.requires_grad or self.up_proj.requires_grad)
 
     def _sort_by_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor):
         """Sort the `(token, slot)` pairs by expert once: the order, the sorted expert ids, the gathered rows."""
