@@ -188,6 +188,9 @@ def make_block_step(case: Case, path: str, dtype: torch.dtype, device: torch.dev
 
 def run_block_case(case: Case, paths, timer: Timer, dtype, device, moge_loss_coef: float, compile_modes):
     """Build every path's block step, check it runs (and measure its peak memory), then time them interleaved."""
+    # Every case compiles the same closure's code again; without a reset dynamo would stop at its recompile limit
+    # and silently run later cases eagerly.
+    torch._dynamo.reset()
     steps = {}
     for path in paths:
         for compile_ in compile_modes:
@@ -294,6 +297,7 @@ def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         if path == "dense":
             continue
         for compile_ in args.compile_modes:
+            torch._dynamo.reset()  # see run_block_case
             steps = {}
             for coef in (0.0, args.moge_loss_coef):
                 name = f"{path}{'+compile' if compile_ else ''} lambda={coef:g}"
