@@ -185,6 +185,9 @@ class StudyArguments:
         default=None, metadata={"help": "Sigma schedules of the MoGE arms: `init,final,power` or `none` (fixed)."}
     )
     include_moe: bool = field(default=True, metadata={"help": "Also train the MoE baseline (lambda = 0)."})
+    include_moge: bool = field(
+        default=True, metadata={"help": "Train the MoGE arms (False: only the MoE baseline, e.g. to tune its knobs)."}
+    )
     do_test: bool = field(default=False, metadata={"help": "Also evaluate every arm on the test split at the end."})
     split_seed: int = field(default=1234, metadata={"help": "Seed of the train/validation split (all runs share it)."})
     write_plots: bool = field(default=True, metadata={"help": "Write the PNG pictures (needs matplotlib)."})
@@ -284,7 +287,7 @@ def build_arms(study: StudyArguments) -> list[Arm]:
     arms = []
     if study.include_moe:
         arms.append(Arm("moe", 0.0, "valid", schedules[0] if schedules else None))
-    for coef in coefs:
+    for coef in coefs if study.include_moge else []:
         for padding in study.paddings:
             for text, schedule in zip(study.sigma_schedules, schedules):
                 name = "moge"
