@@ -361,3 +361,13 @@ def test_compare_script_rejects_bad_arms():
     script = load_script()
     with pytest.raises(ValueError, match="lambdas"):
         script.main(["--task", "language", "--train_file", "x", "--moge_loss_coefs", "0"])
+
+
+def test_compare_script_trains_the_moe_baseline_alone_or_refuses_no_arm():
+    script = load_script()
+    study = script.StudyArguments(task="language", moge_loss_coefs=["0.001"], paddings=["valid"], include_moge=False)
+    study.sigma_schedules = ["10,1,0.2"]
+    assert [arm.name for arm in script.build_arms(study)] == ["moe"]
+    study.include_moe = False
+    with pytest.raises(ValueError, match="no arm"):
+        script.build_arms(study)
