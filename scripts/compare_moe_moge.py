@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+import moge_hf
 from moge_hf import (
     GPT2MoGEConfig,
     GPT2MoGELMHeadModel,
@@ -872,7 +874,23 @@ def hardware() -> dict:
     }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
+    info["moge_hf_commit"] = source_commit()
     return info
+
+
+def source_commit() -> str | None:
+    """The git commit of the moge_hf source that ran (`+dirty` if changed since), None outside a checkout."""
+    folder = os.path.dirname(os.path.abspath(moge_hf.__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def main(args: list[str] | None = None) -> dict:
