@@ -196,6 +196,13 @@ class StudyArguments:
     plot_from: str | None = field(
         default=None, metadata={"help": "Only redraw the PNGs of a results.json into --output_dir (no training)."}
     )
+    merge_from: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Merge the runs of several results.json of one setting (e.g. seeds run on different days or "
+            "machines) into --output_dir: one results.json, table and PNGs (no training)."
+        },
+    )
 
 
 @dataclass
@@ -893,6 +900,53 @@ def source_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+# What may differ between the results.json files that `--merge_from` pools: which seeds and arms ran, and where.
+MERGE_FREE_FIELDS = ("seeds", "output_dir", "include_moe", "include_moge", "moge_loss_coefs", "paddings", "do_test")
+
+
+def merge(study: StudyArguments) -> dict:
+    """Pool the runs of several `results.json` of one setting into `study.output_dir` and summarize them again."""
+    loaded = []
+    for path in study.merge_from:
+        with open(path) as handle:
+            loaded.append((path, json.load(handle)))
+    first_path, merged = loaded[0]
+    merged = {**merged, "merged_from": [path for path, _ in loaded], "runs": []}
+    arms: dict[str, dict] = {}
+    seen = {}
+    for path, results in loaded:
+        for section in ("study", "train", "model", "preset_values_used"):
+            ours, theirs = results.get(section) or {}, merged.get(section) or {}
+            # Fields that an older results.json lacks are not compared.
+            differ = sorted(k for k in ours.keys() & theirs.keys() - set(MERGE_FREE_FIELDS) if ours[k] != theirs[k])
+            if differ:
+                raise ValueError(f"{path} and {first_path} differ in {section} settings {differ}; cannot merge them")
+        for arm in results["arms"]:
+            if arms.setdefault(arm["name"], arm) != arm:
+                raise ValueError(f"arm {arm['name']!r} is defined differently in {path} and an earlier file")
+        for run in results["runs"]:
+            key = (run["arm"], run["seed"])
+            if key in seen:
+                raise ValueError(f"arm {key[0]!r} seed {key[1]} is in both {seen[key]} and {path}")
+            seen[key] = path
+            merged["runs"].append({**run, "source": path, "hardware": results.get("hardware")})
+    merged["arms"] = list(arms.values())
+    seeds = sorted({run["seed"] for run in merged["runs"]})
+    merged["study"] = {**merged["study"], "seeds": seeds, "output_dir": study.output_dir, "merge_from": None}
+    saved = StudyArguments(**merged["study"])
+    arm_objects = [Arm(**arm) for arm in merged["arms"]]
+    merged["summary"] = summarize(saved, merged["runs"], arm_objects)
+    merged["table_markdown"] = format_table(saved, merged["runs"], merged["summary"])
+    os.makedirs(study.output_dir, exist_ok=True)
+    merged["figures"] = write_plots(saved, merged["runs"], merged["summary"], arm_objects) if study.write_plots else []
+    path = os.path.join(study.output_dir, "results.json")
+    with open(path, "w") as handle:
+        json.dump(diag.to_jsonable(merged), handle, indent=1)
+    print(merged["table_markdown"])
+    print(f"\nmerged {len(merged['runs'])} runs of {len(loaded)} files into {path}")
+    return merged
+
+
 def main(args: list[str] | None = None) -> dict:
     """Run the comparison; returns what it writes to `<output_dir>/results.json`."""
     parser = HfArgumentParser((StudyArguments, TrainArguments, ModelArguments))
@@ -901,6 +955,8 @@ def main(args: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity_warning()
     if study.plot_from:
         return replot(study)
+    if study.merge_from:
+        return merge(study)
     preset = apply_preset(study, train, model_args)
     if train.torch_threads and not torch.cuda.is_available():
         torch.set_num_threads(train.torch_threads)

@@ -371,3 +371,29 @@ def test_compare_script_trains_the_moe_baseline_alone_or_refuses_no_arm():
     study.include_moe = False
     with pytest.raises(ValueError, match="no arm"):
         script.build_arms(study)
+
+
+def test_compare_script_merges_seeds_run_apart_like_one_run(tmp_path):
+    script = load_script()
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 80)
+    args = ["--task", "language", "--train_file", str(text), "--block_size", "16", "--moge_loss_coefs", "0.01"]
+    args += ["--paddings", "valid", "--hidden_size", "32", "--num_layers", "2", "--no_write_plots"]
+    args += [*SMALL[: SMALL.index("--seeds")], "--logging_steps", "1"]
+    together = script.main([*args, "--seeds", "0", "1", "--output_dir", str(tmp_path / "both")])
+    for seed in ("0", "1"):
+        script.main([*args, "--seeds", seed, "--output_dir", str(tmp_path / seed)])
+    files = [str(tmp_path / seed / "results.json") for seed in ("0", "1")]
+    merged = script.main(["--merge_from", *files, "--output_dir", str(tmp_path / "merged"), "--no_write_plots"])
+    assert json.loads((tmp_path / "merged" / "results.json").read_text())["merged_from"] == files
+    assert merged["study"]["seeds"] == [0, 1]
+    for arm in ("moe", "moge-valid"):
+        for key in ("val_loss", "load_entropy"):
+            want, got = together["summary"][arm].get(key), merged["summary"][arm].get(key)
+            assert want is not None and got["values"] == pytest.approx(want["values"], rel=1e-5)
+    with pytest.raises(ValueError, match="seed 0 is in both"):
+        script.main(["--merge_from", files[0], files[0], "--output_dir", str(tmp_path / "bad")])
+    other = script.main([*args, "--seeds", "2", "--learning_rate", "0.5", "--output_dir", str(tmp_path / "other")])
+    assert other["runs"]
+    with pytest.raises(ValueError, match="learning_rate"):
+        script.main(["--merge_from", files[0], str(tmp_path / "other" / "results.json"), "--output_dir", "x"])
