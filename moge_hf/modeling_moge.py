@@ -131,9 +131,12 @@ class MoGEExperts(nn.Module):
     ) -> torch.Tensor:
         aligned = self.hidden_dim % 8 == 0 and self.intermediate_dim % 8 == 0
         if torch.compiler.is_compiling():
-            # The sliced path has data-dependent sizes (a graph break): a compiled graph takes transformers' grouped
-            # GEMM path, which traces on every device and dtype, or its batched one where grouped GEMMs cannot run
-            # (they need 16-byte aligned strides).
+            # The sliced path has data-dependent sizes (a graph break). A compiled graph runs the grouped GEMMs:
+            # ours where they compute in bf16 (autocast or bf16 weights: PyTorch's grouped GEMM traces only in bf16),
+            # else transformers' grouped path (its own traceable fallback for other dtypes), or its batched one
+            # where grouped GEMMs cannot run (they need 16-byte aligned strides).
+            if aligned and self._compute_dtype(hidden_states) == torch.bfloat16:
+                return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
             path = ALL_EXPERTS_FUNCTIONS["grouped_mm" if aligned else "batched_mm"]
             return path(self, hidden_states, top_k_index, top_k_weights)
         if aligned and (hidden_states.is_cuda or (self.num_experts >= 32 and self._needs_grad(hidden_states))):
@@ -141,6 +144,11 @@ class MoGEExperts(nn.Module):
             # in place) wins training (docs/PERFORMANCE.md).
             return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
         return self.sliced_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _compute_dtype(self, hidden_states: torch.Tensor) -> torch.dtype:
+        """The dtype of the expert GEMMs: autocast's where it is on (as for `F.linear`), else the weights'."""
+        device_type = hidden_states.device.type
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.up_proj.dtype
 
     def _needs_grad(self, hidden_states: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (hidden_states.requires_grad or self.up_proj.requires_grad)
@@ -185,7 +193,7 @@ class MoGEExperts(nn.Module):
         ops: run on fp32 weights they would take PyTorch's slow fp32 fallback).
         """
         device_type = hidden_states.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.up_proj.dtype
+        dtype = self._compute_dtype(hidden_states)
         order, sorted_ids, grouped = self._sort_by_expert(hidden_states, top_k_index)
         counts = torch.histc(
             sorted_ids.float() if device_type == "cpu" else sorted_ids.int(), self.num_experts, 0, self.num_experts - 1
