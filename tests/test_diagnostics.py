@@ -396,4 +396,6 @@ def test_compare_script_merges_seeds_run_apart_like_one_run(tmp_path):
     other = script.main([*args, "--seeds", "2", "--learning_rate", "0.5", "--output_dir", str(tmp_path / "other")])
     assert other["runs"]
     with pytest.raises(ValueError, match="learning_rate"):
-        script.main(["--merge_from", files[0], str(tmp_path / "other" / "results.json"), "--output_dir", "x"])
+        script.main(
+            ["--merge_from", files[0], str(tmp_path / "other" / "results.json"), "--output_dir", str(tmp_path / "x")]
+        )

@@ -89,6 +89,16 @@ def test_outputs_have_routing_losses(case):
     assert all(logits.shape == (num_tokens, 8) for logits in outputs.router_logits)
 
 
+def test_routing_losses_with_a_zero_coefficient_are_reported_without_autograd():
+    model, batch = build("gpt2-lm", moge_loss_coef=0.0, router_z_loss_coef=0.0, router_aux_loss_coef=0.01)
+    outputs = model(**batch)
+    assert outputs.aux_loss.requires_grad  # trained on
+    assert not outputs.moge_loss.requires_grad and not outputs.z_loss.requires_grad  # only reported
+    assert outputs.moge_loss > 0 and outputs.z_loss > 0
+    model.config.moge_loss_coef = 0.1  # read at every forward
+    assert model(**batch).moge_loss.requires_grad
+
+
 @pytest.mark.parametrize("case", HEAD_CASES)
 @pytest.mark.parametrize("training", [True, False])
 def test_loss_is_task_plus_weighted_routing_losses(case, training):
