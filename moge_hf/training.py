@@ -10,18 +10,27 @@ first otherwise.
 """
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["MoGEArguments", "MoGESigmaCallback", "add_moge_callback", "annealed_sigma"]
+__all__ = [
+    "MoGEArguments",
+    "MoGESigmaCallback",
+    "add_moge_callback",
+    "annealed_sigma",
+    "resolve_checkpoint",
+    "train_and_evaluate",
+]
 
 LOSS_NAMES = ("aux_loss", "moge_loss", "z_loss")
 
@@ -443,3 +452,59 @@ def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = Non
     callbacks.insert(0, callback)
     callback.placed_first = True
     return callback
+
+
+# ---- training and evaluating one run (the example scripts' shared ending) ------------------------------------------
+
+
+def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_arm: bool) -> str | None:
+    """The checkpoint to resume from: a path, or `last`/`true` for the latest `checkpoint-*` in `output_dir`.
+
+    `main_arm=False` (a baseline trained beside the main run) resumes from its own latest checkpoint if it has one.
+    """
+    value = training_args.resume_from_checkpoint
+    if value is None or value.lower() in ("false", "no", "none"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is not None:
+            logger.warning(
+                f"{output_dir} already holds {last}; training starts over (pass --resume_from_checkpoint last to "
+                "resume)."
+            )
+        return None
+    if value.lower() in ("last", "true", "yes") or not main_arm:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None and main_arm:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}.")
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
+    return value
+
+
+def train_and_evaluate(trainer: Trainer, name: str, train_samples: int, eval_samples: int, log=None) -> dict:
+    """`do_train` (resuming as `resolve_checkpoint` says, saving model, metrics and state) then `do_eval`, the way
+    transformers' example scripts do; returns the metrics, with the last logged unscaled MoGE loss. `log` (a
+    script's logger; default this module's) reports a resumed checkpoint."""
+    training_args = trainer.args
+    metrics = {}
+    if training_args.do_train:
+        checkpoint = resolve_checkpoint(training_args, training_args.output_dir, main_arm=name == "MoGE")
+        if checkpoint is not None:
+            (log or logger).info(f"[{name}] Resuming training from {checkpoint}")
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        train_metrics = dict(train_result.metrics, train_samples=train_samples)
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+        moge_logs = [entry for entry in trainer.state.log_history if "moge/moge_loss" in entry]
+        if moge_logs:  # the unscaled regularizer in the last training log (the MoGE callback's metric)
+            metrics["train_moge_loss_last_log"] = moge_logs[-1]["moge/moge_loss"]
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = eval_samples
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics

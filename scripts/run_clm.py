@@ -53,11 +53,10 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-from transformers.trainer_utils import get_last_checkpoint
 
 from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
 from moge_hf.hub import add_moge_hub_callback
-from moge_hf.training import MoGEArguments, add_moge_callback
+from moge_hf.training import MoGEArguments, add_moge_callback, train_and_evaluate
 
 
 logger = logging.getLogger(__name__)
@@ -421,27 +420,6 @@ def compute_metrics(eval_prediction) -> dict[str, float]:
     return {"lm_loss": lm_loss, "perplexity": math.exp(lm_loss) if lm_loss < 700 else float("inf")}
 
 
-def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_arm: bool) -> str | None:
-    """The checkpoint to resume from: a path, or `last`/`true` for the latest `checkpoint-*` in `output_dir`."""
-    value = training_args.resume_from_checkpoint
-    if value is None or value.lower() in ("false", "no", "none"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is not None:
-            logger.warning(
-                f"{output_dir} already holds {last}; training starts over (pass --resume_from_checkpoint last to "
-                "resume)."
-            )
-        return None
-    if value.lower() in ("last", "true", "yes") or not main_arm:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None and main_arm:
-            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}.")
-        return last
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
-    return value
-
-
 def run_arm(
     name: str,
     model: GPT2MoGELMHeadModel,
@@ -478,28 +456,7 @@ def run_arm(
     if training_args.push_to_hub:  # Trainer's pushes then carry the model code and a MoGE model card
         add_moge_hub_callback(trainer, dataset=data_args.dataset_name)
 
-    metrics = {}
-    if training_args.do_train:
-        checkpoint = resolve_checkpoint(training_args, training_args.output_dir, main_arm=name == "MoGE")
-        if checkpoint is not None:
-            logger.info(f"[{name}] Resuming training from {checkpoint}")
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        train_metrics = dict(train_result.metrics, train_samples=len(lm_datasets["train"]))
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        trainer.save_state()
-        metrics.update(train_metrics)
-        moge_logs = [entry for entry in trainer.state.log_history if "moge/moge_loss" in entry]
-        if moge_logs:  # the unscaled regularizer in the last training log (the MoGE callback's metric)
-            metrics["train_moge_loss_last_log"] = moge_logs[-1]["moge/moge_loss"]
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = len(lm_datasets["validation"])
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    return metrics
+    return train_and_evaluate(trainer, name, len(lm_datasets["train"]), len(lm_datasets["validation"]), log=logger)
 
 
 def _fmt(value: float) -> str:
