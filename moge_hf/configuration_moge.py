@@ -74,6 +74,37 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _field_error(config_name: str, name: str, requirement: str, value) -> str:
+    return f"{config_name}: `{name}` {requirement}, got {value!r}"
+
+
+def _is_sigma_schedule(value) -> bool:
+    return value is None or (
+        isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) and v > 0 for v in value)
+    )
+
+
+# The MoGE fields that can be checked on their own: on assignment (`config.moge_loss_coef = -1` raises at once) and
+# in `validate_moge_fields`, which adds the checks that involve several fields.
+FIELD_RULES = {
+    "num_experts": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    "num_experts_per_tok": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    "expert_intermediate_size": (lambda v: v is None or (_is_int(v) and v >= 1), "must be a positive integer or None"),
+    "router_aux_loss_coef": (lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
+    "router_z_loss_coef": (lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
+    "moge_loss_coef": (lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
+    "router_jitter_noise": (lambda v: _is_number(v) and 0 <= v < 1, "must be a number in [0, 1)"),
+    "norm_topk_prob": (lambda v: v in (None, True, False), "must be True, False or None"),
+    "moge_padding": (lambda v: v in PADDINGS, f"must be one of {PADDINGS}"),
+    "moge_reduction": (lambda v: v in REDUCTIONS, f"must be one of {REDUCTIONS}"),
+    "moge_window": (lambda v: _is_int(v) and v >= 1, "must be a positive integer"),
+    "moge_sigma": (lambda v: _is_number(v) and v > 0, "must be a finite number > 0"),
+    "moge_sigma_schedule": (_is_sigma_schedule, "must be [init, final, power], three finite numbers > 0, or None"),
+    "router_aux_loss_global": (lambda v: isinstance(v, bool), "must be a bool"),
+    "output_router_logits": (lambda v: isinstance(v, bool), "must be a bool"),
+}
+
+
 @dataclass(repr=False)
 class MoGEConfigMixin:
     """The MoGE fields and their checks, mixed into a dense model's config (see `MOGE_CONFIG_DOCSTRING`)."""
@@ -96,15 +127,22 @@ class MoGEConfigMixin:
     moge_reduction: str = "mean"
     output_router_logits: bool = False
 
-    def _check_moge_fields(self, num_layers: int) -> None:
-        """Raise a `ValueError` naming the first invalid MoGE field and its value. Fills the default `moe_layers`."""
+    def validate_moge_fields(self) -> None:
+        """Raise a `ValueError` naming the first invalid MoGE field and its value. Fills the default `moe_layers`.
+
+        A class validator of `@strict`: it runs when the config is built, by `config.validate()`, before
+        `save_pretrained` writes the config, and when a model is built from it (fields set one by one afterwards, e.g.
+        `from_pretrained(path, moge_window=5)`, are checked on their own at once, and together here).
+        """
+        num_layers = self.num_hidden_layers
 
         def bad(name, requirement):
-            raise ValueError(f"{type(self).__name__}: `{name}` {requirement}, got {getattr(self, name)!r}")
+            raise ValueError(_field_error(type(self).__name__, name, requirement, getattr(self, name)))
 
-        if not _is_int(self.num_experts) or self.num_experts < 1:
-            bad("num_experts", "must be an integer >= 1")
-        if not _is_int(self.num_experts_per_tok) or not 1 <= self.num_experts_per_tok <= self.num_experts:
+        for name, (is_valid, requirement) in FIELD_RULES.items():
+            if not is_valid(getattr(self, name)):
+                bad(name, requirement)
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
             bad("num_experts_per_tok", f"must be an integer between 1 and num_experts={self.num_experts}")
         if self.moe_layers is None:
             self.moe_layers = list(range(1, num_layers, 2))
@@ -116,47 +154,20 @@ class MoGEConfigMixin:
             bad("moe_layers", f"must hold layer indices in [0, {num_layers})")
         if len(set(self.moe_layers)) != len(self.moe_layers):
             bad("moe_layers", "must not repeat a layer")
-        if self.expert_intermediate_size is not None and (
-            not _is_int(self.expert_intermediate_size) or self.expert_intermediate_size < 1
-        ):
-            bad("expert_intermediate_size", "must be a positive integer or None")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "moge_loss_coef"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                bad(name, "must be a finite number >= 0")
-        if not _is_number(self.router_jitter_noise) or not 0 <= self.router_jitter_noise < 1:
-            bad("router_jitter_noise", "must be a number in [0, 1)")
-        if self.norm_topk_prob not in (None, True, False):
-            bad("norm_topk_prob", "must be True, False or None")
         if isinstance(self.moge_map_shape, tuple):
             self.moge_map_shape = list(self.moge_map_shape)
         try:
             map_shape = resolve_map_shape(self.num_experts, self.moge_map_shape)
         except ValueError as error:
             bad("moge_map_shape", f"must be [rows, cols] with rows * cols == num_experts ({error})")
-        if self.moge_padding not in PADDINGS:
-            bad("moge_padding", f"must be one of {PADDINGS}")
-        if self.moge_reduction not in REDUCTIONS:
-            bad("moge_reduction", f"must be one of {REDUCTIONS}")
-        if not _is_int(self.moge_window) or self.moge_window < 1:
-            bad("moge_window", "must be a positive integer")
         if self.moge_padding == "valid" and self.moge_window > min(map_shape):
             bad(
                 "moge_window",
                 f"must fit in the {map_shape[0]}x{map_shape[1]} expert map with moge_padding='valid' "
                 f"(use moge_window <= {min(map_shape)} or moge_padding='circular')",
             )
-        if not _is_number(self.moge_sigma) or self.moge_sigma <= 0:
-            bad("moge_sigma", "must be a finite number > 0")
-        if self.moge_sigma_schedule is not None:
-            if isinstance(self.moge_sigma_schedule, tuple):
-                self.moge_sigma_schedule = list(self.moge_sigma_schedule)
-            if len(self.moge_sigma_schedule) != 3 or any(
-                not _is_number(v) or v <= 0 for v in self.moge_sigma_schedule
-            ):
-                bad("moge_sigma_schedule", "must be [init, final, power], three finite numbers > 0, or None")
-        for name in ("router_aux_loss_global", "output_router_logits"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "must be a bool")
+        if isinstance(self.moge_sigma_schedule, tuple):
+            self.moge_sigma_schedule = list(self.moge_sigma_schedule)
 
     @property
     def moge_resolved_map_shape(self) -> tuple[int, int]:
@@ -169,11 +180,15 @@ class MoGEConfigMixin:
         return self.num_experts_per_tok > 1 if self.norm_topk_prob is None else self.norm_topk_prob
 
 
-def _type_errors_as_value_errors(cls):
-    """Make the type checks of `@strict` raise `ValueError` (naming the field and value), like the value checks."""
+def _checked_assignment(cls):
+    """Make the type checks of `@strict` raise `ValueError` (naming the field and value), and check each MoGE field's
+    value on assignment too (`FIELD_RULES`), so a bad value set after the config was built fails where it is set."""
     strict_setattr = cls.__setattr__
 
     def __setattr__(self, name, value):
+        rule = FIELD_RULES.get(name)
+        if rule is not None and not rule[0](value):
+            raise ValueError(_field_error(cls.__name__, name, rule[1], value))
         try:
             strict_setattr(self, name, value)
         except StrictDataclassFieldValidationError as error:
@@ -183,7 +198,7 @@ def _type_errors_as_value_errors(cls):
     return cls
 
 
-@_type_errors_as_value_errors
+@_checked_assignment
 @strict
 class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
     (
@@ -205,7 +220,7 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self._check_moge_fields(self.n_layer)
+        self.validate_moge_fields()
 
     @property
     def dense_intermediate_size(self) -> int:
@@ -213,7 +228,7 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
 
-@_type_errors_as_value_errors
+@_checked_assignment
 @strict
 class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
     (
@@ -237,7 +252,7 @@ class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self._check_moge_fields(self.num_hidden_layers)
+        self.validate_moge_fields()
 
     @property
     def dense_intermediate_size(self) -> int:

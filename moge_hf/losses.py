@@ -111,6 +111,8 @@ def window_layout(
     `(G, window * window)` float64, the cell's squared distance to the window's centre cell `(h // 2, h // 2)`.
     Windows are in row-major order of their top-left corner, cells in row-major order within a window.
     """
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     rows, cols = map_shape
     if padding == "valid":
         corners = torch.cartesian_prod(torch.arange(rows - window + 1), torch.arange(cols - window + 1))
@@ -164,7 +166,10 @@ def _group_sparsity_from_matrix(
 ) -> torch.Tensor:
     """`group_sparsity_loss` with the window matrix already built; `router_probs` is `(T, E)`, `mask` `(T,)` floats."""
     probs = router_probs.float()
-    norms = torch.sqrt((probs * probs) @ window_matrix + GROUP_NORM_EPS)  # (T, G)
+    # In float32 under autocast too: in fp16 the squares of small probabilities and the 1e-8 underflow to 0, and the
+    # gradient of sqrt(0) is infinite; bf16 would round the window sums.
+    with torch.autocast(probs.device.type, enabled=False):
+        norms = torch.sqrt((probs * probs) @ window_matrix.float() + GROUP_NORM_EPS)  # (T, G)
     if reduction == "mean":
         return _mean_over_tokens(norms, mask).mean()
     # "paper": the authors' sum over tokens and windows, divided by h*h and the number of windows.

@@ -242,6 +242,14 @@ class MoGESparseMoeBlock(nn.Module):
         distance = self.window_squared_distance.to(torch.float32)
         return window_matrix_from_layout(self.window_experts, distance, sigma, self.experts.num_experts)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` would round the window weights (their sums drift off 1): keep them in float32, as
+        # `from_pretrained(dtype=...)` does, rebuilt exactly from the integer layout.
+        super()._apply(fn, recurse)
+        if self.window_matrix.dtype != torch.float32:
+            self.window_matrix = self.build_window_matrix(self.sigma)
+        return self
+
     @torch.no_grad()
     def set_sigma(self, sigma: float) -> None:
         """Set the Gaussian sigma of the regularizer (in place, so compiled graphs stay valid)."""
@@ -390,6 +398,7 @@ class MoGEModelMixin:
     def _swap_mlps(self, layers: nn.ModuleList, mlp_name: str, activation: str, dropout: float) -> None:
         """Replace the dense MLP `layers[i].<mlp_name>` of every layer in `config.moe_layers` by a MoGE block."""
         config = self.config
+        config.validate_moge_fields()  # fields set one by one since the config was built are checked together here
         intermediate_size = config.expert_intermediate_size or config.dense_intermediate_size
         for index in config.moe_layers:
             block = MoGESparseMoeBlock(config, config.hidden_size, intermediate_size, activation, dropout)
@@ -417,6 +426,8 @@ class MoGEModelMixin:
             fractions = self._global_dispatch_fractions(records, token_mask)
         coefs = (self.config.router_aux_loss_coef, self.config.router_z_loss_coef, self.config.moge_loss_coef)
         differentiable = frozenset(name for name, coef in zip(ROUTING_LOSS_NAMES, coefs) if coef)
+        if differentiable and torch.is_grad_enabled() and self.training:
+            self._check_routing_has_graph(blocks, records)
         per_layer = [
             block.routing_losses(routing, token_mask, fraction, differentiable)
             for block, routing, fraction in zip(blocks, records, fractions)
@@ -425,6 +436,19 @@ class MoGEModelMixin:
         if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
             fields["router_logits"] = tuple(routing.logits for routing in records)
         return outputs, fields
+
+    @staticmethod
+    def _check_routing_has_graph(blocks: list[MoGESparseMoeBlock], records: list[MoGERouting]) -> None:
+        """Raise if a trainable router's probabilities carry no autograd graph: the routing losses would then train
+        nothing, silently. Reentrant activation checkpointing does that (the layer's first forward runs under
+        `no_grad`, and the routing reaches the model by a side channel, not as an output of the checkpointed layer)."""
+        for block, routing in zip(blocks, records):
+            if block.router.weight.requires_grad and not routing.probs.requires_grad:
+                raise RuntimeError(
+                    "The routing of a MoGE layer carries no gradient in training, so the routing losses (load "
+                    "balancing, z-loss, MoGE) would not train the router. Reentrant activation checkpointing does "
+                    "this: use gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)."
+                )
 
     def _global_dispatch_fractions(self, records: list[MoGERouting], token_mask: torch.Tensor | None):
         """Per MoGE layer, the `(k, E)` dispatch fractions of the global batch: one all-reduce over all ranks."""

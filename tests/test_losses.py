@@ -219,6 +219,25 @@ def test_group_sparsity_eps_on_empty_windows():
     assert (grad[0, torch.arange(32) != 5] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "paper"])
+def test_group_sparsity_is_float32_under_autocast(dtype, reduction):
+    # A confident router: in fp16 the far windows' squared probabilities and the 1e-8 underflow to 0 (the gradient
+    # of sqrt(0) is infinite), and the paper reduction's sum over many tokens overflows.
+    logits = torch.zeros(4096, 16)
+    logits[:, 0] = 12.0
+    grads = []
+    for autocast in (False, True):
+        z = logits.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            loss = group_sparsity_loss(z.softmax(-1), (4, 4), window=2, sigma=1.0, reduction=reduction)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        grads.append(z.grad)
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_group_sparsity_is_row_major():
     # On a (2, 4) map, row-major: expert 4 sits at (1, 0), just below expert 0, while expert 2 sits at (0, 2), two
     # columns away. A 2x2 "valid" window holds experts 0 and 4 together, never experts 0 and 2.

@@ -2,6 +2,7 @@
 
 import copy
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -211,6 +212,18 @@ def test_gradient_checkpointing_matches(case):
             torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
+def test_reentrant_checkpointing_refused_since_routing_losses_would_train_nothing():
+    model, batch = build("gpt2-lm", router_jitter_noise=0.0)
+    model.train()
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    kwargs_name = next(n for n in inspect.signature(enable).parameters if n.endswith("checkpointing_kwargs"))
+    enable(**{kwargs_name: {"use_reentrant": True}})
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        model(**batch)
+    with torch.no_grad():  # evaluation needs no routing gradient
+        assert torch.isfinite(model(**batch).loss)
+
+
 def test_generate_with_cache_matches_without():
     model, _ = build("gpt2-lm")
     model.eval()
@@ -292,6 +305,32 @@ def test_bfloat16_forward():
     outputs = model(**batch)
     assert outputs.logits.dtype == torch.bfloat16
     assert torch.isfinite(outputs.loss) and torch.isfinite(outputs.moge_loss)
+
+
+def test_window_weights_stay_float32_when_the_model_is_cast():
+    model, batch = build("gpt2-lm", n_inner=64)
+    exact = [block.window_matrix.clone() for block in model.moge_blocks()]
+    model = model.to(torch.bfloat16)
+    for block, matrix in zip(model.moge_blocks(), exact):
+        assert block.window_matrix.dtype == torch.float32
+        torch.testing.assert_close(block.window_matrix, matrix, rtol=0, atol=0)
+    model.set_moge_sigma(2.5)  # and a new sigma is still written in place, in float32
+    assert all(block.window_matrix.dtype == torch.float32 for block in model.moge_blocks())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_routing_losses_are_float32_under_autocast(dtype):
+    model, batch = build("gpt2-lm", n_inner=64, num_experts=16, moge_map_shape=[4, 4], moge_loss_coef=0.01)
+    with torch.no_grad():  # confident routers, whose far windows' squared probabilities underflow in fp16
+        for block in model.moge_blocks():
+            block.router.weight.mul_(300.0)
+    reference = model(**batch)
+    with torch.autocast("cpu", dtype=dtype):
+        outputs = model(**batch)
+    assert outputs.moge_loss.dtype == torch.float32
+    torch.testing.assert_close(outputs.moge_loss, reference.moge_loss, rtol=1e-2, atol=0)
+    outputs.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -410,6 +449,36 @@ def test_good_config_edge_cases():
     assert gpt2_config(moge_map_shape=None, num_experts=32, moge_window=3).moge_resolved_map_shape == (4, 8)
     assert gpt2_config(num_experts_per_tok=1).moge_norm_topk_prob is False
     assert gpt2_config(num_experts_per_tok=2).moge_norm_topk_prob is True
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("moge_loss_coef", -1.0), ("moge_padding", "same"), ("moge_window", 0), ("router_jitter_noise", 1.0),
+     ("moge_sigma", float("nan")), ("moge_sigma_schedule", [1.0, 2.0]), ("num_experts", 0)],
+)
+def test_bad_value_assigned_to_a_built_config_raises_and_keeps_the_old_one(field, value):
+    config = gpt2_config()
+    before = getattr(config, field)
+    with pytest.raises(ValueError, match=field):
+        setattr(config, field, value)
+    assert getattr(config, field) == before
+
+
+def test_fields_that_only_clash_together_are_checked_on_validate_save_and_model_build(tmp_path):
+    config = gpt2_config()
+    config.moge_window = 3  # valid alone, but no 3x3 window fits the 2x4 map with valid padding
+    with pytest.raises(Exception, match="moge_window"):
+        config.validate()
+    with pytest.raises(Exception, match="moge_window"):
+        config.save_pretrained(tmp_path / "config")
+    with pytest.raises(ValueError, match="moge_window"):
+        GPT2MoGELMHeadModel(config)
+    model, _ = build("gpt2-lm")
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="moge_padding"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", moge_padding="same")
+    with pytest.raises(ValueError, match="moge_window"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", moge_window=9)
 
 
 def test_bad_config_file_raises_on_load(tmp_path):
