@@ -49,6 +49,9 @@ logger = logging.get_logger(__name__)
 
 # moge_hf's fused Triton experts, chosen with `experts_implementation="moge_triton"` (GPU, eager mode).
 ALL_EXPERTS_FUNCTIONS.register("moge_triton", triton_experts_forward)
+# What MoGE experts (non-gated, with biases) can run: transformers' other kernels (e.g. sonicmoe, deepgemm) need gated
+# experts.
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "moge_triton")
 
 __all__ = [
     "GPT2MoGEForSequenceClassification",
@@ -326,6 +329,11 @@ class MoGEModelMixin:
         # (see `MoGEExperts.forward`); transformers would default to `grouped_mm`, slower on CPU.
         if requested_experts is None:
             return "eager"
+        if requested_experts not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"experts_implementation={requested_experts!r} cannot run MoGE experts (non-gated MLPs with biases); "
+                f"choose one of {EXPERTS_IMPLEMENTATIONS}"
+            )
         if requested_experts == "moge_triton" and not triton_experts_available():
             raise ValueError(
                 'experts_implementation="moge_triton" needs triton and a CUDA GPU; use "grouped_mm" or "eager"'

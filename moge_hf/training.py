@@ -12,7 +12,8 @@ first otherwise.
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +29,8 @@ __all__ = [
     "MoGESigmaCallback",
     "add_moge_callback",
     "annealed_sigma",
+    "baseline_training_args",
+    "check_local_source",
     "resolve_checkpoint",
     "train_and_evaluate",
 ]
@@ -42,7 +45,9 @@ SHAPE_FREE_MOGE_FIELDS = (
     "router_z_loss_coef",
     "router_jitter_noise",
     "norm_topk_prob",
+    "num_experts_per_tok",
     "moge_loss_coef",
+    "moge_map_shape",
     "moge_window",
     "moge_sigma",
     "moge_sigma_schedule",
@@ -481,10 +486,31 @@ def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_a
     return value
 
 
+def check_local_source(flag: str, value: str | None) -> None:
+    """Raise `FileNotFoundError` when `value` (a model, tokenizer or processor to load) is written as a local path
+    (absolute, `./`, `../`, `~`, or with more than one `/`) and no such folder exists, instead of the Hub's error
+    about repo ids. A plain `name` or `org/name` may be a Hub id and is left to `from_pretrained`."""
+    if value is None or os.path.exists(os.path.expanduser(value)):
+        return
+    if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value:
+        raise FileNotFoundError(f"{flag} {value!r} does not exist (a local folder was meant, by its path).")
+
+
+def baseline_training_args(training_args: TrainingArguments) -> TrainingArguments:
+    """The `TrainingArguments` of a script's MoE baseline arm: `<output_dir>/moe_baseline`, and with `--push_to_hub`
+    its own Hub repo, `<hub_model_id>-moe-baseline`, so that it never overwrites the MoGE model's repo."""
+    changes = {"output_dir": os.path.join(training_args.output_dir, "moe_baseline")}
+    if training_args.push_to_hub:
+        repo = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+        changes["hub_model_id"] = f"{repo}-moe-baseline"
+    return replace(training_args, **changes)
+
+
 def train_and_evaluate(trainer: Trainer, name: str, train_samples: int, eval_samples: int, log=None) -> dict:
-    """`do_train` (resuming as `resolve_checkpoint` says, saving model, metrics and state) then `do_eval`, the way
-    transformers' example scripts do; returns the metrics, with the last logged unscaled MoGE loss. `log` (a
-    script's logger; default this module's) reports a resumed checkpoint."""
+    """`do_train` (resuming as `resolve_checkpoint` says, saving model, metrics and state) then `do_eval`, then with
+    `push_to_hub` one last push (so that the Hub's card and files hold the evaluation), the way transformers' example
+    scripts do; returns the metrics, with the last logged unscaled MoGE loss. `log` (a script's logger; default this
+    module's) reports a resumed checkpoint."""
     training_args = trainer.args
     metrics = {}
     if training_args.do_train:
@@ -507,4 +533,6 @@ def train_and_evaluate(trainer: Trainer, name: str, train_samples: int, eval_sam
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"{name}: end of training")
     return metrics

@@ -6,7 +6,8 @@ the FLOPs of one token's k experts). Every number is the median of `--reps` runs
 CUDA events on a GPU and `time.perf_counter` on CPU, all in one process so that the ratios compare like with like.
 
 Step mode (`--step`) times a whole GPT-2 MoGE training step (forward, backward, AdamW) with `moge_loss_coef` 0 and
-> 0, and reports tokens/s and peak memory of both: the cost of the regularizer in a real model.
+> 0, and reports tokens/s and peak memory of both: the cost of the regularizer in a real model. Both run on one model
+whose weights stay put (AdamW at learning rate 0), so that both route alike and differ only by the regularizer.
 
     python scripts/bench_moge.py                       # GPU: GPT-2 small shape, E=16, k=2, 16k tokens, bf16
     python scripts/bench_moge.py --sweep               # GPU: GPT-2 S/M, ViT-S/B shapes, E 8..64, k 1/2, 4k..64k
@@ -251,8 +252,12 @@ def _path_order(name: str):
 # ---- training step -------------------------------------------------------------------------------------------------
 
 
-def make_train_step(args, device: torch.device, dtype: torch.dtype, path: str, compile_: bool, coef: float):
-    """One GPT-2 MoGE training step (sigma schedule, autocast forward, backward, AdamW) as a closure."""
+def make_train_steps(args, device: torch.device, dtype: torch.dtype, path: str, compile_: bool, coefs) -> dict:
+    """GPT-2 MoGE training steps (sigma schedule, autocast forward, backward, AdamW) as closures, one per lambda in
+    `coefs`, on one shared model: each closure sets `config.moge_loss_coef` before its step. AdamW runs with learning
+    rate 0 (every kernel of a real step runs; the weights stay put), so every step of every lambda routes the same
+    tokens to the same experts and the steps differ only by the regularizer. Two separately trained models would
+    drift apart in routing (and expert loads, and so in time), which would blur a 2% difference."""
     torch.manual_seed(0)
     config = GPT2MoGEConfig(
         n_embd=args.step_hidden,
@@ -265,31 +270,35 @@ def make_train_step(args, device: torch.device, dtype: torch.dtype, path: str, c
         num_experts=args.num_experts[0],
         num_experts_per_tok=args.top_k[0],
         moge_window=min(3, *default_map_shape(args.num_experts[0])),
-        moge_loss_coef=coef,
         moge_sigma_schedule=[10.0, 1.0, 0.2],
         attn_implementation="sdpa",
         experts_implementation=path,
     )
     model = GPT2MoGELMHeadModel(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda")
     forward = torch.compile(model) if compile_ else model
     ids = torch.randint(0, config.vocab_size, (args.step_batch, args.step_seq), device=device)
     state = {"step": 0}
 
-    def step():
-        model.set_moge_sigma(10.0 - 9.0 * min(1.0, state["step"] / 100) ** 0.2)  # what MoGESigmaCallback does
-        state["step"] += 1
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = forward(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def make_step(coef: float):
+        def step():
+            model.config.moge_loss_coef = coef
+            model.set_moge_sigma(10.0 - 9.0 * min(1.0, state["step"] / 100) ** 0.2)  # what MoGESigmaCallback does
+            state["step"] += 1
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = forward(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    return step
+        return step
+
+    return {coef: make_step(coef) for coef in coefs}
 
 
 def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """GPT-2 MoGE training steps, lambda = 0 against lambda > 0 (timed interleaved), per experts implementation."""
+    """GPT-2 MoGE training steps, lambda = 0 against lambda > 0 (paired on one model, timed interleaved), per experts
+    implementation."""
     results = []
     tokens = args.step_batch * args.step_seq
     timer = Timer(device, args.warmup, args.reps)
@@ -298,19 +307,20 @@ def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
             continue
         for compile_ in args.compile_modes:
             torch._dynamo.reset()  # see run_block_case
-            steps = {}
-            for coef in (0.0, args.moge_loss_coef):
-                name = f"{path}{'+compile' if compile_ else ''} lambda={coef:g}"
-                try:
-                    step = make_train_step(args, device, dtype, path, compile_, coef)
+            label = f"{path}{'+compile' if compile_ else ''}"
+            try:
+                steps = make_train_steps(args, device, dtype, path, compile_, (0.0, args.moge_loss_coef))
+                named = {f"{label} lambda={coef:g}": step for coef, step in steps.items()}
+                peaks = {}
+                for name, step in named.items():
                     step()
-                    steps[name] = (step, timer.peak_mib(step))
-                except Exception as error:
-                    results.append({"name": name, "error": f"{type(error).__name__}: {_first_line(error)}"})
-            for name, ms in timer.median_ms({name: step for name, (step, _) in steps.items()}).items():
-                peak = steps[name][1]
-                results.append({"name": name, "ms": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mib": peak})
-            steps.clear()
+                    peaks[name] = timer.peak_mib(step)
+            except Exception as error:
+                results.append({"name": label, "error": f"{type(error).__name__}: {_first_line(error)}"})
+                continue
+            for name, ms in timer.median_ms(named).items():
+                results.append({"name": name, "ms": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mib": peaks[name]})
+            del steps, named
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(

@@ -252,7 +252,9 @@ class ModelArguments:
     tokenizer: str | None = field(default=None, metadata={"help": "Language: `char` or `bpe` (byte-level BPE)."})
     bpe_vocab_size: int = field(default=2048, metadata={"help": "Language: vocabulary of the trained BPE."})
     block_size: int | None = field(default=None, metadata={"help": "Language: tokens per training sequence."})
-    experts_implementation: str | None = field(default=None, metadata={"help": "eager, grouped_mm, batched_mm."})
+    experts_implementation: str | None = field(
+        default=None, metadata={"help": "eager (default), grouped_mm, batched_mm or moge_triton (GPU)."}
+    )
 
 
 @dataclass

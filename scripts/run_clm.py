@@ -34,7 +34,7 @@ import math
 import os
 import socket
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import chain
 from urllib.parse import urlparse
 
@@ -52,16 +52,21 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
 from moge_hf.hub import add_moge_hub_callback
-from moge_hf.training import MoGEArguments, add_moge_callback, train_and_evaluate
+from moge_hf.modeling_moge import EXPERTS_IMPLEMENTATIONS
+from moge_hf.training import (
+    MoGEArguments,
+    add_moge_callback,
+    baseline_training_args,
+    check_local_source,
+    train_and_evaluate,
+)
 
 
 logger = logging.getLogger(__name__)
 
-EXPERTS_IMPLEMENTATIONS = ("eager", *ALL_EXPERTS_FUNCTIONS.keys())
 END_OF_TEXT = "<|endoftext|>"
 # Architecture of a model built from scratch, when not given (the main job's small GPT-2 MoGE).
 SCRATCH_DEFAULTS = {"n_layer": 4, "n_embd": 128, "n_head": 4}
@@ -104,13 +109,16 @@ class ModelArguments(MoGEArguments):
     )
     dropout: float | None = field(
         default=None,
-        metadata={"help": "Sets resid_pdrop, embd_pdrop and attn_pdrop (from scratch default 0.0: short runs)."},
+        metadata={
+            "help": "Sets resid_pdrop, embd_pdrop and attn_pdrop (from scratch default 0.0: short runs; a loaded or "
+            "upcycled model keeps its own unless given)."
+        },
     )
     experts_implementation: str | None = field(
         default=None,
         metadata={
-            "help": f"Experts implementation, one of {EXPERTS_IMPLEMENTATIONS} (default: transformers' choice; "
-            "`eager` is the fastest for small models on a CPU)."
+            "help": f"Experts implementation, one of {EXPERTS_IMPLEMENTATIONS} (default `eager`: moge_hf's own, "
+            "the fastest on a CPU; `moge_triton` is the fused Triton kernel for a GPU)."
         },
     )
     compare_moe_baseline: bool = field(
@@ -182,6 +190,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ValueError(
             f"Unknown --experts_implementation {implementation!r}; choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}."
         )
+    for name in ("model_name_or_path", "dense_model_name_or_path", "tokenizer_name"):
+        check_local_source(f"--{name}", getattr(model_args, name))
     if model_args.tokenizer_name is None and not model_args.model_name_or_path:
         if not model_args.dense_model_name_or_path and model_args.vocab_size < 257:
             raise ValueError(
@@ -193,6 +203,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         )
     if data_args.dataset_name is not None and data_args.train_file is not None:
         raise ValueError("Pass either --dataset_name or --train_file, not both.")
+    if data_args.validation_file is not None and data_args.train_file is None:
+        raise ValueError("--validation_file goes with --train_file (a --dataset_name has its own validation split).")
     for name in ("train_file", "validation_file"):
         path = getattr(data_args, name)
         if path is not None:
@@ -208,17 +220,19 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ValueError(f"--block_size must be at least 2, got {data_args.block_size}.")
 
 
+def dropout_fields(dropout: float | None) -> dict:
+    """`--dropout` as GPT-2's dropout rates; none when not given (a loaded or upcycled model keeps its own)."""
+    return {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+
+
 def scratch_config(model_args: ModelArguments, data_args: DataArguments, vocab_size: int, eos_id: int):
     """The `GPT2MoGEConfig` of a model built from scratch; invalid MoGE values raise its `ValueError`."""
     kwargs = {name: getattr(model_args, name) or default for name, default in SCRATCH_DEFAULTS.items()}
-    dropout = model_args.dropout if model_args.dropout is not None else 0.0
     return GPT2MoGEConfig(
         vocab_size=vocab_size,
         n_positions=model_args.n_positions or data_args.block_size,
         n_inner=model_args.n_inner,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
+        **dropout_fields(model_args.dropout if model_args.dropout is not None else 0.0),
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         **kwargs,
@@ -323,9 +337,10 @@ def get_tokenizer(model_args: ModelArguments, data_args: DataArguments, raw: Dat
         try:
             return AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as error:
-            flag = "--tokenizer_name" if model_args.tokenizer_name else "the model's folder"
+            if model_args.tokenizer_name:
+                raise ValueError(f"Could not load a tokenizer from --tokenizer_name {source!r}: {error}") from error
             raise ValueError(
-                f"Could not load a tokenizer from {source!r} ({flag}): {error}. Pass --tokenizer_name explicitly."
+                f"Could not load a tokenizer from the model's folder {source!r}: {error}. Pass --tokenizer_name."
             ) from error
     logger.info(f"Training a byte-level BPE tokenizer (vocab {model_args.vocab_size}) on the training text")
     train = raw["train"]
@@ -370,9 +385,10 @@ def tokenize_and_group(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, col
         )
         if len(grouped[split]) == 0:
             num_tokens = sum(len(ids) for ids in dataset["input_ids"])
+            percentage = "smaller" if split == "train" else "larger"
             raise ValueError(
                 f"The {split} text has {num_tokens} tokens, fewer than --block_size {block_size}: pass more text "
-                "(a longer file, or a larger --validation_split_percentage), or a smaller --block_size."
+                f"(a longer file, or a {percentage} --validation_split_percentage), or a smaller --block_size."
             )
     if data_args.max_train_samples is not None:
         grouped["train"] = grouped["train"].select(range(min(len(grouped["train"]), data_args.max_train_samples)))
@@ -392,10 +408,15 @@ def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overr
     """From scratch (`config`), upcycled from the dense model, or loaded; then the experts implementation."""
     if model_args.dense_model_name_or_path:
         model = GPT2MoGELMHeadModel.from_dense(
-            model_args.dense_model_name_or_path, expert_noise_std=model_args.expert_noise_std, **overrides
+            model_args.dense_model_name_or_path,
+            expert_noise_std=model_args.expert_noise_std,
+            **dropout_fields(model_args.dropout),
+            **overrides,
         )
     elif model_args.model_name_or_path:
-        model = GPT2MoGELMHeadModel.from_pretrained(model_args.model_name_or_path, **overrides)
+        model = GPT2MoGELMHeadModel.from_pretrained(
+            model_args.model_name_or_path, **dropout_fields(model_args.dropout), **overrides
+        )
     else:
         model = GPT2MoGELMHeadModel(config)
     if model_args.experts_implementation is not None:
@@ -537,10 +558,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     arms = [("MoGE", overrides, training_args)]
     if model_args.compare_moe_baseline:
-        baseline_dir = os.path.join(training_args.output_dir, "moe_baseline")
-        arms.append(
-            ("MoE baseline", {**overrides, "moge_loss_coef": 0.0}, replace(training_args, output_dir=baseline_dir))
-        )
+        arms.append(("MoE baseline", {**overrides, "moge_loss_coef": 0.0}, baseline_training_args(training_args)))
     results, rows = {}, []
     for name, arm_overrides, arm_args in arms:
         if model is None:

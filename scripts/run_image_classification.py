@@ -35,7 +35,7 @@ import os
 import random
 import socket
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import datasets
@@ -51,16 +51,21 @@ from transformers import (
     ViTImageProcessor,
     set_seed,
 )
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
 from moge_hf.hub import add_moge_hub_callback
-from moge_hf.training import MoGEArguments, add_moge_callback, train_and_evaluate
+from moge_hf.modeling_moge import EXPERTS_IMPLEMENTATIONS
+from moge_hf.training import (
+    MoGEArguments,
+    add_moge_callback,
+    baseline_training_args,
+    check_local_source,
+    train_and_evaluate,
+)
 
 
 logger = logging.getLogger(__name__)
 
-EXPERTS_IMPLEMENTATIONS = ("eager", *ALL_EXPERTS_FUNCTIONS.keys())
 # Architecture of a model built from scratch, when not given: a small ViT for 32x32 images.
 SCRATCH_DEFAULTS = {
     "image_size": 32,
@@ -106,12 +111,17 @@ class ModelArguments(MoGEArguments):
     num_attention_heads: int | None = field(default=None, metadata={"help": "From scratch: heads (default 3)."})
     intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: MLP size (default 768)."})
     dropout: float | None = field(
-        default=None, metadata={"help": "Sets hidden_dropout_prob and attention_probs_dropout_prob (scratch: 0.0)."}
+        default=None,
+        metadata={
+            "help": "Sets hidden_dropout_prob and attention_probs_dropout_prob (from scratch default 0.0; a loaded or "
+            "upcycled model keeps its own unless given)."
+        },
     )
     experts_implementation: str | None = field(
         default=None,
         metadata={
-            "help": f"Experts implementation, one of {EXPERTS_IMPLEMENTATIONS} (default: transformers' choice)."
+            "help": f"Experts implementation, one of {EXPERTS_IMPLEMENTATIONS} (default `eager`: moge_hf's own, "
+            "the fastest on a CPU; `moge_triton` is the fused Triton kernel for a GPU)."
         },
     )
     compare_moe_baseline: bool = field(
@@ -187,6 +197,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ValueError(
             f"Unknown --experts_implementation {implementation!r}; choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}."
         )
+    for name in ("model_name_or_path", "dense_model_name_or_path", "image_processor_name"):
+        check_local_source(f"--{name}", getattr(model_args, name))
     sources = [name for name in ("dataset_name", "train_dir", "train_file") if getattr(data_args, name)]
     if len(sources) != 1:
         raise ValueError(
@@ -216,13 +228,16 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ImportError("Images need Pillow: pip install Pillow") from error
 
 
+def dropout_fields(dropout: float | None) -> dict:
+    """`--dropout` as ViT's dropout rates; none when not given (a loaded or upcycled model keeps its own)."""
+    return {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+
+
 def scratch_config(model_args: ModelArguments, labels: list[str]) -> ViTMoGEConfig:
     """The `ViTMoGEConfig` of a model built from scratch; invalid MoGE values raise its `ValueError`."""
     kwargs = {name: getattr(model_args, name) or default for name, default in SCRATCH_DEFAULTS.items()}
-    dropout = model_args.dropout if model_args.dropout is not None else 0.0
     return ViTMoGEConfig(
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
+        **dropout_fields(model_args.dropout if model_args.dropout is not None else 0.0),
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
@@ -441,11 +456,16 @@ def build_model(
             model_args.dense_model_name_or_path,
             expert_noise_std=model_args.expert_noise_std,
             **label_fields,
+            **dropout_fields(model_args.dropout),
             **overrides,
         )
     elif model_args.model_name_or_path:
         model = ViTMoGEForImageClassification.from_pretrained(
-            model_args.model_name_or_path, **label_fields, **overrides, ignore_mismatched_sizes=True
+            model_args.model_name_or_path,
+            **label_fields,
+            **dropout_fields(model_args.dropout),
+            **overrides,
+            ignore_mismatched_sizes=True,
         )
     else:
         model = ViTMoGEForImageClassification(config)
@@ -617,10 +637,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     arms = [("MoGE", overrides, training_args)]
     if model_args.compare_moe_baseline:
-        baseline_dir = os.path.join(training_args.output_dir, "moe_baseline")
-        arms.append(
-            ("MoE baseline", {**overrides, "moge_loss_coef": 0.0}, replace(training_args, output_dir=baseline_dir))
-        )
+        arms.append(("MoE baseline", {**overrides, "moge_loss_coef": 0.0}, baseline_training_args(training_args)))
     results, rows = {}, []
     for name, arm_overrides, arm_args in arms:
         set_seed(training_args.seed)  # the same initial weights and augmentations in every arm

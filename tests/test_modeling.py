@@ -284,6 +284,13 @@ def test_experts_implementations_agree_in_the_model(implementation):
     torch.testing.assert_close(model(**batch).logits, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["sonicmoe", "deepgemm", "fancy_mm"])
+def test_experts_implementations_that_cannot_run_moge_experts_are_refused(implementation):
+    model, _ = build("gpt2-lm")
+    with pytest.raises(ValueError, match=rf"{implementation}.*cannot run MoGE experts"):
+        model.set_experts_implementation(implementation)
+
+
 def test_grouped_mm_refused_for_unaligned_sizes():
     model, batch = build("gpt2-lm")  # n_inner=37
     assert model.config._experts_implementation == "eager"  # the default, for every size
@@ -453,8 +460,15 @@ def test_good_config_edge_cases():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("moge_loss_coef", -1.0), ("moge_padding", "same"), ("moge_window", 0), ("router_jitter_noise", 1.0),
-     ("moge_sigma", float("nan")), ("moge_sigma_schedule", [1.0, 2.0]), ("num_experts", 0)],
+    [
+        ("moge_loss_coef", -1.0),
+        ("moge_padding", "same"),
+        ("moge_window", 0),
+        ("router_jitter_noise", 1.0),
+        ("moge_sigma", float("nan")),
+        ("moge_sigma_schedule", [1.0, 2.0]),
+        ("num_experts", 0),
+    ],
 )
 def test_bad_value_assigned_to_a_built_config_raises_and_keeps_the_old_one(field, value):
     config = gpt2_config()

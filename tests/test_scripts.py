@@ -19,6 +19,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from test_hub import FakeHub
 from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
@@ -412,7 +413,7 @@ def test_image_classification_rejects_bad_input_before_training(run_image_classi
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--num_experts", "4"), ("--moge_map_shape", "2 2")])
+@pytest.mark.parametrize("flag, value", [("--num_experts", "4"), ("--expert_intermediate_size", "8")])
 def test_clm_refuses_shape_changes_on_a_saved_model(run_clm, text_file, tmp_path, flag, value):
     args = ["--model_name_or_path", str(tmp_path / "saved"), "--train_file", str(text_file)]
     args += ["--output_dir", str(tmp_path / "out"), *COMMON, flag, *value.split()]
@@ -420,3 +421,46 @@ def test_clm_refuses_shape_changes_on_a_saved_model(run_clm, text_file, tmp_path
         run_clm.main(args)
     # Fields that leave the weights' shapes alone are allowed: the same check passes for them.
     assert run_clm.ModelArguments(moge_loss_coef=0.5, moge_window=1).shape_changing_overrides() == []
+    assert run_clm.ModelArguments(num_experts_per_tok=1, moge_map_shape=[1, 4]).shape_changing_overrides() == []
+
+
+def test_clm_checks_override_values_on_a_saved_model_before_training(run_clm, text_file, tmp_path):
+    saved = tmp_path / "saved"
+    run_clm.main(clm_args(text_file, saved, "--save_strategy", "no", "--do_train"))
+    base = ["--model_name_or_path", str(saved), "--train_file", str(text_file), "--output_dir", str(tmp_path / "out")]
+    base += ["--max_steps", "1", *COMMON]
+    for flag, value in [("--moge_padding", "same"), ("--moge_loss_coef", "nan"), ("--moge_window", "9")]:
+        with pytest.raises(ValueError, match=flag[2:]):
+            run_clm.main([*base, flag, value])
+    assert not (tmp_path / "out").exists()
+
+
+def test_clm_applies_dropout_to_a_loaded_model_and_checks_local_paths(run_clm, text_file, tmp_path):
+    saved = tmp_path / "saved"
+    run_clm.main(clm_args(text_file, saved, "--save_strategy", "no", "--do_train", "--dropout", "0.0"))
+    model = run_clm.build_model(run_clm.ModelArguments(model_name_or_path=str(saved), dropout=0.3), None, {})
+    assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (0.3, 0.3, 0.3)
+    kept = run_clm.build_model(run_clm.ModelArguments(model_name_or_path=str(saved)), None, {})
+    assert kept.config.resid_pdrop == 0.0  # not given: the saved model's own
+    for flag in ("--model_name_or_path", "--tokenizer_name"):
+        args = [flag, str(tmp_path / "nowhere"), "--train_file", str(text_file), "--output_dir", str(tmp_path / "o")]
+        with pytest.raises(FileNotFoundError, match=rf"{flag} .*nowhere' does not exist"):
+            run_clm.main([*args, *COMMON])
+    args = ["--dataset_name", "wikitext", "--validation_file", str(text_file), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="--validation_file goes with --train_file"):
+        run_clm.main([*args, *COMMON])
+
+
+def test_clm_pushes_each_arm_to_its_own_repo_after_evaluation(run_clm, text_file, tmp_path, monkeypatch):
+    hub = FakeHub(tmp_path / "hub")
+    hub.install(monkeypatch)
+    args = clm_args(text_file, tmp_path / "out", "--moge_loss_coef", "0.1", "--compare_moe_baseline")
+    run_clm.main([*args, "--save_strategy", "no", "--push_to_hub", "--hub_model_id", "me/gpt2-moge"])
+    last = {upload["repo_id"]: upload for upload in hub.uploads}  # the last push to each repo
+    assert set(last) == {"me/gpt2-moge", "me/gpt2-moge-moe-baseline"}
+    for repo_id, coef in [("me/gpt2-moge", 0.1), ("me/gpt2-moge-moe-baseline", 0.0)]:
+        folder = last[repo_id]["folder"]
+        assert json.loads((folder / "config.json").read_text())["moge_loss_coef"] == coef
+        assert "eval_perplexity" in read_json(folder / "eval_results.json")
+        perplexity = read_json(folder / "eval_results.json")["eval_perplexity"]
+        assert f"| validation | perplexity | {perplexity:.4f} |" in (folder / "README.md").read_text()  # on the card
