@@ -252,12 +252,14 @@ def _path_order(name: str):
 # ---- training step -------------------------------------------------------------------------------------------------
 
 
-def make_train_steps(args, device: torch.device, dtype: torch.dtype, path: str, compile_: bool, coefs) -> dict:
-    """GPT-2 MoGE training steps (sigma schedule, autocast forward, backward, AdamW) as closures, one per lambda in
-    `coefs`, on one shared model: each closure sets `config.moge_loss_coef` before its step. AdamW runs with learning
-    rate 0 (every kernel of a real step runs; the weights stay put), so every step of every lambda routes the same
-    tokens to the same experts and the steps differ only by the regularizer. Two separately trained models would
-    drift apart in routing (and expert loads, and so in time), which would blur a 2% difference."""
+def make_train_steps(args, device: torch.device, dtype: torch.dtype, path: str, compile_: bool, coefs):
+    """`(model, {lambda: step})`: GPT-2 MoGE training steps (sigma schedule, autocast forward, backward, AdamW) as
+    closures, one per lambda in `coefs`, on one shared model; each closure sets `config.moge_loss_coef` first.
+
+    AdamW runs with learning rate 0 (every kernel of a real step runs; the weights stay put), so every step of every
+    lambda routes the same tokens to the same experts and the steps differ only by the regularizer. Two separately
+    trained models would drift apart in routing (and expert loads, and so in time), which would blur a 2% difference.
+    """
     torch.manual_seed(0)
     config = GPT2MoGEConfig(
         n_embd=args.step_hidden,
@@ -272,9 +274,9 @@ def make_train_steps(args, device: torch.device, dtype: torch.dtype, path: str, 
         moge_window=min(3, *default_map_shape(args.num_experts[0])),
         moge_sigma_schedule=[10.0, 1.0, 0.2],
         attn_implementation="sdpa",
-        experts_implementation=path,
     )
     model = GPT2MoGELMHeadModel(config).to(device).train()
+    model.config._experts_implementation = path  # read at each call; `hf_loop` is this script's, not a model option
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda")
     forward = torch.compile(model) if compile_ else model
     ids = torch.randint(0, config.vocab_size, (args.step_batch, args.step_seq), device=device)
@@ -293,7 +295,7 @@ def make_train_steps(args, device: torch.device, dtype: torch.dtype, path: str, 
 
         return step
 
-    return {coef: make_step(coef) for coef in coefs}
+    return model, {coef: make_step(coef) for coef in coefs}
 
 
 def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -309,7 +311,7 @@ def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
             torch._dynamo.reset()  # see run_block_case
             label = f"{path}{'+compile' if compile_ else ''}"
             try:
-                steps = make_train_steps(args, device, dtype, path, compile_, (0.0, args.moge_loss_coef))
+                _, steps = make_train_steps(args, device, dtype, path, compile_, (0.0, args.moge_loss_coef))
                 named = {f"{label} lambda={coef:g}": step for coef, step in steps.items()}
                 peaks = {}
                 for name, step in named.items():

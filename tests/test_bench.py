@@ -6,6 +6,7 @@ import json
 import pathlib
 
 import pytest
+import torch
 
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_moge.py"
@@ -38,11 +39,24 @@ def test_block_mode_times_every_path_or_says_why_not(bench, tmp_path, capsys):
 def test_step_mode_compares_lambda_zero_with_lambda_positive(bench, tmp_path, capsys):
     out = tmp_path / "step.json"
     step = ["--step", "--step_hidden", "64", "--step_layers", "2", "--step_batch", "2", "--step_seq", "16"]
-    bench.main([*TINY, *step, "--step_vocab", "50", "--paths", "eager", "--json", str(out)])
+    bench.main([*TINY, *step, "--step_vocab", "50", "--paths", "hf_loop", "eager", "--json", str(out)])
     results = json.loads(out.read_text())["step"]
-    assert [result["name"] for result in results] == ["eager lambda=0", "eager lambda=0.01"]
+    names = ["hf_loop lambda=0", "hf_loop lambda=0.01", "eager lambda=0", "eager lambda=0.01"]
+    assert [result["name"] for result in results] == names
     assert all(result["tokens_per_s"] > 0 for result in results)
     assert "1.000x lambda=0" in capsys.readouterr().out
+
+
+def test_step_mode_pairs_both_lambdas_on_one_model_whose_weights_stay_put(bench):
+    args = bench.parse_args([*TINY, "--step", "--step_hidden", "64", "--step_layers", "2", "--step_vocab", "50"])
+    args.step_batch, args.step_seq = 2, 16
+    model, steps = bench.make_train_steps(args, torch.device("cpu"), torch.float32, "eager", False, (0.0, 0.01))
+    before = [p.detach().clone() for p in model.parameters()]
+    for coef, step in steps.items():
+        step()
+        assert model.config.moge_loss_coef == coef
+    for p, q in zip(model.parameters(), before):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # so both lambdas route the same tokens alike
 
 
 def test_regularizer_mode_checks_both_forms_agree(bench, tmp_path):
