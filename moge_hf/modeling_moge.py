@@ -40,6 +40,7 @@ from .losses import (
     window_layout,
     window_matrix_from_layout,
 )
+from .triton_experts import SUPPORTED_ACTIVATIONS as TRITON_ACTIVATIONS
 from .triton_experts import is_available as triton_experts_available
 from .triton_experts import triton_experts_forward
 from .upcycling import upcycle_from_dense
@@ -168,7 +169,7 @@ class MoGEExperts(nn.Module):
         num_tokens, top_k = top_k_weights.shape
         weighted = rows.float() * top_k_weights.reshape(-1)[order, None]  # (S, d)
         combined = torch.empty_like(weighted).index_copy_(0, order, weighted)  # back to (token, slot) order
-        return combined.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+        return combined.view(num_tokens, top_k, rows.shape[-1]).sum(dim=1).to(dtype)
 
     def sliced_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -183,9 +184,8 @@ class MoGEExperts(nn.Module):
         for rows, up, up_bias, down, down_bias in zip(grouped.split(counts), *(w.unbind(0) for w in weights)):
             if rows.shape[0] > 0:
                 outputs.append(F.linear(self.act_fn(F.linear(rows, up, up_bias)), down, down_bias))
-        if not outputs:  # no tokens at all
-            return torch.zeros_like(hidden_states)
-        return self._combine(torch.cat(outputs), order, top_k_weights, hidden_states.dtype)
+        rows = torch.cat(outputs) if outputs else grouped  # no tokens at all: (0, d), still in the autograd graph
+        return self._combine(rows, order, top_k_weights, hidden_states.dtype)
 
     def grouped_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -333,6 +333,12 @@ class MoGEModelMixin:
             raise ValueError(
                 f"experts_implementation={requested_experts!r} cannot run MoGE experts (non-gated MLPs with biases); "
                 f"choose one of {EXPERTS_IMPLEMENTATIONS}"
+            )
+        activation = getattr(self.config, "activation_function", None) or getattr(self.config, "hidden_act", None)
+        if requested_experts == "moge_triton" and activation not in TRITON_ACTIVATIONS:
+            raise ValueError(
+                f'experts_implementation="moge_triton" fuses only the activations {sorted(TRITON_ACTIVATIONS)}, and '
+                f'this model uses {activation!r}; use "eager" or "grouped_mm"'
             )
         if requested_experts == "moge_triton" and not triton_experts_available():
             raise ValueError(

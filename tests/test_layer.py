@@ -74,6 +74,18 @@ def test_experts_match_per_token_loop(path, num_tokens, num_experts, top_k, star
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_experts_on_no_tokens_give_an_empty_output_in_the_graph(path):
+    experts = make_experts(path.split("-")[0], num_experts=32)
+    hidden_states = torch.randn(0, 16, requires_grad=True)
+    weights = torch.rand(0, 2, requires_grad=True)
+    index = torch.zeros(0, 2, dtype=torch.long)
+    out = run_experts(experts, path, hidden_states, index, weights)
+    assert out.shape == (0, 16) and out.requires_grad
+    out.sum().backward()
+    assert hidden_states.grad.shape == (0, 16)
+
+
 @pytest.mark.parametrize("path", ["eager", "eager-grouped"])
 def test_experts_under_bf16_autocast_keep_fp32_weights_and_output(path):
     experts = make_experts("eager", num_experts=6)

@@ -291,6 +291,12 @@ def test_experts_implementations_that_cannot_run_moge_experts_are_refused(implem
         model.set_experts_implementation(implementation)
 
 
+def test_moge_triton_refused_for_an_activation_it_cannot_fuse():
+    model, _ = build("gpt2-lm", activation_function="gelu_fast")
+    with pytest.raises(ValueError, match="moge_triton.*'gelu_fast'"):
+        model.set_experts_implementation("moge_triton")
+
+
 def test_grouped_mm_refused_for_unaligned_sizes():
     model, batch = build("gpt2-lm")  # n_inner=37
     assert model.config._experts_implementation == "eager"  # the default, for every size
