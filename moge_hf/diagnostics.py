@@ -109,6 +109,14 @@ def to_jsonable(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _as_slots(index: np.ndarray) -> np.ndarray:
+    """Expert indices as `(num_tokens, k)`: a `(num_tokens,)` array is top-1, a scalar one token (also with 0 tokens,
+    where `reshape(0, -1)` cannot infer k)."""
+    if index.ndim == 0:
+        return index.reshape(1, 1)
+    return index.reshape(index.shape[0], index.shape[1] if index.ndim > 1 else 1)
+
+
 def expert_load(top_k_index: ArrayLike, num_experts: int, mask: ArrayLike | None = None) -> np.ndarray:
     """Fraction of the routed token-slots (tokens x k) that went to each expert.
 
@@ -120,8 +128,7 @@ def expert_load(top_k_index: ArrayLike, num_experts: int, mask: ArrayLike | None
     Returns:
         `np.ndarray` of shape `(E,)`, summing to 1 (all zeros when no token is kept). Uniform load is `1 / E`.
     """
-    index = _np(top_k_index).astype(np.int64)
-    index = index.reshape(index.shape[0], -1) if index.ndim else index.reshape(1, 1)
+    index = _as_slots(_np(top_k_index).astype(np.int64))
     keep = _mask(mask, index.shape[0])
     if keep is not None:
         index = index[keep]
@@ -419,9 +426,7 @@ def routing_agreement(
         plus `jaccard`, the mean Jaccard overlap of the top-k sets, and `chance_*`: the same quantities with the
         tokens of `b` randomly re-paired with those of `a` (what load alone gives: concentrated load raises them).
     """
-    a, b = _np(top_k_a).astype(np.int64), _np(top_k_b).astype(np.int64)
-    a = a.reshape(a.shape[0], -1)
-    b = b.reshape(b.shape[0], -1)
+    a, b = _as_slots(_np(top_k_a).astype(np.int64)), _as_slots(_np(top_k_b).astype(np.int64))
     if a.shape != b.shape:
         raise ValueError(f"the two routings must have the same shape, got {a.shape} and {b.shape}")
 
@@ -583,6 +588,8 @@ class RoutingCollector:
         self._hooks: list = []
         self._pending_hidden: list[np.ndarray | None] = [None] * len(self.blocks)
         self._subset: torch.Tensor | None = None
+        # `(num_tokens,)` bool of the current batch's real (unpadded) tokens, set by `collect_routing`; None: all.
+        self.token_mask: torch.Tensor | None = None
 
     def __enter__(self) -> RoutingCollector:
         for layer, block in enumerate(self.blocks):
@@ -600,9 +607,15 @@ class RoutingCollector:
             if self.hidden_tokens_per_batch <= 0:
                 return
             hidden = args[0].detach().reshape(-1, args[0].shape[-1])
-            if layer == 0 or self._subset is None or int(self._subset.max()) >= hidden.shape[0]:
-                count = min(self.hidden_tokens_per_batch, hidden.shape[0])
-                self._subset = torch.randperm(hidden.shape[0], generator=self.generator)[:count].sort().values
+            stale = self._subset is None or (self._subset.numel() and int(self._subset.max()) >= hidden.shape[0])
+            if layer == 0 or stale:
+                # The subset is drawn from the real tokens only (padding takes no part in any diagnostic).
+                candidates = torch.arange(hidden.shape[0])
+                if self.token_mask is not None and self.token_mask.numel() == hidden.shape[0]:
+                    candidates = candidates[self.token_mask]
+                count = min(self.hidden_tokens_per_batch, candidates.numel())
+                draw = torch.randperm(candidates.numel(), generator=self.generator)[:count]
+                self._subset = candidates[draw].sort().values
             self._pending_hidden[layer] = hidden[self._subset.to(hidden.device)].float().cpu().numpy()
 
         return hook
@@ -642,6 +655,16 @@ def _forward_batches(model: nn.Module, batches: Iterable[Mapping[str, Any]], max
         yield batch, _model_inputs(batch, label_key, device)
 
 
+def _joined_mask(masks: list[np.ndarray | None], token_counts: list[int]) -> np.ndarray | None:
+    """The batches' token masks as one; a batch without an attention mask keeps all its tokens (None: no batch had
+    a mask)."""
+    if all(mask is None for mask in masks):
+        return None
+    return np.concatenate(
+        [np.ones(count, dtype=bool) if mask is None else mask for mask, count in zip(masks, token_counts)]
+    )
+
+
 @torch.no_grad()
 def collect_routing(
     model: nn.Module,
@@ -671,7 +694,7 @@ def collect_routing(
     config = moge_model.config
     was_training = model.training
     model.eval()
-    labels, input_ids, masks, example_index, positions = [], [], [], [], []
+    labels, input_ids, masks, token_counts, example_index, positions = [], [], [], [], [], []
     num_examples = 0
     try:
         with RoutingCollector(model, hidden_tokens_per_batch, seed) as collector:
@@ -679,6 +702,9 @@ def collect_routing(
                 main = inputs.get("input_ids", inputs.get("pixel_values", inputs.get("inputs_embeds")))
                 if main is None:
                     raise ValueError("each batch needs `pixel_values`, `input_ids` or `inputs_embeds`")
+                mask = inputs.get("attention_mask")
+                mask = _np(mask).reshape(-1) != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                collector.token_mask = None if mask is None else torch.from_numpy(mask)
                 before = len(collector.records[0])
                 model(**inputs)
                 if len(collector.records[0]) != before + 1:
@@ -690,11 +716,8 @@ def collect_routing(
                 positions.append(np.tile(np.arange(seq), batch_size))
                 if "input_ids" in inputs:
                     input_ids.append(_np(inputs["input_ids"]).reshape(-1))
-                mask = inputs.get("attention_mask")
-                if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                    masks.append(_np(mask).reshape(-1) != 0)
-                elif masks:
-                    masks.append(np.ones(num_batch_tokens, dtype=bool))
+                masks.append(mask)
+                token_counts.append(num_batch_tokens)
                 label = batch.get(label_key)
                 if label is not None:
                     label = _np(label)
@@ -713,7 +736,7 @@ def collect_routing(
         probs=[np.concatenate([r[0] for r in records]) for records in collector.records],
         top_k_index=[np.concatenate([r[1] for r in records]) for records in collector.records],
         hidden=[np.concatenate([r[2] for r in records]) for records in collector.records],
-        token_mask=np.concatenate(masks) if masks else None,
+        token_mask=_joined_mask(masks, token_counts),
         example_index=np.concatenate(example_index),
         position=np.concatenate(positions),
         labels=np.concatenate(labels) if labels else None,

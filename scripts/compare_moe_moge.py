@@ -350,7 +350,13 @@ def vision_data(study: StudyArguments, train: TrainArguments, model: ModelArgume
         if not study.test_file:
             raise ValueError("--do_test needs --test_file for --task vision")
         data["test"] = load_images(study.test_file, *args, None, model.image_size)
-    data["num_labels"] = int(max(y.max() for key, (x, y) in data.items() if key != "num_labels") + 1)
+    # The classifier's size comes from the training data alone: the test split must not shape the model.
+    data["num_labels"] = int(max(y_train.max(), y_val.max()) + 1)
+    if study.do_test and int(data["test"][1].max()) >= data["num_labels"]:
+        raise ValueError(
+            f"the test file has label {int(data['test'][1].max())}, but the training file's labels end at "
+            f"{data['num_labels'] - 1}"
+        )
     return data
 
 
@@ -484,6 +490,16 @@ class BlockDataset(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def last_layers(num_layers: int, count: int) -> list[int]:
+    """The last `count` layers (the paper's "MoE in late blocks"); all of them in a shallower model."""
+    return list(range(max(0, num_layers - count), num_layers))
+
+
+def every_other(num_layers: int) -> list[int]:
+    """Every other layer from 1 (the config default), or `[0]` in a one-layer model."""
+    return list(range(1, num_layers, 2)) or [0]
+
+
 def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, data: dict):
     common = dict(
         router_aux_loss_coef=model_args.router_aux_loss_coef,
@@ -498,11 +514,9 @@ def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, dat
     if study.task == "vision":
         layers = model_args.num_layers
         if model_args.vision_setup == "paper":
-            moe = dict(
-                num_experts=32, num_experts_per_tok=1, moge_map_shape=[4, 8], moe_layers=[layers - 2, layers - 1]
-            )
+            moe = dict(num_experts=32, num_experts_per_tok=1, moge_map_shape=[4, 8], moe_layers=last_layers(layers, 2))
         elif model_args.vision_setup == "top2":
-            moe = dict(num_experts=16, num_experts_per_tok=2, moge_map_shape=[4, 4], moe_layers=None)
+            moe = dict(num_experts=16, num_experts_per_tok=2, moge_map_shape=[4, 4], moe_layers=every_other(layers))
         else:
             raise ValueError(f"--vision_setup must be paper or top2, got {model_args.vision_setup!r}")
         config = ViTMoGEConfig(
@@ -535,6 +549,7 @@ def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, dat
             num_experts=16,
             num_experts_per_tok=2,
             moge_map_shape=[4, 4],
+            moe_layers=every_other(model_args.num_layers),
             **common,
         )
         model = GPT2MoGELMHeadModel(config)

@@ -257,6 +257,25 @@ def test_collector_records_routing_in_token_order():
     assert data.position.tolist()[: ids.shape[1]] == list(range(ids.shape[1]))
 
 
+def test_padding_is_left_out_everywhere_also_when_only_some_batches_carry_a_mask():
+    torch.manual_seed(0)
+    gpt = GPT2MoGELMHeadModel(gpt2_config())
+    ids = input_ids(0)
+    mask = torch.zeros_like(ids)
+    mask[0, :3] = 1  # 3 real tokens in the second batch
+    batches = [{"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}]
+    data = diag.collect_routing(gpt, batches, hidden_tokens_per_batch=200)
+    assert data.token_mask.shape == (2 * ids.numel(),)  # the unmasked first batch keeps all its tokens
+    assert data.token_mask.sum() == ids.numel() + 3
+    assert data.hidden[0].shape[0] == ids.numel() + 3  # output similarity sees no padding either
+    # A batch of padding only: every diagnostic is empty, none crashes.
+    empty = diag.routing_diagnostics(gpt, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])
+    assert empty["num_tokens"] == 0 and sum(empty["layers"][0]["load"]) == 0
+    assert diag.expert_load(np.zeros((0, 2), dtype=np.int64), 8).tolist() == [0.0] * 8
+    agreement = diag.routing_agreement(np.zeros((0, 2)), np.zeros((0, 2)), (2, 4), window=2, circular=False)
+    assert agreement["num_tokens"] == 0 and agreement["same_top1"] == 0.0
+
+
 def test_redundancy_of_copied_and_negated_experts():
     torch.manual_seed(0)
     gpt = GPT2MoGELMHeadModel(gpt2_config())
@@ -355,6 +374,27 @@ def test_compare_script_language_smoke(tmp_path):
     check_outputs(results, out, ["moe", "moge-l0.001-valid", "moge-l0.01-valid"])
     assert results["runs"][1]["log_history"][0]["moge/sigma"] == pytest.approx(10.0)  # the sigma schedule is on
     assert "context_replacement" in results["runs"][0]["invariance"]
+
+
+def test_compare_script_sizes_the_classifier_from_training_labels_and_builds_one_layer_models(tmp_path):
+    script = load_script()
+    train = tiny_parquet(tmp_path / "train.parquet", 48, 0)  # labels 0..2
+    test = tmp_path / "test.parquet"
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_parquet(tiny_parquet(tmp_path / "t.parquet", 8, 1))
+    table.map(lambda row: {"label": 7}).to_parquet(str(test))  # a label the training data never has
+    args = ["--task", "vision", "--train_file", train, "--test_file", str(test), "--output_dir", str(tmp_path / "o")]
+    args += ["--validation_size", "8", "--train_size", "32", "--hidden_size", "32", "--num_layers", "1"]
+    with pytest.raises(ValueError, match="the test file has label 7"):
+        script.main(args + SMALL)
+    parser = script.HfArgumentParser((script.StudyArguments, script.TrainArguments, script.ModelArguments))
+    for task, setup in (("vision", "paper"), ("vision", "top2"), ("language", "paper")):
+        study, train_args, model_args = parser.parse_args_into_dataclasses(args=[*args, "--vision_setup", setup])
+        study.task = task
+        script.apply_preset(study, train_args, model_args)
+        arm = script.Arm(name="moge", moge_loss_coef=0.01, padding="circular", sigma_schedule=None)
+        model = script.build_model(study, model_args, arm, {"num_labels": 3, "vocab_size": 50})
+        assert model.config.moe_layers == [0]
 
 
 def test_compare_script_rejects_bad_arms():
