@@ -29,7 +29,8 @@ MOGE_CONFIG_DOCSTRING = r"""
     router_aux_loss_global (`bool`, *optional*, defaults to `False`):
         In distributed training, compute the load-balancing loss with the expert dispatch fractions of the global
         batch (one all-reduce of `num_layers x k x num_experts` counts per step) instead of each rank's own, so that
-        N processes x batch B train exactly like 1 process x batch N*B. Every rank must then run the same training
+        N processes x batch B train exactly like 1 process x batch N*B (with unpadded batches: the mean routing
+        probabilities stay each rank's own, averaged over its tokens). Every rank must then run the same training
         forward passes (as under DDP/FSDP); leave it off to run a rank alone in training mode.
     router_z_loss_coef (`float`, *optional*, defaults to 0.0):
         Weight of the ST-MoE router z-loss in `loss`.
