@@ -50,8 +50,8 @@ logger = logging.get_logger(__name__)
 
 # moge_hf's fused Triton experts, chosen with `experts_implementation="moge_triton"` (GPU, eager mode).
 ALL_EXPERTS_FUNCTIONS.register("moge_triton", triton_experts_forward)
-# What MoGE experts (non-gated, with biases) can run: transformers' other kernels (e.g. sonicmoe, deepgemm) need gated
-# experts.
+# What MoGE experts (non-gated, with biases) can run among the built-in kernels: transformers' others (sonicmoe,
+# deepgemm, ...) need gated experts and are refused. Kernels a user registers in `ExpertsInterface` are let through.
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "moge_triton")
 
 __all__ = [
@@ -329,7 +329,10 @@ class MoGEModelMixin:
         # (see `MoGEExperts.forward`); transformers would default to `grouped_mm`, slower on CPU.
         if requested_experts is None:
             return "eager"
-        if requested_experts not in EXPERTS_IMPLEMENTATIONS:
+        built_in = requested_experts in ALL_EXPERTS_FUNCTIONS and ALL_EXPERTS_FUNCTIONS[
+            requested_experts
+        ].__module__.startswith("transformers.")
+        if built_in and requested_experts not in EXPERTS_IMPLEMENTATIONS:
             raise ValueError(
                 f"experts_implementation={requested_experts!r} cannot run MoGE experts (non-gated MLPs with biases); "
                 f"choose one of {EXPERTS_IMPLEMENTATIONS}"

@@ -284,11 +284,29 @@ def test_experts_implementations_agree_in_the_model(implementation):
     torch.testing.assert_close(model(**batch).logits, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["sonicmoe", "deepgemm", "fancy_mm"])
+@pytest.mark.parametrize("implementation", ["sonicmoe", "deepgemm"])
 def test_experts_implementations_that_cannot_run_moge_experts_are_refused(implementation):
     model, _ = build("gpt2-lm")
     with pytest.raises(ValueError, match=rf"{implementation}.*cannot run MoGE experts"):
         model.set_experts_implementation(implementation)
+    with pytest.raises(ValueError, match="fancy_mm"):  # unknown: transformers' own error
+        model.set_experts_implementation("fancy_mm")
+
+
+def test_a_user_registered_experts_kernel_is_accepted(monkeypatch):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    calls = []
+
+    def my_kernel(experts, hidden_states, top_k_index, top_k_weights):
+        calls.append(hidden_states.shape[0])
+        return ALL_EXPERTS_FUNCTIONS["batched_mm"](experts, hidden_states, top_k_index, top_k_weights)
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "my_kernel", my_kernel)
+    model, batch = build("gpt2-lm")
+    model.set_experts_implementation("my_kernel")
+    model(**batch)
+    assert calls
 
 
 def test_moge_triton_refused_for_an_activation_it_cannot_fuse():
