@@ -28,9 +28,10 @@ def gpu_model(**overrides) -> GPT2MoGELMHeadModel:
     return GPT2MoGELMHeadModel(config).cuda().train()
 
 
-def loss_and_grads(model, batch):
+def loss_and_grads(model, batch, forward=None):
+    """The loss of `forward` (default: `model`, else e.g. its compiled version) and `model`'s gradients by name."""
     model.zero_grad()
-    loss = model(**batch).loss
+    loss = (model if forward is None else forward)(**batch).loss
     loss.backward()
     return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
@@ -106,7 +107,7 @@ def test_inductor_fullgraph_matches_eager(implementation):
     model = gpu_model(moge_loss_coef=0.1, num_experts_per_tok=16, experts_implementation=implementation)
     model = model.to(torch.bfloat16)
     want_loss, want_grads = loss_and_grads(model, batch)
-    loss, grads = loss_and_grads(torch.compile(model, fullgraph=True), batch)
+    loss, grads = loss_and_grads(model, batch, torch.compile(model, fullgraph=True))
     assert relative_error(loss, want_loss) < 1e-2
     for name, grad in grads.items():
         assert relative_error(grad, want_grads[name]) < 5e-2, name
