@@ -4,7 +4,7 @@ import math
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import StrictDataclassFieldValidationError
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import GPT2Config, ViTConfig
 
 from .losses import PADDINGS, REDUCTIONS, resolve_map_shape
@@ -196,6 +196,20 @@ def _checked_assignment(cls):
             raise ValueError(f"{cls.__name__}: {error}") from error
 
     cls.__setattr__ = __setattr__
+
+    strict_validate = cls.validate
+
+    def validate(self):
+        """`@strict`'s class validators; their errors raised as the `ValueError` that names the field."""
+        try:
+            strict_validate(self)
+        except StrictDataclassClassValidationError as error:
+            if isinstance(error.__cause__, ValueError):
+                raise ValueError(str(error.__cause__)) from error
+            raise
+
+    validate.__is_defined_by_strict_decorator__ = True  # lets a `@strict` subclass define its own again
+    cls.validate = validate
     return cls
 
 

@@ -12,6 +12,7 @@ still load with `trust_remote_code=True`.
 """
 
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -143,6 +144,11 @@ def upcycle_from_dense(
 
     config = _moge_config(moge_class, dense.config, config_overrides)
     config._name_or_path = source
+    if config_overrides.get("tie_word_embeddings") and not getattr(dense.config, "tie_word_embeddings", True):
+        logger.warning(
+            f"{moge_class.__name__}.from_dense: tie_word_embeddings=True on an untied dense model drops its own "
+            "output embeddings (lm_head): the upcycled head is the input embeddings"
+        )
     dense_base = dense.base_model
     init_kwargs = {}
     if issubclass(moge_class, family.base_class):  # a base model: mirror the dense base's optional parts
@@ -213,7 +219,15 @@ def _load_dense(
             f"{moge_class.__name__}.from_dense expected {expected} at {source!r}, but found "
             f"{_describe(config_dict)}{already}"
         )
-    return dense_class.from_pretrained(source)
+    dense, info = dense_class.from_pretrained(source, output_loading_info=True)
+    if family is _VIT and dense_class is ViTModel:
+        # A ViTModel built by `from_pretrained` has a pooler and no mask token whatever the checkpoint holds: mirror
+        # the checkpoint instead (no fresh pooler where it has none, its mask token where it has one).
+        if "embeddings.mask_token" in info["unexpected_keys"]:
+            dense = dense_class.from_pretrained(source, use_mask_token=True)
+        if any(key.startswith("pooler.") for key in info["missing_keys"]):
+            dense.pooler = None
+    return dense
 
 
 def _check_dense_model(
@@ -238,9 +252,17 @@ def _moge_config(moge_class: type, dense_config: PreTrainedConfig, overrides: di
     attn_implementation = getattr(dense_config, "_attn_implementation", None)
     if attn_implementation is not None and "attn_implementation" not in overrides:
         config_dict["attn_implementation"] = attn_implementation
-    # Configs accept unknown keyword arguments silently; a misspelled override (`num_expert=4`) must not be lost.
+    # Configs accept unknown keyword arguments silently; a misspelled override (`num_expert=4`) must not be lost,
+    # and only config fields count (not methods, properties or the model type).
+    if "dtype" in overrides or "torch_dtype" in overrides:
+        raise ValueError(
+            f"{moge_class.__name__}.from_dense: the upcycled model takes the dense model's dtype; load the dense "
+            "model in the dtype you want (e.g. `from_pretrained(path, dtype=torch.bfloat16)`) or cast the result"
+        )
     known = moge_class.config_class()
-    unknown = sorted(key for key in overrides if key != "attn_implementation" and not hasattr(known, key))
+    fields = {field.name for field in dataclasses.fields(known)} | set(known.attribute_map) | set(known.to_dict())
+    fields = (fields | {"num_labels"}) - set(_DENSE_ONLY_CONFIG_KEYS)  # `num_labels` sets `id2label`
+    unknown = sorted(key for key in overrides if key != "attn_implementation" and key not in fields)
     if unknown:
         raise ValueError(f"{moge_class.__name__}.from_dense: unknown config field(s) {unknown}")
     config_dict.update(overrides)
@@ -258,7 +280,7 @@ def _optional_parts(family: _DenseFamily, dense_base: nn.Module) -> dict:
 
 
 def _check_norm_topk_prob(moge_class: type, config: PreTrainedConfig) -> None:
-    if config.num_experts_per_tok == 1 and config.norm_topk_prob is None:
+    if config.num_experts_per_tok == 1 and config.norm_topk_prob is None and config.num_experts > 1:
         logger.warning(
             f"{moge_class.__name__}.from_dense: with top-1 routing and norm_topk_prob left unset, each token's "
             "expert output is scaled by its gate probability, so the upcycled model does not start as the dense "
@@ -288,8 +310,10 @@ def _copy_base(
     moge_state = {k: v for k, v in moge_base.state_dict().items() if not k.startswith(moe_prefixes)}
 
     missing = sorted(moge_state.keys() - dense_state.keys())
-    # A pooler the MoGE model has no place for (e.g. a `ViTModel`'s upcycled into an image classifier) is dropped.
-    unexpected = sorted(k for k in dense_state.keys() - moge_state.keys() if not k.startswith("pooler."))
+    # A pooler or mask token the MoGE model has no place for (e.g. a `ViTModel`'s upcycled into an image classifier,
+    # or a masked-image-modeling ViT's mask token) is dropped.
+    droppable = ("pooler.", "embeddings.mask_token")
+    unexpected = sorted(k for k in dense_state.keys() - moge_state.keys() if not k.startswith(droppable))
     if missing or unexpected:
         raise ValueError(
             f"{moge_class.__name__}.from_dense: the MoGE model does not have the dense model's layout "

@@ -278,14 +278,21 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None) ->
         data_files = {"train": data_args.train_file, "validation": data_args.validation_file}
         return load_dataset(loader, data_files=data_files, cache_dir=cache_dir, **kwargs)
     data_files = {"train": data_args.train_file}
-    return DatasetDict(
-        train=load_dataset(
-            loader, data_files=data_files, split=f"train[:{100 - pct}%]", cache_dir=cache_dir, **kwargs
-        ),
-        validation=load_dataset(
-            loader, data_files=data_files, split=f"train[{100 - pct}%:]", cache_dir=cache_dir, **kwargs
-        ),
-    )
+    splits = {"train": f"train[:{100 - pct}%]", "validation": f"train[{100 - pct}%:]"}
+    try:
+        return DatasetDict(
+            {
+                name: load_dataset(loader, data_files=data_files, split=split, cache_dir=cache_dir, **kwargs)
+                for name, split in splits.items()
+            }
+        )
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+        raise ValueError(
+            f"--train_file {data_args.train_file!r} has too few lines (examples) to split {pct}% off for validation: "
+            "pass more text, a --validation_file, or another --validation_split_percentage."
+        ) from error
 
 
 def text_column(raw: DatasetDict, data_args: DataArguments) -> str:

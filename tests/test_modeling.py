@@ -505,9 +505,9 @@ def test_bad_value_assigned_to_a_built_config_raises_and_keeps_the_old_one(field
 def test_fields_that_only_clash_together_are_checked_on_validate_save_and_model_build(tmp_path):
     config = gpt2_config()
     config.moge_window = 3  # valid alone, but no 3x3 window fits the 2x4 map with valid padding
-    with pytest.raises(Exception, match="moge_window"):
+    with pytest.raises(ValueError, match="moge_window"):
         config.validate()
-    with pytest.raises(Exception, match="moge_window"):
+    with pytest.raises(ValueError, match="moge_window"):
         config.save_pretrained(tmp_path / "config")
     with pytest.raises(ValueError, match="moge_window"):
         GPT2MoGELMHeadModel(config)

@@ -290,6 +290,13 @@ def test_clm_rejects_bad_input_before_training(run_clm, text_file, tmp_path, cha
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
+def test_clm_rejects_a_text_too_short_to_split_for_validation(run_clm, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("one line\nanother line\na third line\n")
+    with pytest.raises(ValueError, match="too few lines .* to split 10% off for validation"):
+        run_clm.main(clm_args(text, tmp_path / "out"))
+
+
 def test_clm_rejects_an_unreachable_hub_dataset_at_once(run_clm, tmp_path):
     with pytest.raises(ConnectionError, match=r"Hugging Face Hub cannot be reached.*--train_file"):
         run_clm.main(["--dataset_name", "wikitext", "--output_dir", str(tmp_path), "--report_to", "none"])

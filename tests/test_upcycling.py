@@ -327,3 +327,46 @@ def test_misspelled_override_is_an_error():
     dense = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['num_expert'\]"):
         GPT2MoGELMHeadModel.from_dense(dense, num_expert=4)
+    # Only config fields count: not the model type, not methods or properties; the dtype follows the dense model.
+    for name, value in [("model_type", "x"), ("to_dict", 1), ("dense_intermediate_size", 64)]:
+        with pytest.raises(ValueError, match=rf"unknown config field\(s\) \['{name}'\]"):
+            GPT2MoGELMHeadModel.from_dense(dense, **{name: value})
+    with pytest.raises(ValueError, match="takes the dense model's dtype"):
+        GPT2MoGELMHeadModel.from_dense(dense, dtype=torch.bfloat16)
+
+
+def test_vit_with_a_mask_token_upcycles_into_a_classifier():
+    torch.manual_seed(3)
+    dense = ViTModel(dense_vit_config(), use_mask_token=True).eval()
+    moge = ViTMoGEForImageClassification.from_dense(dense, num_labels=5, **moe_kwargs(4, 2, [1]))
+    assert moge.vit.embeddings.mask_token is None  # a classifier has no place for it: dropped
+    with torch.no_grad():
+        expected = dense(pixel_values()).last_hidden_state
+        got = moge.vit(pixel_values()).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_tying_an_untied_dense_model_warns_that_its_lm_head_is_dropped():
+    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config(tie_word_embeddings=False))
+    with CaptureLogger(upcycling_logger) as captured:
+        GPT2MoGELMHeadModel.from_dense(dense, tie_word_embeddings=True, **moe_kwargs(4, 2, [0]))
+    assert "drops its own output embeddings" in captured.out
+
+
+def test_vit_folder_keeps_exactly_the_optional_parts_its_checkpoint_has(tmp_path):
+    torch.manual_seed(0)
+    ViTForImageClassification(dense_vit_config()).save_pretrained(tmp_path / "no_pooler")
+    masked = ViTModel(dense_vit_config(), use_mask_token=True)
+    masked.save_pretrained(tmp_path / "mask")
+    moge = ViTMoGEModel.from_dense(tmp_path / "no_pooler", **moe_kwargs(4, 2, [1]))
+    assert moge.pooler is None  # no freshly initialized pooler the checkpoint never had
+    moge = ViTMoGEModel.from_dense(tmp_path / "mask", **moe_kwargs(4, 2, [1]))
+    torch.testing.assert_close(moge.embeddings.mask_token, masked.embeddings.mask_token)
+    assert moge.pooler is not None
+
+
+def test_one_expert_top1_does_not_warn_about_the_gate_scale():
+    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config())
+    with CaptureLogger(upcycling_logger) as captured:
+        GPT2MoGELMHeadModel.from_dense(dense, num_experts=1, num_experts_per_tok=1, moge_window=1)
+    assert "norm_topk_prob" not in captured.out
