@@ -20,7 +20,8 @@ MOGE_CONFIG_DOCSTRING = r"""
     num_experts_per_tok (`int`, *optional*, defaults to 2):
         Number of experts each token is routed to (top-k).
     moe_layers (`list[int]`, *optional*):
-        Indices of the layers whose MLP is a MoGE layer. Defaults to every other layer starting at 1.
+        Indices of the layers whose MLP is a MoGE layer. Defaults to every other layer starting at 1 (`[0]` in a
+        one-layer model).
     expert_intermediate_size (`int`, *optional*):
         Hidden size of each expert MLP. Defaults to the dense MLP's (`n_inner` or `4 * n_embd` for GPT-2,
         `intermediate_size` for ViT).
@@ -146,7 +147,7 @@ class MoGEConfigMixin:
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             bad("num_experts_per_tok", f"must be an integer between 1 and num_experts={self.num_experts}")
         if self.moe_layers is None:
-            self.moe_layers = list(range(1, num_layers, 2))
+            self.moe_layers = list(range(1, num_layers, 2)) or [0]
         if isinstance(self.moe_layers, tuple):
             self.moe_layers = list(self.moe_layers)
         if not self.moe_layers:

@@ -209,10 +209,13 @@ class MoGEExperts(nn.Module):
         return self._combine(rows, order, top_k_weights, hidden_states.dtype)
 
 
+# PyTorch's grouped GEMM: public as `F.grouped_mm` in newer releases, `torch._grouped_mm` before.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def _grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`rows (S, K) @ weights[e] (K, N)` for the rows of each expert `e`, delimited by `offsets`."""
-    grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-    return grouped_mm(rows, weights, offs=offsets)
+    return _GROUPED_MM(rows, weights, offs=offsets)
 
 
 class MoGESparseMoeBlock(nn.Module):

@@ -222,7 +222,9 @@ def _load_dense(
     dense, info = dense_class.from_pretrained(source, output_loading_info=True)
     if family is _VIT and dense_class is ViTModel:
         # A ViTModel built by `from_pretrained` has a pooler and no mask token whatever the checkpoint holds: mirror
-        # the checkpoint instead (no fresh pooler where it has none, its mask token where it has one).
+        # the checkpoint instead (no fresh pooler where it has none, its mask token where it has one). Only a
+        # checkpoint with a mask token (rare) is loaded a second time; building every ViT with one would make
+        # transformers report it missing for all the others.
         if "embeddings.mask_token" in info["unexpected_keys"]:
             dense = dense_class.from_pretrained(source, use_mask_token=True)
         if any(key.startswith("pooler.") for key in info["missing_keys"]):

@@ -495,11 +495,6 @@ def last_layers(num_layers: int, count: int) -> list[int]:
     return list(range(max(0, num_layers - count), num_layers))
 
 
-def every_other(num_layers: int) -> list[int]:
-    """Every other layer from 1 (the config default), or `[0]` in a one-layer model."""
-    return list(range(1, num_layers, 2)) or [0]
-
-
 def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, data: dict):
     common = dict(
         router_aux_loss_coef=model_args.router_aux_loss_coef,
@@ -516,7 +511,7 @@ def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, dat
         if model_args.vision_setup == "paper":
             moe = dict(num_experts=32, num_experts_per_tok=1, moge_map_shape=[4, 8], moe_layers=last_layers(layers, 2))
         elif model_args.vision_setup == "top2":
-            moe = dict(num_experts=16, num_experts_per_tok=2, moge_map_shape=[4, 4], moe_layers=every_other(layers))
+            moe = dict(num_experts=16, num_experts_per_tok=2, moge_map_shape=[4, 4], moe_layers=None)
         else:
             raise ValueError(f"--vision_setup must be paper or top2, got {model_args.vision_setup!r}")
         config = ViTMoGEConfig(
@@ -549,7 +544,6 @@ def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, dat
             num_experts=16,
             num_experts_per_tok=2,
             moge_map_shape=[4, 4],
-            moe_layers=every_other(model_args.num_layers),
             **common,
         )
         model = GPT2MoGELMHeadModel(config)

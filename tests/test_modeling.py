@@ -477,6 +477,7 @@ def test_good_config_edge_cases():
     assert gpt2_config(moge_window=3, moge_padding="circular").moge_window == 3  # a window larger than the map
     assert gpt2_config(moge_map_shape=(4, 2)).moge_map_shape == [4, 2]
     assert gpt2_config(moe_layers=None, n_layer=4).moe_layers == [1, 3]
+    assert gpt2_config(moe_layers=None, n_layer=1).moe_layers == [0]
     assert gpt2_config(moge_map_shape=None, num_experts=32, moge_window=3).moge_resolved_map_shape == (4, 8)
     assert gpt2_config(num_experts_per_tok=1).moge_norm_topk_prob is False
     assert gpt2_config(num_experts_per_tok=2).moge_norm_topk_prob is True
