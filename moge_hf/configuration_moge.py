@@ -1,11 +1,13 @@
 """Configurations of the GPT-2 and ViT MoGE models: the dense model's config plus the same set of MoGE fields."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import GPT2Config, ViTConfig
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .losses import PADDINGS, REDUCTIONS, resolve_map_shape
 
@@ -64,8 +66,20 @@ MOGE_CONFIG_DOCSTRING = r"""
 """
 
 
-# Output fields that `Trainer.evaluate` leaves out of the predictions (they are per batch, not per example).
+# The routing fields of every MoGE output, in order, after the fields of the dense parent's output.
 ROUTING_OUTPUTS = ("router_logits", "aux_loss", "moge_loss", "z_loss")
+
+
+def _cache_name() -> str:
+    """The name of the KV cache in the installed transformers' outputs and forward arguments: the field of its causal
+    LM output that holds a `Cache` (`past_key_values` up to 5.23, `cache` since 5.24)."""
+    for field in fields(CausalLMOutputWithCrossAttentions):
+        if "Cache" in str(field.type) or Cache in getattr(field.type, "__args__", ()):
+            return field.name
+    raise ImportError("transformers' CausalLMOutputWithCrossAttentions has no Cache field; moge_hf cannot run with it")
+
+
+CACHE_NAME = _cache_name()
 
 
 def _is_number(value) -> bool:
@@ -232,7 +246,9 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
     )
 
     model_type = "gpt2_moge"
-    keys_to_ignore_at_inference = ["past_key_values", *ROUTING_OUTPUTS]
+    # Output fields `Trainer.evaluate`/`predict` leave out of the predictions: the KV cache, and the routing fields
+    # (per batch, not per example).
+    keys_to_ignore_at_inference = [CACHE_NAME, *ROUTING_OUTPUTS]
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -264,7 +280,7 @@ class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
     )
 
     model_type = "vit_moge"
-    keys_to_ignore_at_inference = list(ROUTING_OUTPUTS)
+    keys_to_ignore_at_inference = list(ROUTING_OUTPUTS)  # per batch, not per example
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

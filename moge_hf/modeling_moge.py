@@ -10,8 +10,8 @@ the layers in `config.moe_layers`; everything else (attention implementations, c
 weight init, embedding resizing) is transformers'.
 """
 
+import dataclasses
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -21,6 +21,13 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithCrossAttentions,
+    ImageClassifierOutput,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.models.gpt2.modeling_gpt2 import (
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
@@ -31,7 +38,7 @@ from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTM
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
+from .configuration_moge import ROUTING_OUTPUTS, GPT2MoGEConfig, ViTMoGEConfig
 from .losses import (
     _group_sparsity_from_matrix,
     dispatch_counts,
@@ -315,7 +322,7 @@ def _data_parallel_world_size() -> int:
 # Shared model machinery
 # ------------------------------------------------------------------------------------------------------------------
 
-ROUTING_LOSS_NAMES = ("aux_loss", "z_loss", "moge_loss")
+ROUTING_LOSS_NAMES = ("aux_loss", "z_loss", "moge_loss")  # the order of their coefficients below
 
 
 class MoGEModelMixin:
@@ -517,101 +524,68 @@ class MoGEModelMixin:
         return total
 
 
-def _routing_loss_field_docs() -> str:
-    return """
+# The outputs are transformers' own output classes (those of the dense parents) plus the routing fields, appended after
+# theirs: transformers' fields, with whatever names the installed release gives them (the KV cache is
+# `past_key_values` up to 5.23 and `cache` since 5.24), come from transformers, and `return_dict=False` tuples keep
+# the parent's layout followed by the routing fields.
+ROUTING_FIELD_DOCS = """
     router_logits (`tuple[torch.Tensor]`, *optional*, returned when `output_router_logits=True`):
         Routing logits `(batch * seq, num_experts)` of every MoGE layer, in layer order.
     aux_loss (`torch.Tensor`): Unscaled load-balancing loss, averaged over the MoGE layers.
     moge_loss (`torch.Tensor`): Unscaled group-sparsity (MoGE) regularizer, averaged over the MoGE layers.
     z_loss (`torch.Tensor`): Unscaled router z-loss, averaged over the MoGE layers.
-    """
+"""
+ROUTING_FIELD_TYPES = {
+    "router_logits": tuple[torch.Tensor, ...] | None,
+    "aux_loss": torch.Tensor | None,
+    "moge_loss": torch.Tensor | None,
+    "z_loss": torch.Tensor | None,
+}
+assert tuple(ROUTING_FIELD_TYPES) == ROUTING_OUTPUTS
 
 
-@dataclass
-class MoGEModelOutputWithPast(ModelOutput):
-    __doc__ = "Outputs of [`GPT2MoGEModel`]: those of `GPT2Model`, plus routing fields." + _routing_loss_field_docs()
-
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    cross_attentions: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    aux_loss: torch.Tensor | None = None
-    moge_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-
-
-@dataclass
-class MoGECausalLMOutputWithPast(ModelOutput):
-    __doc__ = (
-        "Outputs of [`GPT2MoGELMHeadModel`]. `loss` (when `labels` are given) is the language-modeling loss plus the "
-        "weighted routing losses." + _routing_loss_field_docs()
+def _with_routing_fields(name: str, parent: type[ModelOutput], doc: str) -> type[ModelOutput]:
+    """A dataclass `name`: transformers' output class `parent` with the routing fields appended."""
+    routing_fields = [(field, kind, dataclasses.field(default=None)) for field, kind in ROUTING_FIELD_TYPES.items()]
+    return dataclasses.make_dataclass(
+        name, routing_fields, bases=(parent,), namespace={"__module__": __name__, "__doc__": doc + ROUTING_FIELD_DOCS}
     )
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    cross_attentions: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    aux_loss: torch.Tensor | None = None
-    moge_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
+
+MoGEModelOutputWithPast = _with_routing_fields(
+    "MoGEModelOutputWithPast",
+    BaseModelOutputWithPastAndCrossAttentions,
+    "Outputs of [`GPT2MoGEModel`]: those of `GPT2Model`, plus the routing fields.",
+)
+MoGECausalLMOutputWithPast = _with_routing_fields(
+    "MoGECausalLMOutputWithPast",
+    CausalLMOutputWithCrossAttentions,
+    "Outputs of [`GPT2MoGELMHeadModel`]: those of `GPT2LMHeadModel`, plus the routing fields. `loss` (when `labels` "
+    "are given) is the language-modeling loss plus the weighted routing losses.",
+)
+MoGESequenceClassifierOutputWithPast = _with_routing_fields(
+    "MoGESequenceClassifierOutputWithPast",
+    SequenceClassifierOutputWithPast,
+    "Outputs of [`GPT2MoGEForSequenceClassification`]: those of `GPT2ForSequenceClassification`, plus the routing "
+    "fields. `loss` (when `labels` are given) is the classification loss plus the weighted routing losses.",
+)
+ViTMoGEModelOutput = _with_routing_fields(
+    "ViTMoGEModelOutput",
+    BaseModelOutputWithPooling,
+    "Outputs of [`ViTMoGEModel`]: those of `ViTModel`, plus the routing fields.",
+)
+ViTMoGEImageClassifierOutput = _with_routing_fields(
+    "ViTMoGEImageClassifierOutput",
+    ImageClassifierOutput,
+    "Outputs of [`ViTMoGEForImageClassification`]: those of `ViTForImageClassification`, plus the routing fields. "
+    "`loss` (when `labels` are given) is the classification loss plus the weighted routing losses.",
+)
 
 
-@dataclass
-class MoGESequenceClassifierOutputWithPast(ModelOutput):
-    __doc__ = (
-        "Outputs of [`GPT2MoGEForSequenceClassification`]. `loss` (when `labels` are given) is the classification "
-        "loss plus the weighted routing losses." + _routing_loss_field_docs()
-    )
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    aux_loss: torch.Tensor | None = None
-    moge_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-
-
-@dataclass
-class ViTMoGEModelOutput(ModelOutput):
-    __doc__ = "Outputs of [`ViTMoGEModel`]: those of `ViTModel`, plus the routing fields." + _routing_loss_field_docs()
-
-    last_hidden_state: torch.Tensor | None = None
-    pooler_output: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    aux_loss: torch.Tensor | None = None
-    moge_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-
-
-@dataclass
-class ViTMoGEImageClassifierOutput(ModelOutput):
-    __doc__ = (
-        "Outputs of [`ViTMoGEForImageClassification`]. `loss` (when `labels` are given) is the classification loss "
-        "plus the weighted routing losses." + _routing_loss_field_docs()
-    )
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    aux_loss: torch.Tensor | None = None
-    moge_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-
-
-def _routing_fields(outputs) -> dict:
-    return {name: getattr(outputs, name) for name in ("router_logits", *ROUTING_LOSS_NAMES)}
+def _passed_through(outputs: ModelOutput, output_class: type[ModelOutput]) -> dict:
+    """Every field of `outputs` that `output_class` has too, by name: whatever transformers calls them."""
+    shared = (name for name in type(outputs).__dataclass_fields__ if name in output_class.__dataclass_fields__)
+    return {name: getattr(outputs, name) for name in shared}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -642,26 +616,29 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        *,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoGEModelOutputWithPast:
         r"""Arguments of `GPT2Model.forward`, plus `output_router_logits` (defaults to `config.output_router_logits`).
 
-        Padding tokens (`attention_mask == 0`, given as a 2-D mask) take no part in the routing losses.
+        The KV cache, `use_cache` and the other arguments go to `GPT2Model.forward` as given: the cache under the name
+        the installed transformers uses (`CACHE_NAME`: `cache` since 5.24, `past_key_values` before). Padding tokens
+        (`attention_mask == 0`, given as a 2-D mask) take no part in the routing losses.
         """
         inputs = input_ids if input_ids is not None else inputs_embeds
         if inputs is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         seq_length = inputs.shape[1] if inputs.dim() > 1 else inputs.shape[0]
-        self._check_positions(seq_length, past_key_values, position_ids)
+        # The KV cache, whatever its argument's name (a user may still pass one under a deprecated name).
+        cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
+        self._check_positions(seq_length, cache, position_ids)
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -seq_length:] != 0  # (B, S): the mask covers cached tokens too
@@ -670,29 +647,20 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
             return GPT2Model.forward(
                 self,
                 input_ids,
-                past_key_values=past_key_values,
                 attention_mask=attention_mask,
                 token_type_ids=token_type_ids,
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask,
-                use_cache=use_cache,
                 return_dict=True,
                 **kwargs,
             )
 
         outputs, routing = self._forward_with_routing(run, token_mask, output_router_logits)
-        return MoGEModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
-            **routing,
-        )
+        return MoGEModelOutputWithPast(**_passed_through(outputs, MoGEModelOutputWithPast), **routing)
 
-    def _check_positions(self, seq_length: int, past_key_values: Cache | None, position_ids: torch.Tensor | None):
+    def _check_positions(self, seq_length: int, cache: Cache | None, position_ids: torch.Tensor | None):
         max_positions = self.config.n_positions
         if position_ids is not None:
             if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= max_positions:
@@ -701,7 +669,7 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
                     "position embeddings"
                 )
             return
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if past_length + seq_length > max_positions:
             raise ValueError(
                 f"The sequence is {past_length + seq_length} tokens long ({seq_length} new + {past_length} cached), "
@@ -735,7 +703,7 @@ class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        *,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -743,26 +711,23 @@ class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoGECausalLMOutputWithPast:
-        r"""Arguments of `GPT2LMHeadModel.forward`, plus `output_router_logits`.
+        r"""Arguments of `GPT2LMHeadModel.forward` (the KV cache under `CACHE_NAME`), plus `output_router_logits`.
 
         With `labels`, `loss` is the shifted language-modeling loss plus `router_aux_loss_coef * aux_loss +
         router_z_loss_coef * z_loss + moge_loss_coef * moge_loss`, in training and in evaluation alike.
         """
         outputs: MoGEModelOutputWithPast = self.transformer(
             input_ids,
-            past_key_values=past_key_values,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
-            use_cache=use_cache,
             output_router_logits=output_router_logits,
             **kwargs,
         )
@@ -785,13 +750,7 @@ class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel):
             loss = loss + routing_loss
 
         return MoGECausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
-            **_routing_fields(outputs),
+            loss=loss, logits=logits, **_passed_through(outputs, MoGECausalLMOutputWithPast)
         )
 
 
@@ -813,13 +772,12 @@ class GPT2MoGEForSequenceClassification(GPT2MoGEPreTrainedModel, GPT2ForSequence
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        *,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoGESequenceClassifierOutputWithPast:
@@ -829,12 +787,10 @@ class GPT2MoGEForSequenceClassification(GPT2MoGEPreTrainedModel, GPT2ForSequence
         """
         outputs: MoGEModelOutputWithPast = self.transformer(
             input_ids,
-            past_key_values=past_key_values,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
             output_router_logits=output_router_logits,
             **kwargs,
         )
@@ -857,12 +813,7 @@ class GPT2MoGEForSequenceClassification(GPT2MoGEPreTrainedModel, GPT2ForSequence
             loss = loss + self._weighted_routing_loss(outputs)
 
         return MoGESequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **_routing_fields(outputs),
+            loss=loss, logits=pooled_logits, **_passed_through(outputs, MoGESequenceClassifierOutputWithPast)
         )
 
 
@@ -921,13 +872,7 @@ class ViTMoGEModel(ViTMoGEPreTrainedModel, ViTModel):
             )
 
         outputs, routing = self._forward_with_routing(run, token_mask, output_router_logits)
-        return ViTMoGEModelOutput(
-            last_hidden_state=outputs.last_hidden_state,
-            pooler_output=outputs.pooler_output,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **routing,
-        )
+        return ViTMoGEModelOutput(**_passed_through(outputs, ViTMoGEModelOutput), **routing)
 
 
 class ViTMoGEForImageClassification(ViTMoGEPreTrainedModel, ViTForImageClassification):
@@ -985,11 +930,7 @@ class ViTMoGEForImageClassification(ViTMoGEPreTrainedModel, ViTForImageClassific
             loss = loss + self._weighted_routing_loss(outputs)
 
         return ViTMoGEImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **_routing_fields(outputs),
+            loss=loss, logits=logits, **_passed_through(outputs, ViTMoGEImageClassifierOutput)
         )
 
 

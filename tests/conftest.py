@@ -12,3 +12,37 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+class _DeprecationNotices(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "deprecated" in message.lower():
+            self.messages.append(f"{record.name}: {message}")
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecation_notice():
+    """Fail a test in which transformers logs that something we use is deprecated (it logs some of its deprecations,
+    e.g. the `past_key_values` -> `cache` rename of 5.24, instead of warning). FutureWarnings are errors already
+    (pyproject.toml)."""
+    from transformers.utils import logging as hf_logging
+
+    handler = _DeprecationNotices()
+    root = hf_logging.get_logger("transformers")
+    root.addHandler(handler)
+    hf_logging.warning_once.cache_clear()  # it logs a message once per process: forget those of earlier tests
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    assert not handler.messages, "transformers logged a deprecation notice: " + "; ".join(handler.messages)
