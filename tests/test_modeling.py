@@ -14,7 +14,9 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
+    GPT2LMHeadModel,
     GPT2Model,
+    modeling_outputs,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -31,6 +33,7 @@ from moge_hf import (
     load_balancing_loss,
     router_z_loss,
 )
+from moge_hf.configuration_moge import CACHE_NAME
 
 
 def gpt2_batch(seed=0):
@@ -255,6 +258,45 @@ def test_return_dict_false_gives_tuples():
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], as_dict.loss)
     torch.testing.assert_close(as_tuple[1], as_dict.logits)
+
+
+# The tuple layout, the same under every transformers release: the dense parent's fields (the KV cache third, whatever
+# transformers calls it), then the routing fields. `None` fields are left out, as in transformers.
+@pytest.mark.parametrize(
+    "case, layout",
+    [
+        ("gpt2-base", ("last_hidden_state", CACHE_NAME, "aux_loss", "moge_loss", "z_loss")),
+        ("gpt2-lm", ("loss", "logits", CACHE_NAME, "aux_loss", "moge_loss", "z_loss")),
+        ("gpt2-seqcls", ("loss", "logits", CACHE_NAME, "aux_loss", "moge_loss", "z_loss")),
+        ("vit-base", ("last_hidden_state", "pooler_output", "aux_loss", "moge_loss", "z_loss")),
+        ("vit-cls", ("loss", "logits", "aux_loss", "moge_loss", "z_loss")),
+    ],
+)
+def test_tuple_layout_is_the_parents_then_the_routing_fields(case, layout):
+    model, batch = build(case)
+    model.eval()
+    if case.startswith("gpt2"):
+        batch["use_cache"] = True
+    with torch.no_grad():
+        as_dict = model(**batch)
+        as_tuple = model(**batch, return_dict=False)
+    assert tuple(as_dict.keys()) == layout
+    assert len(as_tuple) == len(layout)
+    for name, value in zip(layout, as_tuple):
+        expected = as_dict[name]
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, expected)
+        else:
+            assert type(value) is type(expected)
+    # Transformers' own output class is the parent: code written for the dense model's outputs works unchanged.
+    dense_output = {
+        "gpt2-base": "BaseModelOutputWithPastAndCrossAttentions",
+        "gpt2-lm": "CausalLMOutputWithCrossAttentions",
+        "gpt2-seqcls": "SequenceClassifierOutputWithPast",
+        "vit-base": "BaseModelOutputWithPooling",
+        "vit-cls": "ImageClassifierOutput",
+    }[case]
+    assert isinstance(as_dict, getattr(modeling_outputs, dense_output))
 
 
 def test_set_moge_sigma():
@@ -535,6 +577,35 @@ def test_sequence_longer_than_n_positions_raises():
         model(input_ids(batch=2, seq=33))
     with pytest.raises(ValueError, match="n_positions"):
         model(input_ids(batch=1, seq=4), position_ids=torch.tensor([[30, 31, 32, 33]]))
+
+
+def test_generation_past_n_positions_raises_with_the_cache_counted():
+    model, _ = build("gpt2-lm")
+    model.eval()
+    prompt = input_ids(seed=3, batch=2, seq=28)
+    assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape == (2, 32)  # fills the 32 positions
+    for mask in (None, torch.ones(2, 28, dtype=torch.long)):  # a clear error, not an IndexError from the embedding
+        with pytest.raises(ValueError, match="n_positions=32"):
+            model.generate(prompt, max_new_tokens=6, do_sample=False, attention_mask=mask)
+    # A cache passed by hand under the installed transformers' name (not one of our arguments): the check must count
+    # its tokens.
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True)[CACHE_NAME]
+        with pytest.raises(ValueError, match=r"34 tokens long \(6 new \+ 28 cached\)"):
+            model(input_ids(batch=2, seq=6), **{CACHE_NAME: cache})
+
+
+def test_forward_arguments_follow_the_dense_parent():
+    # Every argument of the dense forward reaches ours, the cache under the parent's own name; positions past the
+    # first input are keyword-only, so a positional call written for another release fails loudly.
+    for moge_class, dense_class in ((GPT2MoGEModel, GPT2Model), (GPT2MoGELMHeadModel, GPT2LMHeadModel)):
+        dense = set(inspect.signature(dense_class.forward).parameters)
+        assert CACHE_NAME in dense
+        ours = inspect.signature(moge_class.forward).parameters
+        assert "kwargs" in ours and CACHE_NAME not in ours
+    model, batch = build("gpt2-lm")
+    with pytest.raises(TypeError):
+        model(batch["input_ids"], batch["attention_mask"])
 
 
 def test_image_of_wrong_size_or_shape_raises():

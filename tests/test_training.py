@@ -4,6 +4,7 @@ import copy
 import logging
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,6 +250,25 @@ def test_plain_trainer_logs_the_models_loss_and_lowers_it(tmp_path):
     assert losses[0] == pytest.approx(expected, rel=1e-5)
     assert losses[-1] < 0.8 * losses[0]
     assert not any(key.startswith("moge/") for entry in trainer.state.log_history for key in entry)
+
+
+def test_trainer_predict_and_evaluate_leave_out_the_cache_and_routing_fields(tmp_path):
+    # With `use_cache=True` GPT-2 returns its KV cache in evaluation: Trainer must leave it out of the predictions by
+    # the name the installed transformers gives it, or it fails to pad a `Cache` across batches.
+    model = tiny_lm()
+    data = as_dataset(lm_batch(seed=2, batch=6))
+    args = training_args(tmp_path, per_device_eval_batch_size=4, use_cache=True)
+    trainer = Trainer(model=model, args=args, eval_dataset=data)
+    assert model.config.use_cache
+    result = trainer.predict(data)
+    assert isinstance(result.predictions, np.ndarray)  # the logits alone: no cache, no per-batch routing losses
+    assert result.predictions.shape == (6, 7, model.config.vocab_size)
+    assert np.array_equal(result.label_ids, np.array(data["labels"]))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**{name: torch.tensor(data[name]) for name in data.column_names}).logits
+    np.testing.assert_allclose(result.predictions, expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(trainer.evaluate()["eval_loss"])
 
 
 def gpt2_case():
