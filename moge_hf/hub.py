@@ -10,6 +10,7 @@ A folder written by `save_pretrained` holds everything a Hub repo needs for load
 - [`add_moge_hub_callback`]: makes `Trainer(push_to_hub=True)` push the code and a MoGE card too.
 """
 
+import importlib.metadata
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import validate_repo_id
+from packaging.requirements import Requirement
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.dynamic_module_utils import custom_object_save, get_relative_imports
@@ -420,6 +422,19 @@ def _moge_hf_version() -> str:
     return __version__
 
 
+def _transformers_requirement() -> str:
+    """The transformers range the installed moge_hf declares (setup.cfg), e.g. `transformers>=5.17,<5.25`."""
+    try:
+        requirements = importlib.metadata.requires("moge_hf") or []
+    except importlib.metadata.PackageNotFoundError:  # moge_hf on the path, not installed
+        requirements = []
+    for requirement in map(Requirement, requirements):
+        if requirement.name == "transformers" and requirement.marker is None:
+            specifiers = sorted(requirement.specifier, key=lambda spec: spec.operator != ">=")
+            return "transformers" + ",".join(str(spec) for spec in specifiers)
+    return "transformers"
+
+
 def _cell(value: Any) -> Any:
     """A value for a markdown table cell: `|` escaped, newlines flattened."""
     return value.replace("|", "\\|").replace("\n", " ") if isinstance(value, str) else value
@@ -706,6 +721,7 @@ def render_model_card(
         "num_channels": config.get("num_channels"),
         "example_text": "Once upon a time",
         "moge_hf_version": _moge_hf_version(),
+        "transformers_requirement": _transformers_requirement(),
     }
     template = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATES[model_type]
     if not template.is_file():

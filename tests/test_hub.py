@@ -5,9 +5,11 @@ Nothing here touches the network: `HfApi.create_repo` / `upload_folder` are repl
 they would upload.
 """
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,8 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from PIL import Image
 from tiny import gpt2_config, input_ids, pixel_values, vit_config
 from tokenizers import ByteLevelBPETokenizer
@@ -481,6 +485,10 @@ def test_card_settings_come_from_the_config():
         assert row in card.text, row
     assert "plain MoE baseline" not in card.text
     assert 'pipeline("text-classification"' in card.text
+    # The transformers range the installed moge_hf declares (setup.cfg), the one its code was tested on.
+    declared = next(r for r in importlib.metadata.requires("moge_hf") if r.startswith("transformers"))
+    stated = re.search(r"and `(transformers[^`]*)`, the\s+transformers releases", card.text).group(1)
+    assert SpecifierSet(stated.removeprefix("transformers")) == Requirement(declared).specifier
 
     baseline = render_model_card(ViTMoGEModel(vit_config(moge_loss_coef=0.0)))
     assert baseline.data.pipeline_tag == "image-feature-extraction"

@@ -1,9 +1,14 @@
-"""The README's quick start is `scripts/quickstart.py`, and it runs; `.ci/run` runs the README's test command."""
+"""The README's quick start is `scripts/quickstart.py`, and it runs; `.ci/run` runs the README's test command; the
+transformers version policy is stated once and kept: setup.cfg's range, the floor CI pins, the README."""
 
+import configparser
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,3 +29,31 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.DOTALL)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def declared_transformers_range() -> SpecifierSet:
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    requirement = next(
+        line.strip()
+        for line in setup["options"]["install_requires"].splitlines()
+        if line.strip().startswith("transformers")
+    )
+    return SpecifierSet(requirement.removeprefix("transformers"))
+
+
+def test_transformers_policy_is_one_range_kept_everywhere():
+    supported = declared_transformers_range()
+    floor = next(spec.version for spec in supported if spec.operator == ">=")
+    cap = next(spec.version for spec in supported if spec.operator == "<")
+    # CI's second venv pins the floor of the range, from one constraints file.
+    pins = [
+        line for line in (ROOT / ".ci" / "transformers-floor.txt").read_text().splitlines() if line and line[0] != "#"
+    ]
+    assert pins == [f"transformers=={floor}.0"]
+    assert "-c .ci/transformers-floor.txt" in (ROOT / ".ci" / "run").read_text()
+    # The README states the same range and policy.
+    readme = (ROOT / "README.md").read_text()
+    assert f"transformers>={floor},<{cap}" in readme
+    # This run tests a release inside the range (a fresh install resolves the newest one it admits).
+    assert version("transformers") in supported
