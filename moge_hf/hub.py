@@ -773,9 +773,9 @@ def prepare_upload_folder(
 
     That is: the safetensors weights (single file, or index and shards), `config.json` (with its `auto_map`) and
     `generation_config.json` if present, the code files (those `auto_map` names and every file they import relatively,
-    e.g. `modeling_moge.py`, `configuration_moge.py`, `losses.py`, `triton_experts.py`, `upcycling.py`), the
-    tokenizer / image processor files if present, and `README.md`: the MoGE card of [`render_model_card`] (replacing
-    any README in `model_dir`).
+    e.g. `modeling_moge.py`, `moge_layer.py`, `configuration_moge.py`, `losses.py`, `triton_experts.py`,
+    `upcycling.py`), the tokenizer / image processor files if present, and `README.md`: the MoGE card of
+    [`render_model_card`] (replacing any README in `model_dir`).
     Checkpoints, optimizer states, `training_args.bin` (a pickle) and logs are left out.
 
     Args:

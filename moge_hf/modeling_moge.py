@@ -12,15 +12,12 @@ weight init, embedding resizing) is transformers'.
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPooling,
@@ -40,12 +37,16 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_moge import ROUTING_OUTPUTS, GPT2MoGEConfig, ViTMoGEConfig
 from .losses import (
-    _group_sparsity_from_matrix,
     dispatch_counts,
-    load_balancing_loss,
-    router_z_loss,
-    window_layout,
-    window_matrix_from_layout,
+)
+from .moge_layer import (
+    GroupSparsityRegularizer,
+    MoGEExperts,
+    MoGERouter,
+    MoGERouting,
+    MoGESparseMoeBlock,
+    _as_bool,
+    set_moge_sigma,
 )
 from .triton_experts import SUPPORTED_ACTIVATIONS as TRITON_ACTIVATIONS
 from .triton_experts import is_available as triton_experts_available
@@ -73,243 +74,6 @@ __all__ = [
     "ViTMoGEModel",
     "ViTMoGEPreTrainedModel",
 ]
-
-
-class MoGERouting(NamedTuple):
-    """What a MoGE layer's router decided for a batch of `T` tokens."""
-
-    logits: torch.Tensor  # (T, E) routing logits, after jitter noise if any
-    clean_logits: torch.Tensor  # (T, E) logits before noise: the input of the group-sparsity regularizer
-    probs: torch.Tensor  # (T, E) float32 softmax of `logits`
-    top_k_weights: torch.Tensor  # (T, k) float32 gate weights
-    top_k_index: torch.Tensor  # (T, k) chosen experts
-
-
-class MoGERouter(nn.Module):
-    """Linear router without bias: hidden states -> one logit per expert, softmax in float32, top-k."""
-
-    def __init__(self, config, hidden_size: int):
-        super().__init__()
-        self.num_experts = config.num_experts
-        self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.moge_norm_topk_prob
-        self.jitter_noise = config.router_jitter_noise
-        self.weight = nn.Parameter(torch.empty(self.num_experts, hidden_size))
-
-    def forward(self, hidden_states: torch.Tensor) -> MoGERouting:
-        clean_logits = F.linear(hidden_states, self.weight)  # (T, E)
-        logits = clean_logits
-        if self.training and self.jitter_noise > 0:
-            # Switch-style multiplicative jitter on the router input; the regularizer keeps the clean logits.
-            jitter = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            logits = F.linear(hidden_states * jitter, self.weight)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (T, E)
-        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
-        if self.norm_topk_prob:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return MoGERouting(logits, clean_logits, probs, top_k_weights, top_k_index)
-
-
-@use_experts_implementation(has_gate=False, has_bias=True)
-class MoGEExperts(nn.Module):
-    """`num_experts` non-gated MLPs (up projection, activation, down projection, with biases) as 3-D weights.
-
-    The layout `(num_experts, out, in)` is transformers' own, so `experts_implementation="eager" | "grouped_mm" |
-    "batched_mm"` all run these weights, and so does moge_hf's fused Triton kernel, `"moge_triton"` (GPU). This
-    `forward`, `"eager"`, is the default. It sorts the `(token, slot)` pairs by expert once and gathers the hidden
-    states once; then on CPU every expert that got tokens runs on its contiguous slice (`sliced_forward`), and on a
-    GPU (and in CPU training with 32 experts or more) two grouped GEMMs run all experts at once with no host sync
-    (`grouped_forward`, sizes that are multiples of 8). The k slots of a token are summed in fp32, deterministically.
-    A compiled graph takes transformers' grouped (or batched) GEMM path instead.
-    """
-
-    def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str):
-        super().__init__()
-        self.num_experts = config.num_experts
-        self.hidden_dim = hidden_size
-        self.intermediate_dim = intermediate_size
-        self.up_proj = nn.Parameter(torch.empty(self.num_experts, intermediate_size, hidden_size))
-        self.up_proj_bias = nn.Parameter(torch.empty(self.num_experts, intermediate_size))
-        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden_size, intermediate_size))
-        self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden_size))
-        self.activation = activation  # the ACT2FN name, for kernels that fuse the activation
-        # GPT-2's "gelu_new" is the tanh approximation of GELU written out in Python (eight kernels forward, more
-        # backward); PyTorch's fused one computes the same function up to float rounding.
-        self.act_fn = ACT2FN["gelu_pytorch_tanh" if activation == "gelu_new" else activation]
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        aligned = self.hidden_dim % 8 == 0 and self.intermediate_dim % 8 == 0
-        if torch.compiler.is_compiling():
-            # The sliced path has data-dependent sizes (a graph break). A compiled graph runs the grouped GEMMs:
-            # ours where they compute in bf16 (autocast or bf16 weights: PyTorch's grouped GEMM traces only in bf16),
-            # else transformers' grouped path (its own traceable fallback for other dtypes), or its batched one
-            # where grouped GEMMs cannot run (they need 16-byte aligned strides).
-            if aligned and self._compute_dtype(hidden_states) == torch.bfloat16:
-                return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
-            path = ALL_EXPERTS_FUNCTIONS["grouped_mm" if aligned else "batched_mm"]
-            return path(self, hidden_states, top_k_index, top_k_weights)
-        if aligned and (hidden_states.is_cuda or (self.num_experts >= 32 and self._needs_grad(hidden_states))):
-            # On CPU, slices win the forward; with many experts, the grouped GEMMs' backward (weight gradients written
-            # in place) wins training (docs/PERFORMANCE.md).
-            return self.grouped_forward(hidden_states, top_k_index, top_k_weights)
-        return self.sliced_forward(hidden_states, top_k_index, top_k_weights)
-
-    def _compute_dtype(self, hidden_states: torch.Tensor) -> torch.dtype:
-        """The dtype of the expert GEMMs: autocast's where it is on (as for `F.linear`), else the weights'."""
-        device_type = hidden_states.device.type
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.up_proj.dtype
-
-    def _needs_grad(self, hidden_states: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (hidden_states.requires_grad or self.up_proj.requires_grad)
-
-    def _sort_by_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor):
-        """Sort the `(token, slot)` pairs by expert once: the order, the sorted expert ids, the gathered rows."""
-        expert_ids = top_k_index.reshape(-1)  # (S,) with S = T * k, one entry per (token, slot) pair
-        sorted_ids, order = torch.sort(expert_ids, stable=True)  # (S,) pairs grouped by expert
-        return order, sorted_ids, hidden_states[order // top_k_index.shape[1]]  # rows (S, d), gathered once
-
-    @staticmethod
-    def _combine(rows: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype):
-        """Scale the expert-sorted rows `(S, d)` by their gate weights and sum each token's k slots, in fp32."""
-        num_tokens, top_k = top_k_weights.shape
-        weighted = rows.float() * top_k_weights.reshape(-1)[order, None]  # (S, d)
-        combined = torch.empty_like(weighted).index_copy_(0, order, weighted)  # back to (token, slot) order
-        return combined.view(num_tokens, top_k, rows.shape[-1]).sum(dim=1).to(dtype)
-
-    def sliced_forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """CPU path: every expert that got tokens runs on its contiguous slice of the sorted rows (one host sync)."""
-        order, sorted_ids, grouped = self._sort_by_expert(hidden_states, top_k_index)
-        counts = torch.bincount(sorted_ids, minlength=self.num_experts).tolist()
-        # Unbound once: the backward stacks each weight's gradient once, where indexing `self.up_proj[expert]` would
-        # fill and add a whole (E, f, d) gradient per expert.
-        weights = (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias)
-        outputs = []
-        for rows, up, up_bias, down, down_bias in zip(grouped.split(counts), *(w.unbind(0) for w in weights)):
-            if rows.shape[0] > 0:
-                outputs.append(F.linear(self.act_fn(F.linear(rows, up, up_bias)), down, down_bias))
-        rows = torch.cat(outputs) if outputs else grouped  # no tokens at all: (0, d), still in the autograd graph
-        return self._combine(rows, order, top_k_weights, hidden_states.dtype)
-
-    def grouped_forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """GPU path: two grouped GEMMs over the sorted rows, no host sync. Needs sizes that are multiples of 8.
-
-        Under autocast the GEMMs run in the autocast dtype, as `F.linear` would (grouped GEMMs are not autocast
-        ops: run on fp32 weights they would take PyTorch's slow fp32 fallback).
-        """
-        device_type = hidden_states.device.type
-        dtype = self._compute_dtype(hidden_states)
-        order, sorted_ids, grouped = self._sort_by_expert(hidden_states, top_k_index)
-        counts = torch.histc(
-            sorted_ids.float() if device_type == "cpu" else sorted_ids.int(), self.num_experts, 0, self.num_experts - 1
-        )
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end of each expert's rows
-        up = _grouped_mm(grouped.to(dtype), self.up_proj.to(dtype).transpose(1, 2), offsets)  # (S, f)
-        hidden = self.act_fn(up + self.up_proj_bias.to(dtype)[sorted_ids])
-        down = _grouped_mm(hidden, self.down_proj.to(dtype).transpose(1, 2), offsets)  # (S, d)
-        rows = down + self.down_proj_bias.to(dtype)[sorted_ids]
-        return self._combine(rows, order, top_k_weights, hidden_states.dtype)
-
-
-# PyTorch's grouped GEMM: public as `F.grouped_mm` in newer releases, `torch._grouped_mm` before.
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def _grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`rows (S, K) @ weights[e] (K, N)` for the rows of each expert `e`, delimited by `offsets`."""
-    return _GROUPED_MM(rows, weights, offs=offsets)
-
-
-class MoGESparseMoeBlock(nn.Module):
-    """A MoGE layer in place of a Transformer MLP: router, experts, and the state of the group-sparsity regularizer.
-
-    It maps `(batch, seq, hidden)` to `(batch, seq, hidden)` like the dense MLP it replaces. When the owning model
-    sets `routing_sink` to a list, the block appends its `MoGERouting` there; the model turns those into losses.
-    """
-
-    def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str, dropout: float):
-        super().__init__()
-        self.router = MoGERouter(config, hidden_size)
-        self.experts = MoGEExperts(config, hidden_size, intermediate_size, activation)
-        self.dropout = nn.Dropout(dropout)
-        self.map_shape = config.moge_resolved_map_shape
-        self.window = config.moge_window
-        self.padding = config.moge_padding
-        self.reduction = config.moge_reduction
-        self.sigma = float(config.moge_sigma)
-        # Where the windows fall on the map (sigma-free, integer buffers so that `.to(dtype)` leaves them exact), and
-        # the (E, G) Gaussian window weights built from them; buffers follow the model's device, and a new sigma is
-        # applied in place on that device, with no host round trip.
-        window_experts, squared_distance = window_layout(self.map_shape, self.window, self.padding)
-        self.register_buffer("window_experts", window_experts, persistent=False)
-        self.register_buffer("window_squared_distance", squared_distance.round().long(), persistent=False)
-        self.register_buffer("window_matrix", self.build_window_matrix(self.sigma), persistent=False)
-        self.routing_sink: list | None = None
-
-    def build_window_matrix(self, sigma: float) -> torch.Tensor:
-        distance = self.window_squared_distance.to(torch.float32)
-        return window_matrix_from_layout(self.window_experts, distance, sigma, self.experts.num_experts)
-
-    def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` would round the window weights (their sums drift off 1): keep them in float32, as
-        # `from_pretrained(dtype=...)` does, rebuilt exactly from the integer layout.
-        super()._apply(fn, recurse)
-        if self.window_matrix.dtype != torch.float32:
-            self.window_matrix = self.build_window_matrix(self.sigma)
-        return self
-
-    @torch.no_grad()
-    def set_sigma(self, sigma: float) -> None:
-        """Set the Gaussian sigma of the regularizer (in place, so compiled graphs stay valid)."""
-        self.window_matrix.copy_(self.build_window_matrix(sigma))
-        self.sigma = float(sigma)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch_shape = hidden_states.shape
-        hidden_states = hidden_states.reshape(-1, batch_shape[-1])  # (T, d)
-        routing = self.router(hidden_states)
-        output = self.experts(hidden_states, routing.top_k_index, routing.top_k_weights)
-        if self.routing_sink is not None:
-            self.routing_sink.append(routing)
-        return self.dropout(output.view(batch_shape))
-
-    def routing_losses(
-        self,
-        routing: MoGERouting,
-        token_mask: torch.Tensor | None,
-        dispatch_fraction: torch.Tensor | None = None,
-        differentiable: frozenset[str] = frozenset(("aux_loss", "z_loss", "moge_loss")),
-    ) -> dict[str, torch.Tensor]:
-        """Unscaled `aux_loss`, `z_loss` and `moge_loss` of one forward pass.
-
-        `token_mask` is `(T,)` floats or None; `dispatch_fraction` optionally replaces the batch's own expert
-        dispatch fractions in the load-balancing loss (those of the global batch, see `router_aux_loss_global`).
-        Losses not named in `differentiable` are computed without autograd (their coefficient is 0: they are
-        reported, not trained on, and cost no backward).
-        """
-        mask = _as_bool(token_mask)
-        losses = {}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "aux_loss" in differentiable):
-            losses["aux_loss"] = load_balancing_loss(routing.probs, routing.top_k_index, mask, dispatch_fraction)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "z_loss" in differentiable):
-            losses["z_loss"] = router_z_loss(routing.logits, mask)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "moge_loss" in differentiable):
-            clean_probs = routing.probs
-            if routing.clean_logits is not routing.logits:
-                clean_probs = routing.clean_logits.float().softmax(-1)
-            losses["moge_loss"] = _group_sparsity_from_matrix(
-                clean_probs, self.window_matrix.float(), self.window, self.reduction, token_mask
-            )
-        return losses
-
-
-def _as_bool(token_mask: torch.Tensor | None) -> torch.Tensor | None:
-    return None if token_mask is None else token_mask.bool()
 
 
 def _data_parallel_world_size() -> int:
@@ -400,11 +164,7 @@ class MoGEModelMixin:
 
     def set_moge_sigma(self, sigma: float) -> None:
         """Set the Gaussian sigma of every MoGE layer and `config.moge_sigma` (what a sigma schedule calls)."""
-        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-        self.config.moge_sigma = float(sigma)
-        for block in self.moge_blocks():
-            block.set_sigma(float(sigma))
+        set_moge_sigma(self, sigma)
 
     def _init_moge_weights(self, module: nn.Module, down_proj_std: float) -> None:
         std = self.config.initializer_range
@@ -415,12 +175,8 @@ class MoGEModelMixin:
             init.zeros_(module.down_proj_bias)
         elif isinstance(module, MoGERouter):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, MoGESparseMoeBlock):
-            # Non-persistent buffers are not in the checkpoint: rebuild them (from_pretrained leaves them empty).
-            window_experts, squared_distance = window_layout(module.map_shape, module.window, module.padding)
-            init.copy_(module.window_experts, window_experts)
-            init.copy_(module.window_squared_distance, squared_distance.round().long())
-            init.copy_(module.window_matrix, module.build_window_matrix(module.sigma))
+        elif isinstance(module, GroupSparsityRegularizer):
+            module.reset_buffers()  # not in the checkpoint: from_pretrained leaves the buffers empty
 
     def _swap_mlps(self, layers: nn.ModuleList, mlp_name: str, activation: str, dropout: float) -> None:
         """Replace the dense MLP `layers[i].<mlp_name>` of every layer in `config.moe_layers` by a MoGE block."""

@@ -21,6 +21,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .moge_layer import moge_regularizers, set_moge_sigma
+
 
 logger = logging.get_logger(__name__)
 
@@ -248,9 +250,8 @@ class MoGESigmaCallback(TrainerCallback):
             return
         progress = state.global_step / state.max_steps if state.max_steps and state.max_steps > 0 else 0.0
         sigma = annealed_sigma(progress, schedule)
-        blocks = model.moge_blocks()
-        if any(block.sigma != sigma for block in blocks) or model.config.moge_sigma != sigma:
-            model.set_moge_sigma(sigma)
+        if any(reg.sigma != sigma for reg in moge_regularizers(model)) or model.config.moge_sigma != sigma:
+            set_moge_sigma(model, sigma)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._remove_hooks()
@@ -373,8 +374,8 @@ class MoGESigmaCallback(TrainerCallback):
         model = self._model
         if model is None:
             return {}
-        blocks = model.moge_blocks()
-        metrics = {"moge/sigma": float(blocks[0].sigma if blocks else model.config.moge_sigma)}
+        regularizers = moge_regularizers(model)
+        metrics = {"moge/sigma": float(regularizers[0].sigma if regularizers else model.config.moge_sigma)}
         if self._float_sums is None:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
                 return metrics

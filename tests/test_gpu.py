@@ -130,4 +130,4 @@ def test_sigma_on_the_gpu_matches_the_cpu_window_matrix():
     model.set_moge_sigma(0.7)
     reference.set_moge_sigma(0.7)
     for block, want in zip(model.moge_blocks(), reference.moge_blocks()):
-        torch.testing.assert_close(block.window_matrix.cpu(), want.window_matrix)
+        torch.testing.assert_close(block.regularizer.window_matrix.cpu(), want.regularizer.window_matrix)

@@ -50,7 +50,14 @@ from moge_hf.hub import (
 
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE_FILES = {"modeling_moge.py", "configuration_moge.py", "losses.py", "triton_experts.py", "upcycling.py"}
+CODE_FILES = {
+    "modeling_moge.py",
+    "moge_layer.py",
+    "configuration_moge.py",
+    "losses.py",
+    "triton_experts.py",
+    "upcycling.py",
+}
 EOS = "<|endoftext|>"
 PROMPT = "To be or not"
 GPT2_RESULTS = {

@@ -171,8 +171,8 @@ def test_block_set_sigma_rebuilds_window_weights():
     config = gpt2_config(moge_sigma=1.0)
     block = MoGESparseMoeBlock(config, 32, 37, "gelu_new", dropout=0.0)
     probs = torch.softmax(torch.randn(10, 8), -1)
-    block.set_sigma(5.0)
-    assert block.sigma == 5.0
+    block.regularizer.set_sigma(5.0)
+    assert block.regularizer.sigma == 5.0
     got = block.routing_losses(block.router(torch.randn(10, 32))._replace(probs=probs), None)["moge_loss"]
     torch.testing.assert_close(got, group_sparsity_loss(probs, (2, 4), 2, 5.0))
 

@@ -305,7 +305,7 @@ def test_set_moge_sigma():
     before = model(**batch).moge_loss
     model.set_moge_sigma(4.0)
     assert model.config.moge_sigma == 4.0
-    assert all(block.sigma == 4.0 for block in model.moge_blocks())
+    assert all(block.regularizer.sigma == 4.0 for block in model.moge_blocks())
     router_logits = model(**batch, output_router_logits=True).router_logits
     expected = torch.stack([group_sparsity_loss(lg.softmax(-1), (2, 4), 2, 4.0) for lg in router_logits]).mean()
     after = model(**batch).moge_loss
@@ -382,13 +382,13 @@ def test_bfloat16_forward():
 
 def test_window_weights_stay_float32_when_the_model_is_cast():
     model, batch = build("gpt2-lm", n_inner=64)
-    exact = [block.window_matrix.clone() for block in model.moge_blocks()]
+    exact = [block.regularizer.window_matrix.clone() for block in model.moge_blocks()]
     model = model.to(torch.bfloat16)
     for block, matrix in zip(model.moge_blocks(), exact):
-        assert block.window_matrix.dtype == torch.float32
-        torch.testing.assert_close(block.window_matrix, matrix, rtol=0, atol=0)
+        assert block.regularizer.window_matrix.dtype == torch.float32
+        torch.testing.assert_close(block.regularizer.window_matrix, matrix, rtol=0, atol=0)
     model.set_moge_sigma(2.5)  # and a new sigma is still written in place, in float32
-    assert all(block.window_matrix.dtype == torch.float32 for block in model.moge_blocks())
+    assert all(block.regularizer.window_matrix.dtype == torch.float32 for block in model.moge_blocks())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -433,8 +433,10 @@ def test_auto_class_round_trip(case, auto_class, tmp_path):
 
     loaded = auto_class.from_pretrained(tmp_path).eval()
     assert type(loaded) is type(model)
-    assert loaded.moge_blocks()[0].sigma == 2.5
-    torch.testing.assert_close(loaded.moge_blocks()[0].window_matrix, model.moge_blocks()[0].window_matrix)
+    assert loaded.moge_blocks()[0].regularizer.sigma == 2.5
+    torch.testing.assert_close(
+        loaded.moge_blocks()[0].regularizer.window_matrix, model.moge_blocks()[0].regularizer.window_matrix
+    )
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()
     for name in state:

@@ -81,13 +81,15 @@ def test_callback_sets_sigma_from_the_schedule_and_progress(tmp_path):
     block = model.moge_blocks()[0]
 
     callback.on_train_begin(args, fake_state(0, 8), control, model=model)
-    assert block.sigma == model.config.moge_sigma == 4.0
-    torch.testing.assert_close(block.window_matrix, block.build_window_matrix(4.0))
+    assert block.regularizer.sigma == model.config.moge_sigma == 4.0
+    torch.testing.assert_close(block.regularizer.window_matrix, block.regularizer.build_window_matrix(4.0))
     callback.on_step_begin(args, fake_state(2, 8), control, model=model)
-    assert block.sigma == model.config.moge_sigma == pytest.approx(4.0 - 3.5 * 0.25**0.5)
-    torch.testing.assert_close(block.window_matrix, block.build_window_matrix(block.sigma))
+    assert block.regularizer.sigma == model.config.moge_sigma == pytest.approx(4.0 - 3.5 * 0.25**0.5)
+    torch.testing.assert_close(
+        block.regularizer.window_matrix, block.regularizer.build_window_matrix(block.regularizer.sigma)
+    )
     callback.on_train_end(args, fake_state(8, 8), control, model=model)
-    assert block.sigma == model.config.moge_sigma == 0.5  # the schedule's end once training completes
+    assert block.regularizer.sigma == model.config.moge_sigma == 0.5  # the schedule's end once training completes
 
 
 def test_callback_leaves_sigma_alone_without_a_schedule(tmp_path):
@@ -96,7 +98,7 @@ def test_callback_leaves_sigma_alone_without_a_schedule(tmp_path):
     for event, step in (("on_train_begin", 0), ("on_step_begin", 3), ("on_train_end", 8)):
         getattr(callback, event)(args, fake_state(step, 8), control, model=model)
         assert model.config.moge_sigma == 1.7
-        assert all(block.sigma == 1.7 for block in model.moge_blocks())
+        assert all(block.regularizer.sigma == 1.7 for block in model.moge_blocks())
 
 
 def test_callback_unwraps_wrapped_models_and_rejects_others(tmp_path):
@@ -324,7 +326,7 @@ def record_sigma(model, records):
 
     def hook(module, args):
         if module.training:
-            records.append(module.sigma)
+            records.append(module.regularizer.sigma)
 
     return model.moge_blocks()[0].register_forward_pre_hook(hook)
 
