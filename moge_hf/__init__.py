@@ -32,7 +32,9 @@ from .modeling_moge import (
     ViTMoGEModel,
     ViTMoGEPreTrainedModel,
 )
+from .moge_layer import GroupSparsityRegularizer, set_moge_sigma
 from .training import MoGEArguments, MoGESigmaCallback, add_moge_callback, annealed_sigma
+from .transformers_moe import add_moge_regularizer
 
 
 __version__ = "0.1.0"
@@ -61,6 +63,9 @@ __all__ = [
     "ViTMoGEModel",
     "ViTMoGEPreTrainedModel",
     "add_moge_callback",
+    "add_moge_regularizer",
+    "GroupSparsityRegularizer",
+    "set_moge_sigma",
     "annealed_sigma",
     "default_map_shape",
     "group_sparsity_loss",

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .moge_layer import moge_regularizers, set_moge_sigma
+from .transformers_moe import RouterTap, moge_routers
 
 
 logger = logging.get_logger(__name__)
@@ -150,11 +151,15 @@ def annealed_sigma(progress: float, schedule: Sequence[float]) -> float:
 
 
 def _unwrap_moge_model(model: nn.Module) -> nn.Module:
-    """The MoGE model inside `model`: through DDP / DataParallel (`.module`), `torch.compile` (`._orig_mod`), PEFT."""
+    """The MoGE model inside `model`: through DDP / DataParallel (`.module`), `torch.compile` (`._orig_mod`), PEFT.
+
+    A MoGE model is a moge_hf model, or a transformers model given a regularizer by `add_moge_regularizer`."""
     current = model
     for _ in range(16):
         # Look on the class: wrappers such as PEFT forward unknown attributes to the wrapped model.
         if callable(getattr(type(current), "set_moge_sigma", None)):
+            return current
+        if isinstance(current, PreTrainedModel) and moge_regularizers(current):
             return current
         for name in ("module", "_orig_mod"):
             inner = getattr(current, name, None)
@@ -167,8 +172,8 @@ def _unwrap_moge_model(model: nn.Module) -> nn.Module:
                 break
             current = current.get_base_model()
     raise ValueError(
-        f"MoGESigmaCallback needs a MoGE model (one with `set_moge_sigma`, e.g. GPT2MoGELMHeadModel), got "
-        f"{type(model).__name__}"
+        f"MoGESigmaCallback needs a MoGE model (a moge_hf model such as GPT2MoGELMHeadModel, or a transformers MoE "
+        f"model given `moge_hf.add_moge_regularizer`), got {type(model).__name__}"
     )
 
 
@@ -279,20 +284,18 @@ class MoGESigmaCallback(TrainerCallback):
 
     def _register_hooks(self) -> None:
         model = self._model
-        blocks = model.moge_blocks()
-        layers = sorted(getattr(model.config, "moe_layers", None) or [])
-        if len(layers) != len(blocks):
-            layers = list(range(len(blocks)))
-        self._layer_names = [f"layer{index}" for index in layers]
-        self._num_experts = blocks[0].router.num_experts if blocks else 0
+        routers = moge_routers(model)
+        regularizers = moge_regularizers(model)
+        self._layer_names = [router.name for router in routers]
+        self._num_experts = regularizers[0].num_experts if regularizers else 0
         self._float_sums = None
         self._int_sums = None
         self._hooks = [
             model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
             model.register_forward_hook(self._model_hook, always_call=True),
         ]
-        for layer, block in enumerate(blocks):
-            self._hooks.append(block.router.register_forward_hook(self._router_hook(layer)))
+        for layer, router in enumerate(routers):
+            self._hooks.append(router.module.register_forward_hook(self._router_hook(layer, router)))
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -306,7 +309,9 @@ class MoGESigmaCallback(TrainerCallback):
         num_layers = len(self._layer_names)
         if self._float_sums is None:
             self._float_sums = torch.zeros(len(LOSS_NAMES) + num_layers, device=device)
-            self._int_sums = torch.zeros(1 + num_layers * (self._num_experts + 1), dtype=torch.long, device=device)
+            self._int_sums = torch.zeros(
+                len(LOSS_NAMES) + num_layers * (self._num_experts + 1), dtype=torch.long, device=device
+            )
         elif self._float_sums.device != device:
             self._float_sums = self._float_sums.to(device)
             self._int_sums = self._int_sums.to(device)
@@ -321,24 +326,28 @@ class MoGESigmaCallback(TrainerCallback):
         counted, self._in_forward, self._token_mask = self._in_forward, False, None
         if not counted:
             return
-        losses = [getattr(output, name, None) for name in LOSS_NAMES]
-        if any(loss is None for loss in losses):  # e.g. tuple outputs
+        # The losses the output has (a transformers MoE model has `aux_loss` only with `output_router_logits`, and no
+        # z-loss); none from tuple outputs.
+        present = [(i, getattr(output, name, None)) for i, name in enumerate(LOSS_NAMES)]
+        present = [(i, loss) for i, loss in present if isinstance(loss, torch.Tensor)]
+        if not present:
             return
         with torch.no_grad():
-            losses = torch.stack([loss.detach().float().reshape(()) for loss in losses])
+            index = torch.tensor([i for i, _ in present], device=present[0][1].device)
+            losses = torch.stack([loss.detach().float().reshape(()) for _, loss in present])
             float_sums, int_sums = self._sums(losses.device)
-            float_sums[: len(LOSS_NAMES)] += losses
-            int_sums[0] += 1
+            float_sums.index_add_(0, index, losses)
+            int_sums.index_add_(0, index, torch.ones_like(index))
 
-    def _router_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, routing) -> None:
+    def _router_hook(self, layer: int, router: RouterTap):
+        def hook(module: nn.Module, args: tuple, output) -> None:
             # Only inside a training forward of the model: not in evaluation, and not when gradient checkpointing
             # recomputes the layer during backward (the model's forward has returned by then).
             if not (self._in_forward and module.training):
                 return
             with torch.no_grad():
-                probs = routing.probs.detach()  # (T, E)
-                index = routing.top_k_index  # (T, k)
+                probs, index = router.routing(output)  # (T, E), (T, k)
+                probs = probs.detach()
                 float_sums, int_sums = self._sums(probs.device)
                 num_experts, num_layers = self._num_experts, len(self._layer_names)
                 entropy = torch.special.entr(probs.float()).sum(-1)  # (T,)
@@ -352,9 +361,9 @@ class MoGESigmaCallback(TrainerCallback):
                     tokens = probs.shape[0]
                     slot_weights = torch.ones(index.numel(), dtype=torch.long, device=probs.device)
                 float_sums[len(LOSS_NAMES) + layer] += entropy.sum()
-                start = 1 + layer * num_experts
+                start = len(LOSS_NAMES) + layer * num_experts
                 int_sums[start : start + num_experts].index_add_(0, index.reshape(-1), slot_weights)
-                int_sums[1 + num_layers * num_experts + layer] += tokens
+                int_sums[len(LOSS_NAMES) + num_layers * num_experts + layer] += tokens
 
         return hook
 
@@ -384,19 +393,19 @@ class MoGESigmaCallback(TrainerCallback):
         int_sums = self._reduce(self._int_sums).tolist()
         self._float_sums.zero_()
         self._int_sums.zero_()
-        num_forwards = int_sums[0]
-        if num_forwards:
-            for i, name in enumerate(LOSS_NAMES):
-                metrics[f"moge/{name}"] = float_sums[i] / num_forwards
+        for i, name in enumerate(LOSS_NAMES):
+            if int_sums[i]:  # the number of forwards whose output had this loss
+                metrics[f"moge/{name}"] = float_sums[i] / int_sums[i]
         num_experts, num_layers = self._num_experts, len(self._layer_names)
         width = max(2, len(str(num_experts - 1)))
         for layer, layer_name in enumerate(self._layer_names):
-            tokens = int_sums[1 + num_layers * num_experts + layer]
+            tokens = int_sums[len(LOSS_NAMES) + num_layers * num_experts + layer]
             if not tokens:
                 continue
             metrics[f"moge/{layer_name}/entropy"] = float_sums[len(LOSS_NAMES) + layer] / tokens
             if self.log_expert_load:
-                counts = int_sums[1 + layer * num_experts : 1 + (layer + 1) * num_experts]
+                start = len(LOSS_NAMES) + layer * num_experts
+                counts = int_sums[start : start + num_experts]
                 slots = sum(counts)
                 for expert, count in enumerate(counts):
                     metrics[f"moge/{layer_name}/load_e{expert:0{width}d}"] = count / slots

@@ -1,0 +1,331 @@
+"""MoGE on transformers' own MoE models (Qwen3-MoE, OLMoE, Mixtral, ...), left unmodified.
+
+[`add_moge_regularizer`] finds the model's routers the way transformers itself does (the `router_logits` entry of the
+model's `_can_record_outputs`), records their logits with forward hooks during the model's forward, and adds MoGE's
+group-sparsity regularizer of those logits to the model's own loss:
+
+    loss = <the model's own loss> + moge_loss_coef * moge_loss
+
+`moge_loss` (unscaled, the mean over the MoE layers, padding tokens left out) becomes a field of the output, appended
+after the model's own fields. No weight, module of the checkpoint or forward of the model changes: the settings go
+into the config (`moge_loss_coef`, `moge_map_shape`, ...), so `save_pretrained` / `push_to_hub` keep them and the
+folder stays a native checkpoint that loads anywhere without moge_hf; `add_moge_regularizer(model)` re-applies them.
+"""
+
+import dataclasses
+import re
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_moge import FIELD_RULES, MoGEConfigMixin
+from .losses import resolve_map_shape
+from .moge_layer import GroupSparsityRegularizer, MoGERouter, MoGERouting
+
+
+__all__ = ["MOGE_REGULARIZER_FIELDS", "add_moge_regularizer", "moge_routers"]
+
+# The config fields of the regularizer, with the defaults of the MoGE models' configs.
+MOGE_REGULARIZER_FIELDS = (
+    "moge_loss_coef",
+    "moge_map_shape",
+    "moge_window",
+    "moge_sigma",
+    "moge_sigma_schedule",
+    "moge_padding",
+    "moge_reduction",
+)
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(MoGEConfigMixin)}
+
+
+@dataclasses.dataclass
+class RouterTap:
+    """One router of a model, and how to read what it returns (a `MoGERouting`, or transformers' router tuple)."""
+
+    name: str  # e.g. "layer3"
+    module: nn.Module
+    top_k: int
+    index: int | None = 0  # where transformers' router output holds the logits (`OutputRecorder.index`)
+
+    def logits(self, output) -> torch.Tensor:
+        """`(T, E)` routing logits (for a MoGE router: before jitter noise, what the regularizer takes)."""
+        if isinstance(output, MoGERouting):
+            return output.clean_logits
+        logits = output if self.index is None else output[self.index]
+        return logits.reshape(-1, logits.shape[-1])
+
+    def routing(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(T, E)` float32 routing probabilities and the `(T, k)` chosen experts, as the model routed."""
+        if isinstance(output, MoGERouting):
+            return output.probs, output.top_k_index
+        probs = self.logits(output).float().softmax(-1)
+        return probs, probs.topk(self.top_k, dim=-1).indices
+
+
+def _layer_name(module_name: str, position: int) -> str:
+    match = re.search(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.", module_name)
+    return f"layer{match.group(1)}" if match else f"router{position}"
+
+
+def _recorded_routers(model: nn.Module) -> list[RouterTap]:
+    """The routers transformers records `router_logits` from (`_can_record_outputs`), matched as transformers does."""
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if spec is None:
+        return []
+    target_class = getattr(spec, "target_class", spec if isinstance(spec, type) else None)
+    class_name = getattr(spec, "class_name", spec if isinstance(spec, str) else None)
+    layer_name = getattr(spec, "layer_name", None)
+    index = getattr(spec, "index", 0)
+    taps = []
+    for module_name, module in model.named_modules():
+        matched = (target_class is not None and isinstance(module, target_class)) or (
+            class_name is not None and module_name.endswith(class_name)
+        )
+        if matched and layer_name is not None:
+            matched = f".{layer_name.strip('.')}." in f".{module_name}."
+        if matched:
+            top_k = getattr(module, "top_k", None) or model.config.num_experts_per_tok
+            taps.append(RouterTap(_layer_name(module_name, len(taps)), module, top_k, index))
+    return taps
+
+
+def moge_routers(model: nn.Module) -> list[RouterTap]:
+    """Every router of `model`, in layer order: the MoGE layers' of a moge_hf model, or the routers of a transformers
+    MoE model. The Trainer callback and the regularizer read routing through these."""
+    own = [module for module in model.modules() if isinstance(module, MoGERouter)]
+    if own:
+        layers = list(getattr(model.config, "moe_layers", None) or [])
+        names = [f"layer{i}" for i in layers] if len(layers) == len(own) else [f"layer{i}" for i in range(len(own))]
+        return [RouterTap(name, router, router.top_k) for name, router in zip(names, own)]
+    return _recorded_routers(model)
+
+
+def _num_experts(config) -> int | None:
+    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _resolved_fields(config, overrides: dict) -> dict:
+    """The regularizer's fields: `overrides`, else the config's saved ones, else the defaults; each checked."""
+    unknown = sorted(set(overrides) - set(MOGE_REGULARIZER_FIELDS))
+    if unknown:
+        raise TypeError(f"add_moge_regularizer got unknown fields {unknown}; it takes {list(MOGE_REGULARIZER_FIELDS)}")
+    fields = {}
+    for name in MOGE_REGULARIZER_FIELDS:
+        value = overrides[name] if name in overrides else getattr(config, name, _DEFAULTS[name])
+        if isinstance(value, tuple):
+            value = list(value)
+        rule = FIELD_RULES.get(name)
+        if rule is not None and not rule[0](value):
+            raise ValueError(f"add_moge_regularizer: `{name}` {rule[1]}, got {value!r}")
+        fields[name] = value
+    return fields
+
+
+class _Recording:
+    """The routers' logits of the forward in progress (only inside the model's own forward)."""
+
+    def __init__(self):
+        self.active = False
+        self.logits: list[torch.Tensor] = []
+
+
+_OUTPUT_CLASSES: dict[type, type] = {}
+
+
+def _with_moge_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
+    """`output_class` with a `moge_loss` field appended (made once per class, importable from this module)."""
+    if output_class not in _OUTPUT_CLASSES:
+        name = f"{output_class.__name__}WithMoGE"
+        cls = dataclasses.make_dataclass(
+            name,
+            [("moge_loss", torch.Tensor | None, dataclasses.field(default=None))],
+            bases=(output_class,),
+            namespace={"__module__": __name__, "__doc__": f"`{output_class.__name__}` plus `moge_loss`."},
+        )
+        globals()[name] = cls  # so that outputs pickle
+        _OUTPUT_CLASSES[output_class] = cls
+    return _OUTPUT_CLASSES[output_class]
+
+
+def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedModel:
+    r"""Add MoGE's group-sparsity regularizer to a transformers MoE model, in place; return the model.
+
+    Works on any transformers model whose class records `router_logits` (its `_can_record_outputs`) and whose config
+    gives the number of experts: Qwen3-MoE, OLMoE and Mixtral are tested; Qwen2-MoE, GPT-OSS and GraniteMoE declare
+    the same (untested here). The model keeps its own forward, loss, aux loss and weights.
+
+    Args:
+        model (`PreTrainedModel`):
+            The MoE model, e.g. `Qwen3MoeForCausalLM` or its base model.
+        moge_fields:
+            `moge_loss_coef` (lambda, default 0.0: the loss stays exactly the model's own), `moge_map_shape`
+            (`[rows, cols]`, rows * cols = the number of experts; default the most square), `moge_window` (3),
+            `moge_sigma` (1.0), `moge_sigma_schedule` (`[init, final, power]` or None, applied by
+            `moge_hf.add_moge_callback`), `moge_padding` (`"valid"` or `"circular"`), `moge_reduction` (`"mean"` or
+            `"paper"`). Fields not given keep the values saved in `model.config` (so `add_moge_regularizer(model)`
+            re-applies a saved model's settings), else these defaults.
+
+    With `labels`, `loss` becomes the model's own loss plus `moge_loss_coef * moge_loss` (read live from
+    `model.config.moge_loss_coef`); under `Trainer` with `num_items_in_batch` (causal LMs), the regularizer of a
+    micro-batch is weighted by its share of the batch's label tokens, as the LM loss is. The output gains
+    `moge_loss`; with `return_dict=False` it is appended to the tuple. Padding tokens (a 2-D `attention_mask`) are left
+    out. The regularizer reads the router logits as the model computes them (after input jitter, where a model
+    applies one in training: Mixtral's `router_jitter_noise`, 0 by default).
+
+    Raises:
+        `ValueError`: the model records no router logits, a field is invalid, or the map does not fit the experts.
+        `TypeError`: an unknown field.
+
+    Example:
+
+    ```python
+    >>> from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    >>> from moge_hf import add_moge_regularizer
+    >>> model = Qwen3MoeForCausalLM(Qwen3MoeConfig(num_hidden_layers=2, hidden_size=64, num_experts=16))
+    >>> model = add_moge_regularizer(model, moge_loss_coef=0.01, moge_map_shape=[4, 4], moge_window=3)
+    >>> out = model(ids, labels=ids)
+    >>> out.loss, out.moge_loss
+    ```
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"add_moge_regularizer takes a transformers model (PreTrainedModel), got {type(model).__name__}"
+        )
+    if any(isinstance(module, MoGERouter) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} is a moge_hf model: its MoGE layers carry the regularizer already")
+    routers = _recorded_routers(model)
+    if not routers:
+        raise ValueError(
+            f"{type(model).__name__} records no router logits (no `router_logits` in `_can_record_outputs`, or no "
+            "such module): add_moge_regularizer works on transformers' MoE models such as Qwen3-MoE, OLMoE, Mixtral"
+        )
+    num_experts = _num_experts(model.config)
+    if num_experts is None:
+        raise ValueError(
+            f"{type(model.config).__name__} gives no number of experts (`num_experts`, `num_local_experts`)"
+        )
+    fields = _resolved_fields(model.config, moge_fields)
+    try:
+        map_shape = resolve_map_shape(num_experts, fields["moge_map_shape"])
+    except ValueError as error:
+        raise ValueError(
+            f"add_moge_regularizer: `moge_map_shape` {fields['moge_map_shape']!r} does not fit the model's "
+            f"{num_experts} experts ({error})"
+        ) from error
+    if fields["moge_padding"] == "valid" and fields["moge_window"] > min(map_shape):
+        raise ValueError(
+            f"add_moge_regularizer: `moge_window` {fields['moge_window']} does not fit the "
+            f"{map_shape[0]}x{map_shape[1]} expert map with moge_padding='valid' (use moge_window <= "
+            f"{min(map_shape)} or moge_padding='circular')"
+        )
+
+    _remove_moge_regularizer(model)
+    for name, value in fields.items():
+        setattr(model.config, name, value)
+    device = next(model.buffers(), next(model.parameters(), torch.empty(0))).device
+    model.moge_regularizer = GroupSparsityRegularizer(
+        num_experts,
+        map_shape,
+        fields["moge_window"],
+        fields["moge_sigma"],
+        fields["moge_padding"],
+        fields["moge_reduction"],
+    ).to(device)
+    recording = _Recording()
+    hooks = [tap.module.register_forward_hook(_router_hook(recording, tap)) for tap in routers]
+    # First among the model's hooks, so that others (the Trainer callback's) see the output with `moge_loss`.
+    hooks.append(model.register_forward_pre_hook(_start_hook(recording), with_kwargs=True, prepend=True))
+    hooks.append(
+        model.register_forward_hook(_finish_hook(recording), with_kwargs=True, always_call=True, prepend=True)
+    )
+    model._moge_regularizer_hooks = hooks
+    return model
+
+
+def _remove_moge_regularizer(model: nn.Module) -> None:
+    for hook in getattr(model, "_moge_regularizer_hooks", []):
+        hook.remove()
+    model._moge_regularizer_hooks = []
+
+
+def _router_hook(recording: _Recording, tap: RouterTap):
+    def hook(module, args, output):
+        # Only inside the model's forward: not when gradient checkpointing recomputes a layer during backward.
+        if recording.active:
+            recording.logits.append(tap.logits(output))
+
+    return hook
+
+
+def _start_hook(recording: _Recording):
+    def hook(module, args, kwargs):
+        recording.active = True
+        recording.logits = []
+
+    return hook
+
+
+def _token_mask(attention_mask, num_tokens: int) -> torch.Tensor | None:
+    """`(T,)` of the tokens routed in this forward from a 2-D `attention_mask` (which covers cached tokens too)."""
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or num_tokens % attention_mask.shape[0]:
+        return None
+    new_tokens = num_tokens // attention_mask.shape[0]
+    if new_tokens > attention_mask.shape[1]:
+        return None
+    return (attention_mask[:, -new_tokens:] != 0).reshape(-1)
+
+
+def _finish_hook(recording: _Recording):
+    def hook(model, args, kwargs, output):
+        logits, recording.logits, recording.active = recording.logits, [], False
+        if output is None:  # the forward raised (the hook is always called, to reset the recording)
+            return None
+        if not logits:
+            raise RuntimeError(f"{type(model).__name__}: no router ran in this forward, so there is no MoGE loss")
+        coef = model.config.moge_loss_coef
+        trains = bool(coef) and torch.is_grad_enabled()
+        if trains and model.training and not any(layer.requires_grad for layer in logits):
+            if any(p.requires_grad for p in model.parameters()):
+                raise RuntimeError(
+                    "The router logits carry no gradient in training, so the MoGE regularizer would train nothing. "
+                    "Reentrant activation checkpointing does this: use gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False} (transformers' default)."
+                )
+        mask = _token_mask(kwargs.get("attention_mask"), logits[0].shape[0])
+        with torch.set_grad_enabled(trains):
+            per_layer = [model.moge_regularizer(layer.float().softmax(-1), mask) for layer in logits]
+            moge_loss = torch.stack(per_layer).mean()
+        labels = kwargs.get("labels")
+        weighted = None
+        if labels is not None and coef:
+            weighted = coef * moge_loss * _share_of_label_tokens(model, labels, kwargs)
+        if isinstance(output, ModelOutput):
+            values = {field.name: getattr(output, field.name) for field in dataclasses.fields(output)}
+            if weighted is not None and values.get("loss") is not None:
+                values["loss"] = values["loss"] + weighted
+            return _with_moge_loss(type(output))(**values, moge_loss=moge_loss)
+        output = tuple(output)
+        if weighted is not None:
+            output = (output[0] + weighted, *output[1:])
+        return (*output, moge_loss)
+
+    return hook
+
+
+def _share_of_label_tokens(model, labels: torch.Tensor, kwargs: dict) -> torch.Tensor | float:
+    """Under Trainer's `num_items_in_batch` (a causal LM's loss summed over the accumulated batch's label tokens), the
+    micro-batch's share of those tokens; else 1. A batch without label tokens weighs 0."""
+    num_items = kwargs.get("num_items_in_batch")
+    if num_items is None or not model.can_generate():
+        return 1.0
+    shift_labels = kwargs.get("shift_labels")
+    shift_labels = labels[..., 1:] if shift_labels is None else shift_labels
+    count = (shift_labels != -100).sum()
+    num_items = torch.as_tensor(num_items, device=count.device)
+    return torch.where(num_items > 0, count / num_items.clamp(min=1), 0.0)

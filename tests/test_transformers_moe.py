@@ -1,0 +1,218 @@
+"""MoGE on transformers' own MoE models (Qwen3-MoE, OLMoE, Mixtral): `add_moge_regularizer`, the callback, saving."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import pytest
+import torch
+from tiny import VOCAB, training_args
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Trainer,
+)
+
+from moge_hf import add_moge_callback, add_moge_regularizer, group_sparsity_loss
+from moge_hf.transformers_moe import moge_routers
+
+
+# Tiny models: hidden 32, 2 layers, 4 heads, 8 experts top-2 (sizes multiples of 8: transformers' default experts
+# implementation, grouped_mm, needs them).
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CASES = {
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=16, head_dim=8)
+    ),
+    "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(**COMMON, num_experts=8)),
+    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=8, head_dim=8)),
+}
+MOGE = dict(moge_loss_coef=0.1, moge_map_shape=[2, 4], moge_window=2, moge_sigma=0.8)
+
+
+def build(case: str, **moge):
+    torch.manual_seed(0)
+    model = CASES[case]()
+    return add_moge_regularizer(model, **moge) if moge else model
+
+
+def batch(seed: int = 0, size: int = 4, seq: int = 7) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (size, seq), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[: size // 2, -2:] = 0  # right padding on half the rows
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def reference_moge_loss(router_logits, mask, sigma=0.8, **kwargs):
+    flat = mask.reshape(-1).bool()
+    probs = [layer.float().softmax(-1) for layer in router_logits]
+    per_layer = [group_sparsity_loss(p, (2, 4), 2, sigma, mask=flat, **kwargs) for p in probs]
+    return torch.stack(per_layer).mean()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_is_the_models_own_plus_lambda_times_moge_loss(case):
+    inputs = batch()
+    plain = build(case).eval()
+    model = build(case, **MOGE).eval()
+    with torch.no_grad():
+        own = plain(**inputs, output_router_logits=True)
+        out = model(**inputs, output_router_logits=True)
+    assert len(moge_routers(model)) == 2
+    # moge_loss: the regularizer of the router logits transformers itself returns, padding left out.
+    expected = reference_moge_loss(own.router_logits, inputs["attention_mask"])
+    torch.testing.assert_close(out.moge_loss, expected)
+    assert not torch.allclose(
+        expected, reference_moge_loss(own.router_logits, torch.ones_like(inputs["attention_mask"]))
+    )
+    torch.testing.assert_close(out.loss, own.loss + 0.1 * out.moge_loss)
+    torch.testing.assert_close(out.logits, own.logits)  # the model itself is unchanged
+    assert list(out.keys())[-1] == "moge_loss" and isinstance(out, type(own))
+    # Without labels there is no loss; with return_dict=False, moge_loss ends the tuple.
+    with torch.no_grad():
+        assert model(inputs["input_ids"]).loss is None
+        as_tuple = model(**inputs, return_dict=False)
+        own_loss = plain(**inputs).loss  # without router logits asked for, the model's own loss has no aux loss
+    torch.testing.assert_close(as_tuple[0], own_loss + 0.1 * out.moge_loss)
+    torch.testing.assert_close(as_tuple[-1], out.moge_loss)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lambda_zero_leaves_the_loss_exactly_the_models_own(case):
+    inputs = batch(seed=1)
+    plain = build(case)
+    model = build(case, **{**MOGE, "moge_loss_coef": 0.0})
+    own, out = plain(**inputs), model(**inputs)
+    assert torch.equal(out.loss, own.loss)
+    assert out.moge_loss > 0 and not out.moge_loss.requires_grad  # reported, not trained on
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_routers_get_the_regularizers_gradient(case):
+    inputs = batch(seed=2)
+    grads = {}
+    for coef in (0.0, 0.1):
+        model = build(case, **{**MOGE, "moge_loss_coef": coef})
+        out = model(**inputs)
+        out.loss.backward()
+        routers = [router.module.weight for router in moge_routers(model)]
+        grads[coef] = [weight.grad.clone() for weight in routers]
+        if coef:
+            moge_grads = torch.autograd.grad(model(**inputs).moge_loss, routers)
+    for with_moge, without, moge in zip(grads[0.1], grads[0.0], moge_grads):
+        assert moge.abs().sum() > 0
+        torch.testing.assert_close(with_moge - without, 0.1 * moge, rtol=1e-4, atol=1e-7)
+
+
+def test_settings_are_saved_and_reapplied_and_the_folder_stays_native(tmp_path):
+    model = build("qwen3_moe", **{**MOGE, "moge_padding": "circular", "moge_reduction": "paper"})
+    model.eval()
+    inputs = batch(seed=3)
+    with torch.no_grad():
+        expected = model(**inputs)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in MOGE} == MOGE and saved["moge_padding"] == "circular"
+    assert saved["architectures"] == ["Qwen3MoeForCausalLM"] and "auto_map" not in saved
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == []  # no code: a native checkpoint
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is Qwen3MoeForCausalLM
+    with torch.no_grad():
+        assert "moge_loss" not in loaded(**inputs)  # plain transformers: the model's own loss
+        add_moge_regularizer(loaded)  # no arguments: the saved settings
+        again = loaded(**inputs)
+    assert loaded.moge_regularizer.padding == "circular" and loaded.moge_regularizer.reduction == "paper"
+    torch.testing.assert_close(again.moge_loss, expected.moge_loss)
+    torch.testing.assert_close(again.loss, expected.loss)
+    with torch.no_grad():  # arguments override the saved settings; applying again replaces, never stacks, the hooks
+        add_moge_regularizer(loaded, moge_loss_coef=0.2)
+        twice = loaded(**inputs)
+    torch.testing.assert_close(twice.loss, expected.loss + 0.1 * expected.moge_loss)
+
+    child = textwrap.dedent(
+        """
+        import sys
+        sys.modules["moge_hf"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+        inputs = torch.load(sys.argv[2])
+        with torch.no_grad():
+            torch.save({"logits": model(**inputs).logits, "coef": model.config.moge_loss_coef}, sys.argv[3])
+        """
+    )
+    torch.save({k: v for k, v in inputs.items() if k != "labels"}, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-c", child, str(tmp_path), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["coef"] == 0.1
+    torch.testing.assert_close(out["logits"], expected.logits)
+
+
+def test_bad_settings_and_models_are_refused():
+    model = build("mixtral")
+    with pytest.raises(ValueError, match=r"moge_map_shape.*\[3, 3\].*8 experts"):
+        add_moge_regularizer(model, moge_map_shape=[3, 3])
+    with pytest.raises(ValueError, match="moge_loss_coef"):
+        add_moge_regularizer(model, moge_loss_coef=-1.0)
+    with pytest.raises(ValueError, match="moge_window"):
+        add_moge_regularizer(model, moge_map_shape=[2, 4], moge_window=3)
+    with pytest.raises(ValueError, match="moge_padding"):
+        add_moge_regularizer(model, moge_padding="same")
+    with pytest.raises(TypeError, match="moge_windw"):
+        add_moge_regularizer(model, moge_windw=2)
+    assert not hasattr(model.config, "moge_loss_coef")  # a refused call changes nothing
+    dense = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="records no router logits"):
+        add_moge_regularizer(dense)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trainer_with_the_callback_anneals_sigma_logs_metrics_and_trains(case, tmp_path):
+    model = build(case, **{**MOGE, "moge_sigma_schedule": [4.0, 1.0, 1.0]})
+    data = datasets.Dataset.from_dict({k: v.tolist() for k, v in batch(seed=4, size=8).items()})
+    routers_before = [router.module.weight.detach().clone() for router in moge_routers(model)]
+    args = training_args(tmp_path, max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    add_moge_callback(trainer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 6
+    sigmas = [entry["moge/sigma"] for entry in logs]
+    assert sigmas[0] == 4.0 and sigmas == sorted(sigmas, reverse=True)
+    assert model.config.moge_sigma == model.moge_regularizer.sigma == 1.0  # the schedule's end
+    for entry in logs:
+        assert entry["moge/moge_loss"] > 0 and "moge/aux_loss" not in entry  # no router logits asked: no aux loss
+        loads = [entry[f"moge/layer{layer}/load_e{e:02d}"] for layer in (0, 1) for e in range(8)]
+        assert sum(loads) == pytest.approx(2.0)
+        assert 0 < entry["moge/layer1/entropy"] <= torch.log(torch.tensor(8.0)).item() + 1e-6
+    for before, router in zip(routers_before, moge_routers(model)):
+        assert not torch.equal(before, router.module.weight)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss"]) and metrics["eval_loss"] > 0
