@@ -7,7 +7,8 @@ group-sparsity regularizer of those logits to the model's own loss:
     loss = <the model's own loss> + moge_loss_coef * moge_loss
 
 `moge_loss` (unscaled, the mean over the MoE layers, padding tokens left out) becomes a field of the output, appended
-after the model's own fields. No weight, module of the checkpoint or forward of the model changes: the settings go
+after the model's own fields (and left out of `Trainer.predict`'s predictions through the config's
+`keys_to_ignore_at_inference`). No weight, module of the checkpoint or forward of the model changes: the settings go
 into the config (`moge_loss_coef`, `moge_map_shape`, ...), so `save_pretrained` / `push_to_hub` keep them and the
 folder stays a native checkpoint that loads anywhere without moge_hf; `add_moge_regularizer(model)` re-applies them.
 """
@@ -20,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_moge import FIELD_RULES, MoGEConfigMixin
+from .configuration_moge import CACHE_NAME, FIELD_RULES, MoGEConfigMixin
 from .losses import resolve_map_shape
 from .moge_layer import GroupSparsityRegularizer, MoGERouter, MoGERouting
 
@@ -228,6 +229,10 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     _remove_moge_regularizer(model)
     for name, value in fields.items():
         setattr(model.config, name, value)
+    # `Trainer.evaluate`/`predict` leave these output fields out of the predictions: the config class's own list, or
+    # Trainer's default (the KV cache, by the installed transformers' name), plus the per-batch `moge_loss`.
+    ignored = getattr(type(model.config), "keys_to_ignore_at_inference", None) or [CACHE_NAME]
+    model.config.keys_to_ignore_at_inference = [*ignored, "moge_loss"]
     device = next(model.buffers(), next(model.parameters(), torch.empty(0))).device
     model.moge_regularizer = GroupSparsityRegularizer(
         num_experts,
