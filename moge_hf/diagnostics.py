@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .moge_layer import moge_regularizers
+from .transformers_moe import RouterTap, moge_routers
+
 
 __all__ = [
     "RoutingCollector",
@@ -235,9 +238,16 @@ def mean_by_distance(matrix: ArrayLike, map_shape: Sequence[int], circular: bool
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _expert_weights(experts: nn.Module) -> list[torch.Tensor]:
+    """The experts' own weights, each `(E, ...)`: transformers' 3-D layout (`up_proj`, `gate_up_proj`, `down_proj`, and
+    biases `(E, n)`), whichever the model has."""
+    params = list(experts.parameters(recurse=False))
+    num_experts = max(param.shape[0] for param in params if param.dim() == 3)
+    return [param for param in params if param.dim() >= 2 and param.shape[0] == num_experts]
+
+
 def _expert_weight_vectors(experts: nn.Module) -> torch.Tensor:
-    parts = [experts.up_proj, experts.down_proj]
-    parts += [getattr(experts, name) for name in ("up_proj_bias", "down_proj_bias") if hasattr(experts, name)]
+    parts = _expert_weights(experts)
     return torch.cat([part.detach().float().reshape(part.shape[0], -1) for part in parts], dim=1)  # (E, P)
 
 
@@ -266,16 +276,18 @@ def weight_cosine_similarity(experts: nn.Module) -> np.ndarray:
 
 @torch.no_grad()
 def all_expert_outputs(experts: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Every expert's output (gate weight 1) on the same `(T, d)` tokens: `(E, T, d)` float32."""
-    param = experts.up_proj
+    """Every expert's output (gate weight 1) on the same `(T, d)` tokens: `(E, T, d)` float32.
+
+    Runs the experts' own forward (`forward(hidden, top_k_index, top_k_weights)`, the interface of transformers'
+    experts and of `MoGEExperts`) once per expert with every token routed to it."""
+    param = _expert_weights(experts)[0]
     hidden = hidden_states.to(device=param.device, dtype=param.dtype)
-    up = torch.einsum("td,efd->etf", hidden, experts.up_proj)
-    if getattr(experts, "up_proj_bias", None) is not None:
-        up = up + experts.up_proj_bias[:, None, :]
-    out = torch.einsum("etf,edf->etd", experts.act_fn(up), experts.down_proj)
-    if getattr(experts, "down_proj_bias", None) is not None:
-        out = out + experts.down_proj_bias[:, None, :]
-    return out.float()
+    ones = torch.ones(hidden.shape[0], 1, device=param.device, dtype=param.dtype)
+    outputs = []
+    for expert in range(param.shape[0]):
+        index = torch.full((hidden.shape[0], 1), expert, device=param.device, dtype=torch.long)
+        outputs.append(experts(hidden, index, ones))
+    return torch.stack(outputs).float()
 
 
 @torch.no_grad()
@@ -579,22 +591,23 @@ class RoutingCollector:
 
     def __init__(self, model: nn.Module, hidden_tokens_per_batch: int = 0, seed: int = 0):
         self.model = _moge_model(model)
-        self.blocks = self.model.moge_blocks()
-        if not self.blocks:
+        self.routers = moge_routers(self.model)
+        if not self.routers:
             raise ValueError(f"{type(self.model).__name__} has no MoGE layers")
         self.hidden_tokens_per_batch = int(hidden_tokens_per_batch)
         self.generator = torch.Generator().manual_seed(seed)
-        self.records: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in self.blocks]
+        self.records: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in self.routers]
         self._hooks: list = []
-        self._pending_hidden: list[np.ndarray | None] = [None] * len(self.blocks)
+        self._pending_hidden: list[np.ndarray | None] = [None] * len(self.routers)
         self._subset: torch.Tensor | None = None
         # `(num_tokens,)` bool of the current batch's real (unpadded) tokens, set by `collect_routing`; None: all.
         self.token_mask: torch.Tensor | None = None
 
     def __enter__(self) -> RoutingCollector:
-        for layer, block in enumerate(self.blocks):
-            self._hooks.append(block.register_forward_pre_hook(self._block_pre_hook(layer)))
-            self._hooks.append(block.router.register_forward_hook(self._router_hook(layer)))
+        for layer, router in enumerate(self.routers):
+            # The router's input is the layer's: the hidden states entering the MoE layer.
+            self._hooks.append(router.module.register_forward_pre_hook(self._router_pre_hook(layer)))
+            self._hooks.append(router.module.register_forward_hook(self._router_hook(layer, router)))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -602,7 +615,7 @@ class RoutingCollector:
             hook.remove()
         self._hooks = []
 
-    def _block_pre_hook(self, layer: int):
+    def _router_pre_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> None:
             if self.hidden_tokens_per_batch <= 0:
                 return
@@ -620,16 +633,17 @@ class RoutingCollector:
 
         return hook
 
-    def _router_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, routing) -> None:
+    def _router_hook(self, layer: int, router: RouterTap):
+        def hook(module: nn.Module, args: tuple, output) -> None:
             hidden = self._pending_hidden[layer]
             self._pending_hidden[layer] = None
             if hidden is None:
                 hidden = np.zeros((0, args[0].shape[-1]), dtype=np.float32)
+            probs, top_k_index = router.routing(output)
             self.records[layer].append(
                 (
-                    routing.probs.detach().float().cpu().numpy(),
-                    routing.top_k_index.detach().cpu().numpy().astype(np.int64),
+                    probs.detach().float().cpu().numpy(),
+                    top_k_index.detach().cpu().numpy().astype(np.int64),
                     hidden,
                 )
             )
@@ -691,7 +705,6 @@ def collect_routing(
         [`RoutingData`].
     """
     moge_model = _moge_model(model)
-    config = moge_model.config
     was_training = model.training
     model.eval()
     labels, input_ids, masks, token_counts, example_index, positions = [], [], [], [], [], []
@@ -730,9 +743,9 @@ def collect_routing(
         raise ValueError("collect_routing got no batches")
     if labels and len(labels) != len(example_index):
         labels = []
-    layers = sorted(config.moe_layers)
+    regularizer = moge_regularizers(moge_model)[0]
     return RoutingData(
-        layers=layers,
+        layers=[int(router.name.removeprefix("layer")) for router in collector.routers],
         probs=[np.concatenate([r[0] for r in records]) for records in collector.records],
         top_k_index=[np.concatenate([r[1] for r in records]) for records in collector.records],
         hidden=[np.concatenate([r[2] for r in records]) for records in collector.records],
@@ -741,11 +754,11 @@ def collect_routing(
         position=np.concatenate(positions),
         labels=np.concatenate(labels) if labels else None,
         input_ids=np.concatenate(input_ids) if input_ids else None,
-        map_shape=tuple(config.moge_resolved_map_shape),
-        window=int(config.moge_window),
-        padding=str(config.moge_padding),
-        num_experts=int(config.num_experts),
-        top_k=int(config.num_experts_per_tok),
+        map_shape=tuple(regularizer.map_shape),
+        window=int(regularizer.window),
+        padding=str(regularizer.padding),
+        num_experts=int(regularizer.num_experts),
+        top_k=int(collector.routers[0].top_k),
     )
 
 
@@ -810,7 +823,7 @@ def routing_diagnostics(
     else:
         data = collect_routing(model, batches, max_batches, hidden_tokens_per_batch, label_key, seed)
     circular = data.padding == "circular"
-    blocks = moge_model.moge_blocks()
+    experts_of_layer = [router.experts for router in moge_routers(moge_model)]
     mask = data.token_mask
     token_labels = data.token_labels()
     token_buckets = None
@@ -819,7 +832,7 @@ def routing_diagnostics(
         token_buckets, _ = frequent_token_buckets(ids, num_token_buckets)
 
     per_layer = []
-    for layer, (block, probs, top_k) in enumerate(zip(blocks, data.probs, data.top_k_index)):
+    for layer, (experts, probs, top_k) in enumerate(zip(experts_of_layer, data.probs, data.top_k_index)):
         kept_probs = probs if mask is None else probs[mask]
         kept_top_k = top_k if mask is None else top_k[mask]
         load = expert_load(kept_top_k, data.num_experts)
@@ -833,11 +846,9 @@ def routing_diagnostics(
             "routing_entropy": routing_entropy(kept_probs),
             "top1_prob": float(kept_probs.max(-1).mean()) if kept_probs.shape[0] else 0.0,
         }
-        entry.update(
-            _summary_of_pairs(weight_cosine_similarity(block.experts), data.map_shape, circular, "weight_cosine")
-        )
+        entry.update(_summary_of_pairs(weight_cosine_similarity(experts), data.map_shape, circular, "weight_cosine"))
         if data.hidden[layer].shape[0]:
-            similarity = output_cosine_similarity(block.experts, data.hidden[layer])
+            similarity = output_cosine_similarity(experts, data.hidden[layer])
             entry.update(_summary_of_pairs(similarity, data.map_shape, circular, "output_cosine"))
         with np.errstate(invalid="ignore", divide="ignore"):
             correlation = np.corrcoef(kept_probs.T.astype(np.float64)) if kept_probs.shape[0] > 1 else None
@@ -948,7 +959,7 @@ def image_routing_invariance(
     config = moge_model.config
     window = int(config.moge_window if window is None else window)
     circular = (config.moge_padding == "circular") if circular is None else bool(circular)
-    map_shape = config.moge_resolved_map_shape
+    map_shape = moge_regularizers(_moge_model(model))[0].map_shape
     patch = int(config.patch_size)
     image_size = config.image_size
     image_size = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
@@ -1020,7 +1031,7 @@ def text_routing_invariance(
     config = moge_model.config
     window = int(config.moge_window if window is None else window)
     circular = (config.moge_padding == "circular") if circular is None else bool(circular)
-    map_shape = config.moge_resolved_map_shape
+    map_shape = moge_regularizers(_moge_model(model))[0].map_shape
     replacements = np.unique(np.asarray(list(replacement_ids), dtype=np.int64))
     if replacements.shape[0] < 2:
         raise ValueError("replacement_ids must hold at least 2 distinct token ids")

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_moge import CACHE_NAME, FIELD_RULES, MoGEConfigMixin
 from .losses import resolve_map_shape
-from .moge_layer import GroupSparsityRegularizer, MoGERouter, MoGERouting
+from .moge_layer import GroupSparsityRegularizer, MoGERouter, MoGERouting, MoGESparseMoeBlock
 
 
 __all__ = ["MOGE_REGULARIZER_FIELDS", "add_moge_regularizer", "moge_routers"]
@@ -49,6 +49,7 @@ class RouterTap:
     module: nn.Module
     top_k: int
     index: int | None = 0  # where transformers' router output holds the logits (`OutputRecorder.index`)
+    experts: nn.Module | None = None  # the layer's experts (3-D weights, `forward(hidden, top_k_index, weights)`)
 
     def logits(self, output) -> torch.Tensor:
         """`(T, E)` routing logits (for a MoGE router: before jitter noise, what the regularizer takes)."""
@@ -88,18 +89,23 @@ def _recorded_routers(model: nn.Module) -> list[RouterTap]:
             matched = f".{layer_name.strip('.')}." in f".{module_name}."
         if matched:
             top_k = getattr(module, "top_k", None) or model.config.num_experts_per_tok
-            taps.append(RouterTap(_layer_name(module_name, len(taps)), module, top_k, index))
+            parent = model.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else model
+            experts = getattr(parent, "experts", None)
+            taps.append(RouterTap(_layer_name(module_name, len(taps)), module, top_k, index, experts))
     return taps
 
 
 def moge_routers(model: nn.Module) -> list[RouterTap]:
     """Every router of `model`, in layer order: the MoGE layers' of a moge_hf model, or the routers of a transformers
     MoE model. The Trainer callback and the regularizer read routing through these."""
-    own = [module for module in model.modules() if isinstance(module, MoGERouter)]
-    if own:
-        layers = list(getattr(model.config, "moe_layers", None) or [])
-        names = [f"layer{i}" for i in layers] if len(layers) == len(own) else [f"layer{i}" for i in range(len(own))]
-        return [RouterTap(name, router, router.top_k) for name, router in zip(names, own)]
+    blocks = [module for module in model.modules() if isinstance(module, MoGESparseMoeBlock)]
+    if blocks:
+        layers = sorted(getattr(model.config, "moe_layers", None) or [])
+        layers = layers if len(layers) == len(blocks) else list(range(len(blocks)))
+        return [
+            RouterTap(f"layer{i}", block.router, block.router.top_k, None, block.experts)
+            for i, block in zip(layers, blocks)
+        ]
     return _recorded_routers(model)
 
 

@@ -1,5 +1,6 @@
 """MoGE on transformers' own MoE models (Qwen3-MoE, OLMoE, Mixtral): `add_moge_regularizer`, the callback, saving."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -219,3 +220,41 @@ def test_trainer_with_the_callback_anneals_sigma_logs_metrics_and_trains(case, t
     # predict gives the logits alone: the per-batch moge_loss is left out, like the cache.
     predictions = trainer.predict(data).predictions
     assert isinstance(predictions, np.ndarray) and predictions.shape == (8, 7, VOCAB)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_diagnostics_and_expert_maps_read_a_transformers_moe_model(case, tmp_path):
+    from moge_hf import diagnostics as diag
+
+    model = build(case, **MOGE).eval()
+    inputs = batch(seed=5)
+    data = diag.collect_routing(model, [inputs], hidden_tokens_per_batch=6)
+    with torch.no_grad():
+        own = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_router_logits=True)
+    assert data.layers == [0, 1] and data.map_shape == (2, 4) and data.num_experts == 8 and data.top_k == 2
+    assert data.token_mask.tolist() == (inputs["attention_mask"].reshape(-1) != 0).tolist()
+    for layer, logits in enumerate(own.router_logits):
+        probs = logits.float().softmax(-1)
+        torch.testing.assert_close(torch.from_numpy(data.probs[layer]), probs)
+        assert (data.top_k_index[layer] == probs.topk(2, dim=-1).indices.numpy()).all()
+    stats = diag.routing_diagnostics(model, data)
+    assert [entry["layer"] for entry in stats["layers"]] == [0, 1]
+    for entry in stats["layers"]:
+        assert (
+            sum(entry["load"]) == pytest.approx(1.0)
+            and "output_cosine_mean" in entry
+            and "weight_cosine_mean" in entry
+        )
+
+    # Each expert's output, from the experts' own forward: the routed combination is what the layer computes.
+    experts = moge_routers(model)[0].experts
+    hidden = torch.randn(5, 32)
+    per_expert = diag.all_expert_outputs(experts, hidden)  # (E, T, d)
+    index = torch.tensor([[0, 3], [1, 2], [7, 4], [5, 6], [2, 0]])
+    weights = torch.rand(5, 2)
+    combined = (per_expert[index.T, torch.arange(5)] * weights.T[..., None]).sum(0)
+    with torch.no_grad():
+        torch.testing.assert_close(combined, experts(hidden, index, weights).float(), rtol=1e-5, atol=1e-6)
+    if importlib.util.find_spec("matplotlib"):
+        path = diag.plot_expert_maps({"MoGE": stats["layers"]}, stats["map_shape"], str(tmp_path / "maps.png"))
+        assert os.path.getsize(path) > 0
