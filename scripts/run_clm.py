@@ -3,7 +3,9 @@
 
 The model is built from scratch from the config arguments below, upcycled from a dense GPT-2
 (`--dense_model_name_or_path`, see `GPT2MoGELMHeadModel.from_dense`), or loaded from a saved MoGE model
-(`--model_name_or_path`). The text is a Hub data set (`--dataset_name`) or local text files (`--train_file`, optional
+(`--model_name_or_path`). `--model_name_or_path` may also be a transformers MoE language model (Qwen3-MoE, OLMoE,
+Mixtral, ...): it is fine-tuned with the MoGE regularizer (`moge_hf.add_moge_regularizer`, the `--moge_*` fields of
+the regularizer only). The text is a Hub data set (`--dataset_name`) or local text files (`--train_file`, optional
 `--validation_file`; without one, the last `--validation_split_percentage` percent of the training lines are held
 out). The tokenizer is `--tokenizer_name`, the dense model's, or a byte-level BPE trained on the training text and
 saved with the model. Texts are concatenated and cut into `--block_size` blocks. Evaluation reports the language
@@ -43,8 +45,11 @@ import torch
 import transformers
 from datasets import DatasetDict, load_dataset
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Trainer,
@@ -53,9 +58,10 @@ from transformers import (
     set_seed,
 )
 
-from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, add_moge_regularizer
 from moge_hf.hub import add_moge_hub_callback
 from moge_hf.modeling_moge import EXPERTS_IMPLEMENTATIONS
+from moge_hf.moge_layer import moge_regularizers
 from moge_hf.training import (
     MoGEArguments,
     add_moge_callback,
@@ -63,6 +69,7 @@ from moge_hf.training import (
     check_local_source,
     train_and_evaluate,
 )
+from moge_hf.transformers_moe import MOGE_REGULARIZER_FIELDS, moge_routers
 
 
 logger = logging.getLogger(__name__)
@@ -181,7 +188,19 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         given = [name for name in (*SCRATCH_DEFAULTS, "n_inner", "n_positions") if getattr(model_args, name)]
         if given:
             raise ValueError(f"--{given[0]} only applies to a model built from scratch; the loaded model sets it.")
-    if model_args.model_name_or_path:
+    for name in ("model_name_or_path", "dense_model_name_or_path", "tokenizer_name"):
+        check_local_source(f"--{name}", getattr(model_args, name))
+    if model_args.model_name_or_path and not is_moge_hf_model(model_args.model_name_or_path):
+        # A transformers MoE model (Qwen3-MoE, OLMoE, Mixtral, ...): only the regularizer's fields apply.
+        given = [name for name in model_args.moge_overrides() if name not in MOGE_REGULARIZER_FIELDS]
+        if given:
+            raise ValueError(
+                f"--{given[0]} is a field of moge_hf's own MoGE models; on a transformers MoE model only "
+                f"{', '.join('--' + name for name in MOGE_REGULARIZER_FIELDS)} apply."
+            )
+        if model_args.dropout is not None:
+            raise ValueError("--dropout sets GPT-2's dropout rates; it does not apply to a transformers MoE model.")
+    elif model_args.model_name_or_path:
         given = model_args.shape_changing_overrides()
         if given:
             raise ValueError(f"--{given[0]} changes weight shapes and cannot be changed on a saved MoGE model.")
@@ -190,8 +209,6 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ValueError(
             f"Unknown --experts_implementation {implementation!r}; choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}."
         )
-    for name in ("model_name_or_path", "dense_model_name_or_path", "tokenizer_name"):
-        check_local_source(f"--{name}", getattr(model_args, name))
     if model_args.tokenizer_name is None and not model_args.model_name_or_path:
         if not model_args.dense_model_name_or_path and model_args.vocab_size < 257:
             raise ValueError(
@@ -411,8 +428,14 @@ def tokenize_and_group(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, col
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overrides: dict) -> GPT2MoGELMHeadModel:
-    """From scratch (`config`), upcycled from the dense model, or loaded; then the experts implementation."""
+def is_moge_hf_model(name_or_path: str) -> bool:
+    """Whether a saved model is a moge_hf GPT-2 MoGE model (else: a transformers MoE model, given the regularizer)."""
+    return AutoConfig.from_pretrained(name_or_path).model_type == GPT2MoGEConfig.model_type
+
+
+def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overrides: dict) -> PreTrainedModel:
+    """From scratch (`config`), upcycled from the dense model, loaded (a GPT-2 MoGE model, or a transformers MoE model
+    given the MoGE regularizer by `add_moge_regularizer`); then the experts implementation."""
     if model_args.dense_model_name_or_path:
         model = GPT2MoGELMHeadModel.from_dense(
             model_args.dense_model_name_or_path,
@@ -420,6 +443,8 @@ def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overr
             **dropout_fields(model_args.dropout),
             **overrides,
         )
+    elif model_args.model_name_or_path and not is_moge_hf_model(model_args.model_name_or_path):
+        model = add_moge_regularizer(AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path), **overrides)
     elif model_args.model_name_or_path:
         model = GPT2MoGELMHeadModel.from_pretrained(
             model_args.model_name_or_path, **dropout_fields(model_args.dropout), **overrides
@@ -450,7 +475,7 @@ def compute_metrics(eval_prediction) -> dict[str, float]:
 
 def run_arm(
     name: str,
-    model: GPT2MoGELMHeadModel,
+    model: PreTrainedModel,
     data_args: DataArguments,
     training_args: TrainingArguments,
     tokenizer: PreTrainedTokenizerBase,
@@ -459,15 +484,16 @@ def run_arm(
     """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    if data_args.block_size > model.config.n_positions:
-        raise ValueError(
-            f"--block_size {data_args.block_size} is longer than the model's n_positions={model.config.n_positions}."
-        )
     config = model.config
+    positions = getattr(config, "n_positions", None) or config.max_position_embeddings
+    if data_args.block_size > positions:
+        raise ValueError(f"--block_size {data_args.block_size} is longer than the model's {positions} positions.")
+    regularizer, routers = moge_regularizers(model)[0], moge_routers(model)
     logger.info(
-        f"[{name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config.n_layer} layers, "
-        f"MoGE layers {config.moe_layers}: {config.num_experts} experts top-{config.num_experts_per_tok} on a "
-        f"{'x'.join(map(str, config.moge_resolved_map_shape))} map, moge_loss_coef={config.moge_loss_coef}, "
+        f"[{name}] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{config.num_hidden_layers} layers, MoE layers {[router.name for router in routers]}: "
+        f"{regularizer.num_experts} experts top-{routers[0].top_k} on a "
+        f"{'x'.join(map(str, regularizer.map_shape))} map, moge_loss_coef={config.moge_loss_coef}, "
         f"moge_sigma_schedule={config.moge_sigma_schedule}, experts_implementation={config._experts_implementation}"
     )
     trainer = Trainer(
@@ -481,7 +507,9 @@ def run_arm(
         preprocess_logits_for_metrics=lm_loss_per_block if training_args.do_eval else None,
     )
     add_moge_callback(trainer)
-    if training_args.push_to_hub:  # Trainer's pushes then carry the model code and a MoGE model card
+    # Trainer's pushes then carry the model code and a MoGE model card (a transformers MoE model is pushed as it is,
+    # a native checkpoint with the MoGE settings in its config).
+    if training_args.push_to_hub and isinstance(model, GPT2MoGELMHeadModel):
         add_moge_hub_callback(trainer, dataset=data_args.dataset_name)
 
     return train_and_evaluate(trainer, name, len(lm_datasets["train"]), len(lm_datasets["validation"]), log=logger)

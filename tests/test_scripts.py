@@ -27,6 +27,8 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
@@ -262,6 +264,48 @@ def test_clm_upcycles_a_dense_gpt2(clm_run, text_file, tmp_path):
     assert "eval_perplexity" in read_json(upcycled / "eval_results.json")
 
 
+def test_clm_fine_tunes_a_transformers_moe_model_with_moge(clm_run, text_file, tmp_path, run_clm):
+    # A saved Qwen3-MoE (8 experts) with the tokenizer of the from-scratch run: fine-tuned with the regularizer, both
+    # arms, and saved as a native Qwen3-MoE checkpoint with the MoGE settings in its config.
+    out, _ = clm_run
+    qwen_dir = tmp_path / "qwen3_moe"
+    config = Qwen3MoeConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).save_pretrained(qwen_dir)
+    AutoTokenizer.from_pretrained(out).save_pretrained(qwen_dir)
+    tuned = tmp_path / "tuned"
+    args = ["--model_name_or_path", str(qwen_dir), "--train_file", str(text_file), "--output_dir", str(tuned)]
+    args += ["--moge_loss_coef", "0.05", "--moge_map_shape", "2", "4", "--moge_window", "2"]
+    args += ["--moge_sigma_schedule", "4", "1", "1", "--max_steps", "2", "--block_size", "16", *COMMON]
+    args += ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--compare_moe_baseline"]
+    run("run_clm", args, tmp_path / "cache")
+    for folder, coef in ((tuned, 0.05), (tuned / "moe_baseline", 0.0)):
+        saved = read_json(folder / "config.json")
+        assert saved["architectures"] == ["Qwen3MoeForCausalLM"] and "auto_map" not in saved
+        assert saved["moge_loss_coef"] == coef and saved["moge_map_shape"] == [2, 4] and saved["moge_sigma"] == 1.0
+        history = read_json(folder / "trainer_state.json")["log_history"]
+        assert [entry["moge/sigma"] for entry in history if "loss" in entry] == [4.0, 2.5]
+        assert all(entry["moge/moge_loss"] > 0 for entry in history if "loss" in entry)
+        assert "eval_perplexity" in read_json(folder / "eval_results.json")
+    assert type(AutoModelForCausalLM.from_pretrained(tuned)) is Qwen3MoeForCausalLM
+    assert [row["arm"] for row in read_json(tuned / "comparison.json")] == ["MoGE", "MoE baseline"]
+
+    # Fields of moge_hf's own models, and GPT-2's dropout, do not apply to it: refused before training.
+    base = ["--model_name_or_path", str(qwen_dir), "--train_file", str(text_file), "--output_dir", str(tmp_path / "x")]
+    for extra, message in (
+        (["--num_experts", "4"], "--num_experts is a field of moge_hf's own"),
+        (["--dropout", "0.1"], "--dropout"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_clm.main([*base, *extra, *COMMON])
+    with pytest.raises(ValueError, match=r"moge_map_shape.*8 experts"):
+        run_clm.main([*base, "--moge_map_shape", "3", "3", *COMMON])
+
+
 def clm_args(text_file: Path, out: Path, *extra: str) -> list[str]:
     return ["--train_file", str(text_file), "--output_dir", str(out), "--max_steps", "1", *TINY_GPT2, *COMMON, *extra]
 
@@ -421,8 +465,9 @@ def test_image_classification_rejects_bad_input_before_training(run_image_classi
 
 
 @pytest.mark.parametrize("flag, value", [("--num_experts", "4"), ("--expert_intermediate_size", "8")])
-def test_clm_refuses_shape_changes_on_a_saved_model(run_clm, text_file, tmp_path, flag, value):
-    args = ["--model_name_or_path", str(tmp_path / "saved"), "--train_file", str(text_file)]
+def test_clm_refuses_shape_changes_on_a_saved_model(clm_run, run_clm, text_file, tmp_path, flag, value):
+    # A real saved MoGE model: the script reads its config to tell a moge_hf model from a transformers MoE model.
+    args = ["--model_name_or_path", str(clm_run[0]), "--train_file", str(text_file)]
     args += ["--output_dir", str(tmp_path / "out"), *COMMON, flag, *value.split()]
     with pytest.raises(ValueError, match=rf"--{flag[2:]} changes weight shapes"):
         run_clm.main(args)
