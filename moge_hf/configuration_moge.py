@@ -1,7 +1,8 @@
 """Configurations of the GPT-2 and ViT MoGE models: the dense model's config plus the same set of MoGE fields."""
 
 import math
-from dataclasses import dataclass, fields
+import textwrap
+from dataclasses import dataclass, field, fields
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
@@ -14,58 +15,6 @@ from .losses import PADDINGS, REDUCTIONS, resolve_map_shape
 
 __all__ = ["GPT2MoGEConfig", "MoGEConfigMixin", "ViTMoGEConfig"]
 
-MOGE_CONFIG_DOCSTRING = r"""
-    MoGE fields (shared by [`GPT2MoGEConfig`] and [`ViTMoGEConfig`]):
-
-    num_experts (`int`, *optional*, defaults to 16):
-        Number of expert MLPs in each MoGE layer.
-    num_experts_per_tok (`int`, *optional*, defaults to 2):
-        Number of experts each token is routed to (top-k).
-    moe_layers (`list[int]`, *optional*):
-        Indices of the layers whose MLP is a MoGE layer. Defaults to every other layer starting at 1 (`[0]` in a
-        one-layer model).
-    expert_intermediate_size (`int`, *optional*):
-        Hidden size of each expert MLP. Defaults to the dense MLP's (`n_inner` or `4 * n_embd` for GPT-2,
-        `intermediate_size` for ViT).
-    router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
-        Weight of the Switch load-balancing loss in `loss`.
-    router_aux_loss_global (`bool`, *optional*, defaults to `False`):
-        In distributed training, compute the load-balancing loss with the expert dispatch fractions of the global
-        batch (one all-reduce of `num_layers x k x num_experts` counts per step) instead of each rank's own, so that
-        N processes x batch B train exactly like 1 process x batch N*B (with unpadded batches: the mean routing
-        probabilities stay each rank's own, averaged over its tokens). Every rank must then run the same training
-        forward passes (as under DDP/FSDP); leave it off to run a rank alone in training mode.
-    router_z_loss_coef (`float`, *optional*, defaults to 0.0):
-        Weight of the ST-MoE router z-loss in `loss`.
-    router_jitter_noise (`float`, *optional*, defaults to 0.0):
-        Multiplicative jitter `eps` on the router input in training: the input is multiplied by U(1 - eps, 1 + eps).
-    norm_topk_prob (`bool`, *optional*):
-        Whether to renormalize the top-k gate weights to sum to 1. Defaults to `True` when `num_experts_per_tok > 1`
-        and `False` for top-1 (as in the Switch Transformer: with top-1, renormalizing makes every gate weight 1, and
-        the router never sees the task's gradient).
-    moge_loss_coef (`float`, *optional*, defaults to 0.0):
-        Lambda, the weight of the group-sparsity regularizer in `loss`. `0.0` is the plain MoE baseline.
-    moge_map_shape (`list[int]`, *optional*):
-        `[rows, cols]` of the expert map, `rows * cols == num_experts`. Defaults to the most square factorization.
-    moge_window (`int`, *optional*, defaults to 3):
-        Side of the square Gaussian windows (groups) on the expert map.
-    moge_sigma (`float`, *optional*, defaults to 1.0):
-        Current standard deviation of the Gaussian window weights. `model.set_moge_sigma` updates it.
-    moge_sigma_schedule (`list[float]`, *optional*):
-        `[init, final, power]` for annealing sigma during training: `init - (init - final) * progress**power`
-        (the paper uses `[10.0, 1.0, 0.2]`). `None` keeps `moge_sigma` fixed.
-    moge_padding (`str`, *optional*, defaults to `"valid"`):
-        `"valid"` (windows inside the map, as in the paper) or `"circular"` (the map is a torus).
-    moge_reduction (`str`, *optional*, defaults to `"mean"`):
-        `"mean"` (mean over tokens and windows) or `"paper"` (the authors' sum over tokens and windows divided by
-        `window**2 * num_windows`, so that their `moge_loss_coef` values carry over).
-    output_router_logits (`bool`, *optional*, defaults to `False`):
-        Whether the models return the router logits of every MoGE layer. The routing losses are computed and added
-        to `loss` whether or not this is set. The outputs always carry the three unscaled routing losses; those
-        whose coefficient is 0 are computed without autograd (reported, not trained on: no backward cost).
-"""
-
-
 # The routing fields of every MoGE output, in order, after the fields of the dense parent's output.
 ROUTING_OUTPUTS = ("router_logits", "aux_loss", "moge_loss", "z_loss")
 
@@ -73,13 +22,20 @@ ROUTING_OUTPUTS = ("router_logits", "aux_loss", "moge_loss", "z_loss")
 def _cache_name() -> str:
     """The name of the KV cache in the installed transformers' outputs and forward arguments: the field of its causal
     LM output that holds a `Cache` (`past_key_values` up to 5.23, `cache` since 5.24)."""
-    for field in fields(CausalLMOutputWithCrossAttentions):
-        if "Cache" in str(field.type) or Cache in getattr(field.type, "__args__", ()):
-            return field.name
+    for output_field in fields(CausalLMOutputWithCrossAttentions):
+        if "Cache" in str(output_field.type) or Cache in getattr(output_field.type, "__args__", ()):
+            return output_field.name
     raise ImportError("transformers' CausalLMOutputWithCrossAttentions has no Cache field; moge_hf cannot run with it")
 
 
 CACHE_NAME = _cache_name()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The MoGE fields, each declared once: default, help, check, and whether it changes weight shapes. The config
+# docstring, the checks on assignment, the training scripts' arguments (`moge_hf.training.MoGEArguments`) and the
+# model card's rows derive from these declarations; tests check the README's table against them.
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def _is_number(value) -> bool:
@@ -100,48 +56,150 @@ def _is_sigma_schedule(value) -> bool:
     )
 
 
-# The MoGE fields that can be checked on their own: on assignment (`config.moge_loss_coef = -1` raises at once) and
-# in `validate_moge_fields`, which adds the checks that involve several fields.
-FIELD_RULES = {
-    "num_experts": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
-    "num_experts_per_tok": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
-    "expert_intermediate_size": (lambda v: v is None or (_is_int(v) and v >= 1), "must be a positive integer or None"),
-    "router_aux_loss_coef": (lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
-    "router_z_loss_coef": (lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
-    "moge_loss_coef": (lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"),
-    "router_jitter_noise": (lambda v: _is_number(v) and 0 <= v < 1, "must be a number in [0, 1)"),
-    "norm_topk_prob": (lambda v: v in (None, True, False), "must be True, False or None"),
-    "moge_padding": (lambda v: v in PADDINGS, f"must be one of {PADDINGS}"),
-    "moge_reduction": (lambda v: v in REDUCTIONS, f"must be one of {REDUCTIONS}"),
-    "moge_window": (lambda v: _is_int(v) and v >= 1, "must be a positive integer"),
-    "moge_sigma": (lambda v: _is_number(v) and v > 0, "must be a finite number > 0"),
-    "moge_sigma_schedule": (_is_sigma_schedule, "must be [init, final, power], three finite numbers > 0, or None"),
-    "router_aux_loss_global": (lambda v: isinstance(v, bool), "must be a bool"),
-    "output_router_logits": (lambda v: isinstance(v, bool), "must be a bool"),
-}
+def moge_field(default, kind: str, help: str, check=None, requirement: str = "", changes_shapes: bool = False):
+    """A MoGE config field: `kind` is its type as the docs write it; `check(value)` (with the `requirement` its error
+    states) is applied on assignment and by `validate_moge_fields`; fields that `changes_shapes` cannot change on a
+    saved model."""
+    metadata = {"kind": kind, "help": help, "changes_shapes": changes_shapes}
+    if check is not None:
+        metadata["check"] = (check, requirement)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(repr=False)
 class MoGEConfigMixin:
     """The MoGE fields and their checks, mixed into a dense model's config (see `MOGE_CONFIG_DOCSTRING`)."""
 
-    num_experts: int = 16
-    num_experts_per_tok: int = 2
-    moe_layers: list[int] | tuple[int, ...] | None = None
-    expert_intermediate_size: int | None = None
-    router_aux_loss_coef: float | int = 0.01
-    router_aux_loss_global: bool = False
-    router_z_loss_coef: float | int = 0.0
-    router_jitter_noise: float | int = 0.0
-    norm_topk_prob: bool | None = None
-    moge_loss_coef: float | int = 0.0
-    moge_map_shape: list[int] | tuple[int, ...] | None = None
-    moge_window: int = 3
-    moge_sigma: float | int = 1.0
-    moge_sigma_schedule: list[float | int] | tuple[float | int, ...] | None = None
-    moge_padding: str = "valid"
-    moge_reduction: str = "mean"
-    output_router_logits: bool = False
+    num_experts: int = moge_field(
+        16,
+        "int",
+        "Number of expert MLPs in each MoGE layer.",
+        lambda v: _is_int(v) and v >= 1,
+        "must be an integer >= 1",
+        changes_shapes=True,
+    )
+    num_experts_per_tok: int = moge_field(
+        2,
+        "int",
+        "Number of experts each token is routed to (top-k).",
+        lambda v: _is_int(v) and v >= 1,
+        "must be an integer >= 1",
+    )
+    moe_layers: list[int] | tuple[int, ...] | None = moge_field(
+        None,
+        "list[int]",
+        "Indices of the layers whose MLP is a MoGE layer. Defaults to every other layer starting at 1 (`[0]` in a "
+        "one-layer model).",
+        changes_shapes=True,
+    )
+    expert_intermediate_size: int | None = moge_field(
+        None,
+        "int",
+        "Hidden size of each expert MLP. Defaults to the dense MLP's (`n_inner` or `4 * n_embd` for GPT-2, "
+        "`intermediate_size` for ViT).",
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "must be a positive integer or None",
+        changes_shapes=True,
+    )
+    router_aux_loss_coef: float | int = moge_field(
+        0.01,
+        "float",
+        "Weight of the Switch load-balancing loss in `loss`.",
+        lambda v: _is_number(v) and v >= 0,
+        "must be a finite number >= 0",
+    )
+    router_aux_loss_global: bool = moge_field(
+        False,
+        "bool",
+        "In distributed training, compute the load-balancing loss with the expert dispatch fractions of the global "
+        "batch (one all-reduce of `num_layers x k x num_experts` counts per step) instead of each rank's own, so that "
+        "N processes x batch B train exactly like 1 process x batch N*B (with unpadded batches: the mean routing "
+        "probabilities stay each rank's own, averaged over its tokens). Every rank must then run the same training "
+        "forward passes (as under DDP/FSDP); leave it off to run a rank alone in training mode.",
+        lambda v: isinstance(v, bool),
+        "must be a bool",
+    )
+    router_z_loss_coef: float | int = moge_field(
+        0.0,
+        "float",
+        "Weight of the ST-MoE router z-loss in `loss`.",
+        lambda v: _is_number(v) and v >= 0,
+        "must be a finite number >= 0",
+    )
+    router_jitter_noise: float | int = moge_field(
+        0.0,
+        "float",
+        "Multiplicative jitter `eps` on the router input in training: the input is multiplied by U(1 - eps, 1 + eps).",
+        lambda v: _is_number(v) and 0 <= v < 1,
+        "must be a number in [0, 1)",
+    )
+    norm_topk_prob: bool | None = moge_field(
+        None,
+        "bool",
+        "Whether to renormalize the top-k gate weights to sum to 1. Defaults to `True` when "
+        "`num_experts_per_tok > 1` and `False` for top-1 (as in the Switch Transformer: with top-1, renormalizing "
+        "makes every gate weight 1, and the router never sees the task's gradient).",
+        lambda v: v in (None, True, False),
+        "must be True, False or None",
+    )
+    moge_loss_coef: float | int = moge_field(
+        0.0,
+        "float",
+        "Lambda, the weight of the group-sparsity regularizer in `loss`. `0.0` is the plain MoE baseline.",
+        lambda v: _is_number(v) and v >= 0,
+        "must be a finite number >= 0",
+    )
+    moge_map_shape: list[int] | tuple[int, ...] | None = moge_field(
+        None,
+        "list[int]",
+        "`[rows, cols]` of the expert map, `rows * cols == num_experts`. Defaults to the most square factorization.",
+    )
+    moge_window: int = moge_field(
+        3,
+        "int",
+        "Side of the square Gaussian windows (groups) on the expert map.",
+        lambda v: _is_int(v) and v >= 1,
+        "must be a positive integer",
+    )
+    moge_sigma: float | int = moge_field(
+        1.0,
+        "float",
+        "Current standard deviation of the Gaussian window weights. `model.set_moge_sigma` updates it.",
+        lambda v: _is_number(v) and v > 0,
+        "must be a finite number > 0",
+    )
+    moge_sigma_schedule: list[float | int] | tuple[float | int, ...] | None = moge_field(
+        None,
+        "list[float]",
+        "`[init, final, power]` for annealing sigma during training: `init - (init - final) * progress**power` (the "
+        "paper uses `[10.0, 1.0, 0.2]`). `None` keeps `moge_sigma` fixed.",
+        _is_sigma_schedule,
+        "must be [init, final, power], three finite numbers > 0, or None",
+    )
+    moge_padding: str = moge_field(
+        "valid",
+        "str",
+        '`"valid"` (windows inside the map, as in the paper) or `"circular"` (the map is a torus).',
+        lambda v: v in PADDINGS,
+        f"must be one of {PADDINGS}",
+    )
+    moge_reduction: str = moge_field(
+        "mean",
+        "str",
+        '`"mean"` (mean over tokens and windows) or `"paper"` (the authors\' sum over tokens and windows divided by '
+        "`window**2 * num_windows`, so that their `moge_loss_coef` values carry over).",
+        lambda v: v in REDUCTIONS,
+        f"must be one of {REDUCTIONS}",
+    )
+    output_router_logits: bool = moge_field(
+        False,
+        "bool",
+        "Whether the models return the router logits of every MoGE layer. The routing losses are computed and added "
+        "to `loss` whether or not this is set. The outputs always carry the three unscaled routing losses; those "
+        "whose coefficient is 0 are computed without autograd (reported, not trained on: no backward cost).",
+        lambda v: isinstance(v, bool),
+        "must be a bool",
+    )
 
     def validate_moge_fields(self) -> None:
         """Raise a `ValueError` naming the first invalid MoGE field and its value. Fills the default `moe_layers`.
@@ -196,6 +254,32 @@ class MoGEConfigMixin:
         return self.num_experts_per_tok > 1 if self.norm_topk_prob is None else self.norm_topk_prob
 
 
+# What derives from the declarations above.
+MOGE_FIELDS = {spec.name: spec for spec in fields(MoGEConfigMixin)}
+# The checks of single fields: on assignment (`config.moge_loss_coef = -1` raises at once) and in
+# `validate_moge_fields`, which adds the checks that involve several fields.
+FIELD_RULES = {name: spec.metadata["check"] for name, spec in MOGE_FIELDS.items() if "check" in spec.metadata}
+# The fields that change no weight shape: the only ones a training script may change on a saved MoGE model.
+SHAPE_FREE_MOGE_FIELDS = tuple(name for name, spec in MOGE_FIELDS.items() if not spec.metadata["changes_shapes"])
+
+
+def _field_doc(name: str) -> str:
+    spec = MOGE_FIELDS[name]
+    default = spec.default
+    if default is not None:
+        default = f", defaults to `{default!r}`" if isinstance(default, (str, bool)) else f", defaults to {default}"
+    indent = " " * 8
+    help_text = textwrap.fill(
+        spec.metadata["help"], 118, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+    )
+    return f"    {name} (`{spec.metadata['kind']}`, *optional*{default or ''}):\n{help_text}\n"
+
+
+MOGE_CONFIG_DOCSTRING = "\n    MoGE fields (shared by [`GPT2MoGEConfig`] and [`ViTMoGEConfig`]):\n\n" + "".join(
+    map(_field_doc, MOGE_FIELDS)
+)
+
+
 def _checked_assignment(cls):
     """Make the type checks of `@strict` raise `ValueError` (naming the field and value), and check each MoGE field's
     value on assignment too (`FIELD_RULES`), so a bad value set after the config was built fails where it is set."""
@@ -231,7 +315,7 @@ def _checked_assignment(cls):
 @_checked_assignment
 @strict
 class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
-    (
+    __doc__ = (  # an assignment: a parenthesized expression would not be the class docstring
         r"""Configuration of a GPT-2 whose MLPs in `moe_layers` are MoGE layers. Takes every [`GPT2Config`] argument.
     """
         + MOGE_CONFIG_DOCSTRING
@@ -263,7 +347,7 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
 @_checked_assignment
 @strict
 class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
-    (
+    __doc__ = (  # an assignment: a parenthesized expression would not be the class docstring
         r"""Configuration of a ViT whose MLPs in `moe_layers` are MoGE layers. Takes every [`ViTConfig`] argument.
     """
         + MOGE_CONFIG_DOCSTRING

@@ -86,7 +86,7 @@ def _data_parallel_world_size() -> int:
 # Shared model machinery
 # ------------------------------------------------------------------------------------------------------------------
 
-ROUTING_LOSS_NAMES = ("aux_loss", "z_loss", "moge_loss")  # the order of their coefficients below
+ROUTING_LOSS_NAMES = ROUTING_OUTPUTS[1:]  # ("aux_loss", "moge_loss", "z_loss")
 
 
 class MoGEModelMixin:
@@ -207,8 +207,12 @@ class MoGEModelMixin:
         fractions = [None] * len(records)
         if self.config.router_aux_loss_global and self.training and _data_parallel_world_size() > 1:
             fractions = self._global_dispatch_fractions(records, token_mask)
-        coefs = (self.config.router_aux_loss_coef, self.config.router_z_loss_coef, self.config.moge_loss_coef)
-        differentiable = frozenset(name for name, coef in zip(ROUTING_LOSS_NAMES, coefs) if coef)
+        coefs = {
+            "aux_loss": self.config.router_aux_loss_coef,
+            "moge_loss": self.config.moge_loss_coef,
+            "z_loss": self.config.router_z_loss_coef,
+        }
+        differentiable = frozenset(name for name in ROUTING_LOSS_NAMES if coefs[name])
         if differentiable and torch.is_grad_enabled() and self.training:
             self._check_routing_has_graph(blocks, records)
         per_layer = [

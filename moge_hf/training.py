@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerContr
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS, SHAPE_FREE_MOGE_FIELDS
 from .moge_layer import moge_regularizers, set_moge_sigma
 from .transformers_moe import RouterTap, moge_routers
 
@@ -38,75 +39,41 @@ __all__ = [
     "train_and_evaluate",
 ]
 
-LOSS_NAMES = ("aux_loss", "moge_loss", "z_loss")
+LOSS_NAMES = ROUTING_OUTPUTS[1:]  # the unscaled routing losses of the outputs: aux_loss, moge_loss, z_loss
 
 
-# MoGE fields that change no weight shape: the only ones a training script may change on a saved MoGE model.
-SHAPE_FREE_MOGE_FIELDS = (
-    "router_aux_loss_coef",
-    "router_aux_loss_global",
-    "router_z_loss_coef",
-    "router_jitter_noise",
-    "norm_topk_prob",
-    "num_experts_per_tok",
-    "moge_loss_coef",
-    "moge_map_shape",
-    "moge_window",
-    "moge_sigma",
-    "moge_sigma_schedule",
-    "moge_padding",
-    "moge_reduction",
-)
+def _argument(name: str):
+    """The command-line argument of the MoGE config field `name`: its help is the field's, its default `None` (keep
+    the config's default, or a loaded model's value)."""
+    spec = MOGE_FIELDS[name]
+    default = "" if spec.default is None else f" (config default: {spec.default})"
+    return field(default=None, metadata={"help": spec.metadata["help"] + default})
 
 
 @dataclass
 class MoGEArguments:
     """The MoGE config fields as command-line arguments (for `HfArgumentParser`), shared by the training scripts.
 
-    Every field defaults to `None`, which keeps the config's default (or a loaded model's value).
+    Every field defaults to `None`, which keeps the config's default (or a loaded model's value); the help texts are
+    the config fields' own (`moge_hf.configuration_moge.MoGEConfigMixin`).
     """
 
-    num_experts: int | None = field(default=None, metadata={"help": "Experts per MoGE layer (config default 16)."})
-    num_experts_per_tok: int | None = field(default=None, metadata={"help": "Top-k routing (config default 2)."})
-    moe_layers: list[int] | None = field(
-        default=None, metadata={"help": "Layers whose MLP is a MoGE layer (config default: every other from 1)."}
-    )
-    expert_intermediate_size: int | None = field(
-        default=None, metadata={"help": "Hidden size of each expert (config default: the dense MLP's)."}
-    )
-    router_aux_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the load-balancing loss (config default 0.01)."}
-    )
-    router_aux_loss_global: bool | None = field(
-        default=None,
-        metadata={"help": "Load balancing over the global batch under data parallelism (config default False)."},
-    )
-    router_z_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the router z-loss (config default 0.0)."}
-    )
-    router_jitter_noise: float | None = field(
-        default=None, metadata={"help": "Multiplicative jitter on the router input (config default 0.0)."}
-    )
-    norm_topk_prob: bool | None = field(
-        default=None, metadata={"help": "Renormalize the top-k gate weights (config default: k > 1)."}
-    )
-    moge_loss_coef: float | None = field(
-        default=None,
-        metadata={"help": "Lambda of the group-sparsity regularizer; 0 (the config default) is the MoE baseline."},
-    )
-    moge_map_shape: list[int] | None = field(
-        default=None, metadata={"help": "Rows and cols of the expert map, e.g. `4 8` (config default: most square)."}
-    )
-    moge_window: int | None = field(default=None, metadata={"help": "Window side h (config default 3)."})
-    moge_sigma: float | None = field(default=None, metadata={"help": "Gaussian sigma (config default 1.0)."})
-    moge_sigma_schedule: list[float] | None = field(
-        default=None,
-        metadata={"help": "`init final power` sigma annealing during training, e.g. `10 1 0.2` (the paper's)."},
-    )
-    moge_padding: str | None = field(default=None, metadata={"help": "`valid` (config default) or `circular`."})
-    moge_reduction: str | None = field(
-        default=None, metadata={"help": "`mean` (config default) or `paper` (the paper's lambda values carry over)."}
-    )
+    num_experts: int | None = _argument("num_experts")
+    num_experts_per_tok: int | None = _argument("num_experts_per_tok")
+    moe_layers: list[int] | None = _argument("moe_layers")
+    expert_intermediate_size: int | None = _argument("expert_intermediate_size")
+    router_aux_loss_coef: float | None = _argument("router_aux_loss_coef")
+    router_aux_loss_global: bool | None = _argument("router_aux_loss_global")
+    router_z_loss_coef: float | None = _argument("router_z_loss_coef")
+    router_jitter_noise: float | None = _argument("router_jitter_noise")
+    norm_topk_prob: bool | None = _argument("norm_topk_prob")
+    moge_loss_coef: float | None = _argument("moge_loss_coef")
+    moge_map_shape: list[int] | None = _argument("moge_map_shape")
+    moge_window: int | None = _argument("moge_window")
+    moge_sigma: float | None = _argument("moge_sigma")
+    moge_sigma_schedule: list[float] | None = _argument("moge_sigma_schedule")
+    moge_padding: str | None = _argument("moge_padding")
+    moge_reduction: str | None = _argument("moge_reduction")
 
     def moge_overrides(self) -> dict:
         """The MoGE config fields given (those not left at `None`)."""

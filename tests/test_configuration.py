@@ -1,0 +1,58 @@
+"""Each MoGE config field is declared once (`MoGEConfigMixin`); its other descriptions derive from it or are checked
+against it here: the config docstrings, the scripts' arguments, the model card's rows, the README's table."""
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from tiny import gpt2_config
+
+from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, ViTMoGEConfig, render_model_card
+from moge_hf.configuration_moge import FIELD_RULES, MOGE_FIELDS, SHAPE_FREE_MOGE_FIELDS
+from moge_hf.training import MoGEArguments
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# Every field but `output_router_logits` (an output switch, not a setting of the model) is a script argument and a
+# card row.
+SETTINGS = [name for name in MOGE_FIELDS if name != "output_router_logits"]
+
+
+@pytest.mark.parametrize("config_class", [GPT2MoGEConfig, ViTMoGEConfig])
+def test_config_docstrings_list_every_field_with_its_help(config_class):
+    doc = " ".join(config_class.__doc__.split())
+    assert doc.startswith("Configuration of a")
+    for name, spec in MOGE_FIELDS.items():
+        assert f"{name} (`{spec.metadata['kind']}`, *optional*" in doc
+        assert " ".join(spec.metadata["help"].split()) in doc
+
+
+def test_script_arguments_are_the_fields_with_their_help():
+    arguments = {argument.name: argument for argument in fields(MoGEArguments)}
+    assert list(arguments) == SETTINGS
+    for name, argument in arguments.items():
+        assert argument.default is None
+        assert argument.metadata["help"].startswith(MOGE_FIELDS[name].metadata["help"])
+    # Shape-free fields: the ones a script may change on a saved model.
+    assert set(SHAPE_FREE_MOGE_FIELDS) == set(MOGE_FIELDS) - {"num_experts", "moe_layers", "expert_intermediate_size"}
+
+
+def test_every_checked_field_refuses_a_bad_value_on_assignment():
+    config = gpt2_config()
+    for name in FIELD_RULES:
+        with pytest.raises(ValueError, match=name):
+            setattr(config, name, "not a value")
+
+
+def test_the_model_card_has_a_row_for_every_setting():
+    card = render_model_card(GPT2MoGELMHeadModel(gpt2_config()))
+    for name in SETTINGS:
+        assert re.search(rf"\| `{name}` \| ", card.text), name
+
+
+def test_the_readme_table_names_every_field():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| field | default | meaning |") :].split("\n\n")[0]
+    named = set(re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in table.splitlines()[2:])))
+    assert named == set(MOGE_FIELDS)
