@@ -9,8 +9,10 @@ callbacks: `Trainer` calls callbacks in the order they were added, and its own (
 first otherwise.
 """
 
+import json
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 from transformers.utils import logging
 
 from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS, SHAPE_FREE_MOGE_FIELDS
@@ -35,6 +37,8 @@ __all__ = [
     "annealed_sigma",
     "baseline_training_args",
     "check_local_source",
+    "checkpoint_problem",
+    "last_complete_checkpoint",
     "resolve_checkpoint",
     "train_and_evaluate",
 ]
@@ -439,8 +443,64 @@ def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = Non
 # ---- training and evaluating one run (the example scripts' shared ending) ------------------------------------------
 
 
+def checkpoint_problem(folder: str) -> str | None:
+    """Why `folder` (a `checkpoint-*` written by `Trainer`) cannot be resumed from, or None if it is complete.
+
+    A run killed while saving leaves the newest checkpoint partial (written in the order model, optimizer and
+    scheduler, RNG state, `trainer_state.json`): every file `Trainer` reads on resume is checked to be there and
+    whole (JSON parses, safetensors headers and sizes agree, `torch.save` archives have their central directory)."""
+    state_path = os.path.join(folder, "trainer_state.json")
+    try:
+        with open(state_path, encoding="utf-8") as handle:
+            json.load(handle)["global_step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"trainer_state.json is missing or unreadable ({type(error).__name__})"
+    weights = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+    if not weights:
+        return "no safetensors weights"
+    for name in weights:
+        problem = _safetensors_problem(os.path.join(folder, name))
+        if problem:
+            return f"{name} {problem}"
+    for name in os.listdir(folder):
+        if name.endswith((".pt", ".pth", ".bin")):
+            try:
+                with zipfile.ZipFile(os.path.join(folder, name)):
+                    pass
+            except (OSError, zipfile.BadZipFile):
+                return f"{name} is truncated or not a torch archive"
+    return None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        if os.path.getsize(path) != 8 + header_size + max(ends, default=0):
+            return "is truncated"
+    except (OSError, ValueError, KeyError, TypeError, MemoryError, OverflowError):
+        return "has no valid safetensors header"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-*` in `output_dir` that [`checkpoint_problem`] finds complete, logging each newer one it
+    skips and why; None if there is none."""
+    if not os.path.isdir(output_dir):
+        return None
+    for folder in reversed(sort_checkpoints(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning(f"Skipping {folder}: {problem} (a run killed while saving it?).")
+    return None
+
+
 def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_arm: bool) -> str | None:
-    """The checkpoint to resume from: a path, or `last`/`true` for the latest `checkpoint-*` in `output_dir`.
+    """The checkpoint to resume from: a path, or `last`/`true` for the newest complete `checkpoint-*` in `output_dir`
+    (newer ones that a kill left partial are skipped, with a warning that names them).
 
     `main_arm=False` (a baseline trained beside the main run) resumes from its own latest checkpoint if it has one.
     """
@@ -454,12 +514,17 @@ def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_a
             )
         return None
     if value.lower() in ("last", "true", "yes") or not main_arm:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = last_complete_checkpoint(output_dir)
         if last is None and main_arm:
-            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}.")
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {output_dir}."
+            )
         return last
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise ValueError(f"--resume_from_checkpoint {value!r} cannot be resumed from: {problem}.")
     return value
 
 

@@ -2,6 +2,8 @@
 
 import copy
 import logging
+import shutil
+import types
 
 import datasets
 import numpy as np
@@ -14,7 +16,7 @@ from transformers.integrations import integration_utils
 from transformers.integrations.integration_utils import TensorBoardCallback
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
-from moge_hf.training import MoGESigmaCallback, add_moge_callback, annealed_sigma
+from moge_hf.training import MoGESigmaCallback, add_moge_callback, annealed_sigma, resolve_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -428,3 +430,68 @@ def test_reporting_callbacks_receive_the_moge_metrics(tmp_path, monkeypatch, cap
         assert not any(tag.startswith("train/moge/") for tag in writer.scalars)
         assert "add_moge_callback" in caplog.text
     assert "train/loss" in writer.scalars
+
+
+# ---- resuming: the newest complete checkpoint ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A 3-step run that saved a full checkpoint (weights, optimizer, scheduler, RNG, state) after every step."""
+    out = tmp_path_factory.mktemp("checkpoints") / "run"
+    args = training_args(out, max_steps=3, save_strategy="steps", save_steps=1, logging_steps=1)
+    Trainer(model=tiny_lm(), args=args, train_dataset=as_dataset(lm_batch(seed=8))).train()
+    return out
+
+
+def truncate(path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+        (
+            lambda c: (c / "trainer_state.json").write_text('{"global_st'),
+            "trainer_state.json is missing or unreadable",
+        ),
+        (lambda c: truncate(c / "model.safetensors"), "model.safetensors is truncated"),
+        (lambda c: truncate(c / "model.safetensors", 0.001), "model.safetensors has no valid safetensors header"),
+        (lambda c: (c / "model.safetensors").unlink(), "no safetensors weights"),
+        (lambda c: truncate(c / "optimizer.pt"), "optimizer.pt is truncated"),
+        (lambda c: truncate(c / "rng_state.pth", 0.9), "rng_state.pth is truncated"),
+    ],
+)
+def test_resume_last_skips_checkpoints_a_kill_left_partial(checkpoints, tmp_path, caplog, damage, reason):
+    run = tmp_path / "run"
+    shutil.copytree(checkpoints, run)
+    assert resolve_checkpoint(resume_args("last"), str(run), main_arm=True) == str(run / "checkpoint-3")
+    damage(run / "checkpoint-3")
+    with caplog.at_level(logging.WARNING, logger="moge_hf.training"):
+        chosen = resolve_checkpoint(resume_args("last"), str(run), main_arm=True)
+    assert chosen == str(run / "checkpoint-2")
+    assert f"Skipping {run / 'checkpoint-3'}: {reason}" in caplog.text
+    with pytest.raises(ValueError, match=f"cannot be resumed from: {reason}"):  # named explicitly: refused
+        resolve_checkpoint(resume_args(str(run / "checkpoint-3")), str(run), main_arm=True)
+    # The chosen one really resumes: Trainer reads all of it and trains the last step.
+    trainer = Trainer(
+        model=tiny_lm(), args=training_args(run, max_steps=3), train_dataset=as_dataset(lm_batch(seed=8))
+    )
+    trainer.train(resume_from_checkpoint=chosen)
+    assert trainer.state.global_step == 3
+
+
+def test_resume_last_with_no_complete_checkpoint_says_so(checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(checkpoints, run)
+    for step in (1, 2, 3):
+        (run / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_checkpoint(resume_args("last"), str(run), main_arm=True)
+    assert resolve_checkpoint(resume_args("last"), str(run), main_arm=False) is None  # a baseline arm starts over
+
+
+def resume_args(value: str):
+    return types.SimpleNamespace(resume_from_checkpoint=value)
