@@ -503,10 +503,13 @@ class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel):
             if num_items_in_batch is not None:
                 # Trainer divides the LM loss by the label tokens of the whole accumulated (and gathered) batch
                 # rather than by gradient-accumulation steps; weighting the per-batch routing losses by this
-                # micro-batch's share of those tokens makes them average over the whole batch too.
+                # micro-batch's share of those tokens makes them average over the whole batch too. A batch without
+                # label tokens (prompt-only examples) weighs 0, as its token loss does: it trains nothing.
                 shift_labels = kwargs.get("shift_labels")
                 shift_labels = labels[..., 1:] if shift_labels is None else shift_labels
-                routing_loss = routing_loss * ((shift_labels != -100).sum() / num_items_in_batch)
+                count = (shift_labels != -100).sum()
+                num_items = torch.as_tensor(num_items_in_batch, device=count.device)
+                routing_loss = routing_loss * torch.where(num_items > 0, count / num_items.clamp(min=1), 0.0)
             loss = loss + routing_loss
 
         return MoGECausalLMOutputWithPast(

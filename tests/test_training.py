@@ -495,3 +495,41 @@ def test_resume_last_with_no_complete_checkpoint_says_so(checkpoints, tmp_path):
 
 def resume_args(value: str):
     return types.SimpleNamespace(resume_from_checkpoint=value)
+
+
+# ---- batches without label tokens ---------------------------------------------------------------------------------
+
+
+def unlabeled_batch(seed: int = 9, batch: int = 8) -> dict[str, torch.Tensor]:
+    """A prompt-only batch: every label is -100."""
+    data = lm_batch(seed=seed, batch=batch, padded=False)
+    return {**data, "labels": torch.full_like(data["labels"], -100)}
+
+
+def test_a_micro_batch_without_label_tokens_weighs_nothing():
+    # Under Trainer's `num_items_in_batch` (the label tokens of the whole accumulated batch, held by other
+    # micro-batches), the routing losses of a micro-batch with no label tokens weigh 0, as its token loss does.
+    # (A whole batch without label tokens: the Trainer test below.)
+    model = tiny_lm()
+    model.train()
+    for num_items in (torch.tensor(5.0), 5):
+        model.zero_grad()
+        out = model(**unlabeled_batch(), num_items_in_batch=num_items)
+        assert out.loss.item() == 0.0 and out.moge_loss > 0  # reported, weighted 0
+        out.loss.backward()
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_on_prompt_only_batches_leaves_the_weights_alone(tmp_path, accumulation):
+    model = tiny_lm()
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    args = training_args(
+        tmp_path, max_steps=2, per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=as_dataset(unlabeled_batch()))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [(entry["loss"], entry["grad_norm"]) for entry in logs] == [(0.0, 0.0), (0.0, 0.0)]
+    for name, param in model.named_parameters():  # zero gradients: AdamW (no weight decay) moves nothing
+        assert torch.equal(param, before[name]), name
