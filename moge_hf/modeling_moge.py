@@ -138,6 +138,7 @@ class MoGEModelMixin:
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`; the saved `auto_map` names every Auto class of the model family, so
         that the folder loads with `trust_remote_code=True` through any of them (e.g. `AutoModel` on an LM)."""
+        self._check_config_matches_modules()
         module = type(self).__module__.rsplit(".", 1)[-1]
         family = {name: f"{module}.{cls.__name__}" for name, cls in AUTO_MODEL_CLASSES[self.config.model_type].items()}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **family}
@@ -185,10 +186,54 @@ class MoGEModelMixin:
         intermediate_size = config.expert_intermediate_size or config.dense_intermediate_size
         for index in config.moe_layers:
             block = MoGESparseMoeBlock(config, config.hidden_size, intermediate_size, activation, dropout)
+            block.layer_index = index
             setattr(layers[index], mlp_name, block)
+
+    def _check_config_matches_modules(self) -> None:
+        """Raise if a MoGE field of `config` changed after the model was built: the MoGE layers read their settings
+        when they are built, so they would keep the old value while `save_pretrained` wrote the new one (the reloaded
+        model would be another model). The loss weights (`moge_loss_coef`, `router_aux_loss_coef`, ...) and
+        `output_router_logits` are read at every forward and may change at any time."""
+        blocks = self.moge_blocks()
+        if not blocks:
+            return
+        config, router, regularizer = self.config, blocks[0].router, blocks[0].regularizer
+        try:
+            map_shape = config.moge_resolved_map_shape
+        except ValueError:
+            map_shape = config.moge_map_shape
+        built = {  # field: (what the modules use, what the config says)
+            "moe_layers": ([block.layer_index for block in blocks], sorted(config.moe_layers)),
+            "num_experts": (router.num_experts, config.num_experts),
+            "num_experts_per_tok": (router.top_k, config.num_experts_per_tok),
+            "norm_topk_prob": (router.norm_topk_prob, config.moge_norm_topk_prob),
+            "router_jitter_noise": (router.jitter_noise, config.router_jitter_noise),
+            "expert_intermediate_size": (
+                blocks[0].experts.intermediate_dim,
+                config.expert_intermediate_size or config.dense_intermediate_size,
+            ),
+            "moge_map_shape": (tuple(regularizer.map_shape), tuple(map_shape or ())),
+            "moge_window": (regularizer.window, config.moge_window),
+            "moge_padding": (regularizer.padding, config.moge_padding),
+            "moge_reduction": (regularizer.reduction, config.moge_reduction),
+            "moge_sigma": (regularizer.sigma, config.moge_sigma),
+        }
+        for name, (used, configured) in built.items():
+            if used != configured:
+                fix = (
+                    "use model.set_moge_sigma(value)"
+                    if name == "moge_sigma"
+                    else f"build the model with it instead, e.g. from_pretrained(path, {name}=...)"
+                )
+                raise ValueError(
+                    f"config.{name} was set to {getattr(config, name)!r} after the model was built with {used!r}: "
+                    f"the model would keep {used!r} and save {getattr(config, name)!r}; {fix}"
+                )
 
     def _forward_with_routing(self, forward, token_mask: torch.Tensor | None, output_router_logits: bool | None):
         """Run `forward()` while recording every MoGE block's routing; return its output and the routing fields."""
+        if not torch.compiler.is_compiling():
+            self._check_config_matches_modules()
         blocks = self.moge_blocks()
         records: list[MoGERouting] = []
         for block in blocks:

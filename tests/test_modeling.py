@@ -639,3 +639,45 @@ def test_sequence_classification_without_pad_token_raises():
     model, batch = build("gpt2-seqcls", pad_token_id=None)
     with pytest.raises(ValueError, match="padding token"):
         model(**batch)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("moge_reduction", "paper"),
+        ("moge_sigma", 3.0),
+        ("moge_window", 1),
+        ("moge_padding", "circular"),
+        ("moge_map_shape", [4, 2]),
+        ("num_experts_per_tok", 1),
+        ("norm_topk_prob", False),
+        ("router_jitter_noise", 0.1),
+        ("moe_layers", [0]),
+    ],
+)
+def test_moge_fields_changed_on_a_built_models_config_are_refused_not_silently_saved(name, value, tmp_path):
+    # The MoGE layers read these when they are built: changed afterwards, the model would keep the old value and
+    # save the new one, and the reloaded model would be another model.
+    model, batch = build("gpt2-lm")
+    setattr(model.config, name, value)
+    with pytest.raises(ValueError, match=rf"config\.{name} was set to .* after the model was built"):
+        model(**batch)
+    with pytest.raises(ValueError, match=rf"config\.{name} was set"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_live_fields_and_set_moge_sigma_keep_config_and_model_in_step(tmp_path):
+    model, batch = build("gpt2-lm")
+    model.eval()
+    model.set_moge_sigma(3.0)  # the way to change sigma: modules and config together
+    model.config.moge_loss_coef = 0.5  # read at every forward
+    model.config.router_aux_loss_coef = 0.0
+    with torch.no_grad():
+        out = model(**batch)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        again = loaded(**batch)
+    torch.testing.assert_close(again.loss, out.loss)
+    torch.testing.assert_close(again.moge_loss, out.moge_loss)
