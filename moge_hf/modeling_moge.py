@@ -269,18 +269,30 @@ class MoGEModelMixin:
             fields["router_logits"] = tuple(routing.logits for routing in records)
         return outputs, fields
 
-    @staticmethod
-    def _check_routing_has_graph(blocks: list[MoGESparseMoeBlock], records: list[MoGERouting]) -> None:
-        """Raise if a trainable router's probabilities carry no autograd graph: the routing losses would then train
-        nothing, silently. Reentrant activation checkpointing does that (the layer's first forward runs under
-        `no_grad`, and the routing reaches the model by a side channel, not as an output of the checkpointed layer)."""
+    def _check_routing_has_graph(self, blocks: list[MoGESparseMoeBlock], records: list[MoGERouting]) -> None:
+        """Raise if a router's probabilities carry no autograd graph although something they depend on trains (the
+        router itself, or any trainable weight before it, e.g. LoRA adapters of a frozen model): the routing losses
+        would then train nothing, silently. Reentrant activation checkpointing does that (the layer's first forward
+        runs under `no_grad`, and the routing reaches the model by a side channel, not as an output of the
+        checkpointed layer)."""
         for block, routing in zip(blocks, records):
-            if block.router.weight.requires_grad and not routing.probs.requires_grad:
+            if not routing.probs.requires_grad and self._trains_upstream_of(block.router.weight):
                 raise RuntimeError(
                     "The routing of a MoGE layer carries no gradient in training, so the routing losses (load "
-                    "balancing, z-loss, MoGE) would not train the router. Reentrant activation checkpointing does "
-                    "this: use gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default)."
+                    "balancing, z-loss, MoGE) would train neither the router nor the trainable weights before it. "
+                    "Reentrant activation checkpointing does this: use gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False} (transformers' default)."
                 )
+
+    def _trains_upstream_of(self, router_weight: nn.Parameter) -> bool:
+        """Whether the router, or a parameter registered before it (embeddings, earlier layers, this layer's attention:
+        what the routing depends on), is trainable."""
+        for param in self.parameters():
+            if param.requires_grad:
+                return True
+            if param is router_weight:
+                return False
+        return False
 
     def _global_dispatch_fractions(self, records: list[MoGERouting], token_mask: torch.Tensor | None):
         """Per MoGE layer, the `(k, E)` dispatch fractions of the global batch: one all-reduce over all ranks."""

@@ -215,6 +215,39 @@ def test_gradient_checkpointing_matches(case):
             torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
+def enable_checkpointing(model, use_reentrant: bool) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    kwargs_name = next(n for n in inspect.signature(enable).parameters if n.endswith("checkpointing_kwargs"))
+    enable(**{kwargs_name: {"use_reentrant": use_reentrant}})
+
+
+def test_reentrant_checkpointing_refused_with_frozen_routers_and_trainable_weights_before_them():
+    # LoRA-style: the routers (and most of the model) frozen, a trainable attention projection in layer 0. The routing
+    # losses reach it through the hidden states; reentrant checkpointing would drop that gradient silently.
+    model, batch = build("gpt2-lm", router_jitter_noise=0.0)
+    model.train()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.transformer.h[0].attn.c_attn.weight.requires_grad_(True)
+    enable_checkpointing(model, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        model(**batch)
+    # Nothing trainable before the routers (only the final layer norm): the routing has nothing to train, no error.
+    model.transformer.h[0].attn.c_attn.weight.requires_grad_(False)
+    model.transformer.ln_f.weight.requires_grad_(True)
+    model(**batch).loss.backward()
+    # Non-reentrant (transformers' default): the routing losses' gradient reaches the adapter.
+    model, batch = build("gpt2-lm", router_jitter_noise=0.0)
+    model.train()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    adapter = model.transformer.h[0].attn.c_attn.weight.requires_grad_(True)
+    enable_checkpointing(model, use_reentrant=False)
+    out = model(**batch)
+    (grad,) = torch.autograd.grad(out.moge_loss, adapter)
+    assert grad.abs().sum() > 0
+
+
 def test_reentrant_checkpointing_refused_since_routing_losses_would_train_nothing():
     model, batch = build("gpt2-lm", router_jitter_noise=0.0)
     model.train()
