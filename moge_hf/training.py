@@ -37,6 +37,8 @@ __all__ = [
     "annealed_sigma",
     "baseline_training_args",
     "check_local_source",
+    "finished_run_metrics",
+    "main_arm_name",
     "checkpoint_problem",
     "last_complete_checkpoint",
     "resolve_checkpoint",
@@ -548,20 +550,84 @@ def baseline_training_args(training_args: TrainingArguments) -> TrainingArgument
     return replace(training_args, **changes)
 
 
-def train_and_evaluate(trainer: Trainer, name: str, train_samples: int, eval_samples: int, log=None) -> dict:
+def main_arm_name(moge_loss_coef: float) -> str:
+    """The label of a training script's main arm in its comparison table: what it trained, MoGE or plain MoE."""
+    return "MoGE" if moge_loss_coef else "MoE (lambda = 0)"
+
+
+def finished_run_metrics(training_args: TrainingArguments) -> dict | None:
+    """The saved metrics of a run that already trained to its last step in `output_dir` and, if `do_eval`, was
+    evaluated (`trainer_state.json` at `max_steps`, `all_results.json`); None for a run still to train or evaluate."""
+    try:
+        with open(os.path.join(training_args.output_dir, "trainer_state.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        with open(os.path.join(training_args.output_dir, "all_results.json"), encoding="utf-8") as handle:
+            results = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    steps, last = state.get("global_step", 0), state.get("max_steps", 0)
+    if not last or steps < last or (training_args.max_steps > 0 and last != training_args.max_steps):
+        return None
+    if training_args.do_eval and not any(key.startswith("eval_") for key in results):
+        return None
+    moge_logs = [entry for entry in state.get("log_history", []) if "moge/moge_loss" in entry]
+    if moge_logs:
+        results.setdefault("train_moge_loss_last_log", moge_logs[-1]["moge/moge_loss"])
+    return results
+
+
+def _final_checkpoint_state(checkpoint: str | None, training_args: TrainingArguments) -> TrainerState | None:
+    """The `TrainerState` of `checkpoint` if it was saved at the last step of this run's training, else None."""
+    if checkpoint is None:
+        return None
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    if not state.max_steps or state.global_step < state.max_steps:
+        return None
+    if training_args.max_steps > 0 and state.max_steps != training_args.max_steps:
+        return None
+    return state
+
+
+def train_and_evaluate(
+    trainer: Trainer, name: str, train_samples: int, eval_samples: int, log=None, main_arm: bool = True
+) -> dict:
     """`do_train` (resuming as `resolve_checkpoint` says, saving model, metrics and state) then `do_eval`, then with
     `push_to_hub` one last push (so that the Hub's card and files hold the evaluation), the way transformers' example
     scripts do; returns the metrics, with the last logged unscaled MoGE loss. `log` (a script's logger; default this
-    module's) reports a resumed checkpoint."""
+    module's) reports a resumed checkpoint.
+
+    Resuming (`--resume_from_checkpoint`), an arm that already trained to its last step and was evaluated in its
+    `output_dir` is not trained again (Trainer would take a step past `max_steps` and overwrite its weights and
+    results): its saved metrics are returned. `main_arm=False` (a baseline beside the main run) resumes from its own
+    newest complete checkpoint, whatever checkpoint the main arm was told to resume from."""
     training_args = trainer.args
+    log = log or logger
+    resuming = str(training_args.resume_from_checkpoint).lower() not in ("none", "false", "no")
+    saved = finished_run_metrics(training_args) if resuming and training_args.do_train else None
+    if saved is not None:
+        log.info(f"[{name}] already trained and evaluated in {training_args.output_dir}: keeping its results")
+        return saved
     metrics = {}
     if training_args.do_train:
-        checkpoint = resolve_checkpoint(training_args, training_args.output_dir, main_arm=name == "MoGE")
-        if checkpoint is not None:
-            (log or logger).info(f"[{name}] Resuming training from {checkpoint}")
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        checkpoint = resolve_checkpoint(training_args, training_args.output_dir, main_arm=main_arm)
+        final = _final_checkpoint_state(checkpoint, training_args)
+        if final is not None:
+            # The checkpoint is the run's last step (killed after saving it): Trainer.train would take a step past
+            # max_steps. Load it as Trainer's own resume does, and go on to saving and evaluation.
+            log.info(f"[{name}] {checkpoint} is the last step of training: loading it, not training further")
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = final
+            model = _unwrap_moge_model(trainer.model)
+            schedule = model.config.moge_sigma_schedule
+            if schedule is not None:  # sigma where the schedule ends, as the callback's `on_train_end` sets it
+                set_moge_sigma(model, annealed_sigma(final.global_step / final.max_steps, schedule))
+            train_metrics = {"train_samples": train_samples}
+        else:
+            if checkpoint is not None:
+                log.info(f"[{name}] Resuming training from {checkpoint}")
+            train_result = trainer.train(resume_from_checkpoint=checkpoint)
+            train_metrics = dict(train_result.metrics, train_samples=train_samples)
         trainer.save_model()
-        train_metrics = dict(train_result.metrics, train_samples=train_samples)
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()

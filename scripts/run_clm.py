@@ -67,6 +67,7 @@ from moge_hf.training import (
     add_moge_callback,
     baseline_training_args,
     check_local_source,
+    main_arm_name,
     train_and_evaluate,
 )
 from moge_hf.transformers_moe import MOGE_REGULARIZER_FIELDS, moge_routers
@@ -480,6 +481,7 @@ def run_arm(
     training_args: TrainingArguments,
     tokenizer: PreTrainedTokenizerBase,
     lm_datasets: DatasetDict,
+    main_arm: bool = True,
 ) -> dict[str, float]:
     """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -512,7 +514,9 @@ def run_arm(
     if training_args.push_to_hub and isinstance(model, GPT2MoGELMHeadModel):
         add_moge_hub_callback(trainer, dataset=data_args.dataset_name)
 
-    return train_and_evaluate(trainer, name, len(lm_datasets["train"]), len(lm_datasets["validation"]), log=logger)
+    return train_and_evaluate(
+        trainer, name, len(lm_datasets["train"]), len(lm_datasets["validation"]), log=logger, main_arm=main_arm
+    )
 
 
 def _fmt(value: float) -> str:
@@ -591,11 +595,11 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         f"{data_args.block_size} tokens (vocabulary {len(tokenizer)})"
     )
 
-    arms = [("MoGE", overrides, training_args)]
+    arms = [(True, overrides, training_args)]
     if model_args.compare_moe_baseline:
-        arms.append(("MoE baseline", {**overrides, "moge_loss_coef": 0.0}, baseline_training_args(training_args)))
+        arms.append((False, {**overrides, "moge_loss_coef": 0.0}, baseline_training_args(training_args)))
     results, rows = {}, []
-    for name, arm_overrides, arm_args in arms:
+    for main_arm, arm_overrides, arm_args in arms:
         if model is None:
             set_seed(training_args.seed)  # the same initial weights in every arm
             config = None
@@ -603,7 +607,8 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
                 config = scratch_config(model_args, data_args, len(tokenizer), tokenizer.eos_token_id)
                 config.moge_loss_coef = arm_overrides.get("moge_loss_coef", config.moge_loss_coef)
             model = build_model(model_args, config, arm_overrides)
-        results[name] = run_arm(name, model, data_args, arm_args, tokenizer, lm_datasets)
+        name = main_arm_name(model.config.moge_loss_coef) if main_arm else "MoE baseline"
+        results[name] = run_arm(name, model, data_args, arm_args, tokenizer, lm_datasets, main_arm)
         rows.append((name, float(model.config.moge_loss_coef), results[name]))
         model = None
     if training_args.do_eval and training_args.process_index == 0:

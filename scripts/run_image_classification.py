@@ -60,6 +60,7 @@ from moge_hf.training import (
     add_moge_callback,
     baseline_training_args,
     check_local_source,
+    main_arm_name,
     train_and_evaluate,
 )
 
@@ -529,6 +530,7 @@ def run_arm(
     processor: ViTImageProcessor,
     image_datasets: DatasetDict,
     accuracy,
+    main_arm: bool = True,
 ) -> dict[str, float]:
     """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
     config = model.config
@@ -558,7 +560,7 @@ def run_arm(
         add_moge_hub_callback(trainer)
 
     return train_and_evaluate(
-        trainer, name, len(image_datasets["train"]), len(image_datasets["validation"]), log=logger
+        trainer, name, len(image_datasets["train"]), len(image_datasets["validation"]), log=logger, main_arm=main_arm
     )
 
 
@@ -635,11 +637,11 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         + (" ..." if len(labels) > 10 else "")
     )
 
-    arms = [("MoGE", overrides, training_args)]
+    arms = [(True, overrides, training_args)]
     if model_args.compare_moe_baseline:
-        arms.append(("MoE baseline", {**overrides, "moge_loss_coef": 0.0}, baseline_training_args(training_args)))
+        arms.append((False, {**overrides, "moge_loss_coef": 0.0}, baseline_training_args(training_args)))
     results, rows = {}, []
-    for name, arm_overrides, arm_args in arms:
+    for main_arm, arm_overrides, arm_args in arms:
         set_seed(training_args.seed)  # the same initial weights and augmentations in every arm
         config = None
         if from_scratch:
@@ -648,7 +650,8 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         model = build_model(model_args, config, arm_overrides, labels)
         processor = get_image_processor(model_args, model.config.image_size)
         image_datasets = with_transforms(raw, processor, image_column, label_column)
-        results[name] = run_arm(name, model, arm_args, processor, image_datasets, accuracy)
+        name = main_arm_name(model.config.moge_loss_coef) if main_arm else "MoE baseline"
+        results[name] = run_arm(name, model, arm_args, processor, image_datasets, accuracy, main_arm)
         rows.append((name, float(model.config.moge_loss_coef), results[name]))
         del model
     if training_args.do_eval and training_args.process_index == 0:

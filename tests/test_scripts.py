@@ -240,6 +240,44 @@ def test_clm_resumes_from_a_checkpoint(clm_run, text_file, tmp_path):
     assert losses[0] == sentinel and len(losses) == 4  # steps 1-2 from the checkpoint, 3-4 run here
 
 
+def test_clm_resume_keeps_finished_arms_and_finishes_the_rest(clm_run, text_file, tmp_path):
+    # Both arms of `clm_run` finished (3 steps, checkpoints 2 and 3 each). Kill the baseline after its last checkpoint:
+    # its final files are gone. Resuming must keep the finished MoGE arm as it is, and finish the baseline from
+    # checkpoint-3 without training a step past max_steps.
+    out, _ = clm_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(out, run_dir)
+    baseline = run_dir / "moe_baseline"
+    for name in ("model.safetensors", "trainer_state.json", "all_results.json", "eval_results.json"):
+        (baseline / name).unlink()
+    moge_files = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    args = ["--train_file", str(text_file), "--output_dir", str(run_dir), "--max_steps", "3", *TINY_GPT2, *COMMON]
+    args += ["--moge_loss_coef", "0.01", "--moge_sigma_schedule", "10", "1", "0.2", "--compare_moe_baseline"]
+    result = run("run_clm", [*args, "--resume_from_checkpoint", "last"], tmp_path / "cache")
+    assert "[MoGE] already trained and evaluated" in result.stdout
+    assert f"[MoE baseline] {baseline / 'checkpoint-3'} is the last step of training: loading it" in result.stdout
+    assert not (baseline / "checkpoint-4").exists()
+    for name, data in moge_files.items():  # weights, metrics and state of the finished arm: untouched
+        if name != "comparison.json":
+            assert (run_dir / name).read_bytes() == data, name
+    assert read_json(baseline / "trainer_state.json")["global_step"] == 3
+    assert (
+        read_json(baseline / "config.json")["moge_sigma"]
+        == read_json(out / "moe_baseline" / "config.json")["moge_sigma"]
+    )
+    rows = {row["arm"]: row for row in read_json(run_dir / "comparison.json")}
+    assert rows["MoGE"]["eval_loss"] == read_json(out / "eval_results.json")["eval_loss"]
+    assert rows["MoE baseline"]["eval_loss"] == pytest.approx(
+        read_json(out / "moe_baseline" / "eval_results.json")["eval_loss"]
+    )
+
+
+def test_clm_labels_a_lambda_zero_main_arm_moe(run_clm, text_file, tmp_path):
+    results = run_clm.main(clm_args(text_file, tmp_path / "out", "--moge_loss_coef", "0"))
+    assert list(results) == ["MoE (lambda = 0)"]
+    assert [row["arm"] for row in read_json(tmp_path / "out" / "comparison.json")] == ["MoE (lambda = 0)"]
+
+
 def test_clm_upcycles_a_dense_gpt2(clm_run, text_file, tmp_path):
     out, _ = clm_run
     dense_dir = tmp_path / "dense"
