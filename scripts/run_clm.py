@@ -253,6 +253,7 @@ def scratch_config(model_args: ModelArguments, data_args: DataArguments, vocab_s
         **dropout_fields(model_args.dropout if model_args.dropout is not None else 0.0),
         bos_token_id=eos_id,
         eos_token_id=eos_id,
+        pad_token_id=eos_id,
         **kwargs,
         **model_args.moge_overrides(),
     )
@@ -351,6 +352,7 @@ def train_byte_level_bpe(texts, vocab_size: int, model_max_length: int) -> PreTr
         bos_token=END_OF_TEXT,
         eos_token=END_OF_TEXT,
         unk_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,  # GPT-2's convention: batched pipelines and padding collators need one
         model_max_length=model_max_length,
     )
 

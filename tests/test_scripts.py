@@ -25,6 +25,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoTokenizer,
+    DataCollatorWithPadding,
     GPT2Config,
     GPT2LMHeadModel,
     Qwen3MoeConfig,
@@ -32,6 +33,7 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
+    pipeline,
 )
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
@@ -213,6 +215,14 @@ def test_clm_trains_both_arms_and_saves_what_loads(clm_run):
     assert tokenizer.decode(ids[0]) == "First Citizen: hear me"  # byte-level BPE round trip
     generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert generated.shape == (1, ids.shape[1] + 3)
+    # A pad token (the end-of-text token, as GPT-2's), so batches of different lengths pad: collators, pipelines.
+    assert tokenizer.pad_token == "<|endoftext|>" and model.config.pad_token_id == tokenizer.pad_token_id
+    padded = DataCollatorWithPadding(tokenizer)([tokenizer("First Citizen"), tokenizer("All: Speak, speak.")])
+    assert padded["input_ids"].shape[0] == 2 and (padded["attention_mask"] == 0).any()
+    tokenizer.padding_side = "left"
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    texts = generator(["First", "All: Speak, speak"], batch_size=2, max_new_tokens=2, do_sample=False)
+    assert [len(text) for text in texts] == [1, 1]
 
 
 def mark_checkpoint(checkpoint: Path) -> float:
