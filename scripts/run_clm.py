@@ -361,14 +361,17 @@ def get_tokenizer(model_args: ModelArguments, data_args: DataArguments, raw: Dat
     """`--tokenizer_name`, else the loaded model's tokenizer, else a byte-level BPE trained on the training text."""
     source = model_args.tokenizer_name or model_args.model_name_or_path or model_args.dense_model_name_or_path
     if source is not None:
+        flag = "--tokenizer_name" if model_args.tokenizer_name else "the model's folder"
         try:
-            return AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as error:
-            if model_args.tokenizer_name:
-                raise ValueError(f"Could not load a tokenizer from --tokenizer_name {source!r}: {error}") from error
-            raise ValueError(
-                f"Could not load a tokenizer from the model's folder {source!r}: {error}. Pass --tokenizer_name."
-            ) from error
+            hint = "" if model_args.tokenizer_name else " Pass --tokenizer_name."
+            raise ValueError(f"Could not load a tokenizer from {flag} {source!r}: {error}.{hint}") from error
+        # transformers builds an empty tokenizer for a folder that has no tokenizer files (every text: 0 tokens).
+        if tokenizer.vocab_size == 0 or not tokenizer("a b c")["input_ids"]:
+            hint = "" if model_args.tokenizer_name else " (it holds no tokenizer files); pass --tokenizer_name"
+            raise ValueError(f"The tokenizer from {flag} {source!r} has an empty vocabulary{hint}.")
+        return tokenizer
     logger.info(f"Training a byte-level BPE tokenizer (vocab {model_args.vocab_size}) on the training text")
     train = raw["train"]
     batches = (train[i : i + 1000][column] for i in range(0, len(train), 1000))

@@ -354,6 +354,18 @@ def test_clm_fine_tunes_a_transformers_moe_model_with_moge(clm_run, text_file, t
         run_clm.main([*base, "--moge_map_shape", "3", "3", *COMMON])
 
 
+def test_clm_refuses_a_model_folder_without_a_tokenizer(run_clm, text_file, tmp_path):
+    # transformers builds an empty tokenizer for such a folder: every text would be 0 tokens.
+    dense_dir = tmp_path / "dense"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        dense_dir
+    )
+    args = ["--train_file", str(text_file), "--output_dir", str(tmp_path / "out"), "--dense_model_name_or_path"]
+    args += [str(dense_dir), "--num_experts", "4", "--moge_window", "2", "--moe_layers", "0", *COMMON]
+    with pytest.raises(ValueError, match=r"empty vocabulary \(it holds no tokenizer files\); pass --tokenizer_name"):
+        run_clm.main(args)
+
+
 def clm_args(text_file: Path, out: Path, *extra: str) -> list[str]:
     return ["--train_file", str(text_file), "--output_dir", str(out), "--max_steps", "1", *TINY_GPT2, *COMMON, *extra]
 
