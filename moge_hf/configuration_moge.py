@@ -10,7 +10,7 @@ from transformers import GPT2Config, ViTConfig
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from .losses import PADDINGS, REDUCTIONS, resolve_map_shape
+from .losses import MAX_SIGMA, PADDINGS, REDUCTIONS, resolve_map_shape
 
 
 __all__ = ["GPT2MoGEConfig", "MoGEConfigMixin", "ViTMoGEConfig"]
@@ -50,9 +50,23 @@ def _field_error(config_name: str, name: str, requirement: str, value) -> str:
     return f"{config_name}: `{name}` {requirement}, got {value!r}"
 
 
+def _is_sigma(value) -> bool:
+    return _is_number(value) and 0 < value <= MAX_SIGMA
+
+
 def _is_sigma_schedule(value) -> bool:
+    return value is None or (isinstance(value, (list, tuple)) and len(value) == 3 and all(map(_is_sigma, value)))
+
+
+def _is_layer_list(value) -> bool:
     return value is None or (
-        isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) and v > 0 for v in value)
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) and v >= 0 for v in value)
+    )
+
+
+def _is_map_shape(value) -> bool:
+    return value is None or (
+        isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value)
     )
 
 
@@ -90,6 +104,8 @@ class MoGEConfigMixin:
         "list[int]",
         "Indices of the layers whose MLP is a MoGE layer. Defaults to every other layer starting at 1 (`[0]` in a "
         "one-layer model).",
+        _is_layer_list,
+        "must be a non-empty list of layer indices (integers >= 0), or None",
         changes_shapes=True,
     )
     expert_intermediate_size: int | None = moge_field(
@@ -153,6 +169,8 @@ class MoGEConfigMixin:
         None,
         "list[int]",
         "`[rows, cols]` of the expert map, `rows * cols == num_experts`. Defaults to the most square factorization.",
+        _is_map_shape,
+        "must be [rows, cols], two integers >= 1, or None",
     )
     moge_window: int = moge_field(
         3,
@@ -165,8 +183,8 @@ class MoGEConfigMixin:
         1.0,
         "float",
         "Current standard deviation of the Gaussian window weights. `model.set_moge_sigma` updates it.",
-        lambda v: _is_number(v) and v > 0,
-        "must be a finite number > 0",
+        _is_sigma,
+        f"must be a number in (0, {MAX_SIGMA:g}]",
     )
     moge_sigma_schedule: list[float | int] | tuple[float | int, ...] | None = moge_field(
         None,
@@ -174,7 +192,7 @@ class MoGEConfigMixin:
         "`[init, final, power]` for annealing sigma during training: `init - (init - final) * progress**power` (the "
         "paper uses `[10.0, 1.0, 0.2]`). `None` keeps `moge_sigma` fixed.",
         _is_sigma_schedule,
-        "must be [init, final, power], three finite numbers > 0, or None",
+        f"must be [init, final, power], three numbers in (0, {MAX_SIGMA:g}], or None",
     )
     moge_padding: str = moge_field(
         "valid",

@@ -29,6 +29,7 @@ __all__ = [
 GROUP_NORM_EPS = 1e-8
 PADDINGS = ("valid", "circular")
 REDUCTIONS = ("mean", "paper")
+MAX_SIGMA = 1e150  # sigma enters the window weights squared: above ~1.3e154 its square overflows a float
 
 
 def default_map_shape(num_experts: int) -> tuple[int, int]:

@@ -6,7 +6,6 @@ losses; `GroupSparsityRegularizer` alone regularizes the routers of transformers
 (`moge_hf.add_moge_regularizer`).
 """
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -17,6 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 
 from .losses import (
+    MAX_SIGMA,
     PADDINGS,
     REDUCTIONS,
     _group_sparsity_from_matrix,
@@ -288,8 +288,8 @@ def moge_regularizers(model: nn.Module) -> list[GroupSparsityRegularizer]:
 
 def set_moge_sigma(model: nn.Module, sigma: float) -> None:
     """Set sigma in every group-sparsity regularizer of `model` and in `model.config.moge_sigma`."""
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma <= MAX_SIGMA:
+        raise ValueError(f"sigma must be a number in (0, {MAX_SIGMA:g}], got {sigma!r}")
     regularizers = moge_regularizers(model)
     for regularizer in regularizers:  # build every new window matrix first: a failure changes nothing
         regularizer.build_window_matrix(float(sigma))

@@ -6,6 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import gpt2_config
 
 from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, ViTMoGEConfig, render_model_card
@@ -56,3 +57,34 @@ def test_the_readme_table_names_every_field():
     table = readme[readme.index("| field | default | meaning |") :].split("\n\n")[0]
     named = set(re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in table.splitlines()[2:])))
     assert named == set(MOGE_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("moe_layers", [7.5]),
+        ("moe_layers", []),
+        ("moe_layers", [-1]),
+        ("moge_map_shape", [2]),
+        ("moge_map_shape", [2, 0]),
+        ("moge_sigma", 1e200),  # its square would overflow when the window weights are built
+        ("moge_sigma_schedule", [1e300, 1.0, 0.2]),
+    ],
+)
+def test_bad_values_are_refused_where_they_are_assigned(name, value):
+    config = gpt2_config()
+    before = getattr(config, name)
+    with pytest.raises(ValueError, match=rf"`{name}` must"):
+        setattr(config, name, value)
+    assert getattr(config, name) == before
+
+
+def test_set_moge_sigma_refuses_a_bad_value_before_changing_anything():
+    model = GPT2MoGELMHeadModel(gpt2_config(moge_sigma=1e150))  # the largest sigma builds
+    regularizer = model.moge_blocks()[0].regularizer
+    matrix = regularizer.window_matrix.clone()
+    for bad in (1e200, float("inf"), 0.0, -1.0, True):
+        with pytest.raises(ValueError, match="sigma must be a number in"):
+            model.set_moge_sigma(bad)
+        assert model.config.moge_sigma == regularizer.sigma == 1e150
+        assert torch.equal(regularizer.window_matrix, matrix)
