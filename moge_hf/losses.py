@@ -6,7 +6,8 @@
 - `router_z_loss`: the ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
 
 Every function takes an optional boolean `mask` over tokens; `False` marks a padding token, which then takes no
-part in the loss. All losses are returned unscaled; the models multiply them by their config coefficients.
+part in the loss. Over no tokens (an empty batch, or every token masked) each loss is 0, still in the autograd graph.
+All losses are returned unscaled; the models multiply them by their config coefficients.
 """
 
 import math
@@ -151,9 +152,10 @@ def _token_mask(mask: torch.Tensor | None, leading_shape: torch.Size, name: str)
 
 
 def _mean_over_tokens(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of per-token `values` `(T, ...)` over the tokens the float mask `(T,)` keeps (0 when it keeps none)."""
+    """Mean of per-token `values` `(T, ...)` over the tokens the float mask `(T,)` keeps: 0 over no tokens (none
+    given, or none kept), still in the autograd graph."""
     if mask is None:
-        return values.mean(0)
+        return values.mean(0) if values.shape[0] else values.sum(0)
     mask = mask.view(-1, *([1] * (values.dim() - 1)))
     return (values * mask).sum(0) / mask.sum().clamp(min=1.0)
 
@@ -285,7 +287,7 @@ def load_balancing_loss(
     token_mask = _token_mask(mask, router_probs.shape[:-1], "router_probs")
     probs = router_probs.reshape(-1, num_experts).float()
     if dispatch_fraction is None:
-        dispatch = F.one_hot(top_k_index.reshape(probs.shape[0], -1), num_experts).float()  # (T, k, E)
+        dispatch = F.one_hot(top_k_index.reshape(-1, top_k_index.shape[-1]), num_experts).float()  # (T, k, E)
         dispatch_fraction = _mean_over_tokens(dispatch, token_mask)  # (k, E)
     elif dispatch_fraction.shape != (top_k_index.shape[-1], num_experts):
         raise ValueError(

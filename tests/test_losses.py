@@ -624,3 +624,23 @@ def test_dispatch_counts_and_given_dispatch_fraction():
     torch.testing.assert_close(sum(shard_losses) / 2, whole.float())
     with pytest.raises(ValueError, match="dispatch_fraction"):
         load_balancing_loss(probs, top_k, mask, torch.ones(1, 6))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-tokens", "all-masked"])
+def test_every_loss_is_zero_over_no_tokens(masked):
+    # One documented behaviour for an empty batch and for a batch of padding only: 0, with a (zero) gradient.
+    tokens = 5 if masked else 0
+    logits = torch.randn(tokens, 8, requires_grad=True)
+    mask = torch.zeros(tokens, dtype=torch.bool) if masked else None
+    for reduction in ("mean", "paper"):
+        probs = logits.softmax(-1)
+        index = probs.topk(2, dim=-1).indices
+        losses = [
+            group_sparsity_loss(probs, (2, 4), 2, 1.0, reduction=reduction, mask=mask),
+            load_balancing_loss(probs, index, mask),
+            router_z_loss(logits, mask),
+        ]
+        for loss in losses:
+            assert loss.shape == () and loss.item() == 0.0
+        (grad,) = torch.autograd.grad(sum(losses), logits)
+        assert not grad.any()
