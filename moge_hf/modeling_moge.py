@@ -458,6 +458,14 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
         self._check_positions(seq_length, cache, position_ids)
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            expected = (inputs.shape[0] if inputs.dim() > 1 else 1, past_length + seq_length)
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is {expected[0]} "
+                    f"sequence(s) of {seq_length} new token(s) after {past_length} cached: it must be {expected} "
+                    "(batch, cached + new tokens)"
+                )
             token_mask = attention_mask[:, -seq_length:] != 0  # (B, S): the mask covers cached tokens too
 
         def run():

@@ -643,6 +643,18 @@ def test_forward_arguments_follow_the_dense_parent():
         model(batch["input_ids"], batch["attention_mask"])
 
 
+def test_attention_mask_of_the_wrong_shape_raises_naming_the_shapes():
+    model, _ = build("gpt2-lm")
+    ids = input_ids(batch=2, seq=7)
+    for mask in (torch.ones(2, 5, dtype=torch.long), torch.ones(3, 7, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"attention_mask has shape .* it must be \(2, 7\)"):
+            model(ids, attention_mask=mask)
+    with torch.no_grad():  # with a cache: cached + new tokens
+        cache = model(ids, use_cache=True)[CACHE_NAME]
+        with pytest.raises(ValueError, match=r"after 7 cached: it must be \(2, 8\)"):
+            model(ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), **{CACHE_NAME: cache})
+
+
 def test_image_of_wrong_size_or_shape_raises():
     model, _ = build("vit-cls")
     with pytest.raises(ValueError, match="image size"):
