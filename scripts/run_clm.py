@@ -228,6 +228,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         if path is not None:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"--{name} {path!r} does not exist or is not a file.")
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"--{name} {path!r} is empty.")
             if os.path.splitext(path)[1].lower() not in (".txt", ".text", ".csv", ".json", ".jsonl"):
                 raise ValueError(f"--{name} {path!r} must be a .txt, .csv, .json or .jsonl file.")
     if not 0 < data_args.validation_split_percentage < 100:

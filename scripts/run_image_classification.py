@@ -219,6 +219,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         if path is not None:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"--{name} {path!r} does not exist or is not a file.")
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"--{name} {path!r} is empty.")
             if os.path.splitext(path)[1].lower() not in FILE_LOADERS:
                 raise ValueError(f"--{name} {path!r} must be one of {', '.join(FILE_LOADERS)} files.")
     if not 0 < data_args.train_val_split < 1:

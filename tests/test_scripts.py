@@ -379,10 +379,16 @@ def clm_args(text_file: Path, out: Path, *extra: str) -> list[str]:
         ({"--moge_loss_coef": "-1"}, ValueError, r"moge_loss_coef"),
         ({"--block_size": "100000"}, ValueError, r"fewer than --block_size 100000"),
         ({"--vocab_size": "100"}, ValueError, r"--vocab_size must be at least 257"),
+        ({"--train_file": "EMPTY"}, ValueError, r"--train_file '.*empty\.txt' is empty"),
     ],
-    ids=["missing-file", "experts-implementation", "moge-window", "moge-loss-coef", "text-too-short", "vocab-size"],
-)
+    ids=[
+        "missing-file", "experts-implementation", "moge-window", "moge-loss-coef", "text-too-short", "vocab-size",
+        "empty-file",
+    ],
+)  # fmt: skip
 def test_clm_rejects_bad_input_before_training(run_clm, text_file, tmp_path, change, error, message):
+    (tmp_path / "empty.txt").write_text("")
+    change = {flag: str(tmp_path / "empty.txt") if value == "EMPTY" else value for flag, value in change.items()}
     args = clm_args(text_file, tmp_path / "out")
     for flag, value in change.items():
         if flag in args:
