@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -538,6 +539,8 @@ def check_local_source(flag: str, value: str | None) -> None:
         return
     if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or os.sep != "/" and os.sep in value:
         raise FileNotFoundError(f"{flag} {value!r} does not exist (a local folder was meant, by its path).")
+    if huggingface_hub.constants.is_offline_mode():  # offline, a name is a local folder or nothing
+        raise FileNotFoundError(f"{flag} {value!r} does not exist as a local folder (and the Hub is offline).")
 
 
 def baseline_training_args(training_args: TrainingArguments) -> TrainingArguments:

@@ -205,12 +205,16 @@ def _load_dense(
             f"{moge_class.__name__}.from_dense expected {expected}: a `save_pretrained` folder or a Hub id, "
             f"but {source!r} is a file"
         )
+    if not os.path.exists(os.path.expanduser(source)) and (
+        source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+    ):
+        raise FileNotFoundError(f"{moge_class.__name__}.from_dense: the folder {source!r} does not exist")
     try:
         config_dict, _ = PreTrainedConfig.get_config_dict(source)
     except OSError as error:
         raise OSError(
-            f"{moge_class.__name__}.from_dense expected {expected} at {source!r}, but could not read its config: "
-            f"{error}"
+            f"{moge_class.__name__}.from_dense expected {expected} at {source!r}, which is not a local folder (none "
+            f"exists there) and could not be read as a Hub model id: {error}"
         ) from error
     model_type = config_dict.get("model_type")
     if model_type != family.model_type:
