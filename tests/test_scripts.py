@@ -564,6 +564,17 @@ def test_clm_applies_dropout_to_a_loaded_model_and_checks_local_paths(run_clm, t
         args = [flag, str(tmp_path / "nowhere"), "--train_file", str(text_file), "--output_dir", str(tmp_path / "o")]
         with pytest.raises(FileNotFoundError, match=rf"{flag} .*nowhere' does not exist"):
             run_clm.main([*args, *COMMON])
+    # An `org/name`-shaped folder that is not there: offline (the tests are), it can only have meant a local folder.
+    args = [
+        "--model_name_or_path",
+        "runs/missing",
+        "--train_file",
+        str(text_file),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(FileNotFoundError, match="'runs/missing' does not exist as a local folder"):
+        run_clm.main([*args, *COMMON])
     args = ["--dataset_name", "wikitext", "--validation_file", str(text_file), "--output_dir", str(tmp_path / "o")]
     with pytest.raises(ValueError, match="--validation_file goes with --train_file"):
         run_clm.main([*args, *COMMON])

@@ -1,5 +1,7 @@
 """Sparse upcycling (`from_dense`): the upcycled model starts as the dense one, weights land where they belong."""
 
+import re
+
 import pytest
 import torch
 from tiny import GPT2_DENSE, VIT_DENSE, VOCAB, input_ids, pixel_values
@@ -370,3 +372,9 @@ def test_one_expert_top1_does_not_warn_about_the_gate_scale():
     with CaptureLogger(upcycling_logger) as captured:
         GPT2MoGELMHeadModel.from_dense(dense, num_experts=1, num_experts_per_tok=1, moge_window=1)
     assert "norm_topk_prob" not in captured.out
+
+
+def test_from_dense_names_a_missing_folder_as_missing(tmp_path):
+    for path in (str(tmp_path / "missing"), "/missing/path", "./runs/missing"):
+        with pytest.raises(FileNotFoundError, match=rf"the folder '{re.escape(path)}' does not exist"):
+            GPT2MoGELMHeadModel.from_dense(path)
