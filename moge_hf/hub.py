@@ -357,6 +357,28 @@ def _inspect_model_dir(model_dir: str | os.PathLike) -> _ModelFolder:
     )
 
 
+def _check_model_loads(folder: "_ModelFolder") -> None:
+    """Load the folder's model as `from_pretrained` would (with the installed moge_hf) and raise a `ValueError` with
+    the reason if it does not load, its weights do not match its config, or a weight is NaN or Inf."""
+    from .modeling_moge import AUTO_MODEL_CLASSES  # here: modeling_moge's import chain does not need the Hub code
+
+    families = AUTO_MODEL_CLASSES[folder.config["model_type"]]
+    architecture = (folder.config.get("architectures") or [None])[0]
+    model_class = next((cls for cls in families.values() if cls.__name__ == architecture), None)
+    model_class = model_class or next(iter(families.values()))
+    try:
+        # Mismatched shapes are reported below, by name (transformers' own error points to a log).
+        model, info = model_class.from_pretrained(folder.path, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{folder.path} does not load as {model_class.__name__}: {error}") from error
+    problems = {kind: info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)}
+    if problems:
+        raise ValueError(f"{folder.path}: the weights do not match config.json ({problems})")
+    bad = [name for name, param in model.named_parameters() if not param.isfinite().all()]
+    if bad:
+        raise ValueError(f"{folder.path}: weights with NaN or Inf values: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+
+
 def check_moge_model_dir(model_dir: str | os.PathLike) -> dict:
     """Check that `model_dir` is a saved moge_hf model that loads with `trust_remote_code=True` on its own.
 
@@ -794,9 +816,11 @@ def prepare_upload_folder(
         `list[str]`: the paths written, relative to `out_dir`, sorted.
 
     Raises:
-        `ValueError`: `model_dir` is not a MoGE model folder, `out_dir` is not empty, or `repo_id` is invalid.
+        `ValueError`: `model_dir` is not a MoGE model folder, its model does not load (bad config, weights that do
+            not match it, NaN or Inf weights), `out_dir` is not empty, or `repo_id` is invalid.
     """
     folder = _inspect_model_dir(model_dir)
+    _check_model_loads(folder)  # nothing goes to the Hub that would not load
     if repo_id is not None:
         validate_repo_id(repo_id)
     out = Path(out_dir)

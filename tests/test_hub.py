@@ -633,3 +633,35 @@ def test_push_uploads_the_dry_run_folder(gpt2_dir, gpt2_upload, no_token, monkey
     push_model_dir(gpt2_dir, "me/other", token="hf_explicit")
     assert hub.repos[-1]["token"] == "hf_explicit" and hub.repos[-1]["private"] is None
     assert "Results were not measured" in (hub.uploads[-1]["folder"] / "README.md").read_text()
+
+
+def _break_config(folder: Path) -> str:
+    text = (folder / "config.json").read_text().replace('"moge_window": 2', '"moge_window": 5')
+    (folder / "config.json").write_text(text)
+    return "moge_window"
+
+
+def _break_shapes(folder: Path) -> str:
+    text = (folder / "config.json").read_text().replace('"n_inner": 37', '"n_inner": 41')
+    (folder / "config.json").write_text(text)
+    return "up_proj|size mismatch|shape"
+
+
+def _poison_weights(folder: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    name = next(key for key in state if key.endswith("router.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return r"NaN or Inf values: \[.*router\.weight"
+
+
+@pytest.mark.parametrize("damage", [_break_config, _break_shapes, _poison_weights], ids=["config", "shapes", "nan"])
+def test_upload_folders_are_refused_when_the_model_would_not_load(gpt2_dir, tmp_path, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(gpt2_dir, folder)
+    reason = damage(folder)
+    with pytest.raises(ValueError, match=reason):
+        prepare_upload_folder(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written, nothing uploaded
