@@ -519,9 +519,9 @@ def flip_images(pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def _moge_model(model: nn.Module) -> nn.Module:
-    from .training import _unwrap_moge_model
+    from .training import unwrap_moge_model
 
-    return _unwrap_moge_model(model)
+    return unwrap_moge_model(model)
 
 
 @dataclass

@@ -30,10 +30,11 @@ from huggingface_hub.utils import validate_repo_id
 from packaging.requirements import Requirement
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.dynamic_module_utils import custom_object_save, get_relative_imports
+from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 from transformers.utils import logging
 
 from .losses import resolve_map_shape
+from .training import unwrap_moge_model
 
 
 logger = logging.get_logger(__name__)
@@ -262,24 +263,23 @@ def _auto_map_modules(auto_map: Mapping[str, Any], where: str) -> set[str]:
 
 def _code_files(folder: Path, modules: set[str]) -> list[str]:
     """The `.py` files of `modules` in `folder` and every file they import relatively, checked to exist."""
-    needed, seen = sorted(modules), set()
-    missing = []
-    while needed:
-        module = needed.pop()
-        if module in seen:
-            continue
-        seen.add(module)
+    files, missing = set(), set()
+    for module in sorted(modules):
         path = folder / f"{module.replace('.', '/')}.py"
         if not path.is_file():
-            missing.append(path.name)
+            missing.add(path.name)
             continue
-        needed.extend(get_relative_imports(str(path)))
+        files.add(str(path.relative_to(folder)))
+        try:
+            files |= {str(Path(needed).relative_to(folder)) for needed in get_relative_import_files(path)}
+        except FileNotFoundError as error:  # a relatively imported file is not there
+            missing.add(Path(error.filename).name)
     if missing:
         raise ValueError(
             f"{folder}: the code files {sorted(missing)} that `auto_map` and the code need are missing; save the "
             "model with `save_pretrained` (with moge_hf imported), which writes them"
         )
-    return sorted(f"{module.replace('.', '/')}.py" for module in seen)
+    return sorted(files)
 
 
 def _weight_files(folder: Path) -> list[str]:
@@ -401,16 +401,6 @@ def check_moge_model_dir(model_dir: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 # Model cards
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
-    for _ in range(8):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
 
 
 def _head_of(architecture: str | None, auto_map: Mapping[str, Any], mro_names: tuple[str, ...] = ()) -> _Head:
@@ -630,7 +620,7 @@ def render_model_card(
     ```
     """
     if isinstance(model_dir_or_model, nn.Module):
-        model = _unwrap(model_dir_or_model)
+        model = unwrap_moge_model(model_dir_or_model)
         config_object = getattr(model, "config", None)
         if config_object is None or getattr(config_object, "model_type", None) not in MODEL_CARD_TEMPLATES:
             raise ValueError(
@@ -643,7 +633,7 @@ def render_model_card(
         code_module = sys.modules.get(type(model).__module__)
         code_files = [Path(code_module.__file__).name] if code_module is not None else []
         if code_module is not None:
-            code_files += sorted(f"{name}.py" for name in _relative_imports_closure(Path(code_module.__file__)))
+            code_files += sorted(Path(path).name for path in get_relative_import_files(code_module.__file__))
         folder_name = None
     else:
         folder = _inspect_model_dir(model_dir_or_model)
@@ -755,20 +745,6 @@ def render_model_card(
     # Collapse the blank lines that the template's jinja blocks leave behind.
     card.text = re.sub(r"\n{3,}", "\n\n", card.text).strip() + "\n"
     return card
-
-
-def _relative_imports_closure(module_file: Path) -> list[str]:
-    """Module names (without `.py`) imported relatively by `module_file`, recursively, beside it."""
-    seen, needed = set(), list(get_relative_imports(str(module_file)))
-    while needed:
-        name = needed.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = module_file.parent / f"{name}.py"
-        if path.is_file():
-            needed.extend(get_relative_imports(str(path)))
-    return sorted(seen)
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -998,7 +974,7 @@ class MoGEHubCallback(TrainerCallback):
         model = kwargs.get("model")
         if model is None:
             return
-        model = _unwrap(model)
+        model = unwrap_moge_model(model)
         if self.trainer_ref is None and not self._warned_unattached:
             self._warned_unattached = True
             logger.warning(
@@ -1057,9 +1033,15 @@ def add_moge_hub_callback(trainer: Trainer, callback: MoGEHubCallback | None = N
         callback = MoGEHubCallback(**card_kwargs)
     elif card_kwargs:
         raise TypeError("add_moge_hub_callback: pass either `callback` or the arguments of a new one, not both")
-    model = _unwrap(trainer.model)
+    try:
+        model = unwrap_moge_model(trainer.model)
+    except ValueError:
+        model = trainer.model
     if getattr(getattr(model, "config", None), "model_type", None) not in MODEL_CARD_TEMPLATES:
-        raise ValueError(f"add_moge_hub_callback needs a trainer of a MoGE model, got {type(model).__name__}")
+        raise ValueError(
+            f"add_moge_hub_callback needs a trainer of a MoGE model ({', '.join(MODEL_CARD_TEMPLATES)}), got "
+            f"{type(model).__name__}"
+        )
     for existing in [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MoGEHubCallback)]:
         trainer.callback_handler.remove_callback(existing)
     trainer.add_callback(callback)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
@@ -44,6 +45,7 @@ __all__ = [
     "last_complete_checkpoint",
     "resolve_checkpoint",
     "train_and_evaluate",
+    "unwrap_moge_model",
 ]
 
 LOSS_NAMES = ROUTING_OUTPUTS[1:]  # the unscaled routing losses of the outputs: aux_loss, moge_loss, z_loss
@@ -124,30 +126,29 @@ def annealed_sigma(progress: float, schedule: Sequence[float]) -> float:
     return init - (init - final) * progress**power
 
 
-def _unwrap_moge_model(model: nn.Module) -> nn.Module:
-    """The MoGE model inside `model`: through DDP / DataParallel (`.module`), `torch.compile` (`._orig_mod`), PEFT.
+def unwrap_moge_model(model: nn.Module) -> nn.Module:
+    """The MoGE model inside `model`, through the wrappers training puts around it: DDP / DataParallel / DeepSpeed and
+    `torch.compile` (accelerate's `extract_model_from_parallel`), and PEFT (`get_base_model`).
 
-    A MoGE model is a moge_hf model, or a transformers model given a regularizer by `add_moge_regularizer`."""
+    A MoGE model is a moge_hf model, or a transformers model given a regularizer by `add_moge_regularizer`.
+
+    Raises:
+        `ValueError`: there is no MoGE model inside `model`.
+    """
     current = model
-    for _ in range(16):
+    for _ in range(8):
+        current = extract_model_from_parallel(current)
         # Look on the class: wrappers such as PEFT forward unknown attributes to the wrapped model.
         if callable(getattr(type(current), "set_moge_sigma", None)):
             return current
         if isinstance(current, PreTrainedModel) and moge_regularizers(current):
             return current
-        for name in ("module", "_orig_mod"):
-            inner = getattr(current, name, None)
-            if isinstance(inner, nn.Module):
-                current = inner
-                break
-        else:
-            get_base_model = getattr(type(current), "get_base_model", None)
-            if not callable(get_base_model):
-                break
-            current = current.get_base_model()
+        if not callable(getattr(type(current), "get_base_model", None)):
+            break
+        current = current.get_base_model()
     raise ValueError(
-        f"MoGESigmaCallback needs a MoGE model (a moge_hf model such as GPT2MoGELMHeadModel, or a transformers MoE "
-        f"model given `moge_hf.add_moge_regularizer`), got {type(model).__name__}"
+        f"This needs a MoGE model (a moge_hf model such as GPT2MoGELMHeadModel, or a transformers MoE model given "
+        f"`moge_hf.add_moge_regularizer`), got {type(model).__name__}"
     )
 
 
@@ -234,7 +235,7 @@ class MoGESigmaCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._remove_hooks()
-        self._model = _unwrap_moge_model(kwargs["model"])
+        self._model = unwrap_moge_model(kwargs["model"])
         self._set_sigma(state)
         if self.log_metrics:
             self._register_hooks()
@@ -620,7 +621,7 @@ def train_and_evaluate(
             log.info(f"[{name}] {checkpoint} is the last step of training: loading it, not training further")
             trainer._load_from_checkpoint(checkpoint)
             trainer.state = final
-            model = _unwrap_moge_model(trainer.model)
+            model = unwrap_moge_model(trainer.model)
             schedule = model.config.moge_sigma_schedule
             if schedule is not None:  # sigma where the schedule ends, as the callback's `on_train_end` sets it
                 set_moge_sigma(model, annealed_sigma(final.global_step / final.max_steps, schedule))
