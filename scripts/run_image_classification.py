@@ -9,7 +9,8 @@ folders (`--train_dir`, optional `--validation_dir`: one sub-folder per class), 
 `ClassLabel`) or common names, or given with `--image_column_name` / `--label_column_name`. Without a validation set,
 `--train_val_split` of the training images are held out.
 
-Training images are randomly cropped (with padding) and flipped; all are resized to the model's image size and
+Training images are randomly cropped (with padding) and flipped (drawn from the seed, the epoch and the example's
+index, so a resumed run augments exactly as an uninterrupted one); all are resized to the model's image size and
 normalized with the mean and std of a `ViTImageProcessor`, which is saved with the model. Accuracy comes from
 `evaluate.load("accuracy")`, or, when that cannot be loaded (it needs the Hub), is computed directly.
 
@@ -47,6 +48,7 @@ from transformers import (
     AutoImageProcessor,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     ViTImageProcessor,
     set_seed,
@@ -360,11 +362,30 @@ def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[
     raise ValueError(f"The label column {label_column!r} holds {feature}, not class labels (ints or strings).")
 
 
-def image_transforms(processor: ViTImageProcessor):
-    """`(train, eval)` transforms from a PIL image to a normalized `(3, H, W)` float tensor.
+class AugmentationEpoch(TrainerCallback):
+    """Tells the training transform which epoch Trainer is in (`on_epoch_begin`, also when a run resumes), so that an
+    example's augmentation is a function of (seed, epoch, index) alone and a resumed run sees the same crops and flips
+    as an uninterrupted one."""
 
-    Training: resize, random crop with zero padding of 1/8 of the side, horizontal flip. Evaluation: resize. Both
-    normalize with the processor's mean and std. torchvision is used if installed, else plain torch.
+    def __init__(self):
+        self.epoch = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch = int(state.epoch or 0)
+
+
+def augmentation_draws(seed: int, epoch: int, index: int, padding: int) -> tuple[int, int, bool]:
+    """`(top, left, flip)` of one training example's random crop and flip, drawn from (seed, epoch, index) alone."""
+    rng = random.Random(f"{seed}-{epoch}-{index}")  # a string seed: the same in every process and Python run
+    return rng.randint(0, 2 * padding), rng.randint(0, 2 * padding), rng.random() < 0.5
+
+
+def image_transforms(processor: ViTImageProcessor, seed: int, epoch: AugmentationEpoch):
+    """`(train, eval)` transforms: `train(image, index)` and `eval(image)` give a normalized `(3, H, W)` float tensor.
+
+    Training: resize, random crop with zero padding of 1/8 of the side, horizontal flip, drawn from (seed, epoch,
+    example index) by [`augmentation_draws`]. Evaluation: resize. Both normalize with the processor's mean and std.
+    torchvision resizes if installed, else plain torch.
     """
     size = processor.size
     height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
@@ -376,21 +397,9 @@ def image_transforms(processor: ViTImageProcessor):
     except ImportError:  # plain torch
         T = None
 
-    if T is not None:
-        normalize = T.Normalize(mean=processor.image_mean, std=processor.image_std)
-        train = T.Compose(
-            [
-                T.Resize((height, width)),
-                T.RandomCrop((height, width), padding=padding),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                normalize,
-            ]
-        )
-        evaluate = T.Compose([T.Resize((height, width)), T.ToTensor(), normalize])
-        return (lambda image: train(image.convert("RGB"))), (lambda image: evaluate(image.convert("RGB")))
-
     def to_tensor(image) -> torch.Tensor:
+        if T is not None:
+            return T.functional.to_tensor(T.functional.resize(image.convert("RGB"), [height, width]))
         pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float() / 255
         if pixels.shape[1:] != (height, width):
             pixels = torch.nn.functional.interpolate(
@@ -398,11 +407,11 @@ def image_transforms(processor: ViTImageProcessor):
             )[0].clamp(0, 1)
         return pixels
 
-    def train(image) -> torch.Tensor:
+    def train(image, index: int) -> torch.Tensor:
+        top, left, flip = augmentation_draws(seed, epoch.epoch, index, padding)
         pixels = torch.nn.functional.pad(to_tensor(image), (padding,) * 4)
-        top, left = random.randint(0, 2 * padding), random.randint(0, 2 * padding)
         pixels = pixels[:, top : top + height, left : left + width]
-        if random.random() < 0.5:
+        if flip:
             pixels = pixels.flip(-1)
         return (pixels - mean) / std
 
@@ -412,25 +421,32 @@ def image_transforms(processor: ViTImageProcessor):
     return train, evaluate
 
 
+INDEX_COLUMN = "__example_index"  # added to the training split: the augmentation is drawn per example
+
+
 def with_transforms(
-    raw: DatasetDict, processor: ViTImageProcessor, image_column: str, label_column: str
+    raw: DatasetDict,
+    processor: ViTImageProcessor,
+    image_column: str,
+    label_column: str,
+    seed: int,
+    epoch: AugmentationEpoch,
 ) -> DatasetDict:
     """The splits as `{"pixel_values", "labels"}` examples, transformed on the fly (augmented for training)."""
-    train_transform, eval_transform = image_transforms(processor)
+    train_transform, eval_transform = image_transforms(processor, seed, epoch)
 
-    def transform_with(image_transform):
-        def transform(batch: dict) -> dict:
-            return {
-                "pixel_values": [image_transform(image) for image in batch[image_column]],
-                "labels": batch[label_column],
-            }
+    def train(batch: dict) -> dict:
+        pixels = [train_transform(image, index) for image, index in zip(batch[image_column], batch[INDEX_COLUMN])]
+        return {"pixel_values": pixels, "labels": batch[label_column]}
 
-        return transform
+    def evaluate(batch: dict) -> dict:
+        return {
+            "pixel_values": [eval_transform(image) for image in batch[image_column]],
+            "labels": batch[label_column],
+        }
 
-    return DatasetDict(
-        train=raw["train"].with_transform(transform_with(train_transform)),
-        validation=raw["validation"].with_transform(transform_with(eval_transform)),
-    )
+    train_split = raw["train"].add_column(INDEX_COLUMN, list(range(len(raw["train"]))))
+    return DatasetDict(train=train_split.with_transform(train), validation=raw["validation"].with_transform(evaluate))
 
 
 def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -533,6 +549,7 @@ def run_arm(
     image_datasets: DatasetDict,
     accuracy,
     main_arm: bool = True,
+    augmentation_epoch: AugmentationEpoch | None = None,
 ) -> dict[str, float]:
     """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
     config = model.config
@@ -556,6 +573,7 @@ def run_arm(
         processing_class=processor,
         data_collator=collate_fn,
         compute_metrics=compute_metrics,
+        callbacks=[augmentation_epoch] if augmentation_epoch is not None else None,
     )
     add_moge_callback(trainer)
     if training_args.push_to_hub:  # Trainer's pushes then carry the model code and a MoGE model card
@@ -651,9 +669,10 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
             config.moge_loss_coef = arm_overrides.get("moge_loss_coef", config.moge_loss_coef)
         model = build_model(model_args, config, arm_overrides, labels)
         processor = get_image_processor(model_args, model.config.image_size)
-        image_datasets = with_transforms(raw, processor, image_column, label_column)
+        epoch = AugmentationEpoch()
+        image_datasets = with_transforms(raw, processor, image_column, label_column, training_args.seed, epoch)
         name = main_arm_name(model.config.moge_loss_coef) if main_arm else "MoE baseline"
-        results[name] = run_arm(name, model, arm_args, processor, image_datasets, accuracy, main_arm)
+        results[name] = run_arm(name, model, arm_args, processor, image_datasets, accuracy, main_arm, epoch)
         rows.append((name, float(model.config.moge_loss_coef), results[name]))
         del model
     if training_args.do_eval and training_args.process_index == 0:

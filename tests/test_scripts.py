@@ -19,6 +19,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_hub import FakeHub
 from transformers import (
     AutoImageProcessor,
@@ -472,6 +473,31 @@ def test_image_classification_on_an_imagefolder_trains_resumes_and_loads(
     pixel_values = processor([random_image(rng), random_image(rng)], return_tensors="pt").pixel_values
     assert pixel_values.shape == (2, 3, 16, 16)
     assert model(pixel_values).logits.shape == (2, 2)
+
+
+def test_image_classification_resumes_exactly(run_image_classification, image_folder, tmp_path):
+    # 5 + 5 steps equal 10 (12 images, batch 4: three epochs): the crops and flips are drawn from (seed, epoch,
+    # example index), so the resumed run augments every example as the uninterrupted one did.
+    base = ["--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation")]
+    base += [*TINY_VIT, *COMMON, "--moge_loss_coef", "0.01", "--max_steps", "10", "--save_steps", "5"]
+    base += ["--learning_rate", "1e-2", "--do_eval", "false"]
+    run_image_classification.main([*base, "--output_dir", str(tmp_path / "full")])
+    shutil.copytree(tmp_path / "full" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
+    run_image_classification.main(
+        [*base, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "last"]
+    )
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+
+def test_augmentation_draws_depend_on_seed_epoch_and_index_alone(run_image_classification):
+    draws = run_image_classification.augmentation_draws
+    assert draws(0, 1, 7, 2) == draws(0, 1, 7, 2)
+    variants = {draws(seed, epoch, index, 2) for seed in (0, 1) for epoch in (0, 1) for index in range(8)}
+    assert len(variants) > 8  # they change with the seed, the epoch and the index
 
 
 def test_image_classification_on_parquet_files_with_baseline(parquet_files, tmp_path):
