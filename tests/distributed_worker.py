@@ -58,13 +58,21 @@ def model_config(router_aux_loss_coef: float, router_aux_loss_global: bool = Fal
     )
 
 
-def dataset(num_samples: int) -> list[dict[str, torch.Tensor]]:
-    """Fixed sequences `(start + step * t) mod 98 + 1`: learnable, so the loss drops within a few steps."""
+def dataset(num_samples: int, unlabeled: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Fixed sequences `(start + step * t) mod 98 + 1`: learnable, so the loss drops within a few steps. `unlabeled`:
+    prompt-only examples, every label -100."""
     generator = torch.Generator().manual_seed(1234)
     starts = torch.randint(0, VOCAB - 1, (num_samples, 1), generator=generator)
     steps = torch.randint(1, 4, (num_samples, 1), generator=generator)
     ids = (starts + steps * torch.arange(SEQ)) % (VOCAB - 1) + 1
-    return [{"input_ids": row, "labels": row.clone(), "attention_mask": torch.ones_like(row)} for row in ids]
+    return [
+        {
+            "input_ids": row,
+            "labels": torch.full_like(row, -100) if unlabeled else row.clone(),
+            "attention_mask": torch.ones_like(row),
+        }
+        for row in ids
+    ]
 
 
 def build_model(run: dict):
@@ -140,7 +148,8 @@ def train_with_trainer(run: dict, out: Path) -> dict:
     global_batch = run["per_device_batch"] * run["grad_accum"] * args.world_size
     log = LossLog()
     # Two global batches, seen in the same order every epoch: steps 3 and 4 revisit the data of steps 1 and 2.
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(2 * global_batch), callbacks=[log])
+    data = dataset(2 * global_batch, run.get("unlabeled", False))
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[log])
     trainer.train()
     return {
         **records,

@@ -78,6 +78,7 @@ TWO_PROCESS_RUNS = [
     *(run(f"ddp-{impl}-noaux", impl, 0.0, BATCH, 1) for impl in IMPLEMENTATIONS),
     run("fsdp2-eager-aux", "eager", AUX, BATCH, 1, mode="fsdp2"),
     run("ddp-eager-aux-global", "eager", AUX, BATCH, 1, aux_global=True),
+    {**run("ddp-eager-unlabeled", "eager", AUX, BATCH, 1), "unlabeled": True},
 ]
 ONE_PROCESS_RUNS = [
     *(run(f"one-{impl}-aux-accum2", impl, AUX, BATCH, 2) for impl in IMPLEMENTATIONS),
@@ -197,6 +198,20 @@ def test_ddp_trains_and_ranks_agree(results, implementation, aux):
     assert not different, f"the ranks ended with different weights: {different}"
     unchanged = [name for name in ranks[0]["param_names"] if torch.equal(first[name], ranks[0]["initial"][name])]
     assert not unchanged, f"not trained: {unchanged}"
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_ddp_prompt_only_batches_leave_the_weights_alone(results):
+    # Every label -100 on both ranks: the routing losses weigh the (zero) share of label tokens, like the token loss,
+    # so no step changes a weight and none turns NaN. (The returned loss itself is transformers' token loss over 0
+    # label tokens, 0/0 = NaN, as for plain GPT-2; its gradient is 0, and Trainer filters it from the logs.)
+    ranks = results["ddp-eager-unlabeled"]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    for rank in ranks:
+        assert len(rank["micro_losses"]) == STEPS
+        for name, value in rank["final"].items():
+            assert torch.equal(value, rank["initial"][name]), name
 
 
 @pytest.mark.slow
