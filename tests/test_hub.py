@@ -665,3 +665,25 @@ def test_upload_folders_are_refused_when_the_model_would_not_load(gpt2_dir, tmp_
     with pytest.raises(ValueError, match=reason):
         prepare_upload_folder(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written, nothing uploaded
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "vit"])
+def test_the_cards_preprocessor_call_loads_cleanly_without_moge_hf(gpt2_upload, vit_upload, kind, tmp_path):
+    # The card's own line for the tokenizer / image processor, run where moge_hf cannot be imported, on the oldest and
+    # newest transformers: the repo's config.json maps AutoConfig to remote code, so AutoTokenizer needs
+    # `trust_remote_code=True` (else transformers asks or warns); 5.17's AutoImageProcessor needs torchvision.
+    upload = gpt2_upload if kind == "gpt2" else vit_upload
+    card = (upload / "README.md").read_text()
+    line = next(line for line in card.splitlines() if re.match(r"(tokenizer|processor) = \w+\.from_pretrained", line))
+    auto_class = re.search(r"= (\w+)\.", line).group(1)
+    code = "import sys\nsys.modules['moge_hf'] = None\n"
+    code += f"from transformers import {auto_class}\nrepo_id = {str(upload)!r}\n{line}\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "You are using a model of type" not in result.stderr and "trust_remote_code" not in result.stderr
+
+
+def test_card_states_that_grouped_mm_refuses_unaligned_sizes(gpt2_upload):
+    card = " ".join((gpt2_upload / "README.md").read_text().split())
+    assert "multiples of 8 (otherwise asking for it raises an error" in card and "fall back" not in card
