@@ -335,20 +335,13 @@ def train_byte_level_bpe(texts, vocab_size: int, model_max_length: int) -> PreTr
     Returns:
         `PreTrainedTokenizerFast`: the tokenizer, ready for `save_pretrained` and `AutoTokenizer.from_pretrained`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT], show_progress=False
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer = Tokenizer.from_str(bpe.to_str())
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=END_OF_TEXT,
