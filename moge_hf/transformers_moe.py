@@ -253,7 +253,9 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     # First among the model's hooks, so that others (the Trainer callback's) see the output with `moge_loss`.
     hooks.append(model.register_forward_pre_hook(_start_hook(recording), with_kwargs=True, prepend=True))
     hooks.append(
-        model.register_forward_hook(_finish_hook(recording), with_kwargs=True, always_call=True, prepend=True)
+        model.register_forward_hook(
+            _finish_hook(recording, routers[-1].module), with_kwargs=True, always_call=True, prepend=True
+        )
     )
     model._moge_regularizer_hooks = hooks
     return model
@@ -292,7 +294,18 @@ def _token_mask(attention_mask, num_tokens: int) -> torch.Tensor | None:
     return (attention_mask[:, -new_tokens:] != 0).reshape(-1)
 
 
-def _finish_hook(recording: _Recording):
+def _trains_up_to(model: nn.Module, module: nn.Module) -> bool:
+    """Whether a parameter of `module` or one registered before it (what its output depends on) is trainable."""
+    last = list(module.parameters())[-1:]
+    for param in model.parameters():
+        if param.requires_grad:
+            return True
+        if last and param is last[0]:
+            return False
+    return False
+
+
+def _finish_hook(recording: _Recording, last_router: nn.Module):
     def hook(model, args, kwargs, output):
         logits, recording.logits, recording.active = recording.logits, [], False
         if output is None:  # the forward raised (the hook is always called, to reset the recording)
@@ -302,7 +315,7 @@ def _finish_hook(recording: _Recording):
         coef = model.config.moge_loss_coef
         trains = bool(coef) and torch.is_grad_enabled()
         if trains and model.training and not any(layer.requires_grad for layer in logits):
-            if any(p.requires_grad for p in model.parameters()):
+            if _trains_up_to(model, last_router):  # the router or weights before it (LoRA adapters) train
                 raise RuntimeError(
                     "The router logits carry no gradient in training, so the MoGE regularizer would train nothing. "
                     "Reentrant activation checkpointing does this: use gradient_checkpointing_kwargs="

@@ -1,6 +1,7 @@
 """MoGE on transformers' own MoE models (Qwen3-MoE, OLMoE, Mixtral): `add_moge_regularizer`, the callback, saving."""
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -258,3 +259,17 @@ def test_diagnostics_and_expert_maps_read_a_transformers_moe_model(case, tmp_pat
     if importlib.util.find_spec("matplotlib"):
         path = diag.plot_expert_maps({"MoGE": stats["layers"]}, stats["map_shape"], str(tmp_path / "maps.png"))
         assert os.path.getsize(path) > 0
+
+
+def test_reentrant_checkpointing_is_refused_when_the_regularizer_would_train_nothing():
+    model = build("qwen3_moe", **MOGE)
+    model.train()
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    kwargs_name = next(n for n in inspect.signature(enable).parameters if n.endswith("checkpointing_kwargs"))
+    enable(**{kwargs_name: {"use_reentrant": True}})
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        model(**batch(seed=6))
+    # Only weights after the last router train (the final norm, the LM head): nothing to lose, no error.
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(("model.norm", "lm_head")))
+    model(**batch(seed=6)).loss.backward()
