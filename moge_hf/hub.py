@@ -361,6 +361,17 @@ def _check_model_loads(folder: "_ModelFolder") -> None:
     """Load the folder's model as `from_pretrained` would (with the installed moge_hf) and raise a `ValueError` with
     the reason if it does not load, its weights do not match its config, or a weight is NaN or Inf."""
     from .modeling_moge import AUTO_MODEL_CLASSES  # here: modeling_moge's import chain does not need the Hub code
+    from .upgrade_code import upgrade_model_code  # (it imports this module)
+
+    # What is checked below is the installed code; what would be uploaded is the folder's own copy: they must agree.
+    plan = upgrade_model_code(folder.path, dry_run=True)
+    if not plan.up_to_date:
+        raise ValueError(
+            f"{folder.path}: its code files ({', '.join(plan.changed + plan.added)}) differ from the installed "
+            f"moge_hf {_moge_hf_version()}'s (the folder was saved by another release, and its code may not load "
+            f"with today's transformers): run `python -m moge_hf.upgrade_code {folder.path}` first, or push it with "
+            "the moge_hf that saved it"
+        )
 
     families = AUTO_MODEL_CLASSES[folder.config["model_type"]]
     architecture = (folder.config.get("architectures") or [None])[0]
@@ -380,7 +391,8 @@ def _check_model_loads(folder: "_ModelFolder") -> None:
 
 
 def check_moge_model_dir(model_dir: str | os.PathLike) -> dict:
-    """Check that `model_dir` is a saved moge_hf model that loads with `trust_remote_code=True` on its own.
+    """Check that `model_dir` holds what loading a saved moge_hf model with `trust_remote_code=True` needs (the files
+    only: [`prepare_upload_folder`] also loads the model and compares its code with the installed moge_hf's).
 
     It must hold a `config.json` of model type `gpt2_moge` or `vit_moge` whose `auto_map` names the config and the
     saved architecture, the code files of that `auto_map` and every file they import relatively, and safetensors
@@ -792,8 +804,10 @@ def prepare_upload_folder(
         `list[str]`: the paths written, relative to `out_dir`, sorted.
 
     Raises:
-        `ValueError`: `model_dir` is not a MoGE model folder, its model does not load (bad config, weights that do
-            not match it, NaN or Inf weights), `out_dir` is not empty, or `repo_id` is invalid.
+        `ValueError`: `model_dir` is not a MoGE model folder, its code files are not the installed moge_hf's (saved
+            by another release: `python -m moge_hf.upgrade_code` refreshes them), its model does not load (bad
+            config, weights that do not match it, NaN or Inf weights), `out_dir` is not empty, or `repo_id` is
+            invalid.
     """
     folder = _inspect_model_dir(model_dir)
     _check_model_loads(folder)  # nothing goes to the Hub that would not load

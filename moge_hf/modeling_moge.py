@@ -35,7 +35,7 @@ from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTM
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_moge import ROUTING_OUTPUTS, GPT2MoGEConfig, ViTMoGEConfig
+from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS, GPT2MoGEConfig, ViTMoGEConfig
 from .losses import (
     dispatch_counts,
 )
@@ -220,11 +220,12 @@ class MoGEModelMixin:
         }
         for name, (used, configured) in built.items():
             if used != configured:
-                fix = (
-                    "use model.set_moge_sigma(value)"
-                    if name == "moge_sigma"
-                    else f"build the model with it instead, e.g. from_pretrained(path, {name}=...)"
-                )
+                if name == "moge_sigma":
+                    fix = "use model.set_moge_sigma(value)"
+                elif MOGE_FIELDS[name].metadata["changes_shapes"]:
+                    fix = f"it changes weight shapes: set it back to {used!r}, or build a new model with the new value"
+                else:
+                    fix = f"build the model with it instead, e.g. from_pretrained(path, {name}=...)"
                 raise ValueError(
                     f"config.{name} was set to {getattr(config, name)!r} after the model was built with {used!r}: "
                     f"the model would keep {used!r} and save {getattr(config, name)!r}; {fix}"

@@ -9,6 +9,7 @@ callbacks: `Trainer` calls callbacks in the order they were added, and its own (
 first otherwise.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -570,7 +571,7 @@ def finished_run_metrics(training_args: TrainingArguments) -> dict | None:
     except (OSError, ValueError):
         return None
     steps, last = state.get("global_step", 0), state.get("max_steps", 0)
-    if not last or steps < last or (training_args.max_steps > 0 and last != training_args.max_steps):
+    if not last or steps < last or not _same_schedule(state, training_args):
         return None
     if training_args.do_eval and not any(key.startswith("eval_") for key in results):
         return None
@@ -580,6 +581,17 @@ def finished_run_metrics(training_args: TrainingArguments) -> dict | None:
     return results
 
 
+def _same_schedule(state: dict, training_args: TrainingArguments) -> bool:
+    """Whether a saved run's training schedule (a `trainer_state.json` as a dict) is the one `training_args` asks for:
+    the same `max_steps`, or for epoch-based training the same epochs and batch size (more epochs: train on)."""
+    if training_args.max_steps > 0:
+        return state.get("max_steps") == training_args.max_steps
+    return (
+        state.get("num_train_epochs") == math.ceil(training_args.num_train_epochs)
+        and state.get("train_batch_size") == training_args.train_batch_size
+    )
+
+
 def _final_checkpoint_state(checkpoint: str | None, training_args: TrainingArguments) -> TrainerState | None:
     """The `TrainerState` of `checkpoint` if it was saved at the last step of this run's training, else None."""
     if checkpoint is None:
@@ -587,7 +599,7 @@ def _final_checkpoint_state(checkpoint: str | None, training_args: TrainingArgum
     state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
     if not state.max_steps or state.global_step < state.max_steps:
         return None
-    if training_args.max_steps > 0 and state.max_steps != training_args.max_steps:
+    if not _same_schedule(dataclasses.asdict(state), training_args):
         return None
     return state
 
@@ -619,7 +631,8 @@ def train_and_evaluate(
             # The checkpoint is the run's last step (killed after saving it): Trainer.train would take a step past
             # max_steps. Load it as Trainer's own resume does, and go on to saving and evaluation.
             log.info(f"[{name}] {checkpoint} is the last step of training: loading it, not training further")
-            trainer._load_from_checkpoint(checkpoint)
+            best = final.best_model_checkpoint if training_args.load_best_model_at_end else None
+            trainer._load_from_checkpoint(best if best and os.path.isdir(best) else checkpoint)  # as `train` ends
             trainer.state = final
             model = unwrap_moge_model(trainer.model)
             schedule = model.config.moge_sigma_schedule

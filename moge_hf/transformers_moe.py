@@ -14,6 +14,7 @@ folder stays a native checkpoint that loads anywhere without moge_hf; `add_moge_
 """
 
 import dataclasses
+import inspect
 import re
 
 import torch
@@ -305,8 +306,17 @@ def _trains_up_to(model: nn.Module, module: nn.Module) -> bool:
     return False
 
 
+def _call_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The forward's arguments by name, positional ones included."""
+    try:
+        return dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments, **kwargs)
+    except TypeError:
+        return kwargs
+
+
 def _finish_hook(recording: _Recording, last_router: nn.Module):
     def hook(model, args, kwargs, output):
+        kwargs = _call_arguments(model, args, kwargs)
         logits, recording.logits, recording.active = recording.logits, [], False
         if output is None:  # the forward raised (the hook is always called, to reset the recording)
             return None
@@ -321,22 +331,25 @@ def _finish_hook(recording: _Recording, last_router: nn.Module):
                     "Reentrant activation checkpointing does this: use gradient_checkpointing_kwargs="
                     "{'use_reentrant': False} (transformers' default)."
                 )
+        device = model.moge_regularizer.window_matrix.device  # layers may sit on several devices (device_map)
         mask = _token_mask(kwargs.get("attention_mask"), logits[0].shape[0])
+        mask = None if mask is None else mask.to(device)
         with torch.set_grad_enabled(trains):
-            per_layer = [model.moge_regularizer(layer.float().softmax(-1), mask) for layer in logits]
+            per_layer = [model.moge_regularizer(layer.to(device).float().softmax(-1), mask) for layer in logits]
             moge_loss = torch.stack(per_layer).mean()
         labels = kwargs.get("labels")
         weighted = None
         if labels is not None and coef:
-            weighted = coef * moge_loss * _share_of_label_tokens(model, labels, kwargs)
+            share = _share_of_label_tokens(model, labels, kwargs)
+            weighted = coef * moge_loss * (share.to(moge_loss.device) if torch.is_tensor(share) else share)
         if isinstance(output, ModelOutput):
             values = {field.name: getattr(output, field.name) for field in dataclasses.fields(output)}
             if weighted is not None and values.get("loss") is not None:
-                values["loss"] = values["loss"] + weighted
+                values["loss"] = values["loss"] + weighted.to(values["loss"].device)
             return _with_moge_loss(type(output))(**values, moge_loss=moge_loss)
         output = tuple(output)
-        if weighted is not None:
-            output = (output[0] + weighted, *output[1:])
+        if weighted is not None and output and torch.is_tensor(output[0]) and output[0].dim() == 0:  # a loss first
+            output = (output[0] + weighted.to(output[0].device), *output[1:])
         return (*output, moge_loss)
 
     return hook

@@ -368,10 +368,15 @@ class AugmentationEpoch(TrainerCallback):
     as an uninterrupted one."""
 
     def __init__(self):
-        self.epoch = 0
+        # In shared memory: dataloader workers (persistent ones too) read the value the main process sets.
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.epoch = int(state.epoch or 0)
+        self._epoch.fill_(int(state.epoch or 0))
 
 
 def augmentation_draws(seed: int, epoch: int, index: int, padding: int) -> tuple[int, int, bool]:

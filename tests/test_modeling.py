@@ -726,3 +726,12 @@ def test_live_fields_and_set_moge_sigma_keep_config_and_model_in_step(tmp_path):
         again = loaded(**batch)
     torch.testing.assert_close(again.loss, out.loss)
     torch.testing.assert_close(again.moge_loss, out.moge_loss)
+
+
+def test_a_shape_changing_field_set_on_a_built_model_gets_the_right_hint():
+    model, batch = build("gpt2-lm")
+    model.config.num_experts = 4
+    with pytest.raises(ValueError, match=r"config\.num_experts .* it changes weight shapes: set it back to 8"):
+        model(**batch)
+    model.config.num_experts = 8  # back: the model runs again
+    model(**batch)

@@ -223,3 +223,16 @@ def test_upgrade_code_dry_run_writes_nothing_and_refuses_bad_folders(tmp_path):
     (folder / "config.json").write_text((folder / "config.json").read_text().replace('"gpt2_moge"', '"gpt2"'))
     with pytest.raises(ValueError, match="not a moge_hf model"):
         upgrade_model_code(folder)
+
+
+def test_a_0_1_0_folder_is_not_uploaded_with_its_old_code_until_upgraded(tmp_path):
+    from moge_hf import prepare_upload_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(OLD_FOLDER, folder)
+    with pytest.raises(ValueError, match=r"modeling_moge\.py.*differ from the installed moge_hf.*upgrade_code"):
+        prepare_upload_folder(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    upgrade_model_code(folder)
+    written = prepare_upload_folder(folder, tmp_path / "out")
+    assert "modeling_moge.py" in written and "moge_layer.py" in written

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import datasets
@@ -498,6 +499,27 @@ def test_augmentation_draws_depend_on_seed_epoch_and_index_alone(run_image_class
     assert draws(0, 1, 7, 2) == draws(0, 1, 7, 2)
     variants = {draws(seed, epoch, index, 2) for seed in (0, 1) for epoch in (0, 1) for index in range(8)}
     assert len(variants) > 8  # they change with the seed, the epoch and the index
+
+
+class _EpochProbe(torch.utils.data.Dataset):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return self.epoch.epoch
+
+
+def test_augmentation_epoch_reaches_persistent_dataloader_workers(run_image_classification):
+    epoch = run_image_classification.AugmentationEpoch()
+    loader = torch.utils.data.DataLoader(_EpochProbe(epoch), batch_size=2, num_workers=1, persistent_workers=True)
+    seen = []
+    for value in (0, 1, 2):
+        epoch.on_epoch_begin(None, types.SimpleNamespace(epoch=float(value)), None)
+        seen += [int(x) for batch in loader for x in batch]
+    assert seen == [0, 0, 1, 1, 2, 2]
 
 
 def test_image_classification_on_parquet_files_with_baseline(parquet_files, tmp_path):

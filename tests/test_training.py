@@ -1,6 +1,7 @@
 """Training with `transformers.Trainer`: plain Trainer, gradient accumulation, the sigma schedule, MoGE metrics."""
 
 import copy
+import json
 import logging
 import shutil
 import types
@@ -533,3 +534,17 @@ def test_trainer_on_prompt_only_batches_leaves_the_weights_alone(tmp_path, accum
     assert [(entry["loss"], entry["grad_norm"]) for entry in logs] == [(0.0, 0.0), (0.0, 0.0)]
     for name, param in model.named_parameters():  # zero gradients: AdamW (no weight decay) moves nothing
         assert torch.equal(param, before[name]), name
+
+
+def test_an_epoch_based_run_with_more_epochs_is_not_taken_for_finished(tmp_path):
+    from moge_hf.training import finished_run_metrics
+
+    (tmp_path / "trainer_state.json").write_text(
+        json.dumps({"global_step": 4, "max_steps": 4, "num_train_epochs": 2, "train_batch_size": 8, "log_history": []})
+    )
+    (tmp_path / "all_results.json").write_text(json.dumps({"eval_loss": 1.0, "train_loss": 2.0}))
+    same = training_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=8, do_eval=True)
+    assert finished_run_metrics(same)["eval_loss"] == 1.0
+    assert finished_run_metrics(training_args(tmp_path, num_train_epochs=3, per_device_train_batch_size=8)) is None
+    assert finished_run_metrics(training_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=4)) is None
+    assert finished_run_metrics(training_args(tmp_path, max_steps=6)) is None

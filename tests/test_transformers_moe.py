@@ -273,3 +273,20 @@ def test_reentrant_checkpointing_is_refused_when_the_regularizer_would_train_not
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(("model.norm", "lm_head")))
     model(**batch(seed=6)).loss.backward()
+
+
+def test_positional_arguments_and_base_models_are_read_right():
+    inputs = batch(seed=7)
+    model = build("qwen3_moe", **MOGE).eval()
+    with torch.no_grad():
+        by_name = model(**inputs)
+        # input_ids and attention_mask positionally (the forward's order): the mask still leaves padding out.
+        by_position = model(inputs["input_ids"], inputs["attention_mask"], labels=inputs["labels"])
+    torch.testing.assert_close(by_position.moge_loss, by_name.moge_loss)
+    torch.testing.assert_close(by_position.loss, by_name.loss)
+    # A base model has no loss: `labels` must not shift its first output (hidden states), tuple or not.
+    base = add_moge_regularizer(build("qwen3_moe").model, **MOGE).eval()
+    with torch.no_grad():
+        plain = base(inputs["input_ids"], return_dict=False)
+        labelled = base(inputs["input_ids"], labels=inputs["labels"], return_dict=False)
+    assert torch.equal(plain[0], labelled[0])
