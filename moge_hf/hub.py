@@ -561,7 +561,8 @@ def render_model_card(
     results: Mapping[str, Any] | str | os.PathLike | None = None,
     dataset: str | list[str] | None = None,
     dataset_config: str | None = None,
-    eval_split: str = "validation",
+    eval_split: str | None = "validation",
+    eval_data: str | None = None,
     base_model: str | None = None,
     license: str | None = "apache-2.0",
     language: str | list[str] | None = None,
@@ -596,7 +597,13 @@ def render_model_card(
         dataset_config (`str`, *optional*):
             Config name of the first dataset.
         eval_split (`str`, *optional*, defaults to `"validation"`):
-            Split the `eval_*` metrics were measured on.
+            The split of `dataset` that the `eval_*` metrics were measured on, whole. `None` when they were measured
+            on anything else (a held-out part of the training split, local files, a subset of a split): the card
+            then has no `model-index`, whose entries would claim a Hub split.
+        eval_data (`str`, *optional*):
+            What the `eval_*` metrics were measured on, in words, for the card's text (e.g. "the last 5% of the
+            lines of input.txt, held out"); defaults to the split of `dataset`. With `eval_samples` in `results`, the
+            card also gives the number of examples.
         base_model (`str`, *optional*):
             Hub id of the model this one was initialized from (e.g. the dense model it was upcycled from, or the
             MoGE model it was fine-tuned from). Never guessed: the card has a `base_model` only when this is given.
@@ -663,12 +670,20 @@ def render_model_card(
     if model_name is None:
         model_name = repo_id.split("/")[-1] if repo_id else folder_name or architecture
 
-    metrics = _classify_metrics(load_results(results))
+    numbers = load_results(results)
+    metrics = _classify_metrics(numbers)
     eval_metrics = [metric for metric in metrics if metric.split in ("eval", "test")]
     train_metrics = [metric for metric in metrics if metric.split == "train"]
     datasets = _dataset_entries(dataset, dataset_config)
+    if eval_data is None and eval_split is not None and datasets:
+        eval_data = f"the `{eval_split}` split of `{datasets[0]['id']}`"
+    eval_samples = numbers.get("eval_samples")
     eval_results = None
-    if eval_metrics and datasets:
+    if any(metric.split == "eval" for metric in eval_metrics) and eval_split is None:
+        eval_metrics_for_index = [metric for metric in eval_metrics if metric.split == "test"]
+    else:
+        eval_metrics_for_index = eval_metrics
+    if eval_metrics_for_index and datasets:
         eval_results = [
             EvalResult(
                 task_type=head.pipeline_tag,
@@ -680,9 +695,9 @@ def render_model_card(
                 metric_name=_metric_display_name(metric.name),
                 metric_value=metric.value,
             )
-            for metric in eval_metrics
+            for metric in eval_metrics_for_index
         ]
-    elif eval_metrics:
+    elif eval_metrics and not datasets:
         logger.warning(
             "render_model_card: results were given but no `dataset`, so the card lists them without a `model-index`"
         )
@@ -724,7 +739,7 @@ def render_model_card(
         "hyperparameter_rows": _rows([(str(k), v) for k, v in (training_hyperparameters or {}).items()]),
         "eval_rows": [
             {
-                "split": eval_split if metric.split == "eval" else "test",
+                "split": (eval_split or "evaluation") if metric.split == "eval" else "test",
                 "name": _metric_display_name(metric.name),
                 "value": _format_number(metric.value),
             }
@@ -732,6 +747,8 @@ def render_model_card(
         ],
         "train_rows": _rows([(_train_metric_name(m.name), _format_number(m.value)) for m in train_metrics]),
         "model_index": eval_results is not None,
+        "eval_data": eval_data,
+        "eval_samples": int(eval_samples) if eval_samples is not None else None,
         "results_source": f"`{Path(results).name}`" if isinstance(results, (str, os.PathLike)) else None,
         "labels": labels,
         "num_labels": num_labels,

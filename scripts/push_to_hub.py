@@ -36,7 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     results.add_argument("--no-results", action="store_true", help="card without results, even if the folder has some")
     parser.add_argument("--dataset", action="append", help="Hub id of the training / evaluation dataset (repeatable)")
     parser.add_argument("--dataset-config", help="config name of the (first) dataset")
-    parser.add_argument("--eval-split", default="validation", help="split the eval_* metrics were measured on")
+    parser.add_argument(
+        "--eval-split",
+        default="validation",
+        help="the split of --dataset the eval_* metrics were measured on, whole; 'none' when they were measured on "
+        "anything else (a held-out part of the train split, local files, a subset): the card then has no model-index",
+    )
+    parser.add_argument("--eval-data", help="what the eval_* metrics were measured on, in words, for the card's text")
     parser.add_argument("--base-model", help="Hub id of the model this one was initialized from (e.g. upcycled)")
     parser.add_argument("--license", default="apache-2.0", help="license id of the weights (default: apache-2.0)")
     parser.add_argument("--language", action="append", help="language code of the training text (repeatable)")
@@ -61,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         results=results,
         dataset=args.dataset[0] if args.dataset and len(args.dataset) == 1 else args.dataset,
         dataset_config=args.dataset_config,
-        eval_split=args.eval_split,
+        eval_split=None if args.eval_split.lower() == "none" else args.eval_split,
+        eval_data=args.eval_data,
         base_model=args.base_model,
         license=args.license,
         language=args.language,

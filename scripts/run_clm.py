@@ -266,6 +266,20 @@ def scratch_config(model_args: ModelArguments, data_args: DataArguments, vocab_s
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def describe_evaluation_data(data_args: DataArguments) -> tuple[str | None, str]:
+    """`(split, words)`: the Hub split the evaluation used whole (None otherwise: the card then claims no Hub split in
+    its `model-index`), and what it was, for the model card. Follows `load_raw_datasets`."""
+    pct = data_args.validation_split_percentage
+    if data_args.dataset_name is not None:
+        split = getattr(data_args, "dataset_validation_split", None)  # set by `load_raw_datasets`
+        if split is not None:
+            return split, f"the `{split}` split of `{data_args.dataset_name}`"
+        return None, f"the last {pct}% of the train split of `{data_args.dataset_name}`, held out"
+    if data_args.validation_file is not None:
+        return None, f"the local file `{os.path.basename(data_args.validation_file)}`"
+    return None, f"the last {pct}% of the lines of the local file `{os.path.basename(data_args.train_file)}`, held out"
+
+
 def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None) -> DatasetDict:
     """`train` and `validation` splits of raw text, from the Hub or from local files."""
     pct = data_args.validation_split_percentage
@@ -279,6 +293,7 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None) ->
         name, config = data_args.dataset_name, data_args.dataset_config_name
         try:
             raw = load_dataset(name, config, cache_dir=cache_dir)
+            data_args.dataset_validation_split = "validation" if "validation" in raw else None  # for the card
             if "validation" not in raw:
                 raw = DatasetDict(
                     train=load_dataset(name, config, split=f"train[:{100 - pct}%]", cache_dir=cache_dir),
@@ -512,7 +527,8 @@ def run_arm(
     # Trainer's pushes then carry the model code and a MoGE model card (a transformers MoE model is pushed as it is,
     # a native checkpoint with the MoGE settings in its config).
     if training_args.push_to_hub and isinstance(model, GPT2MoGELMHeadModel):
-        add_moge_hub_callback(trainer, dataset=data_args.dataset_name)
+        eval_split, eval_data = describe_evaluation_data(data_args)
+        add_moge_hub_callback(trainer, dataset=data_args.dataset_name, eval_split=eval_split, eval_data=eval_data)
 
     return train_and_evaluate(
         trainer, name, len(lm_datasets["train"]), len(lm_datasets["validation"]), log=logger, main_arm=main_arm

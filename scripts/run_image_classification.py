@@ -282,12 +282,20 @@ def load_image_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
         loader = FILE_LOADERS[os.path.splitext(data_args.train_file)[1].lower()]
         raw = load_dataset(loader, data_files=data_files)
 
-    if "validation" not in raw:
-        if "test" in raw:
-            raw["validation"] = raw.pop("test")
-        else:
-            split = raw["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
-            raw = DatasetDict(train=split["train"], validation=split["test"])
+    def named(*sources) -> str:  # a data set, folder or file, by its last path part
+        return next((f"`{os.path.basename(str(src).rstrip('/'))}`" for src in sources if src), "the data")
+
+    if "validation" in raw:
+        source = named(data_args.dataset_name, data_args.validation_dir, data_args.validation_file)
+        evaluated = f"the `validation` split of {source}"
+    elif "test" in raw:
+        raw["validation"] = raw.pop("test")
+        evaluated = f"the `test` split of {named(data_args.dataset_name)}"
+    else:
+        split = raw["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
+        raw = DatasetDict(train=split["train"], validation=split["test"])
+        source = named(data_args.dataset_name, data_args.train_dir, data_args.train_file)
+        evaluated = f"{data_args.train_val_split:.0%} of the training images of {source}, held out"
     raw = DatasetDict(train=raw["train"], validation=raw["validation"])
     if data_args.max_train_samples is not None:
         raw["train"] = (
@@ -295,6 +303,8 @@ def load_image_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
         )
     if data_args.max_eval_samples is not None:
         raw["validation"] = raw["validation"].select(range(min(len(raw["validation"]), data_args.max_eval_samples)))
+        evaluated = f"the first {len(raw['validation'])} images of {evaluated}"
+    data_args.evaluation_data = evaluated  # what the model card says the evaluation was measured on
     return raw
 
 
@@ -555,6 +565,7 @@ def run_arm(
     accuracy,
     main_arm: bool = True,
     augmentation_epoch: AugmentationEpoch | None = None,
+    evaluation_data: str | None = None,
 ) -> dict[str, float]:
     """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
     config = model.config
@@ -582,7 +593,8 @@ def run_arm(
     )
     add_moge_callback(trainer)
     if training_args.push_to_hub:  # Trainer's pushes then carry the model code and a MoGE model card
-        add_moge_hub_callback(trainer)
+        # No model-index (no Hub split is claimed); the card says what was evaluated, in words.
+        add_moge_hub_callback(trainer, eval_split=None, eval_data=evaluation_data)
 
     return train_and_evaluate(
         trainer, name, len(image_datasets["train"]), len(image_datasets["validation"]), log=logger, main_arm=main_arm
@@ -677,7 +689,8 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         epoch = AugmentationEpoch()
         image_datasets = with_transforms(raw, processor, image_column, label_column, training_args.seed, epoch)
         name = main_arm_name(model.config.moge_loss_coef) if main_arm else "MoE baseline"
-        results[name] = run_arm(name, model, arm_args, processor, image_datasets, accuracy, main_arm, epoch)
+        evaluated = getattr(data_args, "evaluation_data", None)  # set by `load_image_datasets`
+        results[name] = run_arm(name, model, arm_args, processor, image_datasets, accuracy, main_arm, epoch, evaluated)
         rows.append((name, float(model.config.moge_loss_coef), results[name]))
         del model
     if training_args.do_eval and training_args.process_index == 0:

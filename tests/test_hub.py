@@ -513,7 +513,8 @@ def test_card_without_results_says_so_and_has_no_model_index(gpt2_dir):
     # Results without a dataset: listed in the text, but no `model-index` (it needs a dataset).
     card = render_model_card(gpt2_dir, results={"eval_loss": 2.75})
     assert card.data.eval_results is None and "model-index" not in card.data.to_yaml()
-    assert "not in the card's `model-index` metadata because no dataset was given" in card.text
+    assert "not in the card's `model-index` metadata: they were not measured on a whole split" in card.text
+    assert "(no dataset was given for them)" in card.text
     assert "| validation | loss (task + weighted routing losses) | 2.75 |" in card.text
     assert "your-username/your-moge-model" in card.text
 
@@ -687,3 +688,19 @@ def test_the_cards_preprocessor_call_loads_cleanly_without_moge_hf(gpt2_upload, 
 def test_card_states_that_grouped_mm_refuses_unaligned_sizes(gpt2_upload):
     card = " ".join((gpt2_upload / "README.md").read_text().split())
     assert "multiples of 8 (otherwise asking for it raises an error" in card and "fall back" not in card
+
+
+def test_card_says_what_was_evaluated_and_claims_a_hub_split_only_when_it_was_one(gpt2_dir):
+    results = {"eval_loss": 2.75, "eval_samples": 64}
+    # A held-out part of the training split: no model-index (it would claim the dataset's validation split).
+    held_out = "the last 5% of the train split of `karpathy/tiny_shakespeare`, held out"
+    card = render_model_card(
+        gpt2_dir, results=results, dataset="karpathy/tiny_shakespeare", eval_split=None, eval_data=held_out
+    )
+    assert card.data.eval_results is None and "model-index" not in card.data.to_yaml()
+    assert f"on 64 examples of {held_out}:" in " ".join(card.text.split())
+    assert "| evaluation | loss (task + weighted routing losses) | 2.75 |" in card.text
+    # A whole Hub split: model-index with that split, and the text says which and how many examples.
+    card = render_model_card(gpt2_dir, results=results, dataset="karpathy/tiny_shakespeare", eval_split="validation")
+    assert [result.dataset_split for result in card.data.eval_results] == ["validation"]
+    assert "on 64 examples of the `validation` split of `karpathy/tiny_shakespeare`:" in " ".join(card.text.split())

@@ -640,4 +640,23 @@ def test_clm_pushes_each_arm_to_its_own_repo_after_evaluation(run_clm, text_file
         assert json.loads((folder / "config.json").read_text())["moge_loss_coef"] == coef
         assert "eval_perplexity" in read_json(folder / "eval_results.json")
         perplexity = read_json(folder / "eval_results.json")["eval_perplexity"]
-        assert f"| validation | perplexity | {perplexity:.4f} |" in (folder / "README.md").read_text()  # on the card
+        card = (folder / "README.md").read_text()
+        assert f"| evaluation | perplexity | {perplexity:.4f} |" in card  # on the card, with what was evaluated:
+        assert re.search(
+            r"on \d+ examples of the last \d+% of the lines of the local file `train.txt`, held out:", card
+        )
+
+
+def test_image_script_records_what_it_evaluates(run_image_classification, image_folder):
+    # What the model card will say the evaluation was measured on (never a Hub split it was not).
+    data_args = run_image_classification.DataArguments(
+        train_dir=str(image_folder / "train"), train_val_split=0.5, max_eval_samples=3
+    )
+    raw = run_image_classification.load_image_datasets(data_args, seed=0)
+    assert len(raw["validation"]) == 3
+    assert data_args.evaluation_data == "the first 3 images of 50% of the training images of `train`, held out"
+    data_args = run_image_classification.DataArguments(
+        train_dir=str(image_folder / "train"), validation_dir=str(image_folder / "validation")
+    )
+    run_image_classification.load_image_datasets(data_args, seed=0)
+    assert data_args.evaluation_data == "the `validation` split of `validation`"
