@@ -47,6 +47,7 @@ from .moge_layer import (
     MoGESparseMoeBlock,
     _as_bool,
     set_moge_sigma,
+    trains_up_to,
 )
 from .triton_experts import SUPPORTED_ACTIVATIONS as TRITON_ACTIVATIONS
 from .triton_experts import is_available as triton_experts_available
@@ -189,12 +190,12 @@ class MoGEModelMixin:
             block.layer_index = index
             setattr(layers[index], mlp_name, block)
 
-    def _check_config_matches_modules(self) -> None:
+    def _check_config_matches_modules(self, blocks: list[MoGESparseMoeBlock] | None = None) -> None:
         """Raise if a MoGE field of `config` changed after the model was built: the MoGE layers read their settings
         when they are built, so they would keep the old value while `save_pretrained` wrote the new one (the reloaded
         model would be another model). The loss weights (`moge_loss_coef`, `router_aux_loss_coef`, ...) and
         `output_router_logits` are read at every forward and may change at any time."""
-        blocks = self.moge_blocks()
+        blocks = self.moge_blocks() if blocks is None else blocks
         if not blocks:
             return
         config, router, regularizer = self.config, blocks[0].router, blocks[0].regularizer
@@ -233,9 +234,9 @@ class MoGEModelMixin:
 
     def _forward_with_routing(self, forward, token_mask: torch.Tensor | None, output_router_logits: bool | None):
         """Run `forward()` while recording every MoGE block's routing; return its output and the routing fields."""
-        if not torch.compiler.is_compiling():
-            self._check_config_matches_modules()
         blocks = self.moge_blocks()
+        if not torch.compiler.is_compiling():
+            self._check_config_matches_modules(blocks)
         records: list[MoGERouting] = []
         for block in blocks:
             block.routing_sink = records
@@ -277,23 +278,13 @@ class MoGEModelMixin:
         runs under `no_grad`, and the routing reaches the model by a side channel, not as an output of the
         checkpointed layer)."""
         for block, routing in zip(blocks, records):
-            if not routing.probs.requires_grad and self._trains_upstream_of(block.router.weight):
+            if not routing.probs.requires_grad and trains_up_to(self, block.router):
                 raise RuntimeError(
                     "The routing of a MoGE layer carries no gradient in training, so the routing losses (load "
                     "balancing, z-loss, MoGE) would train neither the router nor the trainable weights before it. "
                     "Reentrant activation checkpointing does this: use gradient_checkpointing_kwargs="
                     "{'use_reentrant': False} (transformers' default)."
                 )
-
-    def _trains_upstream_of(self, router_weight: nn.Parameter) -> bool:
-        """Whether the router, or a parameter registered before it (embeddings, earlier layers, this layer's attention:
-        what the routing depends on), is trainable."""
-        for param in self.parameters():
-            if param.requires_grad:
-                return True
-            if param is router_weight:
-                return False
-        return False
 
     def _global_dispatch_fractions(self, records: list[MoGERouting], token_mask: torch.Tensor | None):
         """Per MoGE layer, the `(k, E)` dispatch fractions of the global batch: one all-reduce over all ranks."""
@@ -456,10 +447,10 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
         seq_length = inputs.shape[1] if inputs.dim() > 1 else inputs.shape[0]
         # The KV cache, whatever its argument's name (a user may still pass one under a deprecated name).
         cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
-        self._check_positions(seq_length, cache, position_ids)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_positions(seq_length, past_length, position_ids)
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            past_length = cache.get_seq_length() if cache is not None else 0
             expected = (inputs.shape[0] if inputs.dim() > 1 else 1, past_length + seq_length)
             if tuple(attention_mask.shape) != expected:
                 raise ValueError(
@@ -486,7 +477,7 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
         outputs, routing = self._forward_with_routing(run, token_mask, output_router_logits)
         return MoGEModelOutputWithPast(**_passed_through(outputs, MoGEModelOutputWithPast), **routing)
 
-    def _check_positions(self, seq_length: int, cache: Cache | None, position_ids: torch.Tensor | None):
+    def _check_positions(self, seq_length: int, past_length: int, position_ids: torch.Tensor | None):
         max_positions = self.config.n_positions
         if position_ids is not None:
             if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= max_positions:
@@ -495,7 +486,6 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
                     "position embeddings"
                 )
             return
-        past_length = cache.get_seq_length() if cache is not None else 0
         if past_length + seq_length > max_positions:
             raise ValueError(
                 f"The sequence is {past_length + seq_length} tokens long ({seq_length} new + {past_length} cached), "

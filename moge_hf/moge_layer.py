@@ -36,6 +36,7 @@ __all__ = [
     "MoGESparseMoeBlock",
     "moge_regularizers",
     "set_moge_sigma",
+    "trains_up_to",
 ]
 
 
@@ -290,12 +291,21 @@ def set_moge_sigma(model: nn.Module, sigma: float) -> None:
     """Set sigma in every group-sparsity regularizer of `model` and in `model.config.moge_sigma`."""
     if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma <= MAX_SIGMA:
         raise ValueError(f"sigma must be a number in (0, {MAX_SIGMA:g}], got {sigma!r}")
-    regularizers = moge_regularizers(model)
-    for regularizer in regularizers:  # build every new window matrix first: a failure changes nothing
-        regularizer.build_window_matrix(float(sigma))
-    model.config.moge_sigma = float(sigma)
-    for regularizer in regularizers:
+    model.config.moge_sigma = float(sigma)  # the check above leaves nothing that can fail below
+    for regularizer in moge_regularizers(model):
         regularizer.set_sigma(float(sigma))
+
+
+def trains_up_to(model: nn.Module, module: nn.Module) -> bool:
+    """Whether a parameter of `module`, or one registered before it in `model` (what its output depends on:
+    embeddings, earlier layers), is trainable."""
+    last = list(module.parameters())[-1:]
+    for param in model.parameters():
+        if param.requires_grad:
+            return True
+        if last and param is last[0]:
+            return False
+    return False
 
 
 class MoGESparseMoeBlock(nn.Module):

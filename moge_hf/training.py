@@ -575,10 +575,15 @@ def finished_run_metrics(training_args: TrainingArguments) -> dict | None:
         return None
     if training_args.do_eval and not any(key.startswith("eval_") for key in results):
         return None
-    moge_logs = [entry for entry in state.get("log_history", []) if "moge/moge_loss" in entry]
-    if moge_logs:
-        results.setdefault("train_moge_loss_last_log", moge_logs[-1]["moge/moge_loss"])
+    last = _last_logged_moge_loss(state.get("log_history", []))
+    if last is not None:
+        results.setdefault("train_moge_loss_last_log", last)
     return results
+
+
+def _last_logged_moge_loss(log_history: list[dict]) -> float | None:
+    """The unscaled regularizer in the last training log that has it (the MoGE callback's `moge/moge_loss`)."""
+    return next((entry["moge/moge_loss"] for entry in reversed(log_history) if "moge/moge_loss" in entry), None)
 
 
 def _same_schedule(state: dict, training_args: TrainingArguments) -> bool:
@@ -649,9 +654,9 @@ def train_and_evaluate(
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
-        moge_logs = [entry for entry in trainer.state.log_history if "moge/moge_loss" in entry]
-        if moge_logs:  # the unscaled regularizer in the last training log (the MoGE callback's metric)
-            metrics["train_moge_loss_last_log"] = moge_logs[-1]["moge/moge_loss"]
+        last = _last_logged_moge_loss(trainer.state.log_history)
+        if last is not None:
+            metrics["train_moge_loss_last_log"] = last
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = eval_samples

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_moge import CACHE_NAME, FIELD_RULES, MoGEConfigMixin
 from .losses import resolve_map_shape
-from .moge_layer import GroupSparsityRegularizer, MoGERouter, MoGERouting, MoGESparseMoeBlock
+from .moge_layer import GroupSparsityRegularizer, MoGERouter, MoGERouting, MoGESparseMoeBlock, trains_up_to
 
 
 __all__ = ["MOGE_REGULARIZER_FIELDS", "add_moge_regularizer", "moge_routers"]
@@ -255,7 +255,10 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     hooks.append(model.register_forward_pre_hook(_start_hook(recording), with_kwargs=True, prepend=True))
     hooks.append(
         model.register_forward_hook(
-            _finish_hook(recording, routers[-1].module), with_kwargs=True, always_call=True, prepend=True
+            _finish_hook(recording, routers[-1].module, inspect.signature(model.forward)),
+            with_kwargs=True,
+            always_call=True,
+            prepend=True,
         )
     )
     model._moge_regularizer_hooks = hooks
@@ -295,28 +298,12 @@ def _token_mask(attention_mask, num_tokens: int) -> torch.Tensor | None:
     return (attention_mask[:, -new_tokens:] != 0).reshape(-1)
 
 
-def _trains_up_to(model: nn.Module, module: nn.Module) -> bool:
-    """Whether a parameter of `module` or one registered before it (what its output depends on) is trainable."""
-    last = list(module.parameters())[-1:]
-    for param in model.parameters():
-        if param.requires_grad:
-            return True
-        if last and param is last[0]:
-            return False
-    return False
-
-
-def _call_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The forward's arguments by name, positional ones included."""
-    try:
-        return dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments, **kwargs)
-    except TypeError:
-        return kwargs
-
-
-def _finish_hook(recording: _Recording, last_router: nn.Module):
+def _finish_hook(recording: _Recording, last_router: nn.Module, signature: inspect.Signature):
     def hook(model, args, kwargs, output):
-        kwargs = _call_arguments(model, args, kwargs)
+        try:  # the forward's arguments by name, positional ones included
+            kwargs = dict(signature.bind_partial(*args, **kwargs).arguments, **kwargs)
+        except TypeError:
+            pass
         logits, recording.logits, recording.active = recording.logits, [], False
         if output is None:  # the forward raised (the hook is always called, to reset the recording)
             return None
@@ -325,7 +312,7 @@ def _finish_hook(recording: _Recording, last_router: nn.Module):
         coef = model.config.moge_loss_coef
         trains = bool(coef) and torch.is_grad_enabled()
         if trains and model.training and not any(layer.requires_grad for layer in logits):
-            if _trains_up_to(model, last_router):  # the router or weights before it (LoRA adapters) train
+            if trains_up_to(model, last_router):  # the router or weights before it (LoRA adapters) train
                 raise RuntimeError(
                     "The router logits carry no gradient in training, so the MoGE regularizer would train nothing. "
                     "Reentrant activation checkpointing does this: use gradient_checkpointing_kwargs="

@@ -30,6 +30,7 @@ experts top-2 on a 4x4 map (window 3), a byte-level BPE of 2,048 tokens, blocks 
 It runs with `python` and with `accelerate launch`.
 """
 
+import functools
 import json
 import logging
 import math
@@ -444,6 +445,7 @@ def tokenize_and_group(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, col
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache  # called when checking the arguments and when building the model: the config is read once
 def is_moge_hf_model(name_or_path: str) -> bool:
     """Whether a saved model is a moge_hf GPT-2 MoGE model (else: a transformers MoE model, given the regularizer)."""
     return AutoConfig.from_pretrained(name_or_path).model_type == GPT2MoGEConfig.model_type
