@@ -19,20 +19,15 @@ from .hub import (
     render_model_card,
 )
 from .losses import default_map_shape, group_sparsity_loss, group_window_matrix, load_balancing_loss, router_z_loss
-from .modeling_moge import (
-    AUTO_MODEL_CLASSES,
+from .modeling_gpt2_moge import (
     GPT2MoGEForSequenceClassification,
     GPT2MoGELMHeadModel,
     GPT2MoGEModel,
     GPT2MoGEPreTrainedModel,
-    MoGEExperts,
-    MoGERouter,
-    MoGESparseMoeBlock,
-    ViTMoGEForImageClassification,
-    ViTMoGEModel,
-    ViTMoGEPreTrainedModel,
 )
-from .moge_layer import GroupSparsityRegularizer, set_moge_sigma
+from .modeling_vit_moge import ViTMoGEForImageClassification, ViTMoGEModel, ViTMoGEPreTrainedModel
+from .moge_layer import GroupSparsityRegularizer, MoGEExperts, MoGERouter, MoGESparseMoeBlock, set_moge_sigma
+from .moge_model import HOSTS
 from .training import MoGEArguments, MoGESigmaCallback, add_moge_callback, annealed_sigma
 from .transformers_moe import add_moge_regularizer
 
@@ -76,11 +71,11 @@ __all__ = [
 
 
 def _register() -> None:
-    for config_class in (GPT2MoGEConfig, ViTMoGEConfig):
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        config_class.register_for_auto_class()
-        for auto_name, model_class in AUTO_MODEL_CLASSES[config_class.model_type].items():
-            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+    for host in HOSTS.values():
+        AutoConfig.register(host.model_type, host.config_class, exist_ok=True)
+        host.config_class.register_for_auto_class()
+        for auto_name, model_class in host.auto_classes.items():
+            getattr(transformers, auto_name).register(host.config_class, model_class, exist_ok=True)
             model_class.register_for_auto_class(auto_name)
 
 

@@ -11,12 +11,13 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .losses import MAX_SIGMA, PADDINGS, REDUCTIONS, resolve_map_shape
+from .moge_layer import ROUTING_LOSSES
 
 
 __all__ = ["GPT2MoGEConfig", "MoGEConfigMixin", "ViTMoGEConfig"]
 
 # The routing fields of every MoGE output, in order, after the fields of the dense parent's output.
-ROUTING_OUTPUTS = ("router_logits", "aux_loss", "moge_loss", "z_loss")
+ROUTING_OUTPUTS = ("router_logits", *ROUTING_LOSSES)
 
 
 def _cache_name() -> str:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moge_layer import moge_regularizers
-from .transformers_moe import RouterTap, moge_routers
+from .routing import RecordedRouting, moge_routers, routing_recorder
 
 
 __all__ = [
@@ -569,13 +569,14 @@ class RoutingData:
 
 
 class RoutingCollector:
-    """Forward hooks that record each MoGE layer's routing (and optionally its input tokens) for every forward.
+    """Records each MoGE layer's routing (and optionally its input tokens) for every forward of the model.
 
-    Use as a context manager around forward passes of the model; read `records` afterwards. The routers' outputs
-    are recorded as they are (training or evaluation mode alike), detached and moved to the CPU.
+    Use as a context manager around forward passes of the model; read `records` afterwards. It listens to the model's
+    routing recorder (`moge_hf.routing`), which sees the routers' outputs as they are (training or evaluation mode
+    alike); they are kept detached, on the CPU.
 
     Args:
-        model (`nn.Module`): a MoGE model (or a wrapper: DDP, `torch.compile`, PEFT).
+        model (`nn.Module`): a MoGE model (or a wrapper: DDP, `torch.compile`, PEFT), or a transformers MoE model.
         hidden_tokens_per_batch (`int`, defaults to 0): how many tokens of each forward to keep the layer input of
             (a random subset, the same positions for every layer), for [`output_cosine_similarity`].
         seed (`int`, defaults to 0): seed of that random subset.
@@ -591,64 +592,49 @@ class RoutingCollector:
 
     def __init__(self, model: nn.Module, hidden_tokens_per_batch: int = 0, seed: int = 0):
         self.model = _moge_model(model)
-        self.routers = moge_routers(self.model)
-        if not self.routers:
+        self.recorder = routing_recorder(self.model)
+        if self.recorder is None:
             raise ValueError(f"{type(self.model).__name__} has no MoGE layers")
+        self.routers = self.recorder.taps
         self.hidden_tokens_per_batch = int(hidden_tokens_per_batch)
         self.generator = torch.Generator().manual_seed(seed)
         self.records: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in self.routers]
-        self._hooks: list = []
-        self._pending_hidden: list[np.ndarray | None] = [None] * len(self.routers)
-        self._subset: torch.Tensor | None = None
         # `(num_tokens,)` bool of the current batch's real (unpadded) tokens, set by `collect_routing`; None: all.
         self.token_mask: torch.Tensor | None = None
 
     def __enter__(self) -> RoutingCollector:
-        for layer, router in enumerate(self.routers):
-            # The router's input is the layer's: the hidden states entering the MoE layer.
-            self._hooks.append(router.module.register_forward_pre_hook(self._router_pre_hook(layer)))
-            self._hooks.append(router.module.register_forward_hook(self._router_hook(layer, router)))
+        self.recorder.listeners.append(self._on_routing)
+        self.recorder.keep_inputs += self.hidden_tokens_per_batch > 0
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        if self._on_routing in self.recorder.listeners:
+            self.recorder.listeners.remove(self._on_routing)
+            self.recorder.keep_inputs -= self.hidden_tokens_per_batch > 0
 
-    def _router_pre_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if self.hidden_tokens_per_batch <= 0:
-                return
-            hidden = args[0].detach().reshape(-1, args[0].shape[-1])
-            stale = self._subset is None or (self._subset.numel() and int(self._subset.max()) >= hidden.shape[0])
-            if layer == 0 or stale:
-                # The subset is drawn from the real tokens only (padding takes no part in any diagnostic).
-                candidates = torch.arange(hidden.shape[0])
-                if self.token_mask is not None and self.token_mask.numel() == hidden.shape[0]:
-                    candidates = candidates[self.token_mask]
-                count = min(self.hidden_tokens_per_batch, candidates.numel())
-                draw = torch.randperm(candidates.numel(), generator=self.generator)[:count]
-                self._subset = candidates[draw].sort().values
-            self._pending_hidden[layer] = hidden[self._subset.to(hidden.device)].float().cpu().numpy()
+    def _hidden_subset(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A random subset of the real tokens of a forward (the same positions for every layer)."""
+        candidates = torch.arange(hidden.shape[0])
+        if self.token_mask is not None and self.token_mask.numel() == hidden.shape[0]:
+            candidates = candidates[self.token_mask]
+        count = min(self.hidden_tokens_per_batch, candidates.numel())
+        draw = torch.randperm(candidates.numel(), generator=self.generator)[:count]
+        return candidates[draw].sort().values
 
-        return hook
-
-    def _router_hook(self, layer: int, router: RouterTap):
-        def hook(module: nn.Module, args: tuple, output) -> None:
-            hidden = self._pending_hidden[layer]
-            self._pending_hidden[layer] = None
-            if hidden is None:
-                hidden = np.zeros((0, args[0].shape[-1]), dtype=np.float32)
-            probs, top_k_index = router.routing(output)
+    def _on_routing(self, forward_records: list[RecordedRouting]) -> None:
+        subset = None
+        for layer, output, hidden in forward_records:
+            if self.hidden_tokens_per_batch > 0 and hidden is not None:
+                hidden = hidden.detach()
+                if subset is None or (subset.numel() and int(subset.max()) >= hidden.shape[0]):
+                    subset = self._hidden_subset(hidden)  # padding takes no part in any diagnostic
+                kept = hidden[subset.to(hidden.device)].float().cpu().numpy()
+            else:
+                kept = np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+            probs, top_k_index = self.routers[layer].routing(output)
             self.records[layer].append(
-                (
-                    probs.detach().float().cpu().numpy(),
-                    top_k_index.detach().cpu().numpy().astype(np.int64),
-                    hidden,
-                )
+                (probs.detach().float().cpu().numpy(), top_k_index.detach().cpu().numpy().astype(np.int64), kept)
             )
-
-        return hook
 
 
 def _model_inputs(batch: Mapping[str, Any], label_key: str, device: torch.device) -> dict[str, Any]:

@@ -34,13 +34,13 @@ from transformers.dynamic_module_utils import custom_object_save, get_relative_i
 from transformers.utils import logging
 
 from .losses import resolve_map_shape
+from .moge_model import HOSTS, MoGEHead, MoGEHost
 from .training import unwrap_moge_model
 
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
-    "MODEL_CARD_TEMPLATES",
     "HubTokenError",
     "MoGEHubCallback",
     "add_moge_hub_callback",
@@ -52,7 +52,7 @@ __all__ = [
     "render_model_card",
 ]
 
-# The card templates (jinja, rendered by `ModelCard.from_template`), one per model family.
+# The card templates (jinja, rendered by `ModelCard.from_template`), one per model family (named by its `MoGEHost`).
 # The templates live in the repository's `model_cards/`; a wheel installs them under `<prefix>/share/moge_hf/`.
 MODEL_CARD_TEMPLATES_DIR = next(
     (
@@ -65,11 +65,6 @@ MODEL_CARD_TEMPLATES_DIR = next(
     ),
     Path(__file__).resolve().parent.parent / "model_cards",
 )
-MODEL_CARD_TEMPLATES = {
-    "gpt2_moge": MODEL_CARD_TEMPLATES_DIR / "gpt2_moge.md",
-    "vit_moge": MODEL_CARD_TEMPLATES_DIR / "vit_moge.md",
-}
-FAMILY_TAGS = {"gpt2_moge": "gpt2", "vit_moge": "vit"}
 MOGE_TAGS = ("moge", "mixture-of-experts")
 
 # Results files written by `Trainer.save_metrics`, most complete first.
@@ -99,28 +94,6 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Weight files of an earlier push that would shadow or contradict the new weights (e.g. a stale shard index).
 STALE_WEIGHT_PATTERNS = ["model*.safetensors", SAFE_WEIGHTS_INDEX_NAME]
-
-
-@dataclass(frozen=True)
-class _Head:
-    kind: str  # "causal-lm", "sequence-classification", "image-classification" or "base"
-    pipeline_tag: str
-    auto_class: str
-    description: str
-
-
-_HEADS = {
-    "GPT2MoGELMHeadModel": _Head("causal-lm", "text-generation", "AutoModelForCausalLM", "causal language model"),
-    "GPT2MoGEForSequenceClassification": _Head(
-        "sequence-classification", "text-classification", "AutoModelForSequenceClassification", "sequence classifier"
-    ),
-    "GPT2MoGEModel": _Head("base", "feature-extraction", "AutoModel", "base model (hidden states, no head)"),
-    "ViTMoGEForImageClassification": _Head(
-        "image-classification", "image-classification", "AutoModelForImageClassification", "image classifier"
-    ),
-    "ViTMoGEModel": _Head("base", "image-feature-extraction", "AutoModel", "base model (hidden states, no head)"),
-}
-_HEAD_OF_AUTO_CLASS = {head.auto_class: head for head in _HEADS.values() if head.kind != "base"}
 
 
 class HubTokenError(RuntimeError):
@@ -320,10 +293,10 @@ def _inspect_model_dir(model_dir: str | os.PathLike) -> _ModelFolder:
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from error
     model_type = config.get("model_type")
-    if model_type not in MODEL_CARD_TEMPLATES:
+    if model_type not in HOSTS:
         raise ValueError(
-            f"{folder} holds a model of type {model_type!r}, not a moge_hf model (model_type 'gpt2_moge' or "
-            "'vit_moge')"
+            f"{folder} holds a model of type {model_type!r}, not a moge_hf model (model_type "
+            f"{' or '.join(map(repr, HOSTS))})"
         )
     auto_map = config.get("auto_map") or {}
     if "AutoConfig" not in auto_map:
@@ -360,7 +333,6 @@ def _inspect_model_dir(model_dir: str | os.PathLike) -> _ModelFolder:
 def _check_model_loads(folder: "_ModelFolder") -> None:
     """Load the folder's model as `from_pretrained` would (with the installed moge_hf) and raise a `ValueError` with
     the reason if it does not load, its weights do not match its config, or a weight is NaN or Inf."""
-    from .modeling_moge import AUTO_MODEL_CLASSES  # here: modeling_moge's import chain does not need the Hub code
     from .upgrade_code import upgrade_model_code  # (it imports this module)
 
     # What is checked below is the installed code; what would be uploaded is the folder's own copy: they must agree.
@@ -373,7 +345,7 @@ def _check_model_loads(folder: "_ModelFolder") -> None:
             "the moge_hf that saved it"
         )
 
-    families = AUTO_MODEL_CLASSES[folder.config["model_type"]]
+    families = HOSTS[folder.config["model_type"]].auto_classes
     architecture = (folder.config.get("architectures") or [None])[0]
     model_class = next((cls for cls in families.values() if cls.__name__ == architecture), None)
     model_class = model_class or next(iter(families.values()))
@@ -394,8 +366,8 @@ def check_moge_model_dir(model_dir: str | os.PathLike) -> dict:
     """Check that `model_dir` holds what loading a saved moge_hf model with `trust_remote_code=True` needs (the files
     only: [`prepare_upload_folder`] also loads the model and compares its code with the installed moge_hf's).
 
-    It must hold a `config.json` of model type `gpt2_moge` or `vit_moge` whose `auto_map` names the config and the
-    saved architecture, the code files of that `auto_map` and every file they import relatively, and safetensors
+    It must hold a `config.json` of a moge_hf model type (`gpt2_moge`, `vit_moge`, ...) whose `auto_map` names the
+    config and the saved architecture, the code files of that `auto_map` and every file they import relatively, and safetensors
     weights (`model.safetensors`, or an index and all its shards).
 
     Args:
@@ -415,15 +387,19 @@ def check_moge_model_dir(model_dir: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _head_of(architecture: str | None, auto_map: Mapping[str, Any], mro_names: tuple[str, ...] = ()) -> _Head:
+def _head_of(
+    host: MoGEHost, architecture: str | None, auto_map: Mapping[str, Any], mro_names: tuple[str, ...] = ()
+) -> tuple[str, MoGEHead]:
+    """The Auto class name and head record of `architecture` (a class of the family, or a subclass of one)."""
+    by_name = {head.model_class.__name__: (auto_class, head) for auto_class, head in host.heads.items()}
     for name in [architecture, *mro_names]:
-        if name in _HEADS:
-            return _HEADS[name]
+        if name in by_name:
+            return by_name[name]
     for auto_class, reference in auto_map.items():
         if isinstance(reference, str) and reference.rsplit(".", 1)[-1] == architecture:
-            if auto_class in _HEAD_OF_AUTO_CLASS:
-                return _HEAD_OF_AUTO_CLASS[auto_class]
-    raise ValueError(f"cannot tell which MoGE model {architecture!r} is (not one of {sorted(_HEADS)})")
+            if auto_class in host.heads and host.heads[auto_class].kind != "base":
+                return auto_class, host.heads[auto_class]
+    raise ValueError(f"cannot tell which MoGE model {architecture!r} is (not one of {sorted(by_name)})")
 
 
 def _count_parameters(folder: Path, weight_files: list[str]) -> int | None:
@@ -468,35 +444,16 @@ def _rows(pairs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     return [{"name": _cell(name), "value": _cell(value)} for name, value in pairs]
 
 
-def _architecture_rows(config: Mapping[str, Any], model_type: str, architecture: str, num_parameters) -> list:
-    if model_type == "gpt2_moge":
-        pairs = [
-            ("class", f"`{architecture}`"),
-            ("layers", config.get("n_layer")),
-            ("hidden size", config.get("n_embd")),
-            ("attention heads", config.get("n_head")),
-            ("context length (`n_positions`)", config.get("n_positions")),
-            ("vocabulary", config.get("vocab_size")),
-        ]
-    else:
-        pairs = [
-            ("class", f"`{architecture}`"),
-            ("layers", config.get("num_hidden_layers")),
-            ("hidden size", config.get("hidden_size")),
-            ("attention heads", config.get("num_attention_heads")),
-            ("image size", f"{config.get('image_size')} x {config.get('image_size')}"),
-            ("patch size", config.get("patch_size")),
-        ]
+def _architecture_rows(config: Mapping[str, Any], host: MoGEHost, architecture: str, num_parameters) -> list:
+    pairs = [("class", f"`{architecture}`"), *host.card_rows(config)]
     if num_parameters is not None:
         pairs.append(("parameters (all experts)", f"{num_parameters:,}"))
     return _rows(pairs)
 
 
-def _moge_rows(config: Mapping[str, Any], model_type: str) -> list[dict[str, Any]]:
-    num_layers = config["n_layer"] if model_type == "gpt2_moge" else config["num_hidden_layers"]
-    dense_size = (
-        (config.get("n_inner") or 4 * config["n_embd"]) if model_type == "gpt2_moge" else config["intermediate_size"]
-    )
+def _moge_rows(config: Mapping[str, Any], host: MoGEHost) -> list[dict[str, Any]]:
+    shape = host.config_class.from_dict(dict(config))  # the family's names for the layer count and the MLP size
+    num_layers, dense_size = shape.num_hidden_layers, shape.dense_intermediate_size
     map_rows, map_cols = resolve_map_shape(config["num_experts"], config.get("moge_map_shape"))
     top_k = config["num_experts_per_tok"]
     norm_topk = config.get("norm_topk_prob")
@@ -574,7 +531,7 @@ def render_model_card(
 ) -> ModelCard:
     r"""Render the model card of a MoGE model from its config and the metrics its run measured.
 
-    The card (the `model_cards/gpt2_moge.md` or `model_cards/vit_moge.md` template, rendered by
+    The card (the family's template in `model_cards/`, e.g. `gpt2_moge.md`, rendered by
     `huggingface_hub.ModelCard.from_template`) holds Hub metadata (`library_name: transformers`, the `pipeline_tag` of
     the model's head, the tags `moge`, `mixture-of-experts`, `gpt2`/`vit` and `custom_code`, `datasets`, `base_model`,
     `license`, and a `model-index` built from `results`), then how MoGE differs from MoE, the MoGE settings read
@@ -641,9 +598,9 @@ def render_model_card(
     if isinstance(model_dir_or_model, nn.Module):
         model = unwrap_moge_model(model_dir_or_model)
         config_object = getattr(model, "config", None)
-        if config_object is None or getattr(config_object, "model_type", None) not in MODEL_CARD_TEMPLATES:
+        if config_object is None or getattr(config_object, "model_type", None) not in HOSTS:
             raise ValueError(
-                f"render_model_card needs a MoGE model (gpt2_moge / vit_moge), got {type(model).__name__}"
+                f"render_model_card needs a MoGE model ({' / '.join(HOSTS)}), got {type(model).__name__}"
             )
         config = config_object.to_dict()
         mro_names = tuple(klass.__name__ for klass in type(model).__mro__)
@@ -664,9 +621,9 @@ def render_model_card(
         if has_processor is None:
             has_processor = bool(folder.processor_files)
         folder_name = folder.path.resolve().name
-    model_type = config["model_type"]
-    head = _head_of(architecture, config.get("auto_map") or {}, mro_names)
-    architecture = architecture or next(name for name, value in _HEADS.items() if value is head)
+    host = HOSTS[config["model_type"]]
+    auto_class, head = _head_of(host, architecture, config.get("auto_map") or {}, mro_names)
+    architecture = architecture or head.model_class.__name__
     if model_name is None:
         model_name = repo_id.split("/")[-1] if repo_id else folder_name or architecture
 
@@ -702,7 +659,7 @@ def render_model_card(
             "render_model_card: results were given but no `dataset`, so the card lists them without a `model-index`"
         )
 
-    all_tags = [*MOGE_TAGS, FAMILY_TAGS[model_type], "custom_code"]
+    all_tags = [*MOGE_TAGS, host.hub_tag, "custom_code"]
     for tag in tags or []:
         if tag not in all_tags:
             all_tags.append(tag)
@@ -725,14 +682,14 @@ def render_model_card(
         "repo_id": repo_id or "your-username/your-moge-model",
         "head": head.kind,
         "head_description": head.description,
-        "auto_class": head.auto_class,
+        "auto_class": auto_class,
         "pipeline_tag": head.pipeline_tag,
         "architecture": architecture,
         "moe_layers_text": _layers_text(config["moe_layers"]),
         "lambda_is_zero": not config.get("moge_loss_coef"),
         "base_model": base_model,
-        "architecture_rows": _architecture_rows(config, model_type, architecture, num_parameters),
-        "moge_rows": _moge_rows(config, model_type),
+        "architecture_rows": _architecture_rows(config, host, architecture, num_parameters),
+        "moge_rows": _moge_rows(config, host),
         "code_files": code_files,
         "has_processor": has_processor,
         "datasets": datasets,
@@ -764,7 +721,7 @@ def render_model_card(
         "moge_hf_version": _moge_hf_version(),
         "transformers_requirement": _transformers_requirement(),
     }
-    template = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATES[model_type]
+    template = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATES_DIR / host.card_template
     if not template.is_file():
         raise FileNotFoundError(
             f"model card template {str(template)!r} not found (the templates live in the repository's `model_cards/` "
@@ -1068,9 +1025,9 @@ def add_moge_hub_callback(trainer: Trainer, callback: MoGEHubCallback | None = N
         model = unwrap_moge_model(trainer.model)
     except ValueError:
         model = trainer.model
-    if getattr(getattr(model, "config", None), "model_type", None) not in MODEL_CARD_TEMPLATES:
+    if getattr(getattr(model, "config", None), "model_type", None) not in HOSTS:
         raise ValueError(
-            f"add_moge_hub_callback needs a trainer of a MoGE model ({', '.join(MODEL_CARD_TEMPLATES)}), got "
+            f"add_moge_hub_callback needs a trainer of a MoGE model ({', '.join(HOSTS)}), got "
             f"{type(model).__name__}"
         )
     for existing in [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MoGEHubCallback)]:

@@ -1,9 +1,9 @@
 """The MoGE layer, host-agnostic, in the order of a token's path: the router, the experts, the group-sparsity
 regularizer of the routing, and the block that replaces a Transformer MLP with them.
 
-A host model (`modeling_moge.py`: GPT-2, ViT) swaps its MLPs for `MoGESparseMoeBlock`s and turns their routing into
-losses; `GroupSparsityRegularizer` alone regularizes the routers of transformers' own MoE models
-(`moge_hf.add_moge_regularizer`).
+A host model (`modeling_gpt2_moge.py`, `modeling_vit_moge.py`) swaps its MLPs for `MoGESparseMoeBlock`s and turns
+their routing into losses with `routing_losses`; `GroupSparsityRegularizer` alone regularizes the routers of
+transformers' own MoE models (`moge_hf.add_moge_regularizer`).
 """
 
 from typing import NamedTuple
@@ -34,7 +34,9 @@ __all__ = [
     "MoGERouter",
     "MoGERouting",
     "MoGESparseMoeBlock",
+    "ROUTING_LOSSES",
     "moge_regularizers",
+    "routing_losses",
     "set_moge_sigma",
     "trains_up_to",
 ]
@@ -311,8 +313,9 @@ def trains_up_to(model: nn.Module, module: nn.Module) -> bool:
 class MoGESparseMoeBlock(nn.Module):
     """A MoGE layer in place of a Transformer MLP: router, experts, and the group-sparsity regularizer of its routing.
 
-    It maps `(batch, seq, hidden)` to `(batch, seq, hidden)` like the dense MLP it replaces. When the owning model
-    sets `routing_sink` to a list, the block appends its `MoGERouting` there; the model turns those into losses.
+    It maps `(batch, seq, hidden)` to `(batch, seq, hidden)` like the dense MLP it replaces. Its routing reaches the
+    model through the model's routing recorder (`moge_hf.routing`), which hooks the router; the model turns it into
+    the routing losses with [`routing_losses`].
     """
 
     def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str, dropout: float):
@@ -321,43 +324,44 @@ class MoGESparseMoeBlock(nn.Module):
         self.experts = MoGEExperts(config, hidden_size, intermediate_size, activation)
         self.dropout = nn.Dropout(dropout)
         self.regularizer = GroupSparsityRegularizer.from_config(config, config.num_experts)
-        self.routing_sink: list | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, batch_shape[-1])  # (T, d)
         routing = self.router(hidden_states)
         output = self.experts(hidden_states, routing.top_k_index, routing.top_k_weights)
-        if self.routing_sink is not None:
-            self.routing_sink.append(routing)
         return self.dropout(output.view(batch_shape))
 
-    def routing_losses(
-        self,
-        routing: MoGERouting,
-        token_mask: torch.Tensor | None,
-        dispatch_fraction: torch.Tensor | None = None,
-        differentiable: frozenset[str] = frozenset(("aux_loss", "z_loss", "moge_loss")),
-    ) -> dict[str, torch.Tensor]:
-        """Unscaled `aux_loss`, `z_loss` and `moge_loss` of one forward pass.
 
-        `token_mask` is `(T,)` floats or None; `dispatch_fraction` optionally replaces the batch's own expert
-        dispatch fractions in the load-balancing loss (those of the global batch, see `router_aux_loss_global`).
-        Losses not named in `differentiable` are computed without autograd (their coefficient is 0: they are
-        reported, not trained on, and cost no backward).
-        """
-        mask = _as_bool(token_mask)
-        losses = {}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "aux_loss" in differentiable):
-            losses["aux_loss"] = load_balancing_loss(routing.probs, routing.top_k_index, mask, dispatch_fraction)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "z_loss" in differentiable):
-            losses["z_loss"] = router_z_loss(routing.logits, mask)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "moge_loss" in differentiable):
-            clean_probs = routing.probs
-            if routing.clean_logits is not routing.logits:
-                clean_probs = routing.clean_logits.float().softmax(-1)
-            losses["moge_loss"] = self.regularizer(clean_probs, token_mask)
-        return losses
+ROUTING_LOSSES = ("aux_loss", "moge_loss", "z_loss")
+
+
+def routing_losses(
+    routing: MoGERouting,
+    regularizer: GroupSparsityRegularizer,
+    token_mask: torch.Tensor | None,
+    dispatch_fraction: torch.Tensor | None = None,
+    differentiable: frozenset[str] = frozenset(ROUTING_LOSSES),
+) -> dict[str, torch.Tensor]:
+    """Unscaled `aux_loss`, `moge_loss` and `z_loss` of one MoGE layer's routing in one forward pass.
+
+    `token_mask` is `(T,)` floats or None; `dispatch_fraction` optionally replaces the batch's own expert dispatch
+    fractions in the load-balancing loss (those of the global batch, see `router_aux_loss_global`). Losses not named
+    in `differentiable` are computed without autograd (their coefficient is 0: they are reported, not trained on, and
+    cost no backward).
+    """
+    mask = _as_bool(token_mask)
+    losses = {}
+    with torch.set_grad_enabled(torch.is_grad_enabled() and "aux_loss" in differentiable):
+        losses["aux_loss"] = load_balancing_loss(routing.probs, routing.top_k_index, mask, dispatch_fraction)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and "moge_loss" in differentiable):
+        clean_probs = routing.probs
+        if routing.clean_logits is not routing.logits:
+            clean_probs = routing.clean_logits.float().softmax(-1)
+        losses["moge_loss"] = regularizer(clean_probs, token_mask)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and "z_loss" in differentiable):
+        losses["z_loss"] = router_z_loss(routing.logits, mask)
+    return losses
 
 
 def _as_bool(token_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS, SHAPE_FREE_MOGE_FIELDS
 from .moge_layer import moge_regularizers, set_moge_sigma
-from .transformers_moe import RouterTap, moge_routers
+from .routing import RecordedRouting, RoutingRecorder, routing_recorder
 
 
 logger = logging.get_logger(__name__)
@@ -172,8 +172,9 @@ class MoGESigmaCallback(TrainerCallback):
       `j` (they sum to 1 per layer; uniform is `1 / num_experts`);
     - `moge/layer{i}/entropy`: the mean over tokens of the entropy (in nats) of the routing probabilities.
 
-    They are collected by forward hooks, registered at `on_train_begin` and removed at `on_train_end`: one on the
-    model (its outputs' losses) and one on each MoGE router (load, entropy). Only training forwards count
+    They are collected by two forward hooks on the model (its inputs' attention mask, its outputs' losses) and a
+    listener on the model's routing recorder (`moge_hf.routing`: load, entropy), registered at `on_train_begin` and
+    removed at `on_train_end`. Only training forwards count
     (`model.training`), padding tokens (`attention_mask == 0`, passed as a keyword 2-D mask) are left out of the load
     and entropy, and the values are accumulated detached on the model's device and read once per log (collecting them
     needs no device sync per step). Router calls outside the model's own forward, such as the recomputation of
@@ -212,6 +213,7 @@ class MoGESigmaCallback(TrainerCallback):
         self.placed_first = False  # set by `add_moge_callback`
         self._model: nn.Module | None = None
         self._hooks: list = []
+        self._recorder: RoutingRecorder | None = None
         self._layer_names: list[str] = []
         self._num_experts = 0
         self._in_forward = False
@@ -260,9 +262,9 @@ class MoGESigmaCallback(TrainerCallback):
 
     def _register_hooks(self) -> None:
         model = self._model
-        routers = moge_routers(model)
+        recorder = routing_recorder(model)
         regularizers = moge_regularizers(model)
-        self._layer_names = [router.name for router in routers]
+        self._layer_names = [router.name for router in recorder.taps]
         self._num_experts = regularizers[0].num_experts if regularizers else 0
         self._float_sums = None
         self._int_sums = None
@@ -270,13 +272,16 @@ class MoGESigmaCallback(TrainerCallback):
             model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
             model.register_forward_hook(self._model_hook, always_call=True),
         ]
-        for layer, router in enumerate(routers):
-            self._hooks.append(router.module.register_forward_hook(self._router_hook(layer, router)))
+        self._recorder = recorder
+        recorder.listeners.append(self._on_routing)
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._recorder is not None and self._on_routing in self._recorder.listeners:
+            self._recorder.listeners.remove(self._on_routing)
+        self._recorder = None
         self._in_forward = False
         self._token_mask = None
 
@@ -315,14 +320,15 @@ class MoGESigmaCallback(TrainerCallback):
             float_sums.index_add_(0, index, losses)
             int_sums.index_add_(0, index, torch.ones_like(index))
 
-    def _router_hook(self, layer: int, router: RouterTap):
-        def hook(module: nn.Module, args: tuple, output) -> None:
-            # Only inside a training forward of the model: not in evaluation, and not when gradient checkpointing
-            # recomputes the layer during backward (the model's forward has returned by then).
-            if not (self._in_forward and module.training):
-                return
-            with torch.no_grad():
-                probs, index = router.routing(output)  # (T, E), (T, k)
+    def _on_routing(self, records: list[RecordedRouting]) -> None:
+        """The routing of a forward (from the model's routing recorder): load and entropy of each layer."""
+        # Only in a training forward of the model: not in evaluation. (Gradient checkpointing's recomputation during
+        # backward is not recorded at all.)
+        if not self._in_forward:
+            return
+        with torch.no_grad():
+            for layer, output, _ in records:
+                probs, index = self._recorder.taps[layer].routing(output)  # (T, E), (T, k)
                 probs = probs.detach()
                 float_sums, int_sums = self._sums(probs.device)
                 num_experts, num_layers = self._num_experts, len(self._layer_names)
@@ -340,8 +346,6 @@ class MoGESigmaCallback(TrainerCallback):
                 start = len(LOSS_NAMES) + layer * num_experts
                 int_sums[start : start + num_experts].index_add_(0, index.reshape(-1), slot_weights)
                 int_sums[len(LOSS_NAMES) + num_layers * num_experts + layer] += tokens
-
-        return hook
 
     def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,8 +1,8 @@
 """MoGE on transformers' own MoE models (Qwen3-MoE, OLMoE, Mixtral, ...), left unmodified.
 
 [`add_moge_regularizer`] finds the model's routers the way transformers itself does (the `router_logits` entry of the
-model's `_can_record_outputs`), records their logits with forward hooks during the model's forward, and adds MoGE's
-group-sparsity regularizer of those logits to the model's own loss:
+model's `_can_record_outputs`), reads their logits through the model's routing recorder (`moge_hf.routing`), and adds
+MoGE's group-sparsity regularizer of those logits to the model's own loss:
 
     loss = <the model's own loss> + moge_loss_coef * moge_loss
 
@@ -15,7 +15,6 @@ folder stays a native checkpoint that loads anywhere without moge_hf; `add_moge_
 
 import dataclasses
 import inspect
-import re
 
 import torch
 from torch import nn
@@ -24,10 +23,11 @@ from transformers.utils import ModelOutput
 
 from .configuration_moge import CACHE_NAME, FIELD_RULES, MoGEConfigMixin
 from .losses import resolve_map_shape
-from .moge_layer import GroupSparsityRegularizer, MoGERouter, MoGERouting, MoGESparseMoeBlock, trains_up_to
+from .moge_layer import GroupSparsityRegularizer, MoGERouter, trains_up_to
+from .routing import RoutingRecorder, _recorded_routers, routing_recorder
 
 
-__all__ = ["MOGE_REGULARIZER_FIELDS", "add_moge_regularizer", "moge_routers"]
+__all__ = ["MOGE_REGULARIZER_FIELDS", "add_moge_regularizer"]
 
 # The config fields of the regularizer, with the defaults of the MoGE models' configs.
 MOGE_REGULARIZER_FIELDS = (
@@ -40,74 +40,6 @@ MOGE_REGULARIZER_FIELDS = (
     "moge_reduction",
 )
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(MoGEConfigMixin)}
-
-
-@dataclasses.dataclass
-class RouterTap:
-    """One router of a model, and how to read what it returns (a `MoGERouting`, or transformers' router tuple)."""
-
-    name: str  # e.g. "layer3"
-    module: nn.Module
-    top_k: int
-    index: int | None = 0  # where transformers' router output holds the logits (`OutputRecorder.index`)
-    experts: nn.Module | None = None  # the layer's experts (3-D weights, `forward(hidden, top_k_index, weights)`)
-
-    def logits(self, output) -> torch.Tensor:
-        """`(T, E)` routing logits (for a MoGE router: before jitter noise, what the regularizer takes)."""
-        if isinstance(output, MoGERouting):
-            return output.clean_logits
-        logits = output if self.index is None else output[self.index]
-        return logits.reshape(-1, logits.shape[-1])
-
-    def routing(self, output) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(T, E)` float32 routing probabilities and the `(T, k)` chosen experts, as the model routed."""
-        if isinstance(output, MoGERouting):
-            return output.probs, output.top_k_index
-        probs = self.logits(output).float().softmax(-1)
-        return probs, probs.topk(self.top_k, dim=-1).indices
-
-
-def _layer_name(module_name: str, position: int) -> str:
-    match = re.search(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.", module_name)
-    return f"layer{match.group(1)}" if match else f"router{position}"
-
-
-def _recorded_routers(model: nn.Module) -> list[RouterTap]:
-    """The routers transformers records `router_logits` from (`_can_record_outputs`), matched as transformers does."""
-    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
-    if spec is None:
-        return []
-    target_class = getattr(spec, "target_class", spec if isinstance(spec, type) else None)
-    class_name = getattr(spec, "class_name", spec if isinstance(spec, str) else None)
-    layer_name = getattr(spec, "layer_name", None)
-    index = getattr(spec, "index", 0)
-    taps = []
-    for module_name, module in model.named_modules():
-        matched = (target_class is not None and isinstance(module, target_class)) or (
-            class_name is not None and module_name.endswith(class_name)
-        )
-        if matched and layer_name is not None:
-            matched = f".{layer_name.strip('.')}." in f".{module_name}."
-        if matched:
-            top_k = getattr(module, "top_k", None) or model.config.num_experts_per_tok
-            parent = model.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else model
-            experts = getattr(parent, "experts", None)
-            taps.append(RouterTap(_layer_name(module_name, len(taps)), module, top_k, index, experts))
-    return taps
-
-
-def moge_routers(model: nn.Module) -> list[RouterTap]:
-    """Every router of `model`, in layer order: the MoGE layers' of a moge_hf model, or the routers of a transformers
-    MoE model. The Trainer callback and the regularizer read routing through these."""
-    blocks = [module for module in model.modules() if isinstance(module, MoGESparseMoeBlock)]
-    if blocks:
-        layers = sorted(getattr(model.config, "moe_layers", None) or [])
-        layers = layers if len(layers) == len(blocks) else list(range(len(blocks)))
-        return [
-            RouterTap(f"layer{i}", block.router, block.router.top_k, None, block.experts)
-            for i, block in zip(layers, blocks)
-        ]
-    return _recorded_routers(model)
 
 
 def _num_experts(config) -> int | None:
@@ -133,14 +65,6 @@ def _resolved_fields(config, overrides: dict) -> dict:
             raise ValueError(f"add_moge_regularizer: `{name}` {rule[1]}, got {value!r}")
         fields[name] = value
     return fields
-
-
-class _Recording:
-    """The routers' logits of the forward in progress (only inside the model's own forward)."""
-
-    def __init__(self):
-        self.active = False
-        self.logits: list[torch.Tensor] = []
 
 
 _OUTPUT_CLASSES: dict[type, type] = {}
@@ -249,18 +173,17 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
         fields["moge_padding"],
         fields["moge_reduction"],
     ).to(device)
-    recording = _Recording()
-    hooks = [tap.module.register_forward_hook(_router_hook(recording, tap)) for tap in routers]
-    # First among the model's hooks, so that others (the Trainer callback's) see the output with `moge_loss`.
-    hooks.append(model.register_forward_pre_hook(_start_hook(recording), with_kwargs=True, prepend=True))
-    hooks.append(
+    recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
+    # First among the model's hooks, so that others (the Trainer callback's) see the output with `moge_loss`; it ends
+    # the recording of the forward, before the recorder's own hook on the model would.
+    hooks = [
         model.register_forward_hook(
-            _finish_hook(recording, routers[-1].module, inspect.signature(model.forward)),
+            _finish_hook(recorder, routers[-1].module, inspect.signature(model.forward)),
             with_kwargs=True,
             always_call=True,
             prepend=True,
         )
-    )
+    ]
     model._moge_regularizer_hooks = hooks
     return model
 
@@ -269,23 +192,6 @@ def _remove_moge_regularizer(model: nn.Module) -> None:
     for hook in getattr(model, "_moge_regularizer_hooks", []):
         hook.remove()
     model._moge_regularizer_hooks = []
-
-
-def _router_hook(recording: _Recording, tap: RouterTap):
-    def hook(module, args, output):
-        # Only inside the model's forward: not when gradient checkpointing recomputes a layer during backward.
-        if recording.active:
-            recording.logits.append(tap.logits(output))
-
-    return hook
-
-
-def _start_hook(recording: _Recording):
-    def hook(module, args, kwargs):
-        recording.active = True
-        recording.logits = []
-
-    return hook
 
 
 def _token_mask(attention_mask, num_tokens: int) -> torch.Tensor | None:
@@ -298,15 +204,17 @@ def _token_mask(attention_mask, num_tokens: int) -> torch.Tensor | None:
     return (attention_mask[:, -new_tokens:] != 0).reshape(-1)
 
 
-def _finish_hook(recording: _Recording, last_router: nn.Module, signature: inspect.Signature):
+def _finish_hook(recorder: RoutingRecorder, last_router: nn.Module, signature: inspect.Signature):
     def hook(model, args, kwargs, output):
         try:  # the forward's arguments by name, positional ones included
             kwargs = dict(signature.bind_partial(*args, **kwargs).arguments, **kwargs)
         except TypeError:
             pass
-        logits, recording.logits, recording.active = recording.logits, [], False
-        if output is None:  # the forward raised (the hook is always called, to reset the recording)
+        if output is None:  # the forward raised (the hook is always called): drop what was recorded
+            recorder.abort()
             return None
+        records = recorder.end()  # this hook runs before the recorder's own one on the model (see above)
+        logits = [recorder.taps[record.layer].logits(record.output) for record in records]
         if not logits:
             raise RuntimeError(f"{type(model).__name__}: no router ran in this forward, so there is no MoGE loss")
         coef = model.config.moge_loss_coef

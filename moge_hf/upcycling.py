@@ -6,29 +6,22 @@ With renormalized top-k gate weights (`norm_topk_prob`, the default for `num_exp
 a token sum to one, so the upcycled model computes exactly what the dense one does until training moves the experts
 apart.
 
-This module is imported by `modeling_moge.py`, so it must not import that module (the MoGE classes come in as
-arguments) and it only imports `torch`, `transformers` and siblings, so that folders written by `save_pretrained`
-still load with `trust_remote_code=True`.
+Where a host family keeps its layers and MLPs comes from its record (`MoGEHost`, at the end of its modeling file).
+This module only imports `torch`, `transformers` and siblings, so that folders written by `save_pretrained` still
+load with `trust_remote_code=True` (`MoGEModelMixin.from_dense` imports it).
 """
 
 import copy
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    GPT2Model,
-    PreTrainedConfig,
-    PreTrainedModel,
-    ViTForImageClassification,
-    ViTModel,
-)
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
+
+from .moge_model import MoGEHost, head_of, host_of
 
 
 logger = logging.get_logger(__name__)
@@ -37,34 +30,6 @@ __all__ = ["upcycle_from_dense"]
 
 # Keys of a dense config's `to_dict()` that describe the dense checkpoint rather than the model to build.
 _DENSE_ONLY_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_commit_hash")
-
-
-@dataclass(frozen=True)
-class _DenseFamily:
-    """Where a dense model family keeps its layers and MLP projections."""
-
-    display_name: str  # e.g. "GPT-2"
-    model_type: str  # the dense config's `model_type`
-    base_class: type[PreTrainedModel]  # the dense base model (`model.base_model`)
-    layers: str  # attribute of the base model holding the `nn.ModuleList` of layers
-    mlp: str  # attribute of a layer holding its MLP
-    up_proj: str  # attribute of the MLP holding the first projection
-    down_proj: str  # attribute of the MLP holding the second projection
-    conv1d: bool  # GPT-2's `Conv1D` stores weights as (in, out), the transpose of `nn.Linear`'s
-
-
-_GPT2 = _DenseFamily("GPT-2", "gpt2", GPT2Model, "h", "mlp", "c_fc", "c_proj", conv1d=True)
-_VIT = _DenseFamily("ViT", "vit", ViTModel, "layers", "mlp", "fc1", "fc2", conv1d=False)
-
-# The dense class each MoGE class upcycles from. Every MoGE class subclasses its dense class, so the first of these in
-# a MoGE class's MRO is its match (this holds for classes loaded with `trust_remote_code` and for user subclasses).
-_DENSE_CLASSES: dict[type[PreTrainedModel], _DenseFamily] = {
-    GPT2Model: _GPT2,
-    GPT2LMHeadModel: _GPT2,
-    GPT2ForSequenceClassification: _GPT2,
-    ViTModel: _VIT,
-    ViTForImageClassification: _VIT,
-}
 
 
 def upcycle_from_dense(
@@ -124,7 +89,7 @@ def upcycle_from_dense(
     ```
     """
     dense_class = _dense_class_of(moge_class)
-    family = _DENSE_CLASSES[dense_class]
+    family = host_of(moge_class)
     is_number = isinstance(expert_noise_std, (int, float)) and not isinstance(expert_noise_std, bool)
     if not is_number or not math.isfinite(expert_noise_std) or expert_noise_std < 0:
         raise ValueError(f"expert_noise_std must be a finite number >= 0, got {expert_noise_std!r}")
@@ -167,20 +132,15 @@ def upcycle_from_dense(
 
 
 def _dense_class_of(moge_class: type) -> type[PreTrainedModel]:
-    """The dense transformers class `moge_class` upcycles from: the first supported dense class in its MRO."""
-    model_type = getattr(getattr(moge_class, "config_class", None), "model_type", None)
-    if isinstance(moge_class, type) and isinstance(model_type, str) and model_type.endswith("_moge"):
-        for klass in moge_class.__mro__:
-            if klass in _DENSE_CLASSES:
-                return klass
-    raise TypeError(
-        f"upcycle_from_dense builds GPT2MoGEModel, GPT2MoGELMHeadModel, GPT2MoGEForSequenceClassification, "
-        f"ViTMoGEModel or ViTMoGEForImageClassification models, got {moge_class!r}"
-    )
+    """The dense transformers class `moge_class` upcycles from (its head record's, see `MoGEHost`)."""
+    try:
+        return head_of(moge_class).dense_class
+    except TypeError as error:
+        raise TypeError(f"upcycle_from_dense builds MoGE models: {error}") from None
 
 
-def _expected(family: _DenseFamily, dense_class: type[PreTrainedModel], what: str) -> str:
-    return f"a dense {family.display_name} {what} (model_type {family.model_type!r}, e.g. {dense_class.__name__})"
+def _expected(family: MoGEHost, dense_class: type[PreTrainedModel], what: str) -> str:
+    return f"a dense {family.display_name} {what} (model_type {family.dense_model_type!r}, e.g. {dense_class.__name__})"
 
 
 def _describe(config_dict: dict) -> str:
@@ -191,7 +151,7 @@ def _describe(config_dict: dict) -> str:
 
 
 def _load_dense(
-    moge_class: type, dense_class: type[PreTrainedModel], family: _DenseFamily, source: str
+    moge_class: type, dense_class: type[PreTrainedModel], family: MoGEHost, source: str
 ) -> PreTrainedModel:
     """Load the dense model at `source` (local folder or Hub id) with `dense_class`, after checking its model type."""
     expected = _expected(family, dense_class, "checkpoint")
@@ -217,32 +177,38 @@ def _load_dense(
             f"exists there) and could not be read as a Hub model id: {error}"
         ) from error
     model_type = config_dict.get("model_type")
-    if model_type != family.model_type:
+    if model_type != family.dense_model_type:
         already = " (it is already a MoGE model)" if model_type == moge_class.config_class.model_type else ""
         raise ValueError(
             f"{moge_class.__name__}.from_dense expected {expected} at {source!r}, but found "
             f"{_describe(config_dict)}{already}"
         )
     dense, info = dense_class.from_pretrained(source, output_loading_info=True)
-    if family is _VIT and dense_class is ViTModel:
-        # A ViTModel built by `from_pretrained` has a pooler and no mask token whatever the checkpoint holds: mirror
-        # the checkpoint instead (no fresh pooler where it has none, its mask token where it has one). Only a
-        # checkpoint with a mask token (rare) is loaded a second time; building every ViT with one would make
-        # transformers report it missing for all the others.
-        if "embeddings.mask_token" in info["unexpected_keys"]:
-            dense = dense_class.from_pretrained(source, use_mask_token=True)
-        if any(key.startswith("pooler.") for key in info["missing_keys"]):
-            dense.pooler = None
+    if dense_class is family.base_class and family.optional_base_parts:
+        # A base model built by `from_pretrained` has its optional parts as its `__init__` defaults say (a ViTModel: a
+        # pooler, no mask token) whatever the checkpoint holds: mirror the checkpoint instead (no fresh part where it
+        # has none, its part where it has one). Only a checkpoint with a part off by default is loaded a second time.
+        wanted = {
+            flag: True
+            for flag, part in family.optional_base_parts.items()
+            if any(key == part or key.startswith(part + ".") for key in info["unexpected_keys"])
+        }
+        if wanted:
+            dense = dense_class.from_pretrained(source, **wanted)
+        for part in family.optional_base_parts.values():
+            if any(key == part or key.startswith(part + ".") for key in info["missing_keys"]):
+                owner, _, name = part.rpartition(".")
+                setattr(dense.get_submodule(owner) if owner else dense, name, None)
     return dense
 
 
 def _check_dense_model(
-    moge_class: type, dense_class: type[PreTrainedModel], family: _DenseFamily, dense: PreTrainedModel
+    moge_class: type, dense_class: type[PreTrainedModel], family: MoGEHost, dense: PreTrainedModel
 ) -> None:
     """Raise a `ValueError` unless `dense` is a dense model of `family` (any head) with the usual MLP layout."""
     model_type = getattr(dense.config, "model_type", None)
     expected = _expected(family, dense_class, "model")
-    if model_type != family.model_type or not isinstance(dense.base_model, family.base_class):
+    if model_type != family.dense_model_type or not isinstance(dense.base_model, family.base_class):
         already = " (it is already a MoGE model)" if model_type == moge_class.config_class.model_type else ""
         raise ValueError(
             f"{moge_class.__name__}.from_dense expected {expected}, but got a {type(dense).__name__} with "
@@ -275,14 +241,13 @@ def _moge_config(moge_class: type, dense_config: PreTrainedConfig, overrides: di
     return moge_class.config_class(**config_dict)
 
 
-def _optional_parts(family: _DenseFamily, dense_base: nn.Module) -> dict:
+def _optional_parts(family: MoGEHost, dense_base: nn.Module) -> dict:
     """`__init__` arguments of a MoGE base model that give it the optional parts the dense base model has."""
-    if family is _VIT:
-        return {
-            "add_pooling_layer": dense_base.pooler is not None,
-            "use_mask_token": dense_base.embeddings.mask_token is not None,
-        }
-    return {}
+    parts = {}
+    for flag, part in family.optional_base_parts.items():
+        owner, _, name = part.rpartition(".")
+        parts[flag] = getattr(dense_base.get_submodule(owner) if owner else dense_base, name, None) is not None
+    return parts
 
 
 def _check_norm_topk_prob(moge_class: type, config: PreTrainedConfig) -> None:
@@ -294,7 +259,7 @@ def _check_norm_topk_prob(moge_class: type, config: PreTrainedConfig) -> None:
         )
 
 
-def _dense_mlp_weights(family: _DenseFamily, mlp: nn.Module, where: str) -> tuple[torch.Tensor, ...]:
+def _dense_mlp_weights(family: MoGEHost, mlp: nn.Module, where: str) -> tuple[torch.Tensor, ...]:
     """`(up_weight, up_bias, down_weight, down_bias)` of a dense MLP in the experts' `(out, in)` layout."""
     up, down = getattr(mlp, family.up_proj, None), getattr(mlp, family.down_proj, None)
     if up is None or down is None or up.bias is None or down.bias is None:
@@ -307,7 +272,7 @@ def _dense_mlp_weights(family: _DenseFamily, mlp: nn.Module, where: str) -> tupl
 
 
 def _copy_base(
-    moge_class: type, family: _DenseFamily, dense_base: nn.Module, moge_base: nn.Module, expert_noise_std: float
+    moge_class: type, family: MoGEHost, dense_base: nn.Module, moge_base: nn.Module, expert_noise_std: float
 ) -> None:
     """Copy the dense base model into the MoGE base model: MLPs of `moe_layers` into every expert, the rest as is."""
     config = moge_base.config
@@ -318,7 +283,7 @@ def _copy_base(
     missing = sorted(moge_state.keys() - dense_state.keys())
     # A pooler or mask token the MoGE model has no place for (e.g. a `ViTModel`'s upcycled into an image classifier,
     # or a masked-image-modeling ViT's mask token) is dropped.
-    droppable = ("pooler.", "embeddings.mask_token")
+    droppable = tuple(family.optional_base_parts.values())
     unexpected = sorted(k for k in dense_state.keys() - moge_state.keys() if not k.startswith(droppable))
     if missing or unexpected:
         raise ValueError(

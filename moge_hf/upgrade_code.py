@@ -1,10 +1,11 @@
 """Refresh the code files of a saved MoGE model folder with the installed moge_hf's, leaving weights and config alone.
 
-A folder written by `save_pretrained` carries its own copy of moge_hf's code (`modeling_moge.py` and the files it
-imports), and `trust_remote_code=True` runs that copy under whatever transformers the loading user has. A folder saved
+A folder written by `save_pretrained` carries its own copy of moge_hf's code (the family's modeling file, e.g.
+`modeling_gpt2_moge.py`, and the files it imports), and `trust_remote_code=True` runs that copy under whatever transformers the loading user has. A folder saved
 by an older moge_hf can therefore stop loading when transformers changes (moge_hf 0.1.0's code fails under
 transformers 5.24, which renamed the KV cache). This writes the installed moge_hf's code files into the folder, the
-same files `save_pretrained` would write today, and nothing else: the weights, `config.json` and every other file
+same files `save_pretrained` would write today (and, for a folder whose `auto_map` names 0.1.0's `modeling_moge`, that
+module, now a shim that imports the new files), and nothing else: the weights, `config.json` and every other file
 stay byte for byte as they were. The replaced files are moved to a backup folder beside the model folder, and a
 summary of the change is printed.
 
@@ -28,10 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import transformers
-from transformers.dynamic_module_utils import custom_object_save
+from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 
 from .hub import _auto_map_modules, _inspect_model_dir
-from .modeling_moge import AUTO_MODEL_CLASSES
+from .moge_model import HOSTS
+
+
+# Modules that an older release's `auto_map` names and today's code keeps as import shims: moge_hf 0.1.0 saved
+# `modeling_moge.GPT2MoGELMHeadModel`, ... (the models now live in one modeling file per family).
+LEGACY_MODULES = ("modeling_moge",)
 
 
 __all__ = ["CodeUpgrade", "upgrade_model_code"]
@@ -72,15 +78,20 @@ class CodeUpgrade:
         return "\n".join(lines)
 
 
-def _fresh_code(model_type: str, into: Path) -> list[str]:
-    """Write the code files `save_pretrained` writes today for `model_type` into `into`; return their names."""
-    if model_type not in AUTO_MODEL_CLASSES:
-        raise ValueError(f"model_type {model_type!r} is not a moge_hf model family ({sorted(AUTO_MODEL_CLASSES)})")
-    classes = list(AUTO_MODEL_CLASSES[model_type].values())
-    classes.append(classes[0].config_class)
+def _fresh_code(model_type: str, into: Path, mapped_modules: set[str] = frozenset()) -> list[str]:
+    """Write the code files `save_pretrained` writes today for `model_type` into `into`, plus the import shims of the
+    legacy modules among `mapped_modules` (what the folder's `auto_map` names); return their names."""
+    if model_type not in HOSTS:
+        raise ValueError(f"model_type {model_type!r} is not a moge_hf model family ({sorted(HOSTS)})")
+    classes = [*HOSTS[model_type].auto_classes.values(), HOSTS[model_type].config_class]
     names = set()
     for cls in classes:  # transformers' own copy: the module file and every file it imports relatively
         names |= {Path(path).name for path in custom_object_save(cls, into)}
+    for module in sorted(set(mapped_modules) & set(LEGACY_MODULES)):
+        source = Path(__file__).with_name(f"{module}.py")
+        for path in [source, *map(Path, get_relative_import_files(str(source)))]:
+            shutil.copy(path, into / path.name)
+            names.add(path.name)
     return sorted(names)
 
 
@@ -113,8 +124,9 @@ def upgrade_model_code(
     result = CodeUpgrade(folder=folder.path, dry_run=dry_run)
     with tempfile.TemporaryDirectory() as staging:
         staging = Path(staging)
-        fresh = _fresh_code(folder.config["model_type"], staging)
-        mapped = {f"{module}.py" for module in _auto_map_modules(folder.config.get("auto_map") or {}, "config.json")}
+        mapped_modules = _auto_map_modules(folder.config.get("auto_map") or {}, "config.json")
+        fresh = _fresh_code(folder.config["model_type"], staging, mapped_modules)
+        mapped = {f"{module}.py" for module in mapped_modules}
         if not mapped <= set(fresh):
             raise ValueError(
                 f"{folder.path}/config.json maps the Auto classes to {sorted(mapped)}, but the installed moge_hf "

@@ -38,7 +38,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
 from moge_hf.losses import _group_sparsity_from_matrix, default_map_shape, gaussian_window, group_window_matrix
-from moge_hf.modeling_moge import MoGESparseMoeBlock
+from moge_hf.moge_layer import MoGESparseMoeBlock, routing_losses
+from moge_hf.routing import RoutingRecorder, moge_routers
 
 
 SHAPES = {"gpt2-small": (768, 3072), "gpt2-medium": (1024, 4096), "vit-s": (384, 1536), "vit-b": (768, 3072)}
@@ -164,11 +165,13 @@ def make_block_step(case: Case, path: str, dtype: torch.dtype, device: torch.dev
         coefs = (config.router_aux_loss_coef, moge_loss_coef)
         differentiable = frozenset(name for name, coef in zip(("aux_loss", "moge_loss"), coefs) if coef)
 
+        recorder = RoutingRecorder(moge_routers(module))  # what a MoGE model reads its layers' routing with
+
         def forward():
-            module.routing_sink = records = []
+            recorder.begin()
             out = module(x)
-            module.routing_sink = None
-            losses = module.routing_losses(records[0], None, None, differentiable)
+            routing = recorder.end()[0].output
+            losses = routing_losses(routing, module.regularizer, None, None, differentiable)
             return (out * grad_out).sum() + coefs[0] * losses["aux_loss"] + coefs[1] * losses["moge_loss"]
 
     if compile_:

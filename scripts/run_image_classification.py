@@ -56,7 +56,7 @@ from transformers import (
 
 from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
 from moge_hf.hub import add_moge_hub_callback
-from moge_hf.modeling_moge import EXPERTS_IMPLEMENTATIONS
+from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS
 from moge_hf.training import (
     MoGEArguments,
     add_moge_callback,

@@ -26,7 +26,7 @@ from tiny import gpt2_config  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator  # noqa: E402
 
 from moge_hf import GPT2MoGELMHeadModel  # noqa: E402
-from moge_hf.modeling_moge import MoGERouter  # noqa: E402
+from moge_hf.moge_layer import MoGERouter  # noqa: E402
 
 
 SEQ = 8

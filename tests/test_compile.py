@@ -4,6 +4,8 @@ The `aot_eager` backend traces forward and backward exactly as inductor does (gr
 generating code, which keeps these tests fast; inductor itself is exercised by scripts/bench_moge.py.
 """
 
+import math
+
 import datasets
 import pytest
 import torch
@@ -123,3 +125,7 @@ def test_trainer_with_torch_compile_trains_with_the_sigma_schedule(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert model.config.moge_sigma == pytest.approx(1.0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the training forward was compiled
+    # The routing recorder feeds the callback from inside the compiled forward: every layer's load and entropy.
+    for log in (log for log in trainer.state.log_history if "loss" in log):
+        assert sum(log[f"moge/layer1/load_e{e:02d}"] for e in range(8)) == pytest.approx(1.0)
+        assert 0 < log["moge/layer1/entropy"] <= math.log(8) + 1e-6

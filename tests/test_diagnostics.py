@@ -13,7 +13,7 @@ from tiny import gpt2_config, input_ids, pixel_values, vit_config
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
 from moge_hf import diagnostics as diag
-from moge_hf.modeling_moge import MoGERouting
+from moge_hf.moge_layer import MoGERouting
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +175,8 @@ def constant_routing(model, expert: int = 3):
         assert index.shape[0] == tokens
         return MoGERouting(logits, logits, probs, weights, index)
 
-    return [block.router.register_forward_hook(hook) for block in model.moge_blocks()]
+    # Ahead of the routing recorder's hook, so that the recorder (hence the diagnostics) sees the replaced routing.
+    return [block.router.register_forward_hook(hook, prepend=True) for block in model.moge_blocks()]
 
 
 def vit_batches(count: int = 2, batch: int = 6):

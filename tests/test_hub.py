@@ -50,9 +50,11 @@ from moge_hf.hub import (
 
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE_FILES = {
-    "modeling_moge.py",
+# The code a family's folder carries: its modeling file (added per family below) and the files it imports.
+SHARED_CODE_FILES = {
+    "moge_model.py",
     "moge_layer.py",
+    "routing.py",
     "configuration_moge.py",
     "losses.py",
     "triton_experts.py",
@@ -288,13 +290,14 @@ def child_results(child, trainer_pushes):
 
 
 def test_dry_run_folder_is_exactly_what_loading_needs(gpt2_upload, vit_upload):
-    model_files = {"model.safetensors", "config.json", "README.md", *CODE_FILES}
+    model_files = {"model.safetensors", "config.json", "README.md", *SHARED_CODE_FILES}
     assert {p.name for p in gpt2_upload.iterdir()} == model_files | {
+        "modeling_gpt2_moge.py",
         "generation_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
     }
-    assert {p.name for p in vit_upload.iterdir()} == model_files | {"preprocessor_config.json"}
+    assert {p.name for p in vit_upload.iterdir()} == model_files | {"modeling_vit_moge.py", "preprocessor_config.json"}
     assert "fine-tuned version" not in (gpt2_upload / "README.md").read_text()  # the old Trainer card is replaced
 
 
@@ -390,10 +393,12 @@ def test_trainer_push_to_hub_carries_code_config_and_moge_card(trainer_pushes):
     assert len(hub.uploads) == 3
     for upload in hub.uploads:
         assert upload["repo_id"] == "me/gpt2-moge-trainer"
-        assert CODE_FILES | {"config.json", "model.safetensors", "README.md"} <= set(upload["files"])
+        assert SHARED_CODE_FILES | {"modeling_gpt2_moge.py", "config.json", "model.safetensors", "README.md"} <= set(
+            upload["files"]
+        )
         assert not any(name.startswith("checkpoint-") for name in upload["files"])
         config = json.loads((upload["folder"] / "config.json").read_text())
-        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moge.GPT2MoGELMHeadModel"
+        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2_moge.GPT2MoGELMHeadModel"
         card = ModelCard.load(upload["folder"] / "README.md")
         assert MOGE_TAGS | {"gpt2"} <= set(card.data.tags)
         assert card.data.pipeline_tag == "text-generation"
@@ -547,7 +552,8 @@ def set_config(folder: Path, **changes) -> None:
         (lambda f: set_config(f, model_type="gpt2"), "model of type 'gpt2', not a moge_hf model"),
         (lambda f: set_config(f, auto_map=None), "no `auto_map`"),
         (lambda f: set_config(f, architectures=["GPT2MoGEForTokenClassification"]), "not in its `auto_map`"),
-        (lambda f: (f / "modeling_moge.py").unlink(), r"code files \['modeling_moge.py'\]"),
+        (lambda f: (f / "modeling_gpt2_moge.py").unlink(), r"code files \['modeling_gpt2_moge.py'\]"),
+        (lambda f: (f / "routing.py").unlink(), r"code files \['routing.py'\]"),  # imported by moge_model.py
         (lambda f: (f / "losses.py").unlink(), r"code files \['losses.py'\]"),  # imported by the other code files
         (lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"), "no safetensors weights.*bin"),
     ],

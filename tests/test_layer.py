@@ -8,6 +8,8 @@ from transformers import GPT2LMHeadModel, GPT2Model, ViTForImageClassification
 
 from moge_hf import GPT2MoGELMHeadModel, MoGEExperts, MoGERouter, MoGESparseMoeBlock, ViTMoGEForImageClassification
 from moge_hf.losses import group_sparsity_loss, load_balancing_loss, router_z_loss
+from moge_hf.moge_layer import routing_losses
+from moge_hf.routing import RoutingRecorder, moge_routers
 
 
 IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
@@ -153,11 +155,11 @@ def test_block_losses_match_the_loss_functions():
         torch.nn.init.normal_(param, std=0.2)
     x = torch.randn(3, 5, 32)
     mask = torch.rand(3, 5) > 0.3
-    records = []
-    block.routing_sink = records
+    recorder = RoutingRecorder(moge_routers(block))
+    recorder.begin()
     block(x)
-    (routing,) = records
-    losses = block.routing_losses(routing, mask.reshape(-1).float())
+    ((_, routing, _),) = recorder.end()
+    losses = routing_losses(routing, block.regularizer, mask.reshape(-1).float())
     flat_mask = mask.reshape(-1)
     torch.testing.assert_close(
         losses["moge_loss"],
@@ -173,7 +175,8 @@ def test_block_set_sigma_rebuilds_window_weights():
     probs = torch.softmax(torch.randn(10, 8), -1)
     block.regularizer.set_sigma(5.0)
     assert block.regularizer.sigma == 5.0
-    got = block.routing_losses(block.router(torch.randn(10, 32))._replace(probs=probs), None)["moge_loss"]
+    routing = block.router(torch.randn(10, 32))._replace(probs=probs)
+    got = routing_losses(routing, block.regularizer, None)["moge_loss"]
     torch.testing.assert_close(got, group_sparsity_loss(probs, (2, 4), 2, 5.0))
 
 

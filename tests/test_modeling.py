@@ -458,7 +458,13 @@ def test_auto_class_round_trip(case, auto_class, tmp_path):
     model.eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    assert {"modeling_moge.py", "configuration_moge.py", "losses.py"} <= {p.name for p in tmp_path.iterdir()}
+    family = "gpt2" if case.startswith("gpt2") else "vit"
+    other = "vit" if family == "gpt2" else "gpt2"
+    written = {p.name for p in tmp_path.iterdir()}
+    # The family's own modeling file and what it imports (the shared layer, routing, config, losses); not the other
+    # family's file, nor 0.1.0's `modeling_moge.py` (a shim that only `upgrade_code` writes, for old folders).
+    assert {f"modeling_{family}_moge.py", "moge_model.py", "moge_layer.py", "routing.py", "configuration_moge.py"} <= written
+    assert "losses.py" in written and f"modeling_{other}_moge.py" not in written and "modeling_moge.py" not in written
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is type(model.config)
     assert {**config.to_dict(), "_name_or_path": ""} == {**model.config.to_dict(), "_name_or_path": ""}

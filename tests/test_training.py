@@ -17,6 +17,7 @@ from transformers.integrations import integration_utils
 from transformers.integrations.integration_utils import TensorBoardCallback
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+from moge_hf.routing import routing_recorder
 from moge_hf.training import MoGESigmaCallback, add_moge_callback, annealed_sigma, resolve_checkpoint
 
 
@@ -171,10 +172,13 @@ def test_metrics_average_training_forwards_and_leave_out_padding_and_evaluation(
     callback.on_log(args, state, control, logs=summary)
     assert eval_logs == {"eval_loss": 1.0} and summary == {"train_loss": 1.0}
 
-    # At the end of training every hook is removed.
+    # At the end of training every hook is removed, and the callback no longer listens to the routing recorder (whose
+    # one hook per router stays: the model's own losses read it).
     callback.on_train_end(args, state, control, model=model)
     assert not model._forward_hooks and not model._forward_pre_hooks
-    assert all(not block.router._forward_hooks for block in model.moge_blocks())
+    recorder = routing_recorder(model)
+    assert not recorder.listeners and recorder.keep_inputs == 0
+    assert all(len(block.router._forward_hooks) == 1 for block in model.moge_blocks())
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

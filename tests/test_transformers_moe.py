@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from moge_hf import add_moge_callback, add_moge_regularizer, group_sparsity_loss
-from moge_hf.transformers_moe import moge_routers
+from moge_hf.routing import moge_routers
 
 
 # Tiny models: hidden 32, 2 layers, 4 heads, 8 experts top-2 (sizes multiples of 8: transformers' default experts

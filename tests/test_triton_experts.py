@@ -19,7 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import moge_hf.triton_experts as triton_experts  # noqa: E402
 from moge_hf import GPT2MoGELMHeadModel  # noqa: E402
-from moge_hf.modeling_moge import MoGEExperts  # noqa: E402
+from moge_hf.moge_layer import MoGEExperts  # noqa: E402
 
 
 if not torch.cuda.is_available() and not (

@@ -1,0 +1,430 @@
+"""What every MoGE host model shares: the model mixin (MoGE blocks in place of MLPs, routing losses, sigma, saving,
+upcycling), the output classes' routing fields, and the host record (`MoGEHost`) that registration, upcycling and the
+Hub code loop over.
+
+A host is a transformers model family whose MLPs become MoGE layers: `modeling_gpt2_moge.py` and
+`modeling_vit_moge.py`, each ending with its `MoGEHost` record. The MoGE layer itself is in `moge_layer.py`; the
+routing reaches the losses through the model's routing recorder (`routing.py`).
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS
+from .losses import dispatch_counts
+from .moge_layer import (
+    ROUTING_LOSSES,
+    GroupSparsityRegularizer,
+    MoGEExperts,
+    MoGERouter,
+    MoGERouting,
+    MoGESparseMoeBlock,
+    _as_bool,
+    routing_losses,
+    set_moge_sigma,
+    trains_up_to,
+)
+from .routing import attach_routing_recorder, routing_recorder
+from .triton_experts import SUPPORTED_ACTIVATIONS as TRITON_ACTIVATIONS
+from .triton_experts import is_available as triton_experts_available
+from .triton_experts import triton_experts_forward
+
+
+logger = logging.get_logger(__name__)
+
+# moge_hf's fused Triton experts, chosen with `experts_implementation="moge_triton"` (GPU, eager mode).
+ALL_EXPERTS_FUNCTIONS.register("moge_triton", triton_experts_forward)
+# What MoGE experts (non-gated, with biases) can run among the built-in kernels: transformers' others (sonicmoe,
+# deepgemm, ...) need gated experts and are refused. Kernels a user registers in `ExpertsInterface` are let through.
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "moge_triton")
+
+__all__ = ["EXPERTS_IMPLEMENTATIONS", "HOSTS", "MoGEHead", "MoGEHost", "MoGEModelMixin", "host_of", "register_host"]
+
+
+def _data_parallel_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shared model machinery
+# ------------------------------------------------------------------------------------------------------------------
+
+class MoGEModelMixin:
+    """What every MoGE model has on top of its dense parent: its MoGE blocks, sigma, routing losses."""
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # Our experts carry `@use_experts_implementation`. transformers caches its source-text check on the class,
+        # and a dense parent class (e.g. GPT2Model) may hold a cached `False` that we would otherwise inherit.
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # The default is moge_hf's own experts forward ("eager"), which picks the fastest correct path per device
+        # (see `MoGEExperts.forward`); transformers would default to `grouped_mm`, slower on CPU.
+        if requested_experts is None:
+            return "eager"
+        built_in = requested_experts in ALL_EXPERTS_FUNCTIONS and ALL_EXPERTS_FUNCTIONS[
+            requested_experts
+        ].__module__.startswith("transformers.")
+        if built_in and requested_experts not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"experts_implementation={requested_experts!r} cannot run MoGE experts (non-gated MLPs with biases); "
+                f"choose one of {EXPERTS_IMPLEMENTATIONS}"
+            )
+        activation = getattr(self.config, "activation_function", None) or getattr(self.config, "hidden_act", None)
+        if requested_experts == "moge_triton" and activation not in TRITON_ACTIVATIONS:
+            raise ValueError(
+                f'experts_implementation="moge_triton" fuses only the activations {sorted(TRITON_ACTIVATIONS)}, and '
+                f'this model uses {activation!r}; use "eager" or "grouped_mm"'
+            )
+        if requested_experts == "moge_triton" and not triton_experts_available():
+            raise ValueError(
+                'experts_implementation="moge_triton" needs triton and a CUDA GPU; use "grouped_mm" or "eager"'
+            )
+        implementation = super().get_correct_experts_implementation(requested_experts)
+        # `grouped_mm` needs 16-byte aligned strides: expert sizes that are multiples of 8 elements (bf16) suffice.
+        sizes = (self.config.hidden_size, self.config.expert_intermediate_size or self.config.dense_intermediate_size)
+        if implementation == "grouped_mm" and any(size % 8 for size in sizes):
+            raise ValueError(
+                f'experts_implementation="grouped_mm" needs hidden and expert sizes that are multiples of 8, got '
+                f'{sizes}; use experts_implementation="eager" or "batched_mm"'
+            )
+        return implementation
+
+    def moge_blocks(self) -> list[MoGESparseMoeBlock]:
+        """The MoGE blocks of the model, in layer order."""
+        return [module for module in self.modules() if isinstance(module, MoGESparseMoeBlock)]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; the saved `auto_map` names every Auto class of the model family, so
+        that the folder loads with `trust_remote_code=True` through any of them (e.g. `AutoModel` on an LM)."""
+        self._check_config_matches_modules()
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        family = {name: f"{module}.{head.model_class.__name__}" for name, head in host_of(type(self)).heads.items()}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **family}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_dense(cls, dense_model_or_path, *, expert_noise_std: float = 0.0, **config_overrides):
+        """Sparse upcycling: a MoGE model whose experts all start as copies of the dense model's MLP of their layer.
+
+        Args:
+            dense_model_or_path (`PreTrainedModel` or `str`):
+                A dense transformers model of the matching architecture (e.g. `GPT2LMHeadModel` for
+                `GPT2MoGELMHeadModel`, `ViTForImageClassification` for `ViTMoGEForImageClassification`), or a local
+                folder or Hub id holding one.
+            expert_noise_std (`float`, *optional*, defaults to 0.0):
+                Standard deviation of Gaussian noise added to each expert copy, relative to the weights' std.
+            config_overrides:
+                MoGE config fields (`num_experts`, `moe_layers`, `moge_loss_coef`, ...) for the new model.
+
+        With `expert_noise_std=0` and renormalized top-k gate weights, the upcycled model computes what the dense one
+        does.
+        """
+        from .upcycling import upcycle_from_dense  # here: upcycling reads the host records defined in this module
+
+        return upcycle_from_dense(cls, dense_model_or_path, expert_noise_std=expert_noise_std, **config_overrides)
+
+    def set_moge_sigma(self, sigma: float) -> None:
+        """Set the Gaussian sigma of every MoGE layer and `config.moge_sigma` (what a sigma schedule calls)."""
+        set_moge_sigma(self, sigma)
+
+    def _init_moge_weights(self, module: nn.Module, down_proj_std: float) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, MoGEExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.zeros_(module.up_proj_bias)
+            init.normal_(module.down_proj, mean=0.0, std=down_proj_std)
+            init.zeros_(module.down_proj_bias)
+        elif isinstance(module, MoGERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, GroupSparsityRegularizer):
+            module.reset_buffers()  # not in the checkpoint: from_pretrained leaves the buffers empty
+
+    def _swap_mlps(self, layers: nn.ModuleList, mlp_name: str, activation: str, dropout: float) -> None:
+        """Replace the dense MLP `layers[i].<mlp_name>` of every layer in `config.moe_layers` by a MoGE block."""
+        config = self.config
+        config.validate_moge_fields()  # fields set one by one since the config was built are checked together here
+        intermediate_size = config.expert_intermediate_size or config.dense_intermediate_size
+        for index in config.moe_layers:
+            block = MoGESparseMoeBlock(config, config.hidden_size, intermediate_size, activation, dropout)
+            block.layer_index = index
+            setattr(layers[index], mlp_name, block)
+        attach_routing_recorder(self)
+
+    def _check_config_matches_modules(self, blocks: list[MoGESparseMoeBlock] | None = None) -> None:
+        """Raise if a MoGE field of `config` changed after the model was built: the MoGE layers read their settings
+        when they are built, so they would keep the old value while `save_pretrained` wrote the new one (the reloaded
+        model would be another model). The loss weights (`moge_loss_coef`, `router_aux_loss_coef`, ...) and
+        `output_router_logits` are read at every forward and may change at any time."""
+        blocks = self.moge_blocks() if blocks is None else blocks
+        if not blocks:
+            return
+        config, router, regularizer = self.config, blocks[0].router, blocks[0].regularizer
+        try:
+            map_shape = config.moge_resolved_map_shape
+        except ValueError:
+            map_shape = config.moge_map_shape
+        built = {  # field: (what the modules use, what the config says)
+            "moe_layers": ([block.layer_index for block in blocks], sorted(config.moe_layers)),
+            "num_experts": (router.num_experts, config.num_experts),
+            "num_experts_per_tok": (router.top_k, config.num_experts_per_tok),
+            "norm_topk_prob": (router.norm_topk_prob, config.moge_norm_topk_prob),
+            "router_jitter_noise": (router.jitter_noise, config.router_jitter_noise),
+            "expert_intermediate_size": (
+                blocks[0].experts.intermediate_dim,
+                config.expert_intermediate_size or config.dense_intermediate_size,
+            ),
+            "moge_map_shape": (tuple(regularizer.map_shape), tuple(map_shape or ())),
+            "moge_window": (regularizer.window, config.moge_window),
+            "moge_padding": (regularizer.padding, config.moge_padding),
+            "moge_reduction": (regularizer.reduction, config.moge_reduction),
+            "moge_sigma": (regularizer.sigma, config.moge_sigma),
+        }
+        for name, (used, configured) in built.items():
+            if used != configured:
+                if name == "moge_sigma":
+                    fix = "use model.set_moge_sigma(value)"
+                elif MOGE_FIELDS[name].metadata["changes_shapes"]:
+                    fix = f"it changes weight shapes: set it back to {used!r}, or build a new model with the new value"
+                else:
+                    fix = f"build the model with it instead, e.g. from_pretrained(path, {name}=...)"
+                raise ValueError(
+                    f"config.{name} was set to {getattr(config, name)!r} after the model was built with {used!r}: "
+                    f"the model would keep {used!r} and save {getattr(config, name)!r}; {fix}"
+                )
+
+    def _forward_with_routing(self, forward, token_mask: torch.Tensor | None, output_router_logits: bool | None):
+        """Run `forward()` while the model's routing recorder records every MoGE layer's routing; return its output and
+        the routing fields (the routing losses, and the router logits if asked for)."""
+        blocks = self.moge_blocks()
+        if not torch.compiler.is_compiling():
+            self._check_config_matches_modules(blocks)
+        recorder = routing_recorder(self)
+        recorder.begin()
+        try:
+            outputs = forward()
+        except BaseException:
+            recorder.abort()
+            raise
+        records = [record.output for record in recorder.end()]
+        if len(records) != len(blocks):
+            raise RuntimeError(f"expected routing from {len(blocks)} MoGE layers, got {len(records)}")
+        if not torch.compiler.is_compiling():
+            self._check_router_logits_finite(records)
+        if token_mask is not None:
+            token_mask = token_mask.reshape(-1).to(torch.float32)
+        fractions = [None] * len(records)
+        if self.config.router_aux_loss_global and self.training and _data_parallel_world_size() > 1:
+            fractions = self._global_dispatch_fractions(records, token_mask)
+        coefs = {
+            "aux_loss": self.config.router_aux_loss_coef,
+            "moge_loss": self.config.moge_loss_coef,
+            "z_loss": self.config.router_z_loss_coef,
+        }
+        differentiable = frozenset(name for name in ROUTING_LOSSES if coefs[name])
+        if differentiable and torch.is_grad_enabled() and self.training:
+            self._check_routing_has_graph(blocks, records)
+        per_layer = [
+            routing_losses(routing, block.regularizer, token_mask, fraction, differentiable)
+            for block, routing, fraction in zip(blocks, records, fractions)
+        ]
+        fields = {name: torch.stack([losses[name] for losses in per_layer]).mean() for name in ROUTING_LOSSES}
+        if output_router_logits if output_router_logits is not None else self.config.output_router_logits:
+            fields["router_logits"] = tuple(routing.logits for routing in records)
+        return outputs, fields
+
+    def _check_routing_has_graph(self, blocks: list[MoGESparseMoeBlock], records: list[MoGERouting]) -> None:
+        """Raise if a router's probabilities carry no autograd graph although something they depend on trains (the
+        router itself, or any trainable weight before it, e.g. LoRA adapters of a frozen model): the routing losses
+        would then train nothing, silently. Reentrant activation checkpointing does that (the layer's first forward
+        runs under `no_grad`, and the routing reaches the model through the recorder, not as an output of the
+        checkpointed layer)."""
+        for block, routing in zip(blocks, records):
+            if not routing.probs.requires_grad and trains_up_to(self, block.router):
+                raise RuntimeError(
+                    "The routing of a MoGE layer carries no gradient in training, so the routing losses (load "
+                    "balancing, z-loss, MoGE) would train neither the router nor the trainable weights before it. "
+                    "Reentrant activation checkpointing does this: use gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False} (transformers' default)."
+                )
+
+    def _global_dispatch_fractions(self, records: list[MoGERouting], token_mask: torch.Tensor | None):
+        """Per MoGE layer, the `(k, E)` dispatch fractions of the global batch: one all-reduce over all ranks."""
+        mask = _as_bool(token_mask)
+        per_layer = [dispatch_counts(routing.top_k_index, self.config.num_experts, mask) for routing in records]
+        counts = torch.stack([layer_counts for layer_counts, _ in per_layer])  # (L, k, E)
+        totals = torch.cat([counts.flatten(), per_layer[0][1].reshape(1)])
+        torch.distributed.all_reduce(totals)
+        return list((totals[:-1].view_as(counts) / totals[-1].clamp(min=1.0)).unbind(0))
+
+    def _check_router_logits_finite(self, records: list[MoGERouting]) -> None:
+        """Raise if a router saw NaN/Inf. On CPU at once; on a GPU without stalling the stream for it: the flags go
+        to the host asynchronously and are read by a later forward pass, once the copy is done."""
+        finite = torch.stack([torch.isfinite(routing.logits).all() for routing in records])
+        if finite.device.type != "cuda":
+            self._raise_if_not_finite(finite)
+            return
+        pending = self.__dict__.setdefault("_pending_finite_checks", [])
+        while pending and pending[0][1].query():
+            self._raise_if_not_finite(pending.pop(0)[0])
+        host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+        host.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        pending.append((host, event))
+
+    def _raise_if_not_finite(self, finite: torch.Tensor) -> None:
+        if not bool(finite.all()):
+            bad = [self.config.moe_layers[i] for i in (~finite).nonzero().flatten().tolist()]
+            raise ValueError(
+                f"The router of MoGE layer(s) {bad} produced NaN or Inf logits: the hidden states reaching the router "
+                "are not finite (check the inputs, the learning rate, or use a wider dtype such as bfloat16/float32)."
+            )
+
+    def _weighted_routing_loss(self, outputs) -> torch.Tensor | int:
+        """`router_aux_loss_coef * aux + router_z_loss_coef * z + moge_loss_coef * moge`, skipping zero weights."""
+        config = self.config
+        total = 0
+        for coef, loss in (
+            (config.router_aux_loss_coef, outputs.aux_loss),
+            (config.router_z_loss_coef, outputs.z_loss),
+            (config.moge_loss_coef, outputs.moge_loss),
+        ):
+            if coef:
+                total = total + coef * loss
+        return total
+
+
+# The outputs are transformers' own output classes (those of the dense parents) plus the routing fields, appended after
+# theirs: transformers' fields, with whatever names the installed release gives them (the KV cache is
+# `past_key_values` up to 5.23 and `cache` since 5.24), come from transformers, and `return_dict=False` tuples keep
+# the parent's layout followed by the routing fields.
+ROUTING_FIELD_DOCS = """
+    router_logits (`tuple[torch.Tensor]`, *optional*, returned when `output_router_logits=True`):
+        Routing logits `(batch * seq, num_experts)` of every MoGE layer, in layer order.
+    aux_loss (`torch.Tensor`): Unscaled load-balancing loss, averaged over the MoGE layers.
+    moge_loss (`torch.Tensor`): Unscaled group-sparsity (MoGE) regularizer, averaged over the MoGE layers.
+    z_loss (`torch.Tensor`): Unscaled router z-loss, averaged over the MoGE layers.
+"""
+ROUTING_FIELD_TYPES = {
+    "router_logits": tuple[torch.Tensor, ...] | None,
+    "aux_loss": torch.Tensor | None,
+    "moge_loss": torch.Tensor | None,
+    "z_loss": torch.Tensor | None,
+}
+assert tuple(ROUTING_FIELD_TYPES) == ROUTING_OUTPUTS
+
+
+def _with_routing_fields(name: str, parent: type[ModelOutput], doc: str) -> type[ModelOutput]:
+    """A dataclass `name`: transformers' output class `parent` with the routing fields appended."""
+    routing_fields = [(field, kind, dataclasses.field(default=None)) for field, kind in ROUTING_FIELD_TYPES.items()]
+    return dataclasses.make_dataclass(
+        name, routing_fields, bases=(parent,), namespace={"__module__": __name__, "__doc__": doc + ROUTING_FIELD_DOCS}
+    )
+
+
+def _passed_through(outputs: ModelOutput, output_class: type[ModelOutput]) -> dict:
+    """Every field of `outputs` that `output_class` has too, by name: whatever transformers calls them."""
+    shared = (name for name in type(outputs).__dataclass_fields__ if name in output_class.__dataclass_fields__)
+    return {name: getattr(outputs, name) for name in shared}
+
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Host records
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MoGEHead:
+    """One model class of a host family: the MoGE class, the dense class it subclasses, and what the Hub says of it."""
+
+    model_class: type[PreTrainedModel]  # e.g. GPT2MoGELMHeadModel
+    dense_class: type[PreTrainedModel]  # e.g. GPT2LMHeadModel: what `from_dense` upcycles
+    pipeline_tag: str  # e.g. "text-generation"
+    kind: str  # "causal-lm", "sequence-classification", "image-classification" or "base"
+    description: str  # e.g. "causal language model", for the model card
+
+
+@dataclasses.dataclass(frozen=True)
+class MoGEHost:
+    """The facts about one host family that registration, upcycling and the Hub code loop over.
+
+    Each host's modeling file ends with its record, passed to [`register_host`]. The first head must be the base model
+    (`AutoModel`).
+    """
+
+    config_class: type  # e.g. GPT2MoGEConfig (its `model_type` names the family)
+    display_name: str  # e.g. "GPT-2"
+    heads: dict[str, MoGEHead]  # Auto class name -> model class, in the order `auto_map` lists them
+    # Upcycling: where the dense model keeps its layers and MLP projections.
+    dense_model_type: str  # the dense config's `model_type`, e.g. "gpt2"
+    layers: str  # attribute of the base model holding the `nn.ModuleList` of layers
+    mlp: str  # attribute of a layer holding its MLP
+    up_proj: str  # attribute of the MLP holding the first projection
+    down_proj: str  # attribute of the MLP holding the second projection
+    conv1d: bool  # weights stored as (in, out), the transpose of `nn.Linear`'s (GPT-2's `Conv1D`)
+    # Optional parts of the base model: `__init__` flag -> the attribute it adds (kept iff the dense model has them).
+    optional_base_parts: dict[str, str]
+    # The Hub: the family's tag, its card template (in `model_cards/`), and the architecture rows of its card.
+    hub_tag: str
+    card_template: str
+    card_rows: Callable[[Mapping[str, Any]], list[tuple[str, Any]]]
+
+    @property
+    def model_type(self) -> str:
+        return self.config_class.model_type
+
+    @property
+    def base_class(self) -> type[PreTrainedModel]:
+        """The dense base model class (`model.base_model` of every dense head)."""
+        return next(iter(self.heads.values())).dense_class
+
+    @property
+    def auto_classes(self) -> dict[str, type[PreTrainedModel]]:
+        return {name: head.model_class for name, head in self.heads.items()}
+
+
+# model_type -> record, filled by the modeling files as they are imported.
+HOSTS: dict[str, MoGEHost] = {}
+
+
+def register_host(host: MoGEHost) -> MoGEHost:
+    """Add a host's record to `HOSTS` (what `import moge_hf` registers with the Auto classes); return it."""
+    if next(iter(host.heads)) != "AutoModel":
+        raise ValueError(f"{host.display_name}: the first head of a MoGEHost must be the base model (AutoModel)")
+    HOSTS[host.model_type] = host
+    return host
+
+
+def host_of(model_class: type) -> MoGEHost:
+    """The record of the host family `model_class` (a MoGE model class, or a subclass of one) belongs to."""
+    for klass in getattr(model_class, "__mro__", ()):
+        for host in HOSTS.values():
+            if any(klass is head.model_class for head in host.heads.values()):
+                return host
+    raise TypeError(
+        f"{getattr(model_class, '__name__', model_class)!r} is not a MoGE model class (one of "
+        f"{sorted(head.model_class.__name__ for host in HOSTS.values() for head in host.heads.values())})"
+    )
+
+
+def head_of(model_class: type) -> MoGEHead:
+    """The head record of `model_class` (or of the MoGE class it subclasses)."""
+    host = host_of(model_class)
+    for klass in model_class.__mro__:
+        for head in host.heads.values():
+            if klass is head.model_class:
+                return head
+    raise TypeError(f"{model_class.__name__} is not a MoGE model class")  # unreachable: host_of found one

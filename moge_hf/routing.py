@@ -1,0 +1,210 @@
+"""Where a model routes its tokens, and the one recorder of what its routers decide.
+
+- [`moge_routers`] finds the routers of a model, in layer order: the MoGE layers' own, or the routers of a
+  transformers MoE model (the modules its `_can_record_outputs["router_logits"]` names, matched as transformers does).
+  Each comes as a [`RouterTap`], which reads what that router returns the same way for both kinds.
+- [`routing_recorder`] gives the model's [`RoutingRecorder`]: one per model, fed by hooks on its routers. It serves
+  every reader of the routing: the MoGE models' routing losses, `add_moge_regularizer`, the Trainer callback's
+  metrics and the diagnostics.
+
+This module is imported by the MoGE models, so it only imports `torch`, `transformers` and siblings (folders written
+by `save_pretrained` must load with `trust_remote_code=True`).
+"""
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .moge_layer import MoGERouting, MoGESparseMoeBlock
+
+
+__all__ = ["RecordedRouting", "RouterTap", "RoutingRecorder", "moge_routers", "routing_recorder"]
+
+
+@dataclasses.dataclass
+class RouterTap:
+    """One router of a model, and how to read what it returns (a `MoGERouting`, or transformers' router tuple)."""
+
+    name: str  # e.g. "layer3"
+    module: nn.Module
+    top_k: int
+    index: int | None = 0  # where transformers' router output holds the logits (`OutputRecorder.index`)
+    experts: nn.Module | None = None  # the layer's experts (3-D weights, `forward(hidden, top_k_index, weights)`)
+
+    def logits(self, output) -> torch.Tensor:
+        """`(T, E)` routing logits (for a MoGE router: before jitter noise, what the regularizer takes)."""
+        if isinstance(output, MoGERouting):
+            return output.clean_logits
+        logits = output if self.index is None else output[self.index]
+        return logits.reshape(-1, logits.shape[-1])
+
+    def routing(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(T, E)` float32 routing probabilities and the `(T, k)` chosen experts, as the model routed."""
+        if isinstance(output, MoGERouting):
+            return output.probs, output.top_k_index
+        probs = self.logits(output).float().softmax(-1)
+        return probs, probs.topk(self.top_k, dim=-1).indices
+
+
+def _layer_name(module_name: str, position: int) -> str:
+    match = re.search(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.", module_name)
+    return f"layer{match.group(1)}" if match else f"router{position}"
+
+
+def _recorded_routers(model: nn.Module) -> list[RouterTap]:
+    """The routers transformers records `router_logits` from (`_can_record_outputs`), matched as transformers does."""
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if spec is None:
+        return []
+    target_class = getattr(spec, "target_class", spec if isinstance(spec, type) else None)
+    class_name = getattr(spec, "class_name", spec if isinstance(spec, str) else None)
+    layer_name = getattr(spec, "layer_name", None)
+    index = getattr(spec, "index", 0)
+    taps = []
+    for module_name, module in model.named_modules():
+        matched = (target_class is not None and isinstance(module, target_class)) or (
+            class_name is not None and module_name.endswith(class_name)
+        )
+        if matched and layer_name is not None:
+            matched = f".{layer_name.strip('.')}." in f".{module_name}."
+        if matched:
+            top_k = getattr(module, "top_k", None) or model.config.num_experts_per_tok
+            parent = model.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else model
+            experts = getattr(parent, "experts", None)
+            taps.append(RouterTap(_layer_name(module_name, len(taps)), module, top_k, index, experts))
+    return taps
+
+
+def moge_routers(model: nn.Module) -> list[RouterTap]:
+    """Every router of `model`, in layer order: the MoGE layers' of a moge_hf model, or the routers of a transformers
+    MoE model."""
+    blocks = [module for module in model.modules() if isinstance(module, MoGESparseMoeBlock)]
+    if blocks:
+        layers = [getattr(block, "layer_index", None) for block in blocks]
+        layers = layers if None not in layers else list(range(len(blocks)))
+        return [
+            RouterTap(f"layer{i}", block.router, block.router.top_k, None, block.experts)
+            for i, block in zip(layers, blocks)
+        ]
+    return _recorded_routers(model)
+
+
+class RecordedRouting(NamedTuple):
+    """What one router did in a recorded forward."""
+
+    layer: int  # position of the router in `RoutingRecorder.taps`
+    output: Any  # what the router returned (read it with `taps[layer].routing(output)` / `.logits(output)`)
+    hidden_states: torch.Tensor | None  # `(T, d)` router input, kept only while a reader asks (`keep_inputs`)
+
+
+class RoutingRecorder:
+    """Records what every router of one model returns in each forward of the model.
+
+    Made once per model by [`routing_recorder`]: a forward hook on each router, registered when the model is built
+    (before any `torch.compile`), feeds it. A forward is recorded between `begin()` and `end()`: the MoGE models call
+    them in their own forward; for a transformers MoE model, hooks on the model do. Calls of a router outside a
+    recorded forward, such as gradient checkpointing's recomputation during backward, are not recorded. A hook of your
+    own that replaces a router's output must be registered with `prepend=True` for the recorder to see the
+    replacement.
+
+    Readers: `end()` returns the forward's records (the MoGE models turn them into their routing losses, as
+    `add_moge_regularizer` does for other models) and calls each function in `listeners` with them (the Trainer
+    callback's metrics, the diagnostics); the recorder keeps nothing after that. A listener that needs the routers'
+    inputs raises `keep_inputs` while it listens. The hooks are bound methods of the recorder, so a deep copy (or a
+    pickle) of the model has its own recorder, with no listeners.
+    """
+
+    def __init__(self, taps: list[RouterTap]):
+        self.taps = taps
+        self.listeners: list[Callable[[list[RecordedRouting]], None]] = []
+        self.keep_inputs = 0
+        self._records: list[RecordedRouting] = []
+        self._depth = 0
+        for layer, tap in enumerate(taps):
+            tap.module.register_forward_hook(functools.partial(self._record, layer))
+
+    def __getstate__(self) -> dict:
+        # A copy of the model records for itself: no listeners (they read the original), nothing in flight.
+        return {**self.__dict__, "listeners": [], "keep_inputs": 0, "_records": [], "_depth": 0}
+
+    @property
+    def recording(self) -> bool:
+        return self._depth > 0
+
+    def _record(self, layer: int, module: nn.Module, args: tuple, output) -> None:
+        if self._depth == 0:
+            return
+        hidden = None
+        if self.keep_inputs > 0 and args and torch.is_tensor(args[0]):
+            hidden = args[0].reshape(-1, args[0].shape[-1])
+        self._records.append(RecordedRouting(layer, output, hidden))
+
+    def begin(self) -> None:
+        """Start recording a forward (nested calls, e.g. a head model around its base model, record one forward)."""
+        if self._depth == 0:
+            self._records = []
+        self._depth += 1
+
+    def end(self) -> list[RecordedRouting]:
+        """Stop recording; return the forward's records (and tell the listeners) when the outermost call ends."""
+        if self._depth == 0:
+            raise RuntimeError("RoutingRecorder.end() without begin()")
+        self._depth -= 1
+        if self._depth > 0:
+            return self._records
+        records, self._records = self._records, []
+        for listener in self.listeners:
+            listener(records)
+        return records
+
+    def abort(self) -> None:
+        """Drop the forward in progress (it raised): nothing recorded, no listener called."""
+        self._depth, self._records = 0, []
+
+    # For models whose forward does not call `begin`/`end` (transformers' MoE models): hooks on the model.
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.begin()
+
+    def _model_post_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if output is None:  # the forward raised: the hook is always called
+            self.abort()
+        elif self.recording:
+            self.end()
+
+
+_RECORDER_ATTRIBUTE = "_moge_routing_recorder"
+
+
+def routing_recorder(model: nn.Module, *, create: bool = True) -> RoutingRecorder | None:
+    """The [`RoutingRecorder`] of `model` (a MoGE model, or a transformers MoE model), made on first use.
+
+    A MoGE model has one from the start (its base model makes it); a transformers MoE model gets one here, with hooks
+    on the model that record each of its forwards. Returns None if the model has no routers (or `create=False` and
+    it has no recorder yet).
+    """
+    for module in model.modules():
+        recorder = getattr(module, _RECORDER_ATTRIBUTE, None)
+        if recorder is not None:
+            return recorder
+    if not create:
+        return None
+    taps = moge_routers(model)
+    if not taps:
+        return None
+    recorder = RoutingRecorder(taps)
+    model.register_forward_pre_hook(recorder._model_pre_hook, with_kwargs=True, prepend=True)
+    model.register_forward_hook(recorder._model_post_hook, always_call=True, prepend=True)
+    setattr(model, _RECORDER_ATTRIBUTE, recorder)
+    return recorder
+
+
+def attach_routing_recorder(model: nn.Module) -> RoutingRecorder:
+    """Give a MoGE base model its recorder (its forward calls `begin`/`end` itself); called when it is built."""
+    recorder = RoutingRecorder(moge_routers(model))
+    setattr(model, _RECORDER_ATTRIBUTE, recorder)
+    return recorder
