@@ -367,8 +367,8 @@ def check_moge_model_dir(model_dir: str | os.PathLike) -> dict:
     only: [`prepare_upload_folder`] also loads the model and compares its code with the installed moge_hf's).
 
     It must hold a `config.json` of a moge_hf model type (`gpt2_moge`, `vit_moge`, ...) whose `auto_map` names the
-    config and the saved architecture, the code files of that `auto_map` and every file they import relatively, and safetensors
-    weights (`model.safetensors`, or an index and all its shards).
+    config and the saved architecture, the code files of that `auto_map` and every file they import relatively, and
+    safetensors weights (`model.safetensors`, or an index and all its shards).
 
     Args:
         model_dir (`str` or `os.PathLike`): The folder, as written by `save_pretrained` or `Trainer.save_model`.
@@ -599,9 +599,7 @@ def render_model_card(
         model = unwrap_moge_model(model_dir_or_model)
         config_object = getattr(model, "config", None)
         if config_object is None or getattr(config_object, "model_type", None) not in HOSTS:
-            raise ValueError(
-                f"render_model_card needs a MoGE model ({' / '.join(HOSTS)}), got {type(model).__name__}"
-            )
+            raise ValueError(f"render_model_card needs a MoGE model ({' / '.join(HOSTS)}), got {type(model).__name__}")
         config = config_object.to_dict()
         mro_names = tuple(klass.__name__ for klass in type(model).__mro__)
         architecture = type(model).__name__
@@ -1027,8 +1025,7 @@ def add_moge_hub_callback(trainer: Trainer, callback: MoGEHubCallback | None = N
         model = trainer.model
     if getattr(getattr(model, "config", None), "model_type", None) not in HOSTS:
         raise ValueError(
-            f"add_moge_hub_callback needs a trainer of a MoGE model ({', '.join(HOSTS)}), got "
-            f"{type(model).__name__}"
+            f"add_moge_hub_callback needs a trainer of a MoGE model ({', '.join(HOSTS)}), got {type(model).__name__}"
         )
     for existing in [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MoGEHubCallback)]:
         trainer.callback_handler.remove_callback(existing)

@@ -55,8 +55,6 @@ MoGESequenceClassifierOutputWithPast = _with_routing_fields(
 )
 
 
-
-
 class GPT2MoGEPreTrainedModel(MoGEModelMixin, GPT2PreTrainedModel):
     config_class = GPT2MoGEConfig
     config: GPT2MoGEConfig

@@ -31,8 +31,6 @@ ViTMoGEImageClassifierOutput = _with_routing_fields(
 )
 
 
-
-
 class ViTMoGEPreTrainedModel(MoGEModelMixin, ViTPreTrainedModel):
     config_class = ViTMoGEConfig
     config: ViTMoGEConfig

@@ -59,6 +59,7 @@ def _data_parallel_world_size() -> int:
 # Shared model machinery
 # ------------------------------------------------------------------------------------------------------------------
 
+
 class MoGEModelMixin:
     """What every MoGE model has on top of its dense parent: its MoGE blocks, sigma, routing losses."""
 
@@ -338,7 +339,6 @@ def _passed_through(outputs: ModelOutput, output_class: type[ModelOutput]) -> di
     """Every field of `outputs` that `output_class` has too, by name: whatever transformers calls them."""
     shared = (name for name in type(outputs).__dataclass_fields__ if name in output_class.__dataclass_fields__)
     return {name: getattr(outputs, name) for name in shared}
-
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -140,7 +140,8 @@ def _dense_class_of(moge_class: type) -> type[PreTrainedModel]:
 
 
 def _expected(family: MoGEHost, dense_class: type[PreTrainedModel], what: str) -> str:
-    return f"a dense {family.display_name} {what} (model_type {family.dense_model_type!r}, e.g. {dense_class.__name__})"
+    model_type = family.dense_model_type
+    return f"a dense {family.display_name} {what} (model_type {model_type!r}, e.g. {dense_class.__name__})"
 
 
 def _describe(config_dict: dict) -> str:

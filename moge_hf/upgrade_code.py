@@ -1,13 +1,13 @@
 """Refresh the code files of a saved MoGE model folder with the installed moge_hf's, leaving weights and config alone.
 
 A folder written by `save_pretrained` carries its own copy of moge_hf's code (the family's modeling file, e.g.
-`modeling_gpt2_moge.py`, and the files it imports), and `trust_remote_code=True` runs that copy under whatever transformers the loading user has. A folder saved
-by an older moge_hf can therefore stop loading when transformers changes (moge_hf 0.1.0's code fails under
-transformers 5.24, which renamed the KV cache). This writes the installed moge_hf's code files into the folder, the
-same files `save_pretrained` would write today (and, for a folder whose `auto_map` names 0.1.0's `modeling_moge`, that
-module, now a shim that imports the new files), and nothing else: the weights, `config.json` and every other file
-stay byte for byte as they were. The replaced files are moved to a backup folder beside the model folder, and a
-summary of the change is printed.
+`modeling_gpt2_moge.py`, and the files it imports), and `trust_remote_code=True` runs that copy under whatever
+transformers the loading user has. A folder saved by an older moge_hf can therefore stop loading when transformers
+changes (moge_hf 0.1.0's code fails under transformers 5.24, which renamed the KV cache). This writes the installed
+moge_hf's code files into the folder, the same files `save_pretrained` would write today (and, for a folder whose
+`auto_map` names 0.1.0's `modeling_moge`, that module, now a shim that imports the new files), and nothing else: the
+weights, `config.json` and every other file stay byte for byte as they were. The replaced files are moved to a backup
+folder beside the model folder, and a summary of the change is printed.
 
     python -m moge_hf.upgrade_code path/to/saved_model [more folders ...] [--dry_run] [--show_diff]
 

@@ -61,8 +61,9 @@ from transformers import (
 
 from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, add_moge_regularizer
 from moge_hf.hub import add_moge_hub_callback
-from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS
 from moge_hf.moge_layer import moge_regularizers
+from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS
+from moge_hf.routing import moge_routers
 from moge_hf.training import (
     MoGEArguments,
     add_moge_callback,
@@ -71,7 +72,6 @@ from moge_hf.training import (
     main_arm_name,
     train_and_evaluate,
 )
-from moge_hf.routing import moge_routers
 from moge_hf.transformers_moe import MOGE_REGULARIZER_FIELDS
 
 

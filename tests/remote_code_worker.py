@@ -3,7 +3,8 @@
     python remote_code_worker.py save <case> <folder> <result.pt>       # with moge_hf: build, save_pretrained, compute
     python remote_code_worker.py load <auto_class> <folder> <result.pt> # without moge_hf: trust_remote_code, compute
 
-`save` writes a tiny seeded model of `<case>` (see CASES) and the inputs (`<folder>/inputs.pt`); `load` blocks
+`save` writes a tiny seeded model of `<case>` (a name in the tests' table, `tiny.CASES`) and the inputs
+(`<folder>/inputs.pt`); `load` blocks
 `import moge_hf` and loads the folder through `transformers.<auto_class>` with `trust_remote_code=True`. Both run the
 inputs through the model (and, for a causal LM, greedy generation with the KV cache) and save what they computed.
 """
@@ -33,18 +34,11 @@ def compute(model, inputs: dict) -> dict:
 
 def save(case: str, folder: str, result_path: str) -> None:
     import torch
-    from tiny import gpt2_config, input_ids, pixel_values, vit_config
+    from tiny import CASES
 
-    from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
-
-    model_class, config, inputs = {
-        "gpt2-lm": (GPT2MoGELMHeadModel, gpt2_config, lambda: {"input_ids": input_ids(seed=3, batch=2, seq=6)}),
-        "vit-cls": (ViTMoGEForImageClassification, vit_config, lambda: {"pixel_values": pixel_values(seed=3)}),
-    }[case]
-    torch.manual_seed(0)
-    model = model_class(config()).eval()
+    model = CASES[case].build().eval()
     model.save_pretrained(folder)
-    inputs = inputs()
+    inputs = {key: value for key, value in CASES[case].batch(seed=3).items() if key in ("input_ids", "pixel_values")}
     torch.save(inputs, f"{folder}/inputs.pt")
     torch.save(compute(model, inputs), result_path)
 

@@ -7,13 +7,12 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import BATCH, SEQ, VOCAB, gpt2_config, input_ids, pixel_values, vit_config
+import transformers
+from tiny import BATCH, CASES, SEQ, VOCAB, case_names, gpt2_config, input_ids, lm_batch, pixel_values, vit_config
 from transformers import (
     AutoConfig,
-    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
     GPT2LMHeadModel,
     GPT2Model,
     modeling_outputs,
@@ -23,12 +22,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import moge_hf
 from moge_hf import (
     GPT2MoGEConfig,
-    GPT2MoGEForSequenceClassification,
     GPT2MoGELMHeadModel,
     GPT2MoGEModel,
     ViTMoGEConfig,
     ViTMoGEForImageClassification,
-    ViTMoGEModel,
     group_sparsity_loss,
     load_balancing_loss,
     router_z_loss,
@@ -36,38 +33,17 @@ from moge_hf import (
 from moge_hf.configuration_moge import CACHE_NAME
 
 
-def gpt2_batch(seed=0):
-    ids = input_ids(seed)
-    mask = torch.ones_like(ids)
-    mask[:4, -3:] = 0  # right padding on a few rows
-    ids = ids.masked_fill(mask == 0, 0)
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-# One row per model class: how to build it and a batch for it, so every shared check runs on all of them.
-MODEL_CASES = {
-    "gpt2-base": (GPT2MoGEModel, gpt2_config, lambda: {k: v for k, v in gpt2_batch().items() if k != "labels"}),
-    "gpt2-lm": (GPT2MoGELMHeadModel, gpt2_config, gpt2_batch),
-    "gpt2-seqcls": (
-        GPT2MoGEForSequenceClassification,
-        lambda **kw: gpt2_config(num_labels=3, **kw),
-        lambda: {**gpt2_batch(), "labels": torch.arange(BATCH) % 3},
-    ),
-    "vit-base": (ViTMoGEModel, vit_config, lambda: {"pixel_values": pixel_values()}),
-    "vit-cls": (
-        ViTMoGEForImageClassification,
-        vit_config,
-        lambda: {"pixel_values": pixel_values(), "labels": torch.arange(BATCH) % 5},
-    ),
-}
-HEAD_CASES = ["gpt2-lm", "gpt2-seqcls", "vit-cls"]
+# Every moge_hf model class (the shared table, tests/tiny.py), so every shared check runs on all of them.
+MODEL_CASES = case_names(moge_hf=True)
+HEAD_CASES = case_names(moge_hf=True, head=True)
 
 
 def build(case, seed=0, **overrides):
-    model_class, make_config, make_batch = MODEL_CASES[case]
-    torch.manual_seed(seed)
-    return model_class(make_config(**overrides)), make_batch()
+    return CASES[case].build(seed, **overrides), CASES[case].batch()
+
+
+def gpt2_batch(seed=0):
+    return lm_batch(seed)
 
 
 def task_loss(case, model, outputs, batch):
@@ -78,7 +54,7 @@ def task_loss(case, model, outputs, batch):
     return F.cross_entropy(outputs.logits, batch["labels"])
 
 
-@pytest.mark.parametrize("case", list(MODEL_CASES))
+@pytest.mark.parametrize("case", MODEL_CASES)
 def test_outputs_have_routing_losses(case):
     model, batch = build(case)
     model.eval()
@@ -443,13 +419,7 @@ def test_routing_losses_are_float32_under_autocast(dtype):
 # Auto classes, save and load
 # ------------------------------------------------------------------------------------------------------------------
 
-AUTO_CASES = [
-    ("gpt2-base", AutoModel),
-    ("gpt2-lm", AutoModelForCausalLM),
-    ("gpt2-seqcls", AutoModelForSequenceClassification),
-    ("vit-base", AutoModel),
-    ("vit-cls", AutoModelForImageClassification),
-]
+AUTO_CASES = [(name, getattr(transformers, CASES[name].auto_class)) for name in MODEL_CASES]
 
 
 @pytest.mark.parametrize("case,auto_class", AUTO_CASES)
@@ -463,7 +433,8 @@ def test_auto_class_round_trip(case, auto_class, tmp_path):
     written = {p.name for p in tmp_path.iterdir()}
     # The family's own modeling file and what it imports (the shared layer, routing, config, losses); not the other
     # family's file, nor 0.1.0's `modeling_moge.py` (a shim that only `upgrade_code` writes, for old folders).
-    assert {f"modeling_{family}_moge.py", "moge_model.py", "moge_layer.py", "routing.py", "configuration_moge.py"} <= written
+    shared = {"moge_model.py", "moge_layer.py", "routing.py", "configuration_moge.py"}
+    assert {f"modeling_{family}_moge.py", *shared} <= written
     assert "losses.py" in written and f"modeling_{other}_moge.py" not in written and "modeling_moge.py" not in written
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is type(model.config)

@@ -8,32 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import gpt2_config, input_ids, pixel_values, vit_config
+from tiny import CASES as TABLE
+from tiny import case_names
 
 import moge_hf
-from moge_hf import GPT2MoGEForSequenceClassification, GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+from moge_hf import GPT2MoGELMHeadModel
 from moge_hf.configuration_moge import CACHE_NAME
 from moge_hf.upgrade_code import upgrade_model_code
 
 
-CASES = [
-    (GPT2MoGELMHeadModel, gpt2_config, "AutoModelForCausalLM", "GPT2MoGELMHeadModel", "ids"),
-    (GPT2MoGELMHeadModel, gpt2_config, "AutoModel", "GPT2MoGEModel", "ids"),
-    (
-        GPT2MoGEForSequenceClassification,
-        lambda: gpt2_config(num_labels=3),
-        "AutoModelForSequenceClassification",
-        "GPT2MoGEForSequenceClassification",
-        "ids",
-    ),
-    (
-        ViTMoGEForImageClassification,
-        vit_config,
-        "AutoModelForImageClassification",
-        "ViTMoGEForImageClassification",
-        "pixels",
-    ),
-]
+# Every moge_hf head model (the shared table, tests/tiny.py) through its Auto class, and a head model's folder loaded
+# as the base model (`AutoModel`).
+CASES = [(name, TABLE[name].auto_class) for name in case_names(moge_hf=True, head=True)] + [("gpt2-lm", "AutoModel")]
 
 
 WORKER = Path(__file__).with_name("remote_code_worker.py")
@@ -58,18 +44,16 @@ def run_child(folder, auto_name, tmp_path):
     return torch.load(tmp_path / "child.pt")
 
 
-@pytest.mark.parametrize("model_class,make_config,auto_name,loaded_class,kind", CASES)
-def test_remote_code_load_in_a_process_without_moge_hf(
-    model_class, make_config, auto_name, loaded_class, kind, tmp_path
-):
-    torch.manual_seed(0)
-    model = model_class(make_config()).eval()
+@pytest.mark.parametrize("case,auto_name", CASES)
+def test_remote_code_load_in_a_process_without_moge_hf(case, auto_name, tmp_path):
+    model = TABLE[case].build().eval()
     folder = tmp_path / "saved"
     model.save_pretrained(folder)
-    inputs = {"input_ids": input_ids()} if kind == "ids" else {"pixel_values": pixel_values()}
+    inputs = {key: value for key, value in TABLE[case].batch().items() if key != "labels"}
     torch.save(inputs, folder / "inputs.pt")
 
     child = run_child(folder, auto_name, tmp_path)
+    loaded_class = type(model).__name__ if auto_name == TABLE[case].auto_class else type(model.base_model).__name__
     assert child["class"] == loaded_class
     if loaded_class == type(model).__name__:
         with torch.no_grad():

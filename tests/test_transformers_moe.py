@@ -12,61 +12,26 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from tiny import VOCAB, training_args
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    MixtralConfig,
-    MixtralForCausalLM,
-    OlmoeConfig,
-    OlmoeForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-    Trainer,
-)
+from tiny import CASES as TABLE
+from tiny import VOCAB, case_names, lm_batch, training_args
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer
 
 from moge_hf import add_moge_callback, add_moge_regularizer, group_sparsity_loss
 from moge_hf.routing import moge_routers
 
 
-# Tiny models: hidden 32, 2 layers, 4 heads, 8 experts top-2 (sizes multiples of 8: transformers' default experts
-# implementation, grouped_mm, needs them).
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_experts_per_tok=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-CASES = {
-    "qwen3_moe": lambda: Qwen3MoeForCausalLM(
-        Qwen3MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=16, head_dim=8)
-    ),
-    "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(**COMMON, num_experts=8)),
-    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=8, head_dim=8)),
-}
+# transformers' MoE families of the shared table (tests/tiny.py): tiny Qwen3-MoE, OLMoE, Mixtral with 8 experts top-2.
+CASES = case_names(moge_hf=False)
 MOGE = dict(moge_loss_coef=0.1, moge_map_shape=[2, 4], moge_window=2, moge_sigma=0.8)
 
 
 def build(case: str, **moge):
-    torch.manual_seed(0)
-    model = CASES[case]()
+    model = TABLE[case].build()
     return add_moge_regularizer(model, **moge) if moge else model
 
 
 def batch(seed: int = 0, size: int = 4, seq: int = 7) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (size, seq), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[: size // 2, -2:] = 0  # right padding on half the rows
-    ids = ids.masked_fill(mask == 0, 0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return lm_batch(seed, batch=size, seq=seq, low=3)
 
 
 def reference_moge_loss(router_logits, mask, sigma=0.8, **kwargs):
@@ -143,7 +108,7 @@ def test_settings_are_saved_and_reapplied_and_the_folder_stays_native(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py") == []  # no code: a native checkpoint
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is Qwen3MoeForCausalLM
+    assert type(loaded) is TABLE["qwen3_moe"].model_class
     with torch.no_grad():
         assert "moge_loss" not in loaded(**inputs)  # plain transformers: the model's own loss
         add_moge_regularizer(loaded)  # no arguments: the saved settings
