@@ -4,16 +4,18 @@
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny import gpt2_config, input_ids, pixel_values, vit_config
+from tiny import CASES, gpt2_config, input_ids, pixel_values, vit_config
 
-from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, add_moge_regularizer
 from moge_hf import diagnostics as diag
 from moge_hf.moge_layer import MoGERouting
+from moge_hf.routing import moge_routers
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -440,3 +442,47 @@ def test_compare_script_merges_seeds_run_apart_like_one_run(tmp_path):
         script.main(
             ["--merge_from", files[0], str(tmp_path / "other" / "results.json"), "--output_dir", str(tmp_path / "x")]
         )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_diagnostics_and_expert_maps_read_every_model_of_the_table(case, tmp_path):
+    """moge_hf's models and transformers' MoE models (given `add_moge_regularizer`) alike: the collected routing is
+    the model's own, the diagnostics cover every MoE layer, and each expert's output comes from the experts'
+    forward."""
+    spec = CASES[case]
+    moge = dict(moge_map_shape=[2, 4], moge_window=2)
+    model = (spec.build(**moge) if spec.moge_hf else add_moge_regularizer(spec.build(), **moge)).eval()
+    inputs = spec.batch(seed=5)
+    data = diag.collect_routing(model, [inputs], hidden_tokens_per_batch=6)
+    with torch.no_grad():
+        own = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_router_logits=True)
+    taps = moge_routers(model)
+    top_k = model.config.num_experts_per_tok
+    assert data.layers == [int(tap.name.removeprefix("layer")) for tap in taps] and len(data.layers) >= 1
+    assert data.map_shape == (2, 4) and data.num_experts == 8 and data.top_k == top_k
+    if "attention_mask" in inputs:
+        assert data.token_mask.tolist() == (inputs["attention_mask"].reshape(-1) != 0).tolist()
+    assert len(own.router_logits) == len(taps)
+    for layer, logits in enumerate(own.router_logits):
+        probs = logits.float().softmax(-1)
+        torch.testing.assert_close(torch.from_numpy(data.probs[layer]), probs)
+        assert (data.top_k_index[layer] == probs.topk(top_k, dim=-1).indices.numpy()).all()
+        assert data.hidden[layer].shape == (6, 32)
+    stats = diag.routing_diagnostics(model, data)
+    assert [entry["layer"] for entry in stats["layers"]] == data.layers
+    for entry in stats["layers"]:
+        assert sum(entry["load"]) == pytest.approx(1.0)
+        assert "output_cosine_mean" in entry and "weight_cosine_mean" in entry
+
+    # Each expert's output, from the experts' own forward: the routed combination is what the layer computes.
+    experts = taps[0].experts
+    hidden = torch.randn(5, 32)
+    per_expert = diag.all_expert_outputs(experts, hidden)  # (E, T, d)
+    index = torch.tensor([[0, 3], [1, 2], [7, 4], [5, 6], [2, 0]])
+    weights = torch.rand(5, 2)
+    combined = (per_expert[index.T, torch.arange(5)] * weights.T[..., None]).sum(0)
+    with torch.no_grad():
+        torch.testing.assert_close(combined, experts(hidden, index, weights).float(), rtol=1e-5, atol=1e-6)
+    if importlib.util.find_spec("matplotlib"):
+        path = diag.plot_expert_maps({"MoGE": stats["layers"]}, stats["map_shape"], str(tmp_path / "maps.png"))
+        assert os.path.getsize(path) > 0

@@ -28,7 +28,7 @@ from huggingface_hub.utils import filter_repo_objects
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from PIL import Image
-from tiny import gpt2_config, input_ids, pixel_values, vit_config
+from tiny import CASES, MOGE_FAMILIES, case_names, gpt2_config, input_ids, pixel_values, vit_config
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, ViTImageProcessor, pipeline
 
@@ -674,7 +674,7 @@ def test_upload_folders_are_refused_when_the_model_would_not_load(gpt2_dir, tmp_
     assert not (tmp_path / "out").exists()  # nothing written, nothing uploaded
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "vit"])
+@pytest.mark.parametrize("kind", MOGE_FAMILIES)
 def test_the_cards_preprocessor_call_loads_cleanly_without_moge_hf(gpt2_upload, vit_upload, kind, tmp_path):
     # The card's own line for the tokenizer / image processor, run where moge_hf cannot be imported, on the oldest and
     # newest transformers: the repo's config.json maps AutoConfig to remote code, so AutoTokenizer needs
@@ -710,3 +710,26 @@ def test_card_says_what_was_evaluated_and_claims_a_hub_split_only_when_it_was_on
     card = render_model_card(gpt2_dir, results=results, dataset="karpathy/tiny_shakespeare", eval_split="validation")
     assert [result.dataset_split for result in card.data.eval_results] == ["validation"]
     assert "on 64 examples of the `validation` split of `karpathy/tiny_shakespeare`:" in " ".join(card.text.split())
+
+
+@pytest.mark.parametrize("case", case_names(moge_hf=True))
+def test_every_model_class_gets_an_upload_folder_and_a_card_from_its_host_record(case, tmp_path):
+    """The Hub code reads the host records (`MoGEHost`): every moge_hf class of the table, base models included, gets a
+    checked upload folder whose card names its class, Auto class, pipeline tag and family tag."""
+    from moge_hf.moge_model import head_of, host_of
+
+    spec = CASES[case]
+    model = spec.build()
+    model.save_pretrained(tmp_path / "model")
+    assert check_moge_model_dir(tmp_path / "model")["architectures"] == [spec.model_class.__name__]
+    out = tmp_path / "upload"
+    prepare_upload_folder(tmp_path / "model", out, repo_id=f"me/{case}")
+    card = ModelCard.load(out / "README.md")
+    host, head = host_of(spec.model_class), head_of(spec.model_class)
+    assert head.model_class is spec.model_class and host.auto_classes[spec.auto_class] is spec.model_class
+    assert card.data.pipeline_tag == head.pipeline_tag
+    assert {*MOGE_TAGS, host.hub_tag, "custom_code"} <= set(card.data.tags)
+    assert f"`{spec.model_class.__name__}`" in card.text and spec.auto_class in card.text
+    # Rendered from the model itself: the same metadata.
+    from_model = render_model_card(model, repo_id=f"me/{case}")
+    assert from_model.data.pipeline_tag == head.pipeline_tag and host.hub_tag in from_model.data.tags

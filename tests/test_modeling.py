@@ -31,6 +31,7 @@ from moge_hf import (
     router_z_loss,
 )
 from moge_hf.configuration_moge import CACHE_NAME
+from moge_hf.routing import routing_recorder
 
 
 # Every moge_hf model class (the shared table, tests/tiny.py), so every shared check runs on all of them.
@@ -474,6 +475,24 @@ def test_auto_from_config_and_registration_is_idempotent():
     assert isinstance(AutoModelForCausalLM.from_config(config), GPT2MoGELMHeadModel)
     assert isinstance(AutoModelForImageClassification.from_config(vit_config()), ViTMoGEForImageClassification)
     assert isinstance(AutoConfig.for_model("vit_moge"), ViTMoGEConfig)
+
+
+def test_a_deep_copy_records_its_own_routing_also_in_the_middle_of_training():
+    model, batch = build("gpt2-lm")
+    model.train()
+    recorder, heard = routing_recorder(model), []
+    recorder.listeners.append(heard.append)
+    loss = model(**batch).loss  # its graph (and the routing's) is alive: a copy must not try to copy it
+    copied = copy.deepcopy(model)
+    assert len(heard) == 1
+    copied_loss = copied(**batch).loss
+    assert len(heard) == 1  # the copy's forward reaches its own recorder, not the original's listeners
+    torch.testing.assert_close(copied_loss, loss)
+    own = routing_recorder(copied)
+    assert own is not recorder and not own.listeners
+    assert [tap.module for tap in own.taps] == [block.router for block in copied.moge_blocks()]
+    model(**batch)
+    assert len(heard) == 2
 
 
 def test_from_pretrained_experts_implementation(tmp_path):

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import gpt2_config, input_ids, pixel_values, training_args, vit_config
+from tiny import CASES, case_names, gpt2_config, input_ids, pixel_values, training_args, vit_config
 from transformers import Trainer, TrainerControl, TrainerState
 from transformers.integrations import integration_utils
 from transformers.integrations.integration_utils import TensorBoardCallback
 
-from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, add_moge_regularizer
+from moge_hf.moge_layer import moge_regularizers
 from moge_hf.routing import routing_recorder
 from moge_hf.training import MoGESigmaCallback, add_moge_callback, annealed_sigma, resolve_checkpoint
 
@@ -53,6 +54,47 @@ def fake_state(global_step: int = 0, max_steps: int = 8) -> TrainerState:
     state = TrainerState()
     state.global_step, state.max_steps = global_step, max_steps
     return state
+
+
+# ---- every model of the shared table -------------------------------------------------------------------------------
+
+MOGE = dict(moge_loss_coef=0.1, moge_map_shape=[2, 4], moge_window=2, moge_sigma_schedule=[4.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("case", case_names(head=True))
+def test_every_model_trains_under_trainer_with_the_callback(case, tmp_path):
+    """Each head model of the table (moge_hf's, and transformers' MoE models given `add_moge_regularizer`) under plain
+    `Trainer` with `add_moge_callback`: sigma annealed, per-layer load and entropy logged, the routers trained,
+    evaluate and predict."""
+    spec = CASES[case]
+    model = spec.build(**MOGE) if spec.moge_hf else add_moge_regularizer(spec.build(), **MOGE)
+    batch = spec.batch(seed=4)
+    data = datasets.Dataset.from_dict({k: v.tolist() for k, v in batch.items()}).with_format("torch")
+    taps = routing_recorder(model).taps
+    routers_before = [tap.module.weight.detach().clone() for tap in taps]
+    args = training_args(tmp_path, max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    add_moge_callback(trainer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 6
+    sigmas = [entry["moge/sigma"] for entry in logs]
+    assert sigmas[0] == 4.0 and sigmas == sorted(sigmas, reverse=True)
+    assert model.config.moge_sigma == 1.0 and all(reg.sigma == 1.0 for reg in moge_regularizers(model))
+    for entry in logs:
+        assert entry["moge/moge_loss"] > 0
+        if not spec.moge_hf:
+            assert "moge/aux_loss" not in entry  # no router logits asked: transformers computes no aux loss
+        for tap in taps:
+            loads = [entry[f"moge/{tap.name}/load_e{e:02d}"] for e in range(8)]
+            assert sum(loads) == pytest.approx(1.0)
+            assert 0 < entry[f"moge/{tap.name}/entropy"] <= np.log(8) + 1e-6
+    for before, tap in zip(routers_before, taps):
+        assert not torch.equal(before, tap.module.weight)
+    assert np.isfinite(trainer.evaluate()["eval_loss"])
+    # predict gives the logits alone: the per-batch routing losses are left out, like the cache.
+    predictions = trainer.predict(data).predictions
+    assert isinstance(predictions, np.ndarray) and predictions.shape[0] == len(data)
 
 
 # ---- annealed_sigma -------------------------------------------------------------------------------------------------

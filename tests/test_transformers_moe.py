@@ -1,6 +1,5 @@
 """MoGE on transformers' own MoE models (Qwen3-MoE, OLMoE, Mixtral): `add_moge_regularizer`, the callback, saving."""
 
-import importlib.util
 import inspect
 import json
 import os
@@ -8,15 +7,13 @@ import subprocess
 import sys
 import textwrap
 
-import datasets
-import numpy as np
 import pytest
 import torch
 from tiny import CASES as TABLE
-from tiny import VOCAB, case_names, lm_batch, training_args
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer
+from tiny import VOCAB, case_names, lm_batch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from moge_hf import add_moge_callback, add_moge_regularizer, group_sparsity_loss
+from moge_hf import add_moge_regularizer, group_sparsity_loss
 from moge_hf.routing import moge_routers
 
 
@@ -159,71 +156,6 @@ def test_bad_settings_and_models_are_refused():
     dense = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="records no router logits"):
         add_moge_regularizer(dense)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_trainer_with_the_callback_anneals_sigma_logs_metrics_and_trains(case, tmp_path):
-    model = build(case, **{**MOGE, "moge_sigma_schedule": [4.0, 1.0, 1.0]})
-    data = datasets.Dataset.from_dict({k: v.tolist() for k, v in batch(seed=4, size=8).items()})
-    routers_before = [router.module.weight.detach().clone() for router in moge_routers(model)]
-    args = training_args(tmp_path, max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3)
-    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
-    add_moge_callback(trainer)
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 6
-    sigmas = [entry["moge/sigma"] for entry in logs]
-    assert sigmas[0] == 4.0 and sigmas == sorted(sigmas, reverse=True)
-    assert model.config.moge_sigma == model.moge_regularizer.sigma == 1.0  # the schedule's end
-    for entry in logs:
-        assert entry["moge/moge_loss"] > 0 and "moge/aux_loss" not in entry  # no router logits asked: no aux loss
-        loads = [entry[f"moge/layer{layer}/load_e{e:02d}"] for layer in (0, 1) for e in range(8)]
-        assert sum(loads) == pytest.approx(2.0)
-        assert 0 < entry["moge/layer1/entropy"] <= torch.log(torch.tensor(8.0)).item() + 1e-6
-    for before, router in zip(routers_before, moge_routers(model)):
-        assert not torch.equal(before, router.module.weight)
-    assert trainer.evaluate()["eval_loss"] > 0
-    # predict gives the logits alone: the per-batch moge_loss is left out, like the cache.
-    predictions = trainer.predict(data).predictions
-    assert isinstance(predictions, np.ndarray) and predictions.shape == (8, 7, VOCAB)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_diagnostics_and_expert_maps_read_a_transformers_moe_model(case, tmp_path):
-    from moge_hf import diagnostics as diag
-
-    model = build(case, **MOGE).eval()
-    inputs = batch(seed=5)
-    data = diag.collect_routing(model, [inputs], hidden_tokens_per_batch=6)
-    with torch.no_grad():
-        own = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_router_logits=True)
-    assert data.layers == [0, 1] and data.map_shape == (2, 4) and data.num_experts == 8 and data.top_k == 2
-    assert data.token_mask.tolist() == (inputs["attention_mask"].reshape(-1) != 0).tolist()
-    for layer, logits in enumerate(own.router_logits):
-        probs = logits.float().softmax(-1)
-        torch.testing.assert_close(torch.from_numpy(data.probs[layer]), probs)
-        assert (data.top_k_index[layer] == probs.topk(2, dim=-1).indices.numpy()).all()
-    stats = diag.routing_diagnostics(model, data)
-    assert [entry["layer"] for entry in stats["layers"]] == [0, 1]
-    for entry in stats["layers"]:
-        assert (
-            sum(entry["load"]) == pytest.approx(1.0)
-            and "output_cosine_mean" in entry
-            and "weight_cosine_mean" in entry
-        )
-
-    # Each expert's output, from the experts' own forward: the routed combination is what the layer computes.
-    experts = moge_routers(model)[0].experts
-    hidden = torch.randn(5, 32)
-    per_expert = diag.all_expert_outputs(experts, hidden)  # (E, T, d)
-    index = torch.tensor([[0, 3], [1, 2], [7, 4], [5, 6], [2, 0]])
-    weights = torch.rand(5, 2)
-    combined = (per_expert[index.T, torch.arange(5)] * weights.T[..., None]).sum(0)
-    with torch.no_grad():
-        torch.testing.assert_close(combined, experts(hidden, index, weights).float(), rtol=1e-5, atol=1e-6)
-    if importlib.util.find_spec("matplotlib"):
-        path = diag.plot_expert_maps({"MoGE": stats["layers"]}, stats["map_shape"], str(tmp_path / "maps.png"))
-        assert os.path.getsize(path) > 0
 
 
 def test_reentrant_checkpointing_is_refused_when_the_regularizer_would_train_nothing():
