@@ -20,6 +20,16 @@ __all__ = ["GPT2MoGEConfig", "MoGEConfigMixin", "ViTMoGEConfig"]
 ROUTING_OUTPUTS = ("router_logits", *ROUTING_LOSSES)
 
 
+def _expert_parallel_plan(layers: str) -> dict[str, str]:
+    """The expert-parallel plan of transformers' distributed engine (`DistributedConfig(ep_size=...)`) for the MoGE
+    layers under `<layers>.*.mlp`: each rank holds whole experts (every 3-D weight and bias split along the expert
+    dimension) and the tokens reach them through the engine's dispatch (all-to-all). The router is not in the plan:
+    every rank keeps all of it, so every token has its full `(E,)` probabilities for the routing losses."""
+    experts = f"{layers}.*.mlp.experts"
+    weights = ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
+    return {experts: "ep_dispatch_experts", **{f"{experts}.{name}": "grouped_gemm" for name in weights}}
+
+
 def _cache_name() -> str:
     """The name of the KV cache in the installed transformers' outputs and forward arguments: the field of its causal
     LM output that holds a `Cache` (`past_key_values` up to 5.23, `cache` since 5.24)."""
@@ -349,6 +359,15 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
     )
 
     model_type = "gpt2_moge"
+    # Plans of transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(...))`):
+    # expert parallelism for the MoGE layers and FSDP2 per block. No tensor-parallel plan: transformers' GPT-2 has
+    # none (its attention packs q, k, v in one Conv1D).
+    base_model_ep_plan = _expert_parallel_plan("h")
+    base_model_fsdp_plan = {
+        "wpe": "free_full_weight",
+        "h.*": "free_full_weight",
+        "ln_f": "keep_full_weight",
+    }
     # Output fields `Trainer.evaluate`/`predict` leave out of the predictions: the KV cache, and the routing fields
     # (per batch, not per example).
     keys_to_ignore_at_inference = [CACHE_NAME, *ROUTING_OUTPUTS]
@@ -383,6 +402,14 @@ class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
     )
 
     model_type = "vit_moge"
+    # Plans of transformers' distributed engine: expert parallelism for the MoGE layers and FSDP2 per layer (ViT has
+    # no tensor-parallel plan in transformers).
+    base_model_ep_plan = _expert_parallel_plan("layers")
+    base_model_fsdp_plan = {
+        "embeddings": "free_full_weight",
+        "layers.*": "free_full_weight",
+        "layernorm": "keep_full_weight",
+    }
     keys_to_ignore_at_inference = list(ROUTING_OUTPUTS)  # per batch, not per example
 
     def __post_init__(self, **kwargs):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
@@ -110,10 +111,50 @@ class MoGEModelMixin:
         """`PreTrainedModel.save_pretrained`; the saved `auto_map` names every Auto class of the model family, so
         that the folder loads with `trust_remote_code=True` through any of them (e.g. `AutoModel` on an LM)."""
         self._check_config_matches_modules()
-        module = type(self).__module__.rsplit(".", 1)[-1]
-        family = {name: f"{module}.{head.model_class.__name__}" for name, head in host_of(type(self)).heads.items()}
+        # The class whose file holds the model's code: FSDP2 (transformers' distributed engine) turns the model into an
+        # instance of a subclass it makes at run time, in torch's module; its code is still the MoGE class's.
+        code_class = next(klass for klass in type(self).__mro__ if not klass.__module__.startswith("torch."))
+        module = code_class.__module__.rsplit(".", 1)[-1]
+        family = {name: f"{module}.{head.model_class.__name__}" for name, head in host_of(code_class).heads.items()}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **family}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        if code_class is type(self):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        # transformers would copy the wrapper's module (torch's FSDP files) and map the Auto class to the wrapper: save
+        # without that step (`is_remote_code` answers for it), then write the MoGE class's code files (each process
+        # writes the same bytes).
+        self.is_remote_code = lambda: False
+        try:
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del self.is_remote_code
+        if code_class.is_remote_code():
+            custom_object_save(code_class, save_directory)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; with `distributed_config=DistributedConfig(...)`, transformers'
+        distributed engine shards the model by the config's plans (`base_model_ep_plan`, `base_model_fsdp_plan`): see
+        the README, "Several GPUs". A layout it would train wrongly is refused."""
+        model = super().from_pretrained(*args, **kwargs)
+        model._check_distributed_layout(cls.__name__)
+        return model
+
+    def _check_distributed_layout(self, name: str) -> None:
+        distributed = getattr(self.config, "distributed_config", None)
+        data_parallel = getattr(distributed, "dp_size", None) or getattr(distributed, "fsdp_size", None) or 1
+        tied = getattr(self.config, "tie_word_embeddings", False) and getattr(self, "_tied_weights_keys", None)
+        if data_parallel > 1 and tied:
+            import transformers
+
+            raise ValueError(
+                f"{name} ties its output to its input embeddings, and FSDP2 sharding by transformers' "
+                f"distributed engine (fsdp_size={data_parallel}, which expert parallelism needs too) does not keep "
+                f"them tied in transformers {transformers.__version__}: from the second optimizer step the head "
+                "computes with a stale copy of the embeddings (a tied Qwen3-MoE shows the same). Train a model with "
+                "untied embeddings: `model.untie_word_embeddings()` before saving the model to shard (the head "
+                "starts as a copy of the embeddings), or `tie_word_embeddings=False` when building it; or use DDP."
+            )
 
     @classmethod
     def from_dense(cls, dense_model_or_path, *, expert_noise_std: float = 0.0, **config_overrides):
@@ -135,6 +176,21 @@ class MoGEModelMixin:
         from .upcycling import upcycle_from_dense  # here: upcycling reads the host records defined in this module
 
         return upcycle_from_dense(cls, dense_model_or_path, expert_noise_std=expert_noise_std, **config_overrides)
+
+    def untie_word_embeddings(self):
+        """Give the output embeddings (the LM head) their own copy of the input embeddings' weights, in place, and set
+        `config.tie_word_embeddings = False`; return the model. The model computes what it computed; from here on the
+        two train apart, and `save_pretrained` writes both. A no-op when they are not tied.
+
+        FSDP2 sharding by transformers' distributed engine (`DistributedConfig(fsdp_size=...)`, which expert
+        parallelism needs too) needs it: it does not keep tied weights tied (see `from_pretrained`)."""
+        output, embeddings = self.get_output_embeddings(), self.get_input_embeddings()
+        if output is None or output.weight is not embeddings.weight:
+            return self
+        weight = embeddings.weight
+        output.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.config.tie_word_embeddings = False
+        return self
 
     def set_moge_sigma(self, sigma: float) -> None:
         """Set the Gaussian sigma of every MoGE layer and `config.moge_sigma` (what a sigma schedule calls)."""

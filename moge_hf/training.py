@@ -34,6 +34,8 @@ from .routing import RecordedRouting, RoutingRecorder, routing_recorder
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "EngineArguments",
+    "shard_with_engine",
     "MoGEArguments",
     "MoGESigmaCallback",
     "add_moge_callback",
@@ -93,6 +95,97 @@ class MoGEArguments:
     def shape_changing_overrides(self) -> list[str]:
         """The given MoGE fields that would change weight shapes (not allowed on a saved MoGE model)."""
         return [name for name in self.moge_overrides() if name not in SHAPE_FREE_MOGE_FIELDS]
+
+
+@dataclass
+class EngineArguments:
+    """Sharding by transformers' distributed engine (`DistributedConfig`), for the training scripts: launch them with
+    one process per device (`torchrun --nproc_per_node N`). See the README, "Several GPUs"."""
+
+    ep_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Expert parallelism: the experts of every MoGE layer split over this many processes, the tokens "
+            "sent to them by all-to-all (transformers' DistributedConfig ep_size, transformers >= 5.19; needs "
+            "fsdp_size, a multiple of it)."
+        },
+    )
+    fsdp_size: int | None = field(
+        default=None,
+        metadata={"help": "FSDP2 over this many processes, by the model config's plan (DistributedConfig fsdp_size)."},
+    )
+
+    def check(self, training_args: TrainingArguments):
+        """Raise a `ValueError` naming the problem if the run cannot be sharded as asked; return the
+        `DistributedConfig` (None: no sharding by the engine). The scripts call it before reading any data."""
+        distributed_config = self.distributed_config()
+        if distributed_config is None:
+            return None
+        if training_args.world_size < 2:
+            raise ValueError(
+                "--ep_size / --fsdp_size shard the model over several processes: launch the script with "
+                "`torchrun --nproc_per_node N` (one process per device)"
+            )
+        if training_args.save_strategy != "no" and not training_args.save_only_model:
+            # transformers cannot checkpoint the optimizer of a model its engine sharded (Trainer refuses).
+            raise ValueError(
+                "a model sharded by the distributed engine (--ep_size / --fsdp_size) cannot checkpoint its "
+                "optimizer state, so its run cannot resume: pass --save_only_model true (checkpoints hold the "
+                "weights) or --save_strategy no"
+            )
+        if training_args.resume_from_checkpoint:
+            raise ValueError("a run sharded by the distributed engine (--ep_size / --fsdp_size) cannot resume")
+        return distributed_config
+
+    def distributed_config(self):
+        """The `DistributedConfig` asked for, or None (no sharding by the engine)."""
+        if self.ep_size is None and self.fsdp_size is None:
+            return None
+        from transformers.distributed import DistributedConfig
+
+        if self.ep_size is not None and "ep_size" not in DistributedConfig.__dataclass_fields__:
+            import transformers
+
+            raise ValueError(
+                f"--ep_size needs transformers >= 5.19 (expert parallelism in DistributedConfig); this is "
+                f"{transformers.__version__}"
+            )
+        sizes = {"ep_size": self.ep_size} if self.ep_size is not None else {}
+        return DistributedConfig(fsdp_size=self.fsdp_size or self.ep_size, **sizes)
+
+
+def shard_with_engine(model: PreTrainedModel, engine_args: EngineArguments, training_args: TrainingArguments):
+    """`model` as transformers' distributed engine shards it, or `model` itself when `engine_args` ask for nothing.
+
+    The engine shards at `from_pretrained`: the first process of each machine saves the model (with untied
+    embeddings, which the engine's FSDP2 needs; the head starts as a copy of the embeddings) to
+    `<output_dir>/engine-initial-model`, then every process loads it with the `DistributedConfig`. A transformers MoE
+    model gets its MoGE regularizer back from the saved config.
+    """
+    distributed_config = engine_args.check(training_args)
+    if distributed_config is None:
+        return model
+    folder = os.path.join(training_args.output_dir, "engine-initial-model")
+    with training_args.main_process_first(desc="saving the model for the distributed engine"):
+        if training_args.local_process_index == 0:
+            untie = getattr(model, "untie_word_embeddings", None)
+            if untie is not None:
+                untie()
+            elif getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+                raise ValueError(
+                    f"{type(model).__name__} ties its output to its input embeddings, which the distributed "
+                    "engine's FSDP2 does not keep tied: train it with DDP (no --ep_size / --fsdp_size)"
+                )
+            model.save_pretrained(folder)
+    implementation = getattr(model.config, "_experts_implementation", None)
+    regularized = not callable(getattr(type(model), "set_moge_sigma", None))  # a transformers MoE model
+    kwargs = {"experts_implementation": implementation} if implementation else {}
+    sharded = type(model).from_pretrained(folder, distributed_config=distributed_config, **kwargs)
+    if regularized:
+        from .transformers_moe import add_moge_regularizer
+
+        add_moge_regularizer(sharded)
+    return sharded
 
 
 def annealed_sigma(progress: float, schedule: Sequence[float]) -> float:

@@ -65,11 +65,13 @@ from moge_hf.moge_layer import moge_regularizers
 from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS
 from moge_hf.routing import moge_routers
 from moge_hf.training import (
+    EngineArguments,
     MoGEArguments,
     add_moge_callback,
     baseline_training_args,
     check_local_source,
     main_arm_name,
+    shard_with_engine,
     train_and_evaluate,
 )
 from moge_hf.transformers_moe import MOGE_REGULARIZER_FIELDS
@@ -83,7 +85,7 @@ SCRATCH_DEFAULTS = {"n_layer": 4, "n_embd": 128, "n_head": 4}
 
 
 @dataclass
-class ModelArguments(MoGEArguments):
+class ModelArguments(MoGEArguments, EngineArguments):
     """Which model to train: from scratch (config arguments), upcycled from a dense GPT-2, or a saved MoGE model."""
 
     model_name_or_path: str | None = field(
@@ -500,14 +502,19 @@ def run_arm(
     tokenizer: PreTrainedTokenizerBase,
     lm_datasets: DatasetDict,
     main_arm: bool = True,
+    engine_args: EngineArguments | None = None,
 ) -> dict[str, float]:
-    """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
+    """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics.
+    With `engine_args` asking for it, the model is first sharded by transformers' distributed engine."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     config = model.config
     positions = getattr(config, "n_positions", None) or config.max_position_embeddings
     if data_args.block_size > positions:
         raise ValueError(f"--block_size {data_args.block_size} is longer than the model's {positions} positions.")
+    if engine_args is not None:
+        model = shard_with_engine(model, engine_args, training_args)
+        config = model.config
     regularizer, routers = moge_regularizers(model)[0], moge_routers(model)
     logger.info(
         f"[{name}] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -579,6 +586,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
     if not (training_args.do_train or training_args.do_eval):  # neither asked for: do both
         training_args.do_train = training_args.do_eval = True
+    model_args.check(training_args)  # sharding by transformers' distributed engine (--ep_size / --fsdp_size)
 
     if training_args.device.type == "cpu":
         training_args.dataloader_pin_memory = False  # nothing to pin to (and torch warns about it)
@@ -627,7 +635,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
                 config.moge_loss_coef = arm_overrides.get("moge_loss_coef", config.moge_loss_coef)
             model = build_model(model_args, config, arm_overrides)
         name = main_arm_name(model.config.moge_loss_coef) if main_arm else "MoE baseline"
-        results[name] = run_arm(name, model, data_args, arm_args, tokenizer, lm_datasets, main_arm)
+        results[name] = run_arm(name, model, data_args, arm_args, tokenizer, lm_datasets, main_arm, model_args)
         rows.append((name, float(model.config.moge_loss_coef), results[name]))
         model = None
     if training_args.do_eval and training_args.process_index == 0:

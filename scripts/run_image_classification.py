@@ -58,11 +58,13 @@ from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
 from moge_hf.hub import add_moge_hub_callback
 from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS
 from moge_hf.training import (
+    EngineArguments,
     MoGEArguments,
     add_moge_callback,
     baseline_training_args,
     check_local_source,
     main_arm_name,
+    shard_with_engine,
     train_and_evaluate,
 )
 
@@ -84,7 +86,7 @@ FILE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl":
 
 
 @dataclass
-class ModelArguments(MoGEArguments):
+class ModelArguments(MoGEArguments, EngineArguments):
     """Which model to train: from scratch (config arguments), upcycled from a dense ViT, or a saved MoGE model."""
 
     model_name_or_path: str | None = field(
@@ -566,11 +568,16 @@ def run_arm(
     main_arm: bool = True,
     augmentation_epoch: AugmentationEpoch | None = None,
     evaluation_data: str | None = None,
+    engine_args: EngineArguments | None = None,
 ) -> dict[str, float]:
-    """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics."""
+    """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics.
+    With `engine_args` asking for it, the model is first sharded by transformers' distributed engine."""
+    if engine_args is not None:
+        model = shard_with_engine(model, engine_args, training_args)
     config = model.config
     logger.info(
-        f"[{name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config.num_hidden_layers} "
+        f"[{name}] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{config.num_hidden_layers} "
         f"layers, MoGE layers {config.moe_layers}: {config.num_experts} experts top-{config.num_experts_per_tok} on "
         f"a {'x'.join(map(str, config.moge_resolved_map_shape))} map, moge_loss_coef={config.moge_loss_coef}, "
         f"moge_sigma_schedule={config.moge_sigma_schedule}, experts_implementation={config._experts_implementation}"
@@ -640,6 +647,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
     if not (training_args.do_train or training_args.do_eval):  # neither asked for: do both
         training_args.do_train = training_args.do_eval = True
+    model_args.check(training_args)  # sharding by transformers' distributed engine (--ep_size / --fsdp_size)
     training_args.remove_unused_columns = False  # the transforms need the image column
 
     if training_args.device.type == "cpu":
@@ -690,7 +698,9 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         image_datasets = with_transforms(raw, processor, image_column, label_column, training_args.seed, epoch)
         name = main_arm_name(model.config.moge_loss_coef) if main_arm else "MoE baseline"
         evaluated = getattr(data_args, "evaluation_data", None)  # set by `load_image_datasets`
-        results[name] = run_arm(name, model, arm_args, processor, image_datasets, accuracy, main_arm, epoch, evaluated)
+        results[name] = run_arm(
+            name, model, arm_args, processor, image_datasets, accuracy, main_arm, epoch, evaluated, model_args
+        )
         rows.append((name, float(model.config.moge_loss_coef), results[name]))
         del model
     if training_args.do_eval and training_args.process_index == 0:

@@ -8,7 +8,11 @@ this rank in each forward pass of each MoGE layer.
 
 A run's `mode` is `"trainer"` (plain `transformers.Trainer`: DDP when launched on 2 processes) or `"fsdp2"` (a loop
 doing what Trainer does, on a model sharded with `torch.distributed.fsdp.fully_shard` per `GPT2Block`, the unit of
-scripts/accelerate_fsdp.yaml; on CPU, accelerate and Trainer fall back to DDP even when asked for FSDP).
+scripts/accelerate_fsdp.yaml; on CPU, accelerate and Trainer fall back to DDP even when asked for FSDP). A run with
+`distributed` (the arguments of transformers' `DistributedConfig`, e.g. `{"ep_size": 2, "fsdp_size": 2}`) loads the
+model through transformers' distributed engine, which shards it by the config's plans (expert parallelism, FSDP2):
+plain Trainer then trains it as it is. Mode `"vit-forward"`: one forward and backward of an engine-sharded ViT MoGE
+classifier; `"refused"`: a layout the MoGE models refuse to load (the error is saved).
 """
 
 import argparse
@@ -39,7 +43,7 @@ MOMENTUM = 0.9
 MAX_GRAD_NORM = 1.0
 
 
-def model_config(router_aux_loss_coef: float, router_aux_loss_global: bool = False):
+def model_config(router_aux_loss_coef: float, router_aux_loss_global: bool = False, tie_word_embeddings: bool = True):
     """Top-1 routing over 8 experts in both layers; 16 tokens per rank and layer leave some experts without a token.
 
     Hidden and expert sizes are multiples of 8 so that `grouped_mm` runs; dropout is 0 (tiny.gpt2_config).
@@ -55,6 +59,7 @@ def model_config(router_aux_loss_coef: float, router_aux_loss_global: bool = Fal
         router_aux_loss_global=router_aux_loss_global,
         router_z_loss_coef=0.001,
         moge_loss_coef=0.1,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -75,10 +80,20 @@ def dataset(num_samples: int, unlabeled: bool = False) -> list[dict[str, torch.T
     ]
 
 
-def build_model(run: dict):
-    """The model of a run (the same initial weights in every process) and the lists its hooks fill."""
+def build_model(run: dict, out: Path | None = None):
+    """The model of a run (the same initial weights in every process) and the lists its hooks fill.
+
+    A run with `distributed` (the arguments of transformers' `DistributedConfig`) is sharded by transformers'
+    distributed engine: rank 0 saves the initial model, and every rank loads it with
+    `from_pretrained(..., distributed_config=DistributedConfig(**run["distributed"]))`.
+    """
     torch.manual_seed(0)
-    model = GPT2MoGELMHeadModel(model_config(run["router_aux_loss_coef"], run.get("router_aux_loss_global", False)))
+    config = model_config(
+        run["router_aux_loss_coef"], run.get("router_aux_loss_global", False), run.get("tie_word_embeddings", True)
+    )
+    model = GPT2MoGELMHeadModel(config)
+    if run.get("distributed"):
+        model = engine_load(model, run, out)
     model.set_experts_implementation(run["experts_implementation"])
     records = {"micro_losses": [], "aux_loss": [], "z_loss": [], "moge_loss": [], "empty_experts": []}
 
@@ -119,8 +134,18 @@ class LossLog(TrainerCallback):
             self.logged.append(float(logs["loss"]))
 
 
+def expert_shards(model) -> dict[str, torch.Tensor]:
+    """This rank's own part of every expert weight (a DTensor's local shard under expert parallelism)."""
+    return {
+        name: (param.to_local() if hasattr(param, "to_local") else param).detach().clone()
+        for name, param in model.named_parameters()
+        if ".experts." in name
+    }
+
+
 def train_with_trainer(run: dict, out: Path) -> dict:
-    model, records = build_model(run)
+    model, records = build_model(run, out)
+    shards = expert_shards(model)
     initial = snapshot(model.state_dict())
     param_names = [name for name, _ in model.named_parameters()]
     args = TrainingArguments(
@@ -151,7 +176,13 @@ def train_with_trainer(run: dict, out: Path) -> dict:
     data = dataset(2 * global_batch, run.get("unlabeled", False))
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[log])
     trainer.train()
+    trained = None
+    if run.get("distributed"):
+        trained = out / run["name"] / "trained"
+        model.save_pretrained(trained)  # every rank takes part: rank 0 writes the full weights
     return {
+        "expert_shards": shards,
+        "trained_dir": None if trained is None else str(trained),
         **records,
         "world_size": args.world_size,
         "rank": args.process_index,
@@ -160,7 +191,9 @@ def train_with_trainer(run: dict, out: Path) -> dict:
         "logged_losses": log.logged,
         "param_names": param_names,
         "initial": initial,
-        "final": snapshot(trainer.accelerator.get_state_dict(trainer.model)),
+        "final": snapshot(
+            model.state_dict() if run.get("distributed") else trainer.accelerator.get_state_dict(trainer.model)
+        ),
     }
 
 
@@ -206,6 +239,78 @@ def train_with_fsdp2(run: dict, out: Path) -> dict:
     }
 
 
+def engine_load(model, run: dict, out: Path):
+    """`model` saved by rank 0 and loaded by every rank with transformers' distributed engine."""
+    from transformers.distributed import DistributedConfig
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    initial = out / run["name"] / "initial"
+    if dist.get_rank() == 0:
+        model.save_pretrained(initial)
+    dist.barrier()
+    return type(model).from_pretrained(initial, distributed_config=DistributedConfig(**run["distributed"]))
+
+
+def refused_load(run: dict, out: Path) -> dict:
+    """A layout the MoGE models refuse: the error every rank got."""
+    try:
+        build_model(run, out)
+    except ValueError as error:
+        return {"rank": dist.get_rank(), "error": str(error)}
+    return {"rank": dist.get_rank(), "error": None}
+
+
+def vit_model():
+    """A ViT MoGE classifier with MoGE layers everywhere, top-2 over 8 experts, every routing loss on, load balancing
+    over the global batch (so that the ranks' mean loss is the loss of the whole batch)."""
+    from tiny import vit_config
+
+    from moge_hf import ViTMoGEForImageClassification
+
+    torch.manual_seed(0)
+    config = vit_config(
+        moe_layers=[0, 1],
+        num_experts_per_tok=2,
+        intermediate_size=64,
+        router_aux_loss_coef=0.05,
+        router_aux_loss_global=True,
+        router_z_loss_coef=0.001,
+        moge_loss_coef=0.1,
+    )
+    return ViTMoGEForImageClassification(config)
+
+
+def vit_batch():
+    from tiny import pixel_values
+
+    return pixel_values(seed=11, batch=8), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+
+
+def vit_forward(run: dict, out: Path) -> dict:
+    """One training forward and backward of a ViT MoGE classifier sharded by the engine: each rank its half of a
+    batch of 8 images; the outputs, the losses and the full (gathered) gradients."""
+    model = engine_load(vit_model(), run, out).train()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    images, labels = vit_batch()
+    rows = slice(rank * len(labels) // world_size, (rank + 1) * len(labels) // world_size)
+    outputs = model(pixel_values=images[rows], labels=labels[rows])
+    outputs.loss.backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        grads[name] = grad.detach().clone()
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "expert_shards": expert_shards(model),
+        "logits": outputs.logits.detach(),
+        "losses": {name: float(getattr(outputs, name)) for name in ("loss", "aux_loss", "moge_loss", "z_loss")},
+        "grads": grads,
+        "initial": snapshot(model.state_dict()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -213,7 +318,9 @@ def main() -> None:
     cli = parser.parse_args()
     torch.set_num_threads(1)  # processes share two cores: one thread each is fastest
     for run in json.loads(cli.runs):
-        train = train_with_fsdp2 if run.get("mode") == "fsdp2" else train_with_trainer
+        train = {"fsdp2": train_with_fsdp2, "vit-forward": vit_forward, "refused": refused_load}.get(
+            run.get("mode"), train_with_trainer
+        )
         result = train(run, cli.out)
         (cli.out / run["name"]).mkdir(parents=True, exist_ok=True)
         torch.save(result, cli.out / run["name"] / f"rank{result['rank']}.pt")

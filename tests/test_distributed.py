@@ -38,8 +38,10 @@ import distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
+import transformers
 from tiny import vit_config
 from transformers import default_data_collator
+from transformers.distributed import DistributedConfig
 
 from moge_hf import ViTMoGEForImageClassification
 
@@ -85,6 +87,40 @@ ONE_PROCESS_RUNS = [
     *(run(f"one-{impl}-noaux-batch2B", impl, 0.0, 2 * BATCH, 1) for impl in IMPLEMENTATIONS),
     run("one-eager-aux-batch2B", "eager", AUX, 2 * BATCH, 1),
 ]
+
+# transformers' distributed engine: `from_pretrained(path, distributed_config=DistributedConfig(ep_size=2,
+# fsdp_size=2))` shards the model by the MoGE configs' plans (experts split over the ranks, FSDP2 for the rest), and
+# plain Trainer trains it. Expert parallelism in `DistributedConfig` (`ep_size`) came with transformers 5.19; CI tests
+# it on the newest release of the supported range. Untied embeddings: the engine's FSDP2 does not keep tied ones tied
+# (refused, see `test_tied_embeddings_are_refused_under_the_engines_fsdp`).
+ENGINE = "ep_size" in getattr(DistributedConfig, "__dataclass_fields__", {})
+EP = {"ep_size": 2, "fsdp_size": 2}
+
+
+def engine_run(spec: dict, **extra) -> dict:
+    return {**spec, "distributed": EP, "tie_word_embeddings": False, **extra}
+
+
+ENGINE_TWO_PROCESS_RUNS = [
+    *(engine_run(run(f"ep-{impl}-aux", impl, AUX, BATCH, 1)) for impl in IMPLEMENTATIONS),
+    engine_run(run("ep-eager-aux-global", "eager", AUX, BATCH, 1, aux_global=True)),
+    {"name": "ep-vit", "mode": "vit-forward", "distributed": EP},
+    {**run("ep-tied-refused", "eager", AUX, BATCH, 1), "mode": "refused", "distributed": EP},
+]
+ENGINE_ONE_PROCESS_RUNS = [
+    *(
+        {**run(f"one-{impl}-aux-accum2-untied", impl, AUX, BATCH, 2), "tie_word_embeddings": False}
+        for impl in IMPLEMENTATIONS
+    ),
+    {**run("one-eager-aux-batch2B-untied", "eager", AUX, 2 * BATCH, 1), "tie_word_embeddings": False},
+]
+if ENGINE:
+    TWO_PROCESS_RUNS += ENGINE_TWO_PROCESS_RUNS
+    ONE_PROCESS_RUNS += ENGINE_ONE_PROCESS_RUNS
+needs_engine = pytest.mark.skipif(
+    not ENGINE,
+    reason=f"transformers {transformers.__version__}'s DistributedConfig has no expert parallelism (ep_size, 5.19+)",
+)
 
 
 def child_env() -> dict[str, str]:
@@ -396,3 +432,100 @@ def test_accelerate_fsdp_config(monkeypatch):
     layers = [module for module in vit.modules() if type(module).__name__ == "ViTLayer"]
     assert len(layers) == vit.config.num_hidden_layers
     assert [module for module in vit.modules() if policy(module)] == layers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers' distributed engine: expert parallelism and FSDP2 from the configs' plans
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_engine
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_expert_parallelism_gives_each_rank_half_of_the_experts(results, implementation):
+    ranks = results[f"ep-{implementation}-aux"]
+    assert [rank["rank"] for rank in ranks] == [0, 1]
+    for rank in ranks:
+        assert set(rank["expert_shards"]) == {name for name in rank["param_names"] if ".experts." in name}
+        lo, hi = 4 * rank["rank"], 4 * rank["rank"] + 4  # 8 experts over 2 ranks, in order
+        for name, shard in rank["expert_shards"].items():
+            assert torch.equal(shard, rank["initial"][name][lo:hi]), name
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_engine
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_expert_parallel_training_matches_one_process(results, implementation):
+    """Experts split over 2 ranks (all-to-all dispatch), FSDP2 for the rest, plain Trainer, every routing loss on:
+    the same per-step losses and final weights as 1 process x batch B x 2 accumulation steps."""
+    ranks, reference = results[f"ep-{implementation}-aux"], results[f"one-{implementation}-aux-accum2-untied"]
+    assert_same_training(ranks, 1, reference, 2)
+    assert ranks[0]["logged_losses"] == pytest.approx(reference[0]["logged_losses"], rel=LOSS_RTOL, abs=0)
+    assert ranks[0]["logged_losses"][2] < ranks[0]["logged_losses"][0] - 0.05  # it learns
+    unchanged = [
+        name for name in ranks[0]["param_names"] if torch.equal(ranks[0]["final"][name], ranks[0]["initial"][name])
+    ]
+    assert not unchanged, f"not trained: {unchanged}"
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_engine
+def test_expert_parallel_global_load_balancing_matches_one_process_with_the_same_global_batch(results):
+    ranks, reference = results["ep-eager-aux-global"], results["one-eager-aux-batch2B-untied"]
+    assert_same_training(ranks, 1, reference, 1)
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_engine
+def test_a_model_saved_after_expert_parallel_training_loads_in_one_process(results):
+    from moge_hf import GPT2MoGELMHeadModel, check_moge_model_dir
+
+    ranks = results["ep-eager-aux"]
+    # A whole folder, with the model's own code (the sharded model's class is one FSDP2 made, in torch's module).
+    config = check_moge_model_dir(ranks[0]["trained_dir"])
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2_moge.GPT2MoGELMHeadModel"
+    loaded = GPT2MoGELMHeadModel.from_pretrained(ranks[0]["trained_dir"]).eval()
+    state = loaded.state_dict()
+    assert state.keys() == ranks[0]["final"].keys()
+    for name, value in ranks[0]["final"].items():
+        assert torch.equal(state[name], value), name
+    ids = torch.arange(1, 9).reshape(1, 8)
+    assert torch.isfinite(loaded(ids, labels=ids).loss)
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_engine
+def test_expert_parallel_vit_matches_one_process(results):
+    """A ViT MoGE classifier, experts split over the ranks, each rank half of the batch: the logits, the mean of the
+    ranks' losses (every routing loss, load balancing over the global batch) and every gradient are those of one
+    process on the whole batch."""
+    ranks = results["ep-vit"]
+    model = worker.vit_model().train()
+    images, labels = worker.vit_batch()
+    outputs = model(pixel_values=images, labels=labels)
+    outputs.loss.backward()
+    torch.testing.assert_close(torch.cat([rank["logits"] for rank in ranks]), outputs.logits, rtol=1e-5, atol=1e-6)
+    for name in ("loss", "aux_loss", "moge_loss", "z_loss"):
+        mean = sum(rank["losses"][name] for rank in ranks) / len(ranks)
+        assert mean == pytest.approx(float(getattr(outputs, name).detach()), rel=1e-5), name
+    for name, param in model.named_parameters():
+        for rank in ranks:
+            torch.testing.assert_close(rank["grads"][name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+    for rank in ranks:
+        lo, hi = 4 * rank["rank"], 4 * rank["rank"] + 4
+        for name, shard in rank["expert_shards"].items():
+            assert torch.equal(shard, rank["initial"][name][lo:hi]), name
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_engine
+def test_tied_embeddings_are_refused_under_the_engines_fsdp(results):
+    for rank in results["ep-tied-refused"]:
+        assert rank["error"] is not None and "stale copy of the embeddings" in rank["error"]
+        assert "tie_word_embeddings=False" in rank["error"]

@@ -495,6 +495,25 @@ def test_a_deep_copy_records_its_own_routing_also_in_the_middle_of_training():
     assert len(heard) == 2
 
 
+def test_untie_word_embeddings_keeps_the_function_and_saves_both(tmp_path):
+    model, batch = build("gpt2-lm")
+    model.eval()
+    before = model(**batch).logits
+    assert model.untie_word_embeddings() is model
+    head, embeddings = model.lm_head.weight, model.transformer.wte.weight
+    assert head is not embeddings and torch.equal(head, embeddings) and not model.config.tie_word_embeddings
+    torch.testing.assert_close(model(**batch).logits, before)
+    with torch.no_grad():
+        head.add_(1.0)  # they train apart from here
+    assert not torch.equal(model.transformer.wte.weight, head)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is not loaded.transformer.wte.weight
+    assert torch.equal(loaded.lm_head.weight, head) and torch.equal(loaded.transformer.wte.weight, embeddings)
+    vit = build("vit-cls")[0]
+    assert vit.untie_word_embeddings() is vit and "tie_word_embeddings" not in vit.config.to_diff_dict()  # no-op
+
+
 def test_from_pretrained_experts_implementation(tmp_path):
     model, batch = build("gpt2-lm", n_inner=64)
     model.eval()

@@ -37,8 +37,9 @@ from transformers import (
     ViTImageProcessor,
     pipeline,
 )
+from transformers.distributed import DistributedConfig
 
-from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, check_moge_model_dir
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -660,3 +661,76 @@ def test_image_script_records_what_it_evaluates(run_image_classification, image_
     )
     run_image_classification.load_image_datasets(data_args, seed=0)
     assert data_args.evaluation_data == "the `validation` split of `validation`"
+
+
+# ---- transformers' distributed engine: --ep_size / --fsdp_size -----------------------------------------------------
+
+ENGINE = "ep_size" in getattr(DistributedConfig, "__dataclass_fields__", {})
+
+
+def run_two_processes(script: str, args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    """`scripts/<script>.py args` on 2 CPU processes (gloo), launched as the README says (torchrun)."""
+    inherited = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {key: value for key, value in os.environ.items() if key not in inherited}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(SCRIPTS / f"{script}.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not ENGINE, reason="this transformers' DistributedConfig has no expert parallelism (ep_size, 5.19+)"
+)
+@pytest.mark.parametrize("script", ["run_clm", "run_image_classification"])
+def test_scripts_train_with_expert_parallelism_on_two_processes(script, text_file, image_folder, tmp_path):
+    out = tmp_path / "out"
+    if script == "run_clm":
+        data, tiny, model_class = ["--train_file", str(text_file)], TINY_GPT2, GPT2MoGELMHeadModel
+    else:
+        data = ["--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation")]
+        tiny, model_class = TINY_VIT, ViTMoGEForImageClassification
+    engine = ["--ep_size", "2", "--fsdp_size", "2", "--save_only_model", "true"]
+    result = run_two_processes(
+        script, [*data, "--output_dir", str(out), "--max_steps", "3", *tiny, *COMMON, *engine], tmp_path / "cache"
+    )
+    # Each rank trained the model as the engine sharded it (2 of the 4 experts of each MoGE layer per rank).
+    assert f"FSDP{model_class.__name__}" in result.stdout + result.stderr
+    assert {"eval_loss"} <= read_json(out / "eval_results.json").keys()
+    # What it saved is a whole, ordinary MoGE folder: its own code (not torch's FSDP files), untied embeddings.
+    config = check_moge_model_dir(out)
+    assert config["architectures"] == [model_class.__name__]
+    assert {value.split(".")[0] for value in config["auto_map"].values()} <= {
+        "configuration_moge",
+        "modeling_gpt2_moge",
+        "modeling_vit_moge",
+    }
+    assert not list(out.glob("_fsdp*.py"))
+    loaded = model_class.from_pretrained(out)
+    assert loaded.moge_blocks()[0].experts.up_proj.shape[0] == 4  # every expert, gathered
+    assert config.get("tie_word_embeddings") is False or model_class is ViTMoGEForImageClassification
+
+
+def test_engine_arguments_refuse_what_cannot_run(run_clm, text_file, tmp_path):
+    from moge_hf.training import EngineArguments
+
+    base = ["--train_file", str(text_file), "--output_dir", str(tmp_path / "out"), *TINY_GPT2, *COMMON]
+    with pytest.raises(ValueError, match="launch the script with `torchrun"):
+        run_clm.main([*base, "--max_steps", "1", "--ep_size", "2"])
+    two = types.SimpleNamespace(
+        world_size=2, save_strategy="steps", save_only_model=False, resume_from_checkpoint=None
+    )
+    with pytest.raises(ValueError, match="--save_only_model true"):
+        EngineArguments(ep_size=2).check(two)
+    with pytest.raises(ValueError, match="cannot resume"):
+        resuming = types.SimpleNamespace(**{**vars(two), "save_strategy": "no", "resume_from_checkpoint": "last"})
+        EngineArguments(fsdp_size=2).check(resuming)
+    assert EngineArguments().check(two) is None  # nothing asked: no sharding
