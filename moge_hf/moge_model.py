@@ -136,9 +136,9 @@ class MoGEModelMixin:
         """`PreTrainedModel.from_pretrained`; with `distributed_config=DistributedConfig(...)`, transformers'
         distributed engine shards the model by the config's plans (`base_model_ep_plan`, `base_model_fsdp_plan`): see
         the README, "Several GPUs". A layout it would train wrongly is refused."""
-        model = super().from_pretrained(*args, **kwargs)
-        model._check_distributed_layout(cls.__name__)
-        return model
+        loaded = super().from_pretrained(*args, **kwargs)  # the model, or (model, loading info)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._check_distributed_layout(cls.__name__)
+        return loaded
 
     def _check_distributed_layout(self, name: str) -> None:
         distributed = getattr(self.config, "distributed_config", None)

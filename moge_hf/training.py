@@ -118,8 +118,7 @@ class EngineArguments:
     def check(self, training_args: TrainingArguments):
         """Raise a `ValueError` naming the problem if the run cannot be sharded as asked; return the
         `DistributedConfig` (None: no sharding by the engine). The scripts call it before reading any data."""
-        distributed_config = self.distributed_config()
-        if distributed_config is None:
+        if self.ep_size is None and self.fsdp_size is None:
             return None
         if training_args.world_size < 2:
             raise ValueError(
@@ -135,7 +134,7 @@ class EngineArguments:
             )
         if training_args.resume_from_checkpoint:
             raise ValueError("a run sharded by the distributed engine (--ep_size / --fsdp_size) cannot resume")
-        return distributed_config
+        return self.distributed_config()
 
     def distributed_config(self):
         """The `DistributedConfig` asked for, or None (no sharding by the engine)."""

@@ -117,16 +117,22 @@ def run_image_classification():
     return load_script("run_image_classification")
 
 
-def run(script: str, args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    """Run `scripts/<script>.py args` with this Python, one thread, offline; fail with its output if it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
+def run(script: str, args: list[str], cache: Path, processes: int = 1) -> subprocess.CompletedProcess:
+    """Run `scripts/<script>.py args` with this Python, one thread, offline; fail with its output if it fails. With
+    `processes=2`: on 2 CPU processes (gloo), launched as the README says (`torchrun`)."""
+    inherited = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {key: value for key, value in os.environ.items() if key not in inherited}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / f"{script}.py"), *args],
+        [*launcher, str(SCRIPTS / f"{script}.py"), *args],
         capture_output=True,
         text=True,
         env=env,
         cwd=ROOT,
-        timeout=300,
+        timeout=300 * processes,
     )
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -668,24 +674,6 @@ def test_image_script_records_what_it_evaluates(run_image_classification, image_
 ENGINE = "ep_size" in getattr(DistributedConfig, "__dataclass_fields__", {})
 
 
-def run_two_processes(script: str, args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    """`scripts/<script>.py args` on 2 CPU processes (gloo), launched as the README says (torchrun)."""
-    inherited = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {key: value for key, value in os.environ.items() if key not in inherited}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, str(SCRIPTS / f"{script}.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     not ENGINE, reason="this transformers' DistributedConfig has no expert parallelism (ep_size, 5.19+)"
@@ -699,9 +687,8 @@ def test_scripts_train_with_expert_parallelism_on_two_processes(script, text_fil
         data = ["--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation")]
         tiny, model_class = TINY_VIT, ViTMoGEForImageClassification
     engine = ["--ep_size", "2", "--fsdp_size", "2", "--save_only_model", "true"]
-    result = run_two_processes(
-        script, [*data, "--output_dir", str(out), "--max_steps", "3", *tiny, *COMMON, *engine], tmp_path / "cache"
-    )
+    args = [*data, "--output_dir", str(out), "--max_steps", "3", *tiny, *COMMON, *engine]
+    result = run(script, args, tmp_path / "cache", processes=2)
     # Each rank trained the model as the engine sharded it (2 of the 4 experts of each MoGE layer per rank).
     assert f"FSDP{model_class.__name__}" in result.stdout + result.stderr
     assert {"eval_loss"} <= read_json(out / "eval_results.json").keys()
