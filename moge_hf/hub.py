@@ -41,6 +41,7 @@ from .training import unwrap_moge_model
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "MODEL_CARD_TEMPLATES",  # noqa: F822 (module __getattr__: read from the host records)
     "HubTokenError",
     "MoGEHubCallback",
     "add_moge_hub_callback",
@@ -66,6 +67,14 @@ MODEL_CARD_TEMPLATES_DIR = next(
     Path(__file__).resolve().parent.parent / "model_cards",
 )
 MOGE_TAGS = ("moge", "mixture-of-experts")
+
+
+def __getattr__(name: str):
+    # `MODEL_CARD_TEMPLATES` (model type -> template path) is read from the host records, which the modeling files
+    # register after this module is imported.
+    if name == "MODEL_CARD_TEMPLATES":
+        return {model_type: MODEL_CARD_TEMPLATES_DIR / host.card_template for model_type, host in HOSTS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Results files written by `Trainer.save_metrics`, most complete first.
 RESULTS_FILES = ("all_results.json", "eval_results.json")

@@ -40,18 +40,21 @@ MoGEModelOutputWithPast = _with_routing_fields(
     "MoGEModelOutputWithPast",
     BaseModelOutputWithPastAndCrossAttentions,
     "Outputs of [`GPT2MoGEModel`]: those of `GPT2Model`, plus the routing fields.",
+    __name__,
 )
 MoGECausalLMOutputWithPast = _with_routing_fields(
     "MoGECausalLMOutputWithPast",
     CausalLMOutputWithCrossAttentions,
     "Outputs of [`GPT2MoGELMHeadModel`]: those of `GPT2LMHeadModel`, plus the routing fields. `loss` (when `labels` "
     "are given) is the language-modeling loss plus the weighted routing losses.",
+    __name__,
 )
 MoGESequenceClassifierOutputWithPast = _with_routing_fields(
     "MoGESequenceClassifierOutputWithPast",
     SequenceClassifierOutputWithPast,
     "Outputs of [`GPT2MoGEForSequenceClassification`]: those of `GPT2ForSequenceClassification`, plus the routing "
     "fields. `loss` (when `labels` are given) is the classification loss plus the weighted routing losses.",
+    __name__,
 )
 
 

@@ -22,12 +22,14 @@ ViTMoGEModelOutput = _with_routing_fields(
     "ViTMoGEModelOutput",
     BaseModelOutputWithPooling,
     "Outputs of [`ViTMoGEModel`]: those of `ViTModel`, plus the routing fields.",
+    __name__,
 )
 ViTMoGEImageClassifierOutput = _with_routing_fields(
     "ViTMoGEImageClassifierOutput",
     ImageClassifierOutput,
     "Outputs of [`ViTMoGEForImageClassification`]: those of `ViTForImageClassification`, plus the routing fields. "
     "`loss` (when `labels` are given) is the classification loss plus the weighted routing losses.",
+    __name__,
 )
 
 

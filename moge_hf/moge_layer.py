@@ -313,8 +313,8 @@ def trains_up_to(model: nn.Module, module: nn.Module) -> bool:
 class MoGESparseMoeBlock(nn.Module):
     """A MoGE layer in place of a Transformer MLP: router, experts, and the group-sparsity regularizer of its routing.
 
-    It maps `(batch, seq, hidden)` to `(batch, seq, hidden)` like the dense MLP it replaces. Its routing reaches the
-    model through the model's routing recorder (`moge_hf.routing`), which hooks the router; the model turns it into
+    It maps `(batch, seq, hidden)` to `(batch, seq, hidden)` like the dense MLP it replaces. It reports the routing it
+    used to `routing_observer` (the model's routing recorder, `moge_hf.routing`, sets it); the model turns that into
     the routing losses with [`routing_losses`].
     """
 
@@ -324,11 +324,14 @@ class MoGESparseMoeBlock(nn.Module):
         self.experts = MoGEExperts(config, hidden_size, intermediate_size, activation)
         self.dropout = nn.Dropout(dropout)
         self.regularizer = GroupSparsityRegularizer.from_config(config, config.num_experts)
+        self.routing_observer = None  # called as `observer(router, (hidden_states,), routing)` after each routing
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, batch_shape[-1])  # (T, d)
         routing = self.router(hidden_states)
+        if self.routing_observer is not None:
+            self.routing_observer(self.router, (hidden_states,), routing)
         output = self.experts(hidden_states, routing.top_k_index, routing.top_k_weights)
         return self.dropout(output.view(batch_shape))
 

@@ -383,11 +383,12 @@ ROUTING_FIELD_TYPES = {
 assert tuple(ROUTING_FIELD_TYPES) == ROUTING_OUTPUTS
 
 
-def _with_routing_fields(name: str, parent: type[ModelOutput], doc: str) -> type[ModelOutput]:
-    """A dataclass `name`: transformers' output class `parent` with the routing fields appended."""
+def _with_routing_fields(name: str, parent: type[ModelOutput], doc: str, module: str) -> type[ModelOutput]:
+    """A dataclass `name`: transformers' output class `parent` with the routing fields appended, defined in `module`
+    (the host's modeling file: where pickle looks for it)."""
     routing_fields = [(field, kind, dataclasses.field(default=None)) for field, kind in ROUTING_FIELD_TYPES.items()]
     return dataclasses.make_dataclass(
-        name, routing_fields, bases=(parent,), namespace={"__module__": __name__, "__doc__": doc + ROUTING_FIELD_DOCS}
+        name, routing_fields, bases=(parent,), namespace={"__module__": module, "__doc__": doc + ROUTING_FIELD_DOCS}
     )
 
 

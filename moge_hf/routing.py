@@ -14,6 +14,7 @@ by `save_pretrained` must load with `trust_remote_code=True`).
 import dataclasses
 import functools
 import re
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,6 +36,7 @@ class RouterTap:
     top_k: int
     index: int | None = 0  # where transformers' router output holds the logits (`OutputRecorder.index`)
     experts: nn.Module | None = None  # the layer's experts (3-D weights, `forward(hidden, top_k_index, weights)`)
+    block: nn.Module | None = None  # a MoGE layer's block, which reports the routing it used (`routing_observer`)
 
     def logits(self, output) -> torch.Tensor:
         """`(T, E)` routing logits (for a MoGE router: before jitter noise, what the regularizer takes)."""
@@ -88,7 +90,7 @@ def moge_routers(model: nn.Module) -> list[RouterTap]:
         layers = [getattr(block, "layer_index", None) for block in blocks]
         layers = layers if None not in layers else list(range(len(blocks)))
         return [
-            RouterTap(f"layer{i}", block.router, block.router.top_k, None, block.experts)
+            RouterTap(f"layer{i}", block.router, block.router.top_k, None, block.experts, block)
             for i, block in zip(layers, blocks)
         ]
     return _recorded_routers(model)
@@ -102,69 +104,100 @@ class RecordedRouting(NamedTuple):
     hidden_states: torch.Tensor | None  # `(T, d)` router input, kept only while a reader asks (`keep_inputs`)
 
 
-class RoutingRecorder:
-    """Records what every router of one model returns in each forward of the model.
+class _Forward:
+    """A forward being recorded: its nesting depth and its records."""
 
-    Made once per model by [`routing_recorder`]: a forward hook on each router, registered when the model is built
-    (before any `torch.compile`), feeds it. A forward is recorded between `begin()` and `end()`: the MoGE models call
-    them in their own forward; for a transformers MoE model, hooks on the model do. Calls of a router outside a
-    recorded forward, such as gradient checkpointing's recomputation during backward, are not recorded. A hook of your
-    own that replaces a router's output must be registered with `prepend=True` for the recorder to see the
-    replacement.
+    def __init__(self, key: int):
+        self.key = key
+        self.depth = 0
+        self.records: list[RecordedRouting] = []
+
+
+def _thread_key() -> int:
+    # Forwards in flight are kept per thread (`nn.DataParallel` runs its replicas, which share the recorder, in
+    # threads). A compiled graph cannot ask for its thread: it uses one key, and runs in one thread.
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
+class RoutingRecorder:
+    """Records what every router of one model decided in each forward of the model.
+
+    Made once per model by [`routing_recorder`], when the model is built (before any `torch.compile`): a MoGE layer's
+    block reports the routing it used (its `routing_observer`, after any hook on its router), and a transformers router
+    gets a forward hook. A forward is recorded between `begin()` and `end()`: the MoGE models call them in their own
+    forward; for a transformers MoE model, hooks on the model do. Router calls outside a recorded forward, such as
+    gradient checkpointing's recomputation during backward, are not recorded. Forwards in flight are kept per thread,
+    so `nn.DataParallel` replicas (which share the recorder) record apart.
 
     Readers: `end()` returns the forward's records (the MoGE models turn them into their routing losses, as
     `add_moge_regularizer` does for other models) and calls each function in `listeners` with them (the Trainer
     callback's metrics, the diagnostics); the recorder keeps nothing after that. A listener that needs the routers'
-    inputs raises `keep_inputs` while it listens. The hooks are bound methods of the recorder, so a deep copy (or a
-    pickle) of the model has its own recorder, with no listeners.
+    inputs raises `keep_inputs` while it listens. The observers and hooks are bound to the recorder, so a deep copy (or
+    a pickle) of the model has its own recorder, with no listeners.
     """
 
     def __init__(self, taps: list[RouterTap]):
         self.taps = taps
         self.listeners: list[Callable[[list[RecordedRouting]], None]] = []
         self.keep_inputs = 0
-        self._records: list[RecordedRouting] = []
-        self._depth = 0
+        self._forwards: dict[int, _Forward] = {}
         for layer, tap in enumerate(taps):
-            tap.module.register_forward_hook(functools.partial(self._record, layer))
+            if tap.block is not None:
+                tap.block.routing_observer = functools.partial(self._record, layer)
+            else:
+                tap.module.register_forward_hook(functools.partial(self._record, layer))
 
     def __getstate__(self) -> dict:
         # A copy of the model records for itself: no listeners (they read the original), nothing in flight.
-        return {**self.__dict__, "listeners": [], "keep_inputs": 0, "_records": [], "_depth": 0}
+        return {**self.__dict__, "listeners": [], "keep_inputs": 0, "_forwards": {}}
+
+    def _current(self) -> _Forward | None:
+        forward = self._forwards.get(_thread_key())
+        if forward is None and len(self._forwards) == 1 and torch.compiler.is_compiling():
+            # A compiled region (which cannot ask for its thread) inside a forward its eager caller began.
+            forward = next(iter(self._forwards.values()))
+        return forward
 
     @property
     def recording(self) -> bool:
-        return self._depth > 0
+        return self._current() is not None
 
     def _record(self, layer: int, module: nn.Module, args: tuple, output) -> None:
-        if self._depth == 0:
+        forward = self._current()
+        if forward is None:
             return
         hidden = None
         if self.keep_inputs > 0 and args and torch.is_tensor(args[0]):
             hidden = args[0].reshape(-1, args[0].shape[-1])
-        self._records.append(RecordedRouting(layer, output, hidden))
+        forward.records.append(RecordedRouting(layer, output, hidden))
 
     def begin(self) -> None:
-        """Start recording a forward (nested calls, e.g. a head model around its base model, record one forward)."""
-        if self._depth == 0:
-            self._records = []
-        self._depth += 1
+        """Start recording a forward of this thread (a nested `begin`, e.g. a model called from a wrapper whose hooks
+        began already, records into the same forward)."""
+        key = _thread_key()
+        forward = self._forwards.get(key)
+        if forward is None:
+            forward = self._forwards[key] = _Forward(key)
+        forward.depth += 1
 
     def end(self) -> list[RecordedRouting]:
         """Stop recording; return the forward's records (and tell the listeners) when the outermost call ends."""
-        if self._depth == 0:
+        forward = self._current()
+        if forward is None:
             raise RuntimeError("RoutingRecorder.end() without begin()")
-        self._depth -= 1
-        if self._depth > 0:
-            return self._records
-        records, self._records = self._records, []
+        forward.depth -= 1
+        if forward.depth > 0:
+            return forward.records
+        del self._forwards[forward.key]
         for listener in self.listeners:
-            listener(records)
-        return records
+            listener(forward.records)
+        return forward.records
 
     def abort(self) -> None:
-        """Drop the forward in progress (it raised): nothing recorded, no listener called."""
-        self._depth, self._records = 0, []
+        """Drop this thread's forward in progress (it raised): nothing recorded, no listener called."""
+        forward = self._current()
+        if forward is not None:
+            del self._forwards[forward.key]
 
     # For models whose forward does not call `begin`/`end` (transformers' MoE models): hooks on the model.
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -180,19 +213,16 @@ class RoutingRecorder:
 _RECORDER_ATTRIBUTE = "_moge_routing_recorder"
 
 
-def routing_recorder(model: nn.Module, *, create: bool = True) -> RoutingRecorder | None:
+def routing_recorder(model: nn.Module) -> RoutingRecorder | None:
     """The [`RoutingRecorder`] of `model` (a MoGE model, or a transformers MoE model), made on first use.
 
     A MoGE model has one from the start (its base model makes it); a transformers MoE model gets one here, with hooks
-    on the model that record each of its forwards. Returns None if the model has no routers (or `create=False` and
-    it has no recorder yet).
+    on the model that record each of its forwards. Returns None if the model has no routers.
     """
     for module in model.modules():
         recorder = getattr(module, _RECORDER_ATTRIBUTE, None)
         if recorder is not None:
             return recorder
-    if not create:
-        return None
     taps = moge_routers(model)
     if not taps:
         return None

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -106,13 +107,16 @@ class EngineArguments:
         default=None,
         metadata={
             "help": "Expert parallelism: the experts of every MoGE layer split over this many processes, the tokens "
-            "sent to them by all-to-all (transformers' DistributedConfig ep_size, transformers >= 5.19; needs "
-            "fsdp_size, a multiple of it)."
+            "sent to them by all-to-all (transformers' DistributedConfig ep_size, transformers >= 5.19). It must "
+            "divide fsdp_size (default: all processes) and the number of experts."
         },
     )
     fsdp_size: int | None = field(
         default=None,
-        metadata={"help": "FSDP2 over this many processes, by the model config's plan (DistributedConfig fsdp_size)."},
+        metadata={
+            "help": "FSDP2 over this many processes, by the model config's plan (DistributedConfig fsdp_size; "
+            "default with --ep_size: all processes)."
+        },
     )
 
     def check(self, training_args: TrainingArguments):
@@ -132,11 +136,16 @@ class EngineArguments:
                 "optimizer state, so its run cannot resume: pass --save_only_model true (checkpoints hold the "
                 "weights) or --save_strategy no"
             )
-        if training_args.resume_from_checkpoint:
+        resume = training_args.resume_from_checkpoint
+        if resume is not None and str(resume).lower() not in (
+            "false",
+            "no",
+            "none",
+        ):  # as `resolve_checkpoint` reads it
             raise ValueError("a run sharded by the distributed engine (--ep_size / --fsdp_size) cannot resume")
-        return self.distributed_config()
+        return self.distributed_config(training_args.world_size)
 
-    def distributed_config(self):
+    def distributed_config(self, world_size: int):
         """The `DistributedConfig` asked for, or None (no sharding by the engine)."""
         if self.ep_size is None and self.fsdp_size is None:
             return None
@@ -150,21 +159,25 @@ class EngineArguments:
                 f"{transformers.__version__}"
             )
         sizes = {"ep_size": self.ep_size} if self.ep_size is not None else {}
-        return DistributedConfig(fsdp_size=self.fsdp_size or self.ep_size, **sizes)
+        return DistributedConfig(fsdp_size=self.fsdp_size or world_size, **sizes)
 
 
-def shard_with_engine(model: PreTrainedModel, engine_args: EngineArguments, training_args: TrainingArguments):
+def shard_with_engine(
+    model: PreTrainedModel, engine_args: EngineArguments, training_args: TrainingArguments, log=None
+) -> PreTrainedModel:
     """`model` as transformers' distributed engine shards it, or `model` itself when `engine_args` ask for nothing.
 
     The engine shards at `from_pretrained`: the first process of each machine saves the model (with untied
     embeddings, which the engine's FSDP2 needs; the head starts as a copy of the embeddings) to
-    `<output_dir>/engine-initial-model`, then every process loads it with the `DistributedConfig`. A transformers MoE
-    model gets its MoGE regularizer back from the saved config.
+    `<output_dir>/_engine-initial-model`, every process loads it with the `DistributedConfig`, and the folder is
+    removed. A transformers MoE model gets its MoGE regularizer back from the saved config. What each process holds is
+    logged to `log` (default: this module's logger).
     """
     distributed_config = engine_args.check(training_args)
     if distributed_config is None:
         return model
-    folder = os.path.join(training_args.output_dir, "engine-initial-model")
+    # Beside the run's files, with a `_` name that Trainer's Hub pushes skip; removed once every process loaded it.
+    folder = os.path.join(training_args.output_dir, "_engine-initial-model")
     with training_args.main_process_first(desc="saving the model for the distributed engine"):
         if training_args.local_process_index == 0:
             untie = getattr(model, "untie_word_embeddings", None)
@@ -180,10 +193,19 @@ def shard_with_engine(model: PreTrainedModel, engine_args: EngineArguments, trai
     regularized = not callable(getattr(type(model), "set_moge_sigma", None))  # a transformers MoE model
     kwargs = {"experts_implementation": implementation} if implementation else {}
     sharded = type(model).from_pretrained(folder, distributed_config=distributed_config, **kwargs)
+    torch.distributed.barrier()  # every process has read the folder
+    if training_args.local_process_index == 0:
+        shutil.rmtree(folder, ignore_errors=True)
     if regularized:
         from .transformers_moe import add_moge_regularizer
 
         add_moge_regularizer(sharded)
+    taps = routing_recorder(sharded).taps
+    local = [getattr(tap.experts, "num_experts", None) for tap in taps]
+    (log or logger).info(
+        f"transformers' distributed engine: {distributed_config}; each process runs {local[0]} of the "
+        f"{moge_regularizers(sharded)[0].num_experts} experts of each of the {len(taps)} MoE layers"
+    )
     return sharded
 
 

@@ -24,10 +24,11 @@ from transformers.utils import ModelOutput
 from .configuration_moge import CACHE_NAME, FIELD_RULES, MoGEConfigMixin
 from .losses import resolve_map_shape
 from .moge_layer import GroupSparsityRegularizer, MoGERouter, trains_up_to
-from .routing import RoutingRecorder, _recorded_routers, routing_recorder
+from .routing import RouterTap, RoutingRecorder, _recorded_routers, moge_routers, routing_recorder
 
 
-__all__ = ["MOGE_REGULARIZER_FIELDS", "add_moge_regularizer"]
+# `moge_routers` and `RouterTap` live in `moge_hf.routing` now; importing them from here keeps working.
+__all__ = ["MOGE_REGULARIZER_FIELDS", "RouterTap", "add_moge_regularizer", "moge_routers"]
 
 # The config fields of the regularizer, with the defaults of the MoGE models' configs.
 MOGE_REGULARIZER_FIELDS = (
@@ -176,22 +177,19 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
     # First among the model's hooks, so that others (the Trainer callback's) see the output with `moge_loss`; it ends
     # the recording of the forward, before the recorder's own hook on the model would.
-    hooks = [
-        model.register_forward_hook(
-            _finish_hook(recorder, routers[-1].module, inspect.signature(model.forward)),
-            with_kwargs=True,
-            always_call=True,
-            prepend=True,
-        )
-    ]
-    model._moge_regularizer_hooks = hooks
+    loss = _MoGELoss(recorder, routers[-1].module, inspect.signature(model.forward))
+    model.register_forward_hook(loss.hook, with_kwargs=True, always_call=True, prepend=True)
     return model
 
 
 def _remove_moge_regularizer(model: nn.Module) -> None:
-    for hook in getattr(model, "_moge_regularizer_hooks", []):
-        hook.remove()
-    model._moge_regularizer_hooks = []
+    """Remove the hook a previous `add_moge_regularizer` put on `model` (found in the model's own hook dict, so that
+    this works on a deep copy too)."""
+    for key, hook in list(model._forward_hooks.items()):
+        if isinstance(getattr(hook, "__self__", None), _MoGELoss):
+            del model._forward_hooks[key]
+            model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_hooks_always_called.pop(key, None)
 
 
 def _token_mask(attention_mask, num_tokens: int) -> torch.Tensor | None:
@@ -204,8 +202,17 @@ def _token_mask(attention_mask, num_tokens: int) -> torch.Tensor | None:
     return (attention_mask[:, -new_tokens:] != 0).reshape(-1)
 
 
-def _finish_hook(recorder: RoutingRecorder, last_router: nn.Module, signature: inspect.Signature):
-    def hook(model, args, kwargs, output):
+class _MoGELoss:
+    """The forward hook `add_moge_regularizer` puts on a model: the regularizer of the routing of the forward, added to
+    the output. A bound method, so that a deep copy of the model gets its own (with its own recorder and router)."""
+
+    def __init__(self, recorder: RoutingRecorder, last_router: nn.Module, signature: inspect.Signature):
+        self.recorder = recorder
+        self.last_router = last_router
+        self.signature = signature
+
+    def hook(self, model, args, kwargs, output):
+        recorder, last_router, signature = self.recorder, self.last_router, self.signature
         try:  # the forward's arguments by name, positional ones included
             kwargs = dict(signature.bind_partial(*args, **kwargs).arguments, **kwargs)
         except TypeError:
@@ -246,8 +253,6 @@ def _finish_hook(recorder: RoutingRecorder, last_router: nn.Module, signature: i
         if weighted is not None and output and torch.is_tensor(output[0]) and output[0].dim() == 0:  # a loss first
             output = (output[0] + weighted.to(output[0].device), *output[1:])
         return (*output, moge_loss)
-
-    return hook
 
 
 def _share_of_label_tokens(model, labels: torch.Tensor, kwargs: dict) -> torch.Tensor | float:

@@ -513,7 +513,7 @@ def run_arm(
     if data_args.block_size > positions:
         raise ValueError(f"--block_size {data_args.block_size} is longer than the model's {positions} positions.")
     if engine_args is not None:
-        model = shard_with_engine(model, engine_args, training_args)
+        model = shard_with_engine(model, engine_args, training_args, log=logger)
         config = model.config
     regularizer, routers = moge_regularizers(model)[0], moge_routers(model)
     logger.info(

@@ -573,7 +573,7 @@ def run_arm(
     """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics.
     With `engine_args` asking for it, the model is first sharded by transformers' distributed engine."""
     if engine_args is not None:
-        model = shard_with_engine(model, engine_args, training_args)
+        model = shard_with_engine(model, engine_args, training_args, log=logger)
     config = model.config
     logger.info(
         f"[{name}] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

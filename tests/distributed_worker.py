@@ -135,12 +135,16 @@ class LossLog(TrainerCallback):
 
 
 def expert_shards(model) -> dict[str, torch.Tensor]:
-    """This rank's own part of every expert weight (a DTensor's local shard under expert parallelism)."""
-    return {
+    """This rank's own part of every expert weight (a DTensor's local shard under expert parallelism), and under
+    `"num_experts"` how many experts each MoGE layer's experts module runs (expert parallelism sets it to this rank's
+    count; FSDP2 alone would leave it at the model's)."""
+    shards = {
         name: (param.to_local() if hasattr(param, "to_local") else param).detach().clone()
         for name, param in model.named_parameters()
         if ".experts." in name
     }
+    shards["num_experts"] = [module.num_experts for name, module in model.named_modules() if name.endswith("experts")]
+    return shards
 
 
 def train_with_trainer(run: dict, out: Path) -> dict:

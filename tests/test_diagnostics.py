@@ -177,8 +177,8 @@ def constant_routing(model, expert: int = 3):
         assert index.shape[0] == tokens
         return MoGERouting(logits, logits, probs, weights, index)
 
-    # Ahead of the routing recorder's hook, so that the recorder (hence the diagnostics) sees the replaced routing.
-    return [block.router.register_forward_hook(hook, prepend=True) for block in model.moge_blocks()]
+    # The block reports the routing it used, after this hook: the diagnostics see the replaced routing.
+    return [block.router.register_forward_hook(hook) for block in model.moge_blocks()]
 
 
 def vit_batches(count: int = 2, batch: int = 6):

@@ -445,12 +445,16 @@ def test_accelerate_fsdp_config(monkeypatch):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_expert_parallelism_gives_each_rank_half_of_the_experts(results, implementation):
     ranks = results[f"ep-{implementation}-aux"]
+    unsharded = results[f"one-{implementation}-aux-accum2-untied"][0]["initial"]  # the same seed, one process
     assert [rank["rank"] for rank in ranks] == [0, 1]
     for rank in ranks:
-        assert set(rank["expert_shards"]) == {name for name in rank["param_names"] if ".experts." in name}
+        shards = dict(rank["expert_shards"])
+        # Each MoGE layer's experts run on this rank's 4 experts (FSDP2 alone would keep 8 and gather them).
+        assert shards.pop("num_experts") == [4, 4]
+        assert set(shards) == {name for name in rank["param_names"] if ".experts." in name}
         lo, hi = 4 * rank["rank"], 4 * rank["rank"] + 4  # 8 experts over 2 ranks, in order
-        for name, shard in rank["expert_shards"].items():
-            assert torch.equal(shard, rank["initial"][name][lo:hi]), name
+        for name, shard in shards.items():
+            assert torch.equal(shard, unsharded[name][lo:hi]), name
 
 
 @pytest.mark.slow
@@ -516,10 +520,13 @@ def test_expert_parallel_vit_matches_one_process(results):
     for name, param in model.named_parameters():
         for rank in ranks:
             torch.testing.assert_close(rank["grads"][name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+    unsharded = model.state_dict()
     for rank in ranks:
+        shards = dict(rank["expert_shards"])
+        assert shards.pop("num_experts") == [4, 4]
         lo, hi = 4 * rank["rank"], 4 * rank["rank"] + 4
-        for name, shard in rank["expert_shards"].items():
-            assert torch.equal(shard, rank["initial"][name][lo:hi]), name
+        for name, shard in shards.items():
+            assert torch.equal(shard, unsharded[name][lo:hi]), name
 
 
 @pytest.mark.slow

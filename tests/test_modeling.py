@@ -3,6 +3,8 @@
 import copy
 import importlib
 import inspect
+import pickle
+import threading
 
 import pytest
 import torch
@@ -31,6 +33,7 @@ from moge_hf import (
     router_z_loss,
 )
 from moge_hf.configuration_moge import CACHE_NAME
+from moge_hf.moge_model import HOSTS
 from moge_hf.routing import routing_recorder
 
 
@@ -68,6 +71,16 @@ def test_outputs_have_routing_losses(case):
     num_tokens = BATCH * (SEQ if case.startswith("gpt2") else 17)  # ViT: 16 patches + [CLS]
     assert len(outputs.router_logits) == len(model.config.moe_layers)
     assert all(logits.shape == (num_tokens, 8) for logits in outputs.router_logits)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_outputs_pickle(case):
+    model, batch = build(case)
+    with torch.no_grad():
+        outputs = model.eval()(**batch, output_router_logits=True)
+    again = pickle.loads(pickle.dumps(outputs))
+    assert type(again) is type(outputs) and again.keys() == outputs.keys()
+    torch.testing.assert_close(again.moge_loss, outputs.moge_loss)
 
 
 def test_routing_losses_with_a_zero_coefficient_are_reported_without_autograd():
@@ -429,14 +442,17 @@ def test_auto_class_round_trip(case, auto_class, tmp_path):
     model.eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    family = "gpt2" if case.startswith("gpt2") else "vit"
-    other = "vit" if family == "gpt2" else "gpt2"
     written = {p.name for p in tmp_path.iterdir()}
-    # The family's own modeling file and what it imports (the shared layer, routing, config, losses); not the other
+    # The family's own modeling file and what it imports (the shared layer, routing, config, losses); not another
     # family's file, nor 0.1.0's `modeling_moge.py` (a shim that only `upgrade_code` writes, for old folders).
-    shared = {"moge_model.py", "moge_layer.py", "routing.py", "configuration_moge.py"}
-    assert {f"modeling_{family}_moge.py", *shared} <= written
-    assert "losses.py" in written and f"modeling_{other}_moge.py" not in written and "modeling_moge.py" not in written
+    own = f"{type(model).__module__.rsplit('.', 1)[-1]}.py"
+    others = {
+        f"{head.model_class.__module__.rsplit('.', 1)[-1]}.py"
+        for host in HOSTS.values()
+        for head in host.heads.values()
+    }
+    assert {own, "moge_model.py", "moge_layer.py", "routing.py", "configuration_moge.py", "losses.py"} <= written
+    assert not (others - {own}) & written and "modeling_moge.py" not in written
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is type(model.config)
     assert {**config.to_dict(), "_name_or_path": ""} == {**model.config.to_dict(), "_name_or_path": ""}
@@ -477,22 +493,92 @@ def test_auto_from_config_and_registration_is_idempotent():
     assert isinstance(AutoConfig.for_model("vit_moge"), ViTMoGEConfig)
 
 
-def test_a_deep_copy_records_its_own_routing_also_in_the_middle_of_training():
-    model, batch = build("gpt2-lm")
+@pytest.mark.parametrize("case", [name for name in CASES if CASES[name].task is not None])
+def test_a_deep_copy_records_its_own_routing_also_in_the_middle_of_training(case):
+    spec = CASES[case]
+    model = spec.build()
+    if not spec.moge_hf:
+        model = moge_hf.add_moge_regularizer(model, moge_loss_coef=0.1, moge_map_shape=[2, 4], moge_window=2)
     model.train()
+    batch = spec.batch()
     recorder, heard = routing_recorder(model), []
     recorder.listeners.append(heard.append)
-    loss = model(**batch).loss  # its graph (and the routing's) is alive: a copy must not try to copy it
+    torch.manual_seed(0)
+    outputs = model(**batch)  # its graph (and the routing's) is alive: a copy must not try to copy it
     copied = copy.deepcopy(model)
     assert len(heard) == 1
-    copied_loss = copied(**batch).loss
+    torch.manual_seed(0)
+    copied_outputs = copied(**batch)
     assert len(heard) == 1  # the copy's forward reaches its own recorder, not the original's listeners
-    torch.testing.assert_close(copied_loss, loss)
+    torch.testing.assert_close(copied_outputs.loss, outputs.loss)
+    torch.testing.assert_close(copied_outputs.moge_loss, outputs.moge_loss)
     own = routing_recorder(copied)
     assert own is not recorder and not own.listeners
-    assert [tap.module for tap in own.taps] == [block.router for block in copied.moge_blocks()]
+    assert all(any(tap.module is module for module in copied.modules()) for tap in own.taps)
     model(**batch)
     assert len(heard) == 2
+
+
+def test_data_parallel_replicas_sharing_the_recorder_record_apart():
+    """`nn.DataParallel` replicas are shallow copies that share the recorder and run in threads: each thread's
+    forward must get its own routing (this is what `Trainer` does on a machine with several GPUs and no launcher)."""
+
+    def replicate(module):  # what `torch.nn.parallel.replicate` does, without devices
+        replica = module._replicate_for_data_parallel()
+        replica._parameters = dict(module._parameters)
+        for name, child in module._modules.items():
+            replica._modules[name] = None if child is None else replicate(child)
+        return replica
+
+    model, batch = build("gpt2-lm", moe_layers=[0, 1])
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch)
+    replicas = [replicate(model), replicate(model)]
+    results, errors = [], []
+
+    def work(replica):
+        for _ in range(20):
+            try:
+                with torch.no_grad():
+                    results.append(replica(**batch))
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(replica,)) for replica in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert len(results) == 40
+    for outputs in results:
+        for name in ("loss", "aux_loss", "moge_loss", "z_loss"):
+            torch.testing.assert_close(getattr(outputs, name), getattr(expected, name))
+
+
+def test_the_routing_losses_read_the_routing_the_block_used_after_a_router_hook():
+    model, batch = build("gpt2-lm", router_jitter_noise=0.0, num_experts_per_tok=1)
+    model.eval()
+    forced = {}
+
+    def force(module, args, routing):  # every token to expert 3
+        logits = torch.full_like(routing.logits, -5.0)
+        logits[:, 3] = 5.0
+        probs = logits.float().softmax(-1)
+        weights, index = probs.topk(module.top_k, dim=-1)
+        forced[module] = (probs, index)
+        return routing._replace(
+            logits=logits, clean_logits=logits, probs=probs, top_k_weights=weights, top_k_index=index
+        )
+
+    for block in model.moge_blocks():
+        block.router.register_forward_hook(force)
+    with torch.no_grad():
+        outputs = model(**batch)
+    mask = batch["attention_mask"].reshape(-1).bool()
+    want = torch.stack([load_balancing_loss(probs, index, mask) for probs, index in forced.values()]).mean()
+    torch.testing.assert_close(outputs.aux_loss, want)
 
 
 def test_untie_word_embeddings_keeps_the_function_and_saves_both(tmp_path):

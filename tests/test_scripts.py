@@ -689,8 +689,11 @@ def test_scripts_train_with_expert_parallelism_on_two_processes(script, text_fil
     engine = ["--ep_size", "2", "--fsdp_size", "2", "--save_only_model", "true"]
     args = [*data, "--output_dir", str(out), "--max_steps", "3", *tiny, *COMMON, *engine]
     result = run(script, args, tmp_path / "cache", processes=2)
-    # Each rank trained the model as the engine sharded it (2 of the 4 experts of each MoGE layer per rank).
-    assert f"FSDP{model_class.__name__}" in result.stdout + result.stderr
+    # Each rank trained the model as the engine sharded it: 2 of the 4 experts of each MoGE layer per rank.
+    output = result.stdout + result.stderr
+    assert f"FSDP{model_class.__name__}" in output
+    assert "each process runs 2 of the 4 experts of each of the 1 MoE layers" in output
+    assert not (out / "_engine-initial-model").exists()  # the model the engine loaded from: removed
     assert {"eval_loss"} <= read_json(out / "eval_results.json").keys()
     # What it saved is a whole, ordinary MoGE folder: its own code (not torch's FSDP files), untied embeddings.
     config = check_moge_model_dir(out)
@@ -721,3 +724,5 @@ def test_engine_arguments_refuse_what_cannot_run(run_clm, text_file, tmp_path):
         resuming = types.SimpleNamespace(**{**vars(two), "save_strategy": "no", "resume_from_checkpoint": "last"})
         EngineArguments(fsdp_size=2).check(resuming)
     assert EngineArguments().check(two) is None  # nothing asked: no sharding
+    with pytest.raises(ValueError, match="--save_only_model true"):  # "false" is no resume, as for the scripts
+        EngineArguments(ep_size=2).check(types.SimpleNamespace(**{**vars(two), "resume_from_checkpoint": "false"}))

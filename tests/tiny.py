@@ -30,6 +30,7 @@ from moge_hf import (
     ViTMoGEForImageClassification,
     ViTMoGEModel,
 )
+from moge_hf.moge_model import MoGEModelMixin
 
 
 BATCH, SEQ, VOCAB = 13, 7, 99
@@ -149,7 +150,7 @@ class ModelCase:
     """One model the shared checks run on: how to build it (tiny, random) and a batch for it."""
 
     name: str
-    family: str  # "gpt2", "vit" (moge_hf hosts), or a transformers MoE family ("qwen3_moe", "olmoe", "mixtral")
+    family: str  # a moge_hf host ("gpt2", "vit") or a transformers MoE family ("qwen3_moe", "olmoe", "mixtral")
     model_class: type[PreTrainedModel]
     make_config: Callable[..., object]  # tiny config; keyword arguments override its fields
     make_batch: Callable[[int], dict]  # seed -> inputs, with labels when the model has a head
@@ -159,7 +160,7 @@ class ModelCase:
     @property
     def moge_hf(self) -> bool:
         """A moge_hf model (MoGE layers built in), not a transformers MoE model given `add_moge_regularizer`."""
-        return self.family in ("gpt2", "vit")
+        return issubclass(self.model_class, MoGEModelMixin)
 
     def build(self, seed: int = 0, **overrides) -> PreTrainedModel:
         torch.manual_seed(seed)
