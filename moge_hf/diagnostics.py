@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moge_layer import moge_regularizers
-from .routing import RecordedRouting, moge_routers, routing_recorder
+from .routing import RecordedForward, moge_routers, routing_recorder
 
 
 __all__ = [
@@ -621,9 +621,9 @@ class RoutingCollector:
         draw = torch.randperm(candidates.numel(), generator=self.generator)[:count]
         return candidates[draw].sort().values
 
-    def _on_routing(self, forward_records: list[RecordedRouting]) -> None:
+    def _on_routing(self, forward: RecordedForward) -> None:
         subset = None
-        for layer, output, hidden in forward_records:
+        for layer, output, hidden in forward.records:
             if self.hidden_tokens_per_batch > 0 and hidden is not None:
                 hidden = hidden.detach()
                 if subset is None or (subset.numel() and int(subset.max()) >= hidden.shape[0]):

@@ -71,10 +71,11 @@ MOGE_TAGS = ("moge", "mixture-of-experts")
 
 def __getattr__(name: str):
     # `MODEL_CARD_TEMPLATES` (model type -> template path) is read from the host records, which the modeling files
-    # register after this module is imported.
+    # register after this module is imported: a new dict at each access (a new family adds a `MoGEHost`).
     if name == "MODEL_CARD_TEMPLATES":
         return {model_type: MODEL_CARD_TEMPLATES_DIR / host.card_template for model_type, host in HOSTS.items()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Results files written by `Trainer.save_metrics`, most complete first.
 RESULTS_FILES = ("all_results.json", "eval_results.json")

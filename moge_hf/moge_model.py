@@ -268,7 +268,7 @@ class MoGEModelMixin:
         if not torch.compiler.is_compiling():
             self._check_config_matches_modules(blocks)
         recorder = routing_recorder(self)
-        recorder.begin()
+        recorder.begin(self.training, None if token_mask is None else token_mask.reshape(-1).bool())
         try:
             outputs = forward()
         except BaseException:

@@ -24,7 +24,7 @@ from torch import nn
 from .moge_layer import MoGERouting, MoGESparseMoeBlock
 
 
-__all__ = ["RecordedRouting", "RouterTap", "RoutingRecorder", "moge_routers", "routing_recorder"]
+__all__ = ["RecordedForward", "RecordedRouting", "RouterTap", "RoutingRecorder", "moge_routers", "routing_recorder"]
 
 
 @dataclasses.dataclass
@@ -104,18 +104,21 @@ class RecordedRouting(NamedTuple):
     hidden_states: torch.Tensor | None  # `(T, d)` router input, kept only while a reader asks (`keep_inputs`)
 
 
-class _Forward:
-    """A forward being recorded: its nesting depth and its records."""
+class RecordedForward:
+    """One recorded forward of a model: what its routers did, and what the listeners need to read it."""
 
-    def __init__(self, key: int):
-        self.key = key
+    def __init__(self, key: int, training: bool, token_mask: torch.Tensor | None):
+        self.key = key  # the thread that runs it (0 for a forward begun in a compiled graph)
         self.depth = 0
         self.records: list[RecordedRouting] = []
+        self.training = training  # whether the model was in training mode
+        self.token_mask = token_mask  # `(T,)` bools of the real (not padding) tokens, or None: all count
 
 
 def _thread_key() -> int:
     # Forwards in flight are kept per thread (`nn.DataParallel` runs its replicas, which share the recorder, in
-    # threads). A compiled graph cannot ask for its thread: it uses one key, and runs in one thread.
+    # threads). A compiled graph cannot ask for its thread: it uses key 0 (DataParallel with torch.compile is not
+    # supported: use DDP).
     return 0 if torch.compiler.is_compiling() else threading.get_ident()
 
 
@@ -130,17 +133,19 @@ class RoutingRecorder:
     so `nn.DataParallel` replicas (which share the recorder) record apart.
 
     Readers: `end()` returns the forward's records (the MoGE models turn them into their routing losses, as
-    `add_moge_regularizer` does for other models) and calls each function in `listeners` with them (the Trainer
-    callback's metrics, the diagnostics); the recorder keeps nothing after that. A listener that needs the routers'
-    inputs raises `keep_inputs` while it listens. The observers and hooks are bound to the recorder, so a deep copy (or
-    a pickle) of the model has its own recorder, with no listeners.
+    `add_moge_regularizer` does for other models) and calls each function in `listeners` with the
+    [`RecordedForward`] (records, training mode, token mask: the Trainer callback's metrics, the diagnostics); the
+    recorder keeps nothing after that. A listener that needs the routers' inputs raises `keep_inputs` while it listens.
+    The observers and hooks are bound to the recorder, so a deep copy (or a pickle) of the model has its own recorder,
+    with no listeners. A hook of your own that replaces a transformers router's output must be registered with
+    `prepend=True` for the recorder to see the replacement (a MoGE block reports what it used in any case).
     """
 
     def __init__(self, taps: list[RouterTap]):
         self.taps = taps
-        self.listeners: list[Callable[[list[RecordedRouting]], None]] = []
+        self.listeners: list[Callable[[RecordedForward], None]] = []
         self.keep_inputs = 0
-        self._forwards: dict[int, _Forward] = {}
+        self._forwards: dict[int, RecordedForward] = {}
         for layer, tap in enumerate(taps):
             if tap.block is not None:
                 tap.block.routing_observer = functools.partial(self._record, layer)
@@ -151,10 +156,18 @@ class RoutingRecorder:
         # A copy of the model records for itself: no listeners (they read the original), nothing in flight.
         return {**self.__dict__, "listeners": [], "keep_inputs": 0, "_forwards": {}}
 
-    def _current(self) -> _Forward | None:
-        forward = self._forwards.get(_thread_key())
-        if forward is None and len(self._forwards) == 1 and torch.compiler.is_compiling():
-            # A compiled region (which cannot ask for its thread) inside a forward its eager caller began.
+    def _current(self) -> RecordedForward | None:
+        """This thread's forward in flight; or one begun in a compiled graph (key 0) from eager code; or, in a compiled
+        graph, the one forward an eager caller began."""
+        if not torch.compiler.is_compiling():
+            return self._forwards.get(threading.get_ident()) or self._forwards.get(0)
+        forward = self._forwards.get(0)
+        if forward is None and self._forwards:
+            if len(self._forwards) > 1:
+                raise RuntimeError(
+                    "Several threads are in a forward of this MoGE model while torch.compile traces one (nn."
+                    "DataParallel with torch.compile): the routing cannot be told apart; use DDP (torchrun)"
+                )
             forward = next(iter(self._forwards.values()))
         return forward
 
@@ -171,13 +184,13 @@ class RoutingRecorder:
             hidden = args[0].reshape(-1, args[0].shape[-1])
         forward.records.append(RecordedRouting(layer, output, hidden))
 
-    def begin(self) -> None:
-        """Start recording a forward of this thread (a nested `begin`, e.g. a model called from a wrapper whose hooks
-        began already, records into the same forward)."""
+    def begin(self, training: bool = False, token_mask: torch.Tensor | None = None) -> None:
+        """Start recording a forward of this thread (`training`: the model's mode; `token_mask`: `(T,)` of the real
+        tokens, for the listeners). A nested `begin` records into the same forward."""
         key = _thread_key()
         forward = self._forwards.get(key)
         if forward is None:
-            forward = self._forwards[key] = _Forward(key)
+            forward = self._forwards[key] = RecordedForward(key, training, token_mask)
         forward.depth += 1
 
     def end(self) -> list[RecordedRouting]:
@@ -190,18 +203,25 @@ class RoutingRecorder:
             return forward.records
         del self._forwards[forward.key]
         for listener in self.listeners:
-            listener(forward.records)
+            listener(forward)
         return forward.records
 
     def abort(self) -> None:
-        """Drop this thread's forward in progress (it raised): nothing recorded, no listener called."""
+        """The forward in progress raised: drop it (at its outermost level), no listener called."""
         forward = self._current()
         if forward is not None:
-            del self._forwards[forward.key]
+            forward.depth -= 1
+            if forward.depth <= 0:
+                del self._forwards[forward.key]
 
     # For models whose forward does not call `begin`/`end` (transformers' MoE models): hooks on the model.
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.begin()
+        # Model-level hooks do not nest: a forward of this thread still in flight was interrupted (torch runs the
+        # always-called hooks on `Exception` only, not on a KeyboardInterrupt): drop it.
+        self._forwards.pop(_thread_key(), None)
+        mask = kwargs.get("attention_mask")
+        token_mask = mask.reshape(-1) != 0 if torch.is_tensor(mask) and mask.dim() == 2 else None
+        self.begin(module.training, token_mask)
 
     def _model_post_hook(self, module: nn.Module, args: tuple, output) -> None:
         if output is None:  # the forward raised: the hook is always called

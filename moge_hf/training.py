@@ -9,11 +9,13 @@ callbacks: `Trainer` calls callbacks in the order they were added, and its own (
 first otherwise.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import threading
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -29,7 +31,7 @@ from transformers.utils import logging
 
 from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS, SHAPE_FREE_MOGE_FIELDS
 from .moge_layer import moge_regularizers, set_moge_sigma
-from .routing import RecordedRouting, RoutingRecorder, routing_recorder
+from .routing import RecordedForward, RoutingRecorder, routing_recorder
 
 
 logger = logging.get_logger(__name__)
@@ -192,7 +194,9 @@ def shard_with_engine(
     implementation = getattr(model.config, "_experts_implementation", None)
     regularized = not callable(getattr(type(model), "set_moge_sigma", None))  # a transformers MoE model
     kwargs = {"experts_implementation": implementation} if implementation else {}
+    name_or_path = model.config._name_or_path
     sharded = type(model).from_pretrained(folder, distributed_config=distributed_config, **kwargs)
+    sharded.config._name_or_path = sharded.name_or_path = name_or_path  # not the folder removed below
     torch.distributed.barrier()  # every process has read the folder
     if training_args.local_process_index == 0:
         shutil.rmtree(folder, ignore_errors=True)
@@ -330,8 +334,7 @@ class MoGESigmaCallback(TrainerCallback):
         self._recorder: RoutingRecorder | None = None
         self._layer_names: list[str] = []
         self._num_experts = 0
-        self._in_forward = False
-        self._token_mask: torch.Tensor | None = None
+        self._lock = threading.Lock()
         # Running sums since the last log, on the model's device. `_float_sums`: the three losses, then the entropy
         # sum of each layer; `_int_sums`: the number of forwards, the routed slots per (layer, expert), then the
         # tokens of each layer (integers, so that counts stay exact however long the logging window).
@@ -382,10 +385,7 @@ class MoGESigmaCallback(TrainerCallback):
         self._num_experts = regularizers[0].num_experts if regularizers else 0
         self._float_sums = None
         self._int_sums = None
-        self._hooks = [
-            model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
-            model.register_forward_hook(self._model_hook, always_call=True),
-        ]
+        self._hooks = [model.register_forward_hook(self._model_hook)]
         self._recorder = recorder
         recorder.listeners.append(self._on_routing)
 
@@ -396,30 +396,19 @@ class MoGESigmaCallback(TrainerCallback):
         if self._recorder is not None and self._on_routing in self._recorder.listeners:
             self._recorder.listeners.remove(self._on_routing)
         self._recorder = None
-        self._in_forward = False
-        self._token_mask = None
 
     def _sums(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The running sums, allocated (zeros) on first use and moved to `device` if the model moved."""
+        """The running sums, allocated (zeros) on `device` at first use; later additions are moved to them."""
         num_layers = len(self._layer_names)
         if self._float_sums is None:
             self._float_sums = torch.zeros(len(LOSS_NAMES) + num_layers, device=device)
             self._int_sums = torch.zeros(
                 len(LOSS_NAMES) + num_layers * (self._num_experts + 1), dtype=torch.long, device=device
             )
-        elif self._float_sums.device != device:
-            self._float_sums = self._float_sums.to(device)
-            self._int_sums = self._int_sums.to(device)
-        return self._float_sums, self._int_sums
-
-    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._in_forward = module.training
-        mask = kwargs.get("attention_mask")
-        self._token_mask = mask.reshape(-1) != 0 if torch.is_tensor(mask) and mask.dim() == 2 else None
+        return self._float_sums, self._int_sums  # they stay where they were made: additions come to them
 
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
-        counted, self._in_forward, self._token_mask = self._in_forward, False, None
-        if not counted:
+        if not module.training:  # only training forwards count
             return
         # The losses the output has (a transformers MoE model has `aux_loss` only with `output_router_logits`, and no
         # z-loss); none from tuple outputs.
@@ -427,27 +416,25 @@ class MoGESigmaCallback(TrainerCallback):
         present = [(i, loss) for i, loss in present if isinstance(loss, torch.Tensor)]
         if not present:
             return
-        with torch.no_grad():
+        with torch.no_grad(), self._accumulating():
             index = torch.tensor([i for i, _ in present], device=present[0][1].device)
             losses = torch.stack([loss.detach().float().reshape(()) for _, loss in present])
             float_sums, int_sums = self._sums(losses.device)
-            float_sums.index_add_(0, index, losses)
-            int_sums.index_add_(0, index, torch.ones_like(index))
+            float_sums.index_add_(0, index.to(float_sums.device), losses.to(float_sums.device))
+            int_sums.index_add_(0, index.to(int_sums.device), torch.ones_like(index).to(int_sums.device))
 
-    def _on_routing(self, records: list[RecordedRouting]) -> None:
+    def _on_routing(self, forward: RecordedForward) -> None:
         """The routing of a forward (from the model's routing recorder): load and entropy of each layer."""
-        # Only in a training forward of the model: not in evaluation. (Gradient checkpointing's recomputation during
-        # backward is not recorded at all.)
-        if not self._in_forward:
+        if not forward.training:  # only training forwards count, not evaluation
             return
-        with torch.no_grad():
-            for layer, output, _ in records:
+        with torch.no_grad(), self._accumulating():
+            for layer, output, _ in forward.records:
                 probs, index = self._recorder.taps[layer].routing(output)  # (T, E), (T, k)
-                probs = probs.detach()
                 float_sums, int_sums = self._sums(probs.device)
+                probs, index = probs.detach().to(float_sums.device), index.to(float_sums.device)
                 num_experts, num_layers = self._num_experts, len(self._layer_names)
                 entropy = torch.special.entr(probs.float()).sum(-1)  # (T,)
-                mask = self._token_mask
+                mask = forward.token_mask
                 if mask is not None and mask.numel() == probs.shape[0]:
                     weights = mask.to(device=probs.device, dtype=torch.long)  # (T,)
                     entropy = entropy * weights
@@ -460,6 +447,17 @@ class MoGESigmaCallback(TrainerCallback):
                 start = len(LOSS_NAMES) + layer * num_experts
                 int_sums[start : start + num_experts].index_add_(0, index.reshape(-1), slot_weights)
                 int_sums[len(LOSS_NAMES) + num_layers * num_experts + layer] += tokens
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}  # a lock does not copy
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def _accumulating(self):
+        """A lock around the running sums (`nn.DataParallel` replicas add to them from their threads); none in a
+        compiled graph, which cannot take one (and runs in one thread)."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
 
     def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -129,3 +129,20 @@ def test_trainer_with_torch_compile_trains_with_the_sigma_schedule(tmp_path):
     for log in (log for log in trainer.state.log_history if "loss" in log):
         assert sum(log[f"moge/layer1/load_e{e:02d}"] for e in range(8)) == pytest.approx(1.0)
         assert 0 < log["moge/layer1/entropy"] <= math.log(8) + 1e-6
+
+
+def test_a_block_dynamo_runs_eagerly_inside_a_compiled_model_is_still_recorded():
+    """The forward begins in the compiled graph, the block reports from eager code (a frame dynamo skips, as after a
+    recompile limit): the routing losses are those of the eager model."""
+    model, batch = build("gpt2", "eager-unaligned")
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch)
+    block = model.moge_blocks()[0]
+    block.forward = torch._dynamo.disable(block.forward)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(2):
+            got = compiled(**batch)
+            for name in ("aux_loss", "moge_loss", "z_loss"):
+                torch.testing.assert_close(getattr(got, name), getattr(want, name))

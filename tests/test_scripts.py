@@ -724,5 +724,6 @@ def test_engine_arguments_refuse_what_cannot_run(run_clm, text_file, tmp_path):
         resuming = types.SimpleNamespace(**{**vars(two), "save_strategy": "no", "resume_from_checkpoint": "last"})
         EngineArguments(fsdp_size=2).check(resuming)
     assert EngineArguments().check(two) is None  # nothing asked: no sharding
-    with pytest.raises(ValueError, match="--save_only_model true"):  # "false" is no resume, as for the scripts
-        EngineArguments(ep_size=2).check(types.SimpleNamespace(**{**vars(two), "resume_from_checkpoint": "false"}))
+    if ENGINE:  # "false" is no resume, as the scripts read it: the run goes ahead
+        not_resuming = types.SimpleNamespace(**{**vars(two), "save_strategy": "no", "resume_from_checkpoint": "false"})
+        assert isinstance(EngineArguments(ep_size=2).check(not_resuming), DistributedConfig)

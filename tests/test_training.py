@@ -4,6 +4,7 @@ import copy
 import json
 import logging
 import shutil
+import threading
 import types
 
 import datasets
@@ -221,6 +222,37 @@ def test_metrics_average_training_forwards_and_leave_out_padding_and_evaluation(
     recorder = routing_recorder(model)
     assert not recorder.listeners and recorder.keep_inputs == 0
     assert all(not block.router._forward_hooks for block in model.moge_blocks())
+
+
+def test_metrics_count_every_forward_of_data_parallel_replicas():
+    """`nn.DataParallel` replicas share the model's recorder and the callback and run in threads: every forward's
+    losses and tokens are counted once."""
+
+    def replicate(module):  # what `torch.nn.parallel.replicate` does, without devices
+        replica = module._replicate_for_data_parallel()
+        replica._parameters = dict(module._parameters)
+        for name, child in module._modules.items():
+            replica._modules[name] = None if child is None else replicate(child)
+        return replica
+
+    model = tiny_lm(moe_layers=[0, 1], router_jitter_noise=0.0).train()
+    callback = MoGESigmaCallback()
+    callback.on_train_begin(training_args("unused"), fake_state(), TrainerControl(), model=model)
+    batch, forwards = lm_batch(seed=3), 20
+
+    def work(replica):
+        for _ in range(forwards):
+            with torch.no_grad():
+                replica(**batch)
+
+    threads = [threading.Thread(target=work, args=(replicate(model),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert callback._int_sums[:3].tolist() == [2 * forwards] * 3  # the three losses of every forward
+    real_tokens = int(batch["attention_mask"].sum()) * 2 * forwards
+    assert callback._int_sums[-2:].tolist() == [real_tokens, real_tokens]  # each layer's tokens, padding left out
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

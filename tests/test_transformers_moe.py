@@ -187,3 +187,30 @@ def test_positional_arguments_and_base_models_are_read_right():
         plain = base(inputs["input_ids"], return_dict=False)
         labelled = base(inputs["input_ids"], labels=inputs["labels"], return_dict=False)
     assert torch.equal(plain[0], labelled[0])
+
+
+def test_an_interrupted_forward_leaves_nothing_behind():
+    """torch calls the model's always-called hooks on an `Exception`, not on a KeyboardInterrupt (Ctrl-C during
+    `generate`): the next forward must not add the interrupted one's routing to its own."""
+    from moge_hf.routing import routing_recorder
+
+    model = build("qwen3_moe", **MOGE).eval()
+    inputs = batch(seed=8)
+    with torch.no_grad():
+        want = model(**inputs).moge_loss
+    recorder, heard = routing_recorder(model), []
+    recorder.listeners.append(lambda forward: heard.append(len(forward.records)))
+    fire = [True]
+
+    def interrupt(module, args, output):
+        if fire[0]:
+            fire[0] = False
+            raise KeyboardInterrupt
+
+    recorder.taps[-1].module.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(**inputs)
+    with torch.no_grad():
+        got = model(**inputs).moge_loss
+    torch.testing.assert_close(got, want)
+    assert heard == [2]  # the next forward's two layers, nothing of the interrupted one
