@@ -245,6 +245,18 @@ class ModelArguments:
     num_heads: int | None = field(default=None, metadata={"help": "Attention heads."})
     intermediate_size: int | None = field(default=None, metadata={"help": "Dense MLP size (non-MoE blocks)."})
     expert_intermediate_size: int | None = field(default=None, metadata={"help": "Hidden size of each expert."})
+    num_experts: int | None = field(
+        default=None,
+        metadata={
+            "help": "Experts per MoE layer, instead of the setup's (vision: 32 for `paper`, 16 for `top2`; language: "
+            "16). With --expert_intermediate_size fixed, the active FLOPs stay fixed as the experts grow."
+        },
+    )
+    num_experts_per_tok: int | None = field(default=None, metadata={"help": "Top-k, instead of the setup's."})
+    moge_map_shape: list[int] | None = field(
+        default=None,
+        metadata={"help": "Expert map `rows cols` (default with --num_experts: the most square)."},
+    )
     dropout: float | None = field(default=None, metadata={"help": "Dropout (hidden/attention/residual)."})
     moge_window: int = field(default=3, metadata={"help": "Window side h of the regularizer."})
     moge_reduction: str = field(default="paper", metadata={"help": "`paper` (lambda values carry over) or `mean`."})
@@ -495,6 +507,19 @@ def last_layers(num_layers: int, count: int) -> list[int]:
     return list(range(max(0, num_layers - count), num_layers))
 
 
+def expert_overrides(moe: dict, model_args: ModelArguments) -> dict:
+    """The setup's MoE fields with `--num_experts`, `--num_experts_per_tok`, `--moge_map_shape` applied (a new
+    number of experts without a map gets the most square map)."""
+    moe = dict(moe)
+    if model_args.num_experts is not None:
+        moe.update(num_experts=model_args.num_experts, moge_map_shape=None)
+    if model_args.num_experts_per_tok is not None:
+        moe["num_experts_per_tok"] = model_args.num_experts_per_tok
+    if model_args.moge_map_shape is not None:
+        moe["moge_map_shape"] = list(model_args.moge_map_shape)
+    return moe
+
+
 def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, data: dict):
     common = dict(
         router_aux_loss_coef=model_args.router_aux_loss_coef,
@@ -524,7 +549,7 @@ def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, dat
             hidden_dropout_prob=model_args.dropout,
             attention_probs_dropout_prob=model_args.dropout,
             num_labels=data["num_labels"],
-            **moe,
+            **expert_overrides(moe, model_args),
             **common,
         )
         model = ViTMoGEForImageClassification(config)
@@ -541,9 +566,7 @@ def build_model(study: StudyArguments, model_args: ModelArguments, arm: Arm, dat
             attn_pdrop=model_args.dropout,
             bos_token_id=0,
             eos_token_id=0,
-            num_experts=16,
-            num_experts_per_tok=2,
-            moge_map_shape=[4, 4],
+            **expert_overrides(dict(num_experts=16, num_experts_per_tok=2, moge_map_shape=[4, 4]), model_args),
             **common,
         )
         model = GPT2MoGELMHeadModel(config)
@@ -729,6 +752,7 @@ def run_scalars(study: StudyArguments, run: dict) -> dict[str, float | None]:
         "train_seconds": run["train_seconds"],
         "load_entropy": mean_of("load_entropy"),
         "routing_entropy": mean_of("routing_entropy"),
+        "top1_prob": mean_of("top1_prob"),  # how far the routers are from uniform (1 / E)
         "active_experts": mean_of("active_experts"),
         "output_cosine": mean_of("output_cosine_mean"),
         "coact_near_minus_far": None,
@@ -849,6 +873,7 @@ def write_plots(study: StudyArguments, runs: list[dict], summary: dict, arms: li
         f"test_{metric_name}",
         "load_entropy",
         "routing_entropy",
+        "top1_prob",
         "output_cosine",
         "coact_near_minus_far",
     ]

@@ -366,6 +366,22 @@ def test_compare_script_vision_smoke(tmp_path):
     assert results["data_sizes"] == {"train": 32, "validation": 8, "test": 16}
 
 
+def test_compare_script_takes_the_number_of_experts_and_reports_how_sharp_the_routing_is(tmp_path):
+    script = load_script()
+    train = tiny_parquet(tmp_path / "train.parquet", 48, 0)
+    test = tiny_parquet(tmp_path / "test.parquet", 16, 1)
+    args = ["--task", "vision", "--train_file", train, "--test_file", test, "--output_dir", str(tmp_path / "v")]
+    args += ["--validation_size", "8", "--train_size", "32", "--hidden_size", "32", "--num_layers", "2"]
+    args += ["--num_experts", "8", "--num_experts_per_tok", "2", "--moge_window", "2"]
+    results = script.main(args + SMALL)
+    for run in results["runs"]:
+        layers = run["diagnostics"]["layers"]
+        assert len(layers[0]["load"]) == 8 and run["diagnostics"]["map_shape"] == [2, 4]  # the most square map
+        scalars = script.run_scalars(script.StudyArguments(task="vision"), run)
+        assert 1 / 8 <= scalars["top1_prob"] <= 1.0
+        assert scalars["top1_prob"] == pytest.approx(np.mean([layer["top1_prob"] for layer in layers]))
+
+
 def test_compare_script_language_smoke(tmp_path):
     script = load_script()
     text = tmp_path / "text.txt"
