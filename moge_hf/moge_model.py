@@ -267,8 +267,9 @@ class MoGEModelMixin:
         blocks = self.moge_blocks()
         if not torch.compiler.is_compiling():
             self._check_config_matches_modules(blocks)
-        recorder = routing_recorder(self)
-        recorder.begin(self.training, None if token_mask is None else token_mask.reshape(-1).bool())
+        recorder = routing_recorder(self)  # the base model's own: found without a walk over the modules
+        token_mask = None if token_mask is None else token_mask.reshape(-1)
+        recorder.begin(self.training, None if token_mask is None else token_mask.bool())
         try:
             outputs = forward()
         except BaseException:
@@ -280,7 +281,7 @@ class MoGEModelMixin:
         if not torch.compiler.is_compiling():
             self._check_router_logits_finite(records)
         if token_mask is not None:
-            token_mask = token_mask.reshape(-1).to(torch.float32)
+            token_mask = token_mask.to(torch.float32)
         fractions = [None] * len(records)
         if self.config.router_aux_loss_global and self.training and _data_parallel_world_size() > 1:
             fractions = self._global_dispatch_fractions(records, token_mask)

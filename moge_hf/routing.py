@@ -239,8 +239,11 @@ def routing_recorder(model: nn.Module) -> RoutingRecorder | None:
     A MoGE model has one from the start (its base model makes it); a transformers MoE model gets one here, with hooks
     on the model that record each of its forwards. Returns None if the model has no routers.
     """
+    recorder = model.__dict__.get(_RECORDER_ATTRIBUTE)  # the model that owns it: no walk over the modules
+    if recorder is not None:
+        return recorder
     for module in model.modules():
-        recorder = getattr(module, _RECORDER_ATTRIBUTE, None)
+        recorder = module.__dict__.get(_RECORDER_ATTRIBUTE)
         if recorder is not None:
             return recorder
     taps = moge_routers(model)
