@@ -342,7 +342,7 @@ def check_outputs(results: dict, out: Path, arms: list[str]):
         assert run["curve"]["eval_steps"] == [2, 3] and len(run["curve"]["train_loss"]) == 3
         assert run["diagnostics"]["layers"] and run["invariance"]
         assert "test" in run and "validation" in run
-    assert results["table_markdown"].count("\n") == 2 * len(arms) + 1
+    assert results["table_markdown"].count("\n") == 2 * len(arms) + 1 + (len(arms) - 1 if "moe" in arms else 0)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -458,6 +458,92 @@ def test_compare_script_merges_seeds_run_apart_like_one_run(tmp_path):
         script.main(
             ["--merge_from", files[0], str(tmp_path / "other" / "results.json"), "--output_dir", str(tmp_path / "x")]
         )
+
+
+def test_student_t_quantiles_match_the_tables():
+    script = load_script()
+    table = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 9: 2.262157, 29: 2.045230, 1000: 1.962339}
+    for dof, value in table.items():
+        assert script.student_t_quantile(0.975, dof) == pytest.approx(value, abs=2e-6)
+    assert script.student_t_quantile(0.995, 2) == pytest.approx(9.924843, abs=2e-6)
+    with pytest.raises(ValueError, match="dof"):
+        script.student_t_quantile(0.975, 0)
+
+
+def load_gap_script():
+    spec = importlib.util.spec_from_file_location("gap_vs_experts", ROOT / "scripts" / "gap_vs_experts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_paired_intervals(tmp_path, capsys):
+    gap = load_gap_script()
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 80)
+    out = tmp_path / "study"
+    tiny = ["--train_file", str(text), "--block_size", "16", "--hidden_size", "32", "--num_layers", "2"]
+    tiny += ["--moge_window", "2", "--max_steps", "4", "--eval_every", "2", "--eval_examples", "8"]
+    tiny += ["--diagnostic_examples", "8", "--batch_size", "8", "--eval_batch_size", "8", "--learning_rate", "0.01"]
+    study = ["--task", "language", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_aux_coefs", "0.01"]
+    study += ["2.0", "--moge_loss_coefs", "0.01", "3.0", "--final_seeds", "1", "2", "--output_dir", str(out)]
+    gap.main([*study, "--", *tiny])
+
+    def job(name):
+        return json.loads((out / "e4" / name / "results.json").read_text())
+
+    def validation(name):
+        (run,) = job(name)["runs"]
+        assert "test" not in run and run["seed"] == 0  # probes: the probe seed, validation only
+        return run["validation"]["loss"]
+
+    aux = min((0.01, 2.0), key=lambda c: validation(f"probe_moe_aux{c:g}"))
+    coef = min((0.01, 3.0), key=lambda c: validation(f"probe_moge_l{c:g}"))
+    selection = json.loads((out / "e4" / "selection.json").read_text())
+    assert (selection["aux"], selection["moge_loss_coef"]) == (aux, coef)
+    assert job("probe_moge_l3")["model"]["router_aux_loss_coef"] == aux  # MoGE probes build on the chosen baseline
+    merged = json.loads((out / "e4" / "final" / "results.json").read_text())
+    assert {(run["arm"], run["seed"]) for run in merged["runs"]} == {
+        (a, s) for a in ("moe", "moge-circular") for s in (1, 2)
+    }
+    assert [arm["moge_loss_coef"] for arm in merged["arms"]] == [0.0, coef]
+    assert all(run["diagnostics"]["padding"] == "circular" for run in merged["runs"])
+    want = []
+    for seed in (1, 2):
+        (moe,) = job(f"final_moe_seed{seed}")["runs"]
+        (moge,) = job(f"final_moge_seed{seed}")["runs"]
+        assert moe["test"]["loss"] != moge["test"]["loss"]
+        want.append(moge["test"]["loss"] - moe["test"]["loss"])
+    paired = merged["paired"]["moge-circular"]["test_loss"]
+    assert paired["seeds"] == [1, 2] and paired["differences"] == pytest.approx(want)
+    half = 12.706205 * np.std(want, ddof=1) / math.sqrt(2)
+    assert paired["ci95"] == pytest.approx([np.mean(want) - half, np.mean(want) + half])
+
+    # Running the same command again resumes: nothing is trained twice.
+    stamps = {path: path.stat().st_mtime for path in out.glob("e4/*/job.json")}
+    assert len(stamps) == 2 + 2 + 4
+    capsys.readouterr()
+    gap.main([*study, "--", *tiny])
+    assert "start" not in capsys.readouterr().out
+    assert {path: path.stat().st_mtime for path in out.glob("e4/*/job.json")} == stamps
+    other = list(study)
+    other[other.index("--moge_loss_coefs") + 1] = "0.02"
+    with pytest.raises(ValueError, match="moge_loss_coefs"):
+        gap.main([*other, "--", *tiny])
+
+    report = gap.main(["--report", str(out), "--output_dir", str(tmp_path / "report")])
+    (entry,) = report["studies"][0]["settings"]
+    assert entry["complete"] and entry["paired"]["test_loss"]["differences"] == pytest.approx(want)
+    assert set(entry["wall_seconds"]) == {path.parent.name for path in stamps}
+    assert "| language | 2 | 4 |" in report["table_markdown"]
+    saved = json.loads((tmp_path / "report" / "gap.json").read_text())
+    assert saved["studies"][0]["settings"][0]["moge_loss_coef"] == coef
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "report" / "gap_vs_experts.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A job that fails stops the study with the path of its log.
+    with pytest.raises(RuntimeError, match="log.txt"):
+        gap.main([*study[:-1], str(tmp_path / "broken"), "--", *tiny, "--tokenizer", "nope"])
 
 
 @pytest.mark.parametrize("case", list(CASES))

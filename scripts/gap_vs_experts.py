@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""Does MoGE's advantage over MoE grow with the number of experts? Runs and reports that study with
+`compare_moe_moge.py`.
+
+For each number of experts E (the expert size stays fixed, so active FLOPs do too), a *study* (one task and top-k)
+runs three phases, each job one `compare_moe_moge.py` process:
+
+1. **MoE probes**: the MoE baseline (lambda = 0) at each `--moe_aux_coefs` (its own knob, the Switch load-balancing
+   weight), seed `--probe_seed`, validation only. The best validation metric picks the baseline's coefficient.
+2. **MoGE probes**: the MoGE arm (`--padding`) at each `--moge_loss_coefs` on top of that baseline (same seed,
+   validation only). The best picks lambda. Both methods get the same number of probes.
+3. **Finals**: the chosen MoE and MoGE settings at each `--final_seeds` (seeds the probes did not use), with the test
+   split, which nothing was chosen on; one job per arm and seed, then merged into `e<E>/final/results.json`, whose
+   `paired` section holds MoGE - MoE seed by seed with the 95% t-interval.
+
+Jobs run `--workers` at a time, each with one thread (`OMP_NUM_THREADS=1`, the CPU presets' `torch_threads=1`). Each
+job writes `results.json`, `log.txt` and `job.json` (command, wall seconds) into its own folder; a finished job is
+never run again, so a stopped study resumes where it stopped when the same command runs again. Arguments after `--`
+go to every job (data files, steps, setup).
+
+`--report STUDY_DIR [...]` trains nothing: it reads the finished settings of one or more studies and writes
+`gap.json` (choices, probes, per-arm diagnostics, paired differences with 95% t-intervals, wall times) and
+`gap_vs_experts.png` (MoGE - MoE on the test metric against E, one panel per task) into `--output_dir`.
+
+Examples:
+
+```bash
+python scripts/gap_vs_experts.py --task vision --num_experts 8 32 128 --num_experts_per_tok 1 \
+    --output_dir runs/gap/vision_k1 -- --train_file ../shared/data/cifar10/train.parquet \
+    --test_file ../shared/data/cifar10/test.parquet --max_steps 3000 --warmup_steps 150 --eval_every 500
+python scripts/gap_vs_experts.py --report runs/gap/vision_k1 runs/gap/language_k2 --output_dir docs/figures/gap
+```
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_moe_moge as compare  # noqa: E402
+
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_moe_moge.py")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    passthrough = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=("vision", "language"), help="Task of the study (not with --report).")
+    parser.add_argument("--num_experts", type=int, nargs="+", help="The numbers of experts E to compare.")
+    parser.add_argument("--num_experts_per_tok", type=int, help="Top-k of every setting.")
+    parser.add_argument("--moe_aux_coefs", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    parser.add_argument("--moge_loss_coefs", type=float, nargs="+", help="Lambdas probed (default: by task).")
+    parser.add_argument("--padding", default="circular", help="Padding of the MoGE arm's map.")
+    parser.add_argument("--probe_seed", type=int, default=0)
+    parser.add_argument("--final_seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--workers", type=int, default=2, help="Jobs at a time, one thread each.")
+    parser.add_argument("--output_dir", required=True, help="The study's folder (or the report's, with --report).")
+    parser.add_argument("--report", nargs="+", metavar="STUDY_DIR", help="Report finished studies; train nothing.")
+    args = parser.parse_args(argv)
+    if not args.report:
+        missing = [name for name in ("task", "num_experts", "num_experts_per_tok") if getattr(args, name) is None]
+        if missing:
+            parser.error(f"a study needs --{', --'.join(missing)}")
+        if args.moge_loss_coefs is None:
+            # The paper's lambda (ViT 0.003, LM 1e-5) adds next to nothing at this scale (docs/RESULTS.md), so the
+            # probes span it and two decades above.
+            args.moge_loss_coefs = [0.003, 0.03, 0.3] if args.task == "vision" else [1e-4, 1e-3, 1e-2]
+        if set(args.final_seeds) & {args.probe_seed}:
+            parser.error("--final_seeds must not include --probe_seed: the probes chose the settings on that seed")
+        if any(c <= 0 for c in args.moge_loss_coefs) or any(c < 0 for c in args.moe_aux_coefs):
+            parser.error("--moge_loss_coefs must be > 0 and --moe_aux_coefs >= 0")
+    return args, passthrough
+
+
+_LOADED: dict[str, tuple[float, dict]] = {}
+
+
+def finished(job_dir: str) -> dict | None:
+    """The results of a finished `compare_moe_moge.py` job (its final write has the table), else None."""
+    path = os.path.join(job_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    mtime = os.path.getmtime(path)
+    if path not in _LOADED or _LOADED[path][0] != mtime:  # read each version of a file once
+        with open(path) as handle:
+            _LOADED[path] = (mtime, json.load(handle))
+    results = _LOADED[path][1]
+    return results if "table_markdown" in results else None
+
+
+def validation_metric(results: dict) -> tuple[float, bool]:
+    """The job's single run's validation metric and whether higher is better."""
+    study = compare.StudyArguments(**{**results["study"], "plot_from": None, "merge_from": None})
+    name, higher = compare.primary_metric(study)
+    (run,) = results["runs"]
+    return run["validation"][name], higher
+
+
+def best(candidates: list[tuple[float, dict]]) -> tuple[float, list[dict]]:
+    """The coefficient whose finished probe has the best validation metric (the first one on a tie)."""
+    table = []
+    for coef, results in candidates:
+        value, higher = validation_metric(results)
+        table.append({"coef": coef, "validation": value})
+    sign = 1 if higher else -1
+    chosen = max(table, key=lambda row: sign * row["validation"])  # max keeps the first of equals
+    return chosen["coef"], table
+
+
+class Setting:
+    """One number of experts of a study: its jobs, in the order of the phases."""
+
+    def __init__(self, args: argparse.Namespace, passthrough: list[str], num_experts: int):
+        self.args, self.passthrough, self.num_experts = args, passthrough, num_experts
+        self.dir = os.path.join(args.output_dir, f"e{num_experts}")
+
+    def base(self, seed: int, aux: float) -> list[str]:
+        task = ["--task", self.args.task, "--scale", "cpu", "--seeds", str(seed), "--paddings", self.args.padding]
+        experts = ["--num_experts", str(self.num_experts), "--num_experts_per_tok", str(self.args.num_experts_per_tok)]
+        return [*task, *experts, "--router_aux_loss_coef", repr(aux), *self.passthrough]
+
+    def moe_probes(self) -> dict[str, list[str]]:
+        return {
+            f"probe_moe_aux{aux:g}": [*self.base(self.args.probe_seed, aux), "--include_moge", "False"]
+            for aux in self.args.moe_aux_coefs
+        }
+
+    def moge_probes(self, aux: float) -> dict[str, list[str]]:
+        return {
+            f"probe_moge_l{coef:g}": [
+                *self.base(self.args.probe_seed, aux),
+                *("--include_moe", "False", "--moge_loss_coefs", repr(coef)),
+            ]
+            for coef in self.args.moge_loss_coefs
+        }
+
+    def finals(self, aux: float, coef: float) -> dict[str, list[str]]:
+        jobs = {}
+        for seed in self.args.final_seeds:
+            common = [*self.base(seed, aux), "--moge_loss_coefs", repr(coef), "--do_test"]
+            jobs[f"final_moe_seed{seed}"] = [*common, "--include_moge", "False"]
+            jobs[f"final_moge_seed{seed}"] = [*common, "--include_moe", "False"]
+        return jobs
+
+    def final_names(self) -> list[str]:
+        return [f"final_{arm}_seed{seed}" for seed in self.args.final_seeds for arm in ("moe", "moge")]
+
+    def selection(self) -> dict:
+        """What the probes chose so far: `aux`, `moge_loss_coef` (None until their probes have all finished)."""
+        chosen = {"num_experts": self.num_experts, "aux": None, "moge_loss_coef": None}
+        done = {name: finished(os.path.join(self.dir, name)) for name in self.moe_probes()}
+        if all(done.values()):
+            coefs = dict(zip(done, self.args.moe_aux_coefs))
+            chosen["aux"], chosen["moe_probes"] = best([(coefs[name], done[name]) for name in done])
+            done = {name: finished(os.path.join(self.dir, name)) for name in self.moge_probes(chosen["aux"])}
+            if all(done.values()):
+                coefs = dict(zip(done, self.args.moge_loss_coefs))
+                chosen["moge_loss_coef"], chosen["moge_probes"] = best([(coefs[name], done[name]) for name in done])
+        return chosen
+
+    def pending(self) -> dict[str, list[str]]:
+        """The jobs that can run now (their inputs are chosen) and have not finished."""
+        chosen = self.selection()
+        if chosen["aux"] is None:
+            jobs = self.moe_probes()
+        elif chosen["moge_loss_coef"] is None:
+            jobs = self.moge_probes(chosen["aux"])
+        else:
+            jobs = self.finals(chosen["aux"], chosen["moge_loss_coef"])
+        return {name: command for name, command in jobs.items() if not finished(os.path.join(self.dir, name))}
+
+    def merge(self) -> bool:
+        """Merge the finished finals into `final/results.json` (once); whether the setting is complete."""
+        chosen = self.selection()
+        if chosen["moge_loss_coef"] is None or self.pending():
+            return False
+        final = os.path.join(self.dir, "final")
+        if not finished(final):
+            files = [os.path.join(self.dir, name, "results.json") for name in self.final_names()]
+            compare.main(["--merge_from", *files, "--output_dir", final])
+        with open(os.path.join(self.dir, "selection.json"), "w") as handle:
+            json.dump(chosen, handle, indent=1)
+        return True
+
+
+def launch(setting: Setting, name: str, command: list[str]) -> tuple[subprocess.Popen, dict]:
+    job_dir = os.path.join(setting.dir, name)
+    os.makedirs(job_dir, exist_ok=True)
+    full = [sys.executable, SCRIPT, *command, "--output_dir", job_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    log = open(os.path.join(job_dir, "log.txt"), "w")
+    process = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    record = {"job": name, "dir": job_dir, "command": full[1:], "start": time.time()}
+    print(f"[{time.strftime('%H:%M:%S')}] start {job_dir}", flush=True)
+    return process, record
+
+
+def run_study(args: argparse.Namespace, passthrough: list[str]) -> None:
+    os.makedirs(args.output_dir, exist_ok=True)
+    spec = {key: value for key, value in vars(args).items() if key not in ("workers", "report", "output_dir")}
+    spec["passthrough"] = passthrough
+    spec_path = os.path.join(args.output_dir, "study.json")
+    if os.path.exists(spec_path):
+        with open(spec_path) as handle:
+            saved = json.load(handle)
+        keys = (spec.keys() | saved.keys()) - {"num_experts"}
+        differ = sorted(key for key in keys if spec.get(key) != saved.get(key))
+        if differ:
+            raise ValueError(
+                f"{args.output_dir} holds a study with other settings ({differ} differ, see {spec_path}); run the "
+                "same command to resume it, or use another --output_dir"
+            )
+        spec["num_experts"] = list(dict.fromkeys([*saved["num_experts"], *spec["num_experts"]]))  # E may be added
+    with open(spec_path, "w") as handle:
+        json.dump(spec, handle, indent=1)
+
+    settings = [Setting(args, passthrough, e) for e in args.num_experts]
+    running: dict[str, tuple[subprocess.Popen, dict]] = {}
+    failed = []
+    changed = True
+    while True:
+        for key, (process, record) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[key]
+            changed = True
+            record.update(wall_seconds=time.time() - record["start"], returncode=process.returncode)
+            with open(os.path.join(record["dir"], "job.json"), "w") as handle:
+                json.dump(record, handle, indent=1)
+            if process.returncode != 0 or not finished(record["dir"]):
+                failed.append(record["dir"])
+            print(f"[{time.strftime('%H:%M:%S')}] done  {record['dir']} ({record['wall_seconds']:.0f} s)", flush=True)
+        if failed and not running:
+            logs = ", ".join(os.path.join(path, "log.txt") for path in failed)
+            raise RuntimeError(f"{len(failed)} job(s) failed; see {logs}")
+        if changed and not failed:  # a job ended (or the first pass): what can run now?
+            changed = False
+            for setting in settings:
+                jobs = setting.pending()
+                if not jobs:
+                    setting.merge()  # the setting's finals are all done
+                for name, command in jobs.items():
+                    key = os.path.join(setting.dir, name)
+                    if key not in running and len(running) < args.workers:
+                        running[key] = launch(setting, name, command)
+        if not running:
+            break
+        time.sleep(3)
+    complete = [setting.num_experts for setting in settings if setting.merge()]
+    print(f"complete: E = {complete}; report with: python {sys.argv[0]} --report {args.output_dir} --output_dir ...")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------------------------
+
+ARM_KEYS = {
+    "vision": ["top1_prob", "load_entropy", "routing_entropy", "output_cosine", "mi_class_bits", "mi_class_null_bits",
+               "shift_right_same", "shift_right_window", "shift_right_chance_window", "flip_same", "flip_window",
+               "flip_chance_window"],
+    "language": ["top1_prob", "load_entropy", "routing_entropy", "output_cosine", "mi_token_bits",
+                 "mi_token_null_bits", "context_same_top1", "context_window", "context_chance_window"],
+}  # fmt: skip
+
+
+def wall_seconds(setting_dir: str) -> dict[str, float]:
+    times = {}
+    for name in sorted(os.listdir(setting_dir)):
+        path = os.path.join(setting_dir, name, "job.json")
+        if os.path.exists(path):
+            with open(path) as handle:
+                times[name] = json.load(handle)["wall_seconds"]
+    return times
+
+
+def report_study(study_dir: str) -> dict:
+    with open(os.path.join(study_dir, "study.json")) as handle:
+        spec = json.load(handle)
+    args = argparse.Namespace(**{**spec, "output_dir": study_dir})
+    out = {"study_dir": study_dir, "spec": spec, "settings": []}
+    for num_experts in spec["num_experts"]:
+        setting = Setting(args, spec["passthrough"], num_experts)
+        entry = {"num_experts": num_experts, **setting.selection()}
+        entry["wall_seconds"] = wall_seconds(setting.dir) if os.path.isdir(setting.dir) else {}
+        results = finished(os.path.join(setting.dir, "final"))
+        entry["complete"] = results is not None
+        if results is not None:
+            saved = compare.StudyArguments(**{**results["study"], "plot_from": None, "merge_from": None})
+            metric, higher = compare.primary_metric(saved)
+            paired = compare.paired_differences(saved, results["runs"])  # recomputed: older files have none
+            (moge_arm,) = paired
+            entry.update(metric=metric, higher_is_better=higher, moge_arm=moge_arm, paired=paired[moge_arm])
+            entry["arms"] = {
+                arm: {key: values[key] for key in ARM_KEYS[spec["task"]] + [f"val_{metric}", f"test_{metric}"]}
+                for arm, values in results["summary"].items()
+            }
+            entry["hardware"] = results["runs"][0].get("hardware") or results.get("hardware")
+        out["settings"].append(entry)
+    return out
+
+
+def fmt_interval(entry: dict | None, scale: float = 1.0) -> str:
+    if entry is None:
+        return "-"
+    if entry["ci95"] is None:
+        return f"{entry['mean'] * scale:+.4f}"
+    low, high = (value * scale for value in entry["ci95"])
+    return f"{entry['mean'] * scale:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def report_table(studies: list[dict]) -> str:
+    lines = [
+        "| task | top-k | E | aux (MoE probes) | lambda (MoGE probes) | MoGE - MoE, validation | MoGE - MoE, test | "
+        "top-1 prob MoE / MoGE (1/E) | load entropy MoE / MoGE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for study in studies:
+        spec = study["spec"]
+        for entry in study["settings"]:
+            head = f"| {spec['task']} | {spec['num_experts_per_tok']} | {entry['num_experts']} | {entry['aux']} | "
+            head += f"{entry['moge_loss_coef']} | "
+            if not entry["complete"]:
+                lines.append(head + "pending | pending | - | - |")
+                continue
+            arms = entry["arms"]
+            moe, moge = arms["moe"], arms[entry["moge_arm"]]
+            uniform = 1 / entry["num_experts"]
+            lines.append(
+                head
+                + f"{fmt_interval(entry['paired'].get('val_' + entry['metric']))} | "
+                + f"{fmt_interval(entry['paired'].get('test_' + entry['metric']))} | "
+                + f"{moe['top1_prob']['mean']:.3f} / {moge['top1_prob']['mean']:.3f} ({uniform:.3f}) | "
+                + f"{moe['load_entropy']['mean']:.3f} / {moge['load_entropy']['mean']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_gap(studies: list[dict], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no picture (pip install matplotlib)")
+        return None
+    tasks = list(dict.fromkeys(study["spec"]["task"] for study in studies))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for index, study in enumerate(s for s in studies if s["spec"]["task"] == task):
+            done = [entry for entry in study["settings"] if entry["complete"]]
+            if not done:
+                continue
+            metric = done[0]["metric"]
+            k = study["spec"]["num_experts_per_tok"]
+            shift = 1.0 + 0.06 * (index - 0.5)  # side by side on the log axis
+            xs = np.array([entry["num_experts"] for entry in done], dtype=float) * shift
+            paired = [entry["paired"][f"test_{metric}"] for entry in done]
+            means = np.array([entry["mean"] for entry in paired])
+            low = np.array([entry["mean"] - entry["ci95"][0] if entry["ci95"] else 0.0 for entry in paired])
+            high = np.array([entry["ci95"][1] - entry["mean"] if entry["ci95"] else 0.0 for entry in paired])
+            line = ax.errorbar(xs, means, yerr=[low, high], marker="o", capsize=4, label=f"top-{k}: mean, 95% CI")
+            for x, entry in zip(xs, paired):
+                ax.scatter([x] * len(entry["differences"]), entry["differences"], s=12, alpha=0.45,
+                           color=line[0].get_color())  # fmt: skip
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("experts per MoE layer E (expert size fixed)")
+        better = "higher is better" if task == "vision" else "lower is better"
+        name = "test accuracy" if task == "vision" else "test loss (nats/token)"
+        ax.set_ylabel(f"MoGE - MoE, {name} ({better})")
+        ax.set_title(f"{task}: paired by seed (dots: seeds)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(args: argparse.Namespace) -> dict:
+    studies = [report_study(path) for path in args.report]
+    os.makedirs(args.output_dir, exist_ok=True)
+    table = report_table(studies)
+    out = {"studies": studies, "table_markdown": table}
+    out["figure"] = plot_gap(studies, os.path.join(args.output_dir, "gap_vs_experts.png"))
+    with open(os.path.join(args.output_dir, "gap.json"), "w") as handle:
+        json.dump(out, handle, indent=1)
+    print(table)
+    return out
+
+
+def main(argv: list[str] | None = None):
+    args, passthrough = parse_args(argv)
+    if args.report:
+        return report(args)
+    return run_study(args, passthrough)
+
+
+if __name__ == "__main__":
+    main()
