@@ -33,7 +33,9 @@ python scripts/gap_vs_experts.py --report runs/gap/vision_k1 runs/gap/language_k
 """
 
 import argparse
+import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,13 +89,17 @@ _LOADED: dict[str, tuple[float, dict]] = {}
 
 
 def finished(job_dir: str) -> dict | None:
-    """The results of a finished `compare_moe_moge.py` job (its final write has the table), else None."""
+    """The results of a finished `compare_moe_moge.py` job (its final write has the table), else None.
+
+    Reads `results.json`, or `results.json.gz` (the archived copies in docs/)."""
     path = os.path.join(job_dir, "results.json")
     if not os.path.exists(path):
-        return None
+        path += ".gz"
+        if not os.path.exists(path):
+            return None
     mtime = os.path.getmtime(path)
     if path not in _LOADED or _LOADED[path][0] != mtime:  # read each version of a file once
-        with open(path) as handle:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt") as handle:
             _LOADED[path] = (mtime, json.load(handle))
     results = _LOADED[path][1]
     return results if "table_markdown" in results else None
@@ -307,6 +313,7 @@ def report_study(study_dir: str) -> dict:
                 for arm, values in results["summary"].items()
             }
             entry["hardware"] = results["runs"][0].get("hardware") or results.get("hardware")
+            entry["entropy_curves"] = entropy_curves(results)
         out["settings"].append(entry)
     return out
 
@@ -389,12 +396,64 @@ def plot_gap(studies: list[dict], path: str) -> str | None:
     return path
 
 
+def entropy_curves(results: dict) -> dict[str, dict]:
+    """Per arm: the training routing entropy over steps (the MoGE callback's `moge/layer*/entropy`, mean over the MoE
+    layers) divided by log E, mean over seeds; 1 = uniform routers."""
+    curves = {}
+    for run in results["runs"]:
+        steps, values = [], []
+        for entry in run["log_history"]:
+            layers = [v for key, v in entry.items() if key.startswith("moge/layer") and key.endswith("/entropy")]
+            if layers:
+                steps.append(entry["step"])
+                values.append(float(np.mean(layers)))
+        curves.setdefault(run["arm"], []).append((steps, values))
+    num_experts = len(results["runs"][0]["diagnostics"]["layers"][0]["load"])
+    out = {}
+    for arm, runs in curves.items():
+        length = min(len(steps) for steps, _ in runs)
+        mean = np.mean([values[:length] for _, values in runs], axis=0) / math.log(num_experts)
+        out[arm] = {"steps": runs[0][0][:length], "entropy_over_log_e": mean.tolist()}
+    return out
+
+
+def plot_entropy(studies: list[dict], path: str) -> str | None:
+    """Training routing entropy / log E against the step, one panel per study, a colour per E (solid MoE, dashed
+    MoGE): whether the routers leave uniform."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(studies), figsize=(5 * len(studies), 3.8), squeeze=False)
+    for ax, study in zip(axes[0], studies):
+        spec = study["spec"]
+        for index, entry in enumerate(e for e in study["settings"] if e["complete"]):
+            for arm, curve in entry["entropy_curves"].items():
+                style = "-" if arm == "moe" else "--"
+                label = f"E={entry['num_experts']} {'MoE' if arm == 'moe' else 'MoGE'}"
+                ax.plot(curve["steps"], curve["entropy_over_log_e"], style, color=f"C{index}", label=label)
+        ax.set_title(f"{spec['task']}, top-{spec['num_experts_per_tok']}: finals, mean over seeds")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("routing entropy / log E (1 = uniform)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def report(args: argparse.Namespace) -> dict:
     studies = [report_study(path) for path in args.report]
     os.makedirs(args.output_dir, exist_ok=True)
     table = report_table(studies)
     out = {"studies": studies, "table_markdown": table}
-    out["figure"] = plot_gap(studies, os.path.join(args.output_dir, "gap_vs_experts.png"))
+    out["figures"] = [
+        plot_gap(studies, os.path.join(args.output_dir, "gap_vs_experts.png")),
+        plot_entropy(studies, os.path.join(args.output_dir, "routing_entropy_vs_step.png")),
+    ]
     with open(os.path.join(args.output_dir, "gap.json"), "w") as handle:
         json.dump(out, handle, indent=1)
     print(table)

@@ -1,10 +1,12 @@
 """Routing diagnostics (`moge_hf.diagnostics`) on hand-made routings with known answers, and a smoke run of
 `scripts/compare_moe_moge.py` on tiny synthetic data."""
 
+import gzip
 import importlib.util
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -485,6 +487,7 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
     tiny = ["--train_file", str(text), "--block_size", "16", "--hidden_size", "32", "--num_layers", "2"]
     tiny += ["--moge_window", "2", "--max_steps", "4", "--eval_every", "2", "--eval_examples", "8"]
     tiny += ["--diagnostic_examples", "8", "--batch_size", "8", "--eval_batch_size", "8", "--learning_rate", "0.01"]
+    tiny += ["--logging_steps", "1"]
     study = ["--task", "language", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_aux_coefs", "0.01"]
     study += ["2.0", "--moge_loss_coefs", "0.01", "3.0", "--final_seeds", "1", "2", "--output_dir", str(out)]
     gap.main([*study, "--", *tiny])
@@ -538,8 +541,20 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
     assert "| language | 2 | 4 |" in report["table_markdown"]
     saved = json.loads((tmp_path / "report" / "gap.json").read_text())
     assert saved["studies"][0]["settings"][0]["moge_loss_coef"] == coef
+    curve = entry["entropy_curves"]["moe"]
+    assert curve["steps"] == [1, 2, 3, 4] and all(0 < value <= 1 for value in curve["entropy_over_log_e"])
     if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "report" / "gap_vs_experts.png").read_bytes()[:4] == b"\x89PNG"
+        for name in ("gap_vs_experts.png", "routing_entropy_vs_step.png"):
+            assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG"
+
+    # The archived copy (results.json gzipped, as in docs/) reports the same.
+    archive = tmp_path / "archive"
+    shutil.copytree(out, archive)
+    for path in archive.rglob("results.json"):
+        path.with_suffix(".json.gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    again = gap.main(["--report", str(archive), "--output_dir", str(tmp_path / "report2")])
+    assert again["studies"][0]["settings"][0]["paired"] == entry["paired"]
 
     # A job that fails stops the study with the path of its log.
     with pytest.raises(RuntimeError, match="log.txt"):
