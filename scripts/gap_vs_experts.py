@@ -18,9 +18,11 @@ job writes `results.json`, `log.txt` and `job.json` (command, wall seconds) into
 never run again, so a stopped study resumes where it stopped when the same command runs again. Arguments after `--`
 go to every job (data files, steps, setup).
 
+`--archive STUDY_DIR --output_dir DEST` copies a study's records, results gzipped, for keeping in git (docs/results/).
 `--report STUDY_DIR [...]` trains nothing: it reads the finished settings of one or more studies and writes
 `gap.json` (choices, probes, per-arm diagnostics, paired differences with 95% t-intervals, wall times) and
-`gap_vs_experts.png` (MoGE - MoE on the test metric against E, one panel per task) into `--output_dir`.
+`gap_vs_experts.png` (MoGE - MoE on the test metric against E, one panel per task) and
+`routing_entropy_vs_step.png` (do the routers leave uniform?) into `--output_dir`.
 
 Examples:
 
@@ -28,7 +30,8 @@ Examples:
 python scripts/gap_vs_experts.py --task vision --num_experts 8 32 128 --num_experts_per_tok 1 \
     --output_dir runs/gap/vision_k1 -- --train_file ../shared/data/cifar10/train.parquet \
     --test_file ../shared/data/cifar10/test.parquet --max_steps 3000 --warmup_steps 150 --eval_every 500
-python scripts/gap_vs_experts.py --report runs/gap/vision_k1 runs/gap/language_k2 --output_dir docs/figures/gap
+python scripts/gap_vs_experts.py --archive runs/gap/vision_k1 --output_dir docs/results/gap/vision_k1
+python scripts/gap_vs_experts.py --report docs/results/gap/vision_k1 --output_dir docs/figures/gap
 ```
 """
 
@@ -69,8 +72,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--workers", type=int, default=2, help="Jobs at a time, one thread each.")
     parser.add_argument("--output_dir", required=True, help="The study's folder (or the report's, with --report).")
     parser.add_argument("--report", nargs="+", metavar="STUDY_DIR", help="Report finished studies; train nothing.")
+    parser.add_argument(
+        "--archive",
+        metavar="STUDY_DIR",
+        help="Copy a study's records (settings, choices, job times, results.json gzipped, the finals' PNGs) into "
+        "--output_dir, small enough to keep in git; --report reads the copy.",
+    )
     args = parser.parse_args(argv)
-    if not args.report:
+    if not args.report and not args.archive:
         missing = [name for name in ("task", "num_experts", "num_experts_per_tok") if getattr(args, name) is None]
         if missing:
             parser.error(f"a study needs --{', --'.join(missing)}")
@@ -460,8 +469,35 @@ def report(args: argparse.Namespace) -> dict:
     return out
 
 
+def archive(study_dir: str, destination: str) -> list[str]:
+    """Copy what `--report` reads (and the job times and finals' pictures) from `study_dir` into `destination`."""
+    written = []
+    for folder, _, names in os.walk(study_dir):
+        relative = os.path.relpath(folder, study_dir)
+        depth = 0 if relative == "." else relative.count(os.sep) + 1
+        for name in names:
+            keep = name.endswith(".json") and depth <= 2  # study.json, e<E>/selection.json, e<E>/<job>/*.json
+            keep |= name.endswith(".png") and os.path.basename(folder) == "final" and depth == 2
+            if not keep:
+                continue
+            target = os.path.join(destination, relative, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(os.path.join(folder, name), "rb") as handle:
+                data = handle.read()
+            if name == "results.json":
+                target += ".gz"
+                data = gzip.compress(data, compresslevel=9, mtime=0)
+            with open(target, "wb") as handle:
+                handle.write(data)
+            written.append(target)
+    print(f"archived {len(written)} files of {study_dir} into {destination}")
+    return written
+
+
 def main(argv: list[str] | None = None):
     args, passthrough = parse_args(argv)
+    if args.archive:
+        return archive(args.archive, args.output_dir)
     if args.report:
         return report(args)
     return run_study(args, passthrough)
