@@ -1012,6 +1012,14 @@ def source_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+def write_json(path: str, results: dict) -> None:
+    """Write `results` to `path` whole or not at all (a reader, or a killed run, never sees half a file)."""
+    partial = path + ".partial"
+    with open(partial, "w") as handle:
+        json.dump(diag.to_jsonable(results), handle, indent=1)
+    os.replace(partial, path)
+
+
 # What may differ between the results.json files that `--merge_from` pools: which seeds and arms ran, and where.
 MERGE_FREE_FIELDS = ("seeds", "output_dir", "include_moe", "include_moge", "moge_loss_coefs", "paddings", "do_test")
 
@@ -1053,8 +1061,7 @@ def merge(study: StudyArguments) -> dict:
     os.makedirs(study.output_dir, exist_ok=True)
     merged["figures"] = write_plots(saved, merged["runs"], merged["summary"], arm_objects) if study.write_plots else []
     path = os.path.join(study.output_dir, "results.json")
-    with open(path, "w") as handle:
-        json.dump(diag.to_jsonable(merged), handle, indent=1)
+    write_json(path, merged)
     print(merged["table_markdown"])
     print(f"\nmerged {len(merged['runs'])} runs of {len(loaded)} files into {path}")
     return merged
@@ -1108,14 +1115,12 @@ def main(args: list[str] | None = None) -> dict:
             results["summary"] = summarize(study, results["runs"], arms)
             results["paired"] = paired_differences(study, results["runs"])
             results["total_seconds"] = time.perf_counter() - total_start
-            with open(path, "w") as handle:
-                json.dump(diag.to_jsonable(results), handle, indent=1)
+            write_json(path, results)
     table = format_table(study, results["runs"], results["summary"], results["paired"])
     results["table_markdown"] = table
     results["figures"] = write_plots(study, results["runs"], results["summary"], arms) if study.write_plots else []
     results["total_seconds"] = time.perf_counter() - total_start
-    with open(path, "w") as handle:
-        json.dump(diag.to_jsonable(results), handle, indent=1)
+    write_json(path, results)
     print(table)
     print(f"\nwrote {path} and {len(results['figures'])} PNGs; total {results['total_seconds']:.0f}s")
     return results

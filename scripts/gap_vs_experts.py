@@ -36,6 +36,7 @@ python scripts/gap_vs_experts.py --report docs/results/gap/vision_k1 --output_di
 """
 
 import argparse
+import fcntl
 import gzip
 import json
 import math
@@ -91,7 +92,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             parser.error("--final_seeds must not include --probe_seed: the probes chose the settings on that seed")
         if any(c <= 0 for c in args.moge_loss_coefs) or any(c < 0 for c in args.moe_aux_coefs):
             parser.error("--moge_loss_coefs must be > 0 and --moe_aux_coefs >= 0")
+        if len(args.moge_loss_coefs) != len(args.moe_aux_coefs):
+            parser.error("--moe_aux_coefs and --moge_loss_coefs must be as many: both methods get the same probes")
+        for name in ("num_experts", "final_seeds", "moe_aux_coefs", "moge_loss_coefs"):
+            values = getattr(args, name)
+            if len({f"{value:g}" for value in values}) != len(values):  # `:g` names the probes' folders
+                parser.error(f"--{name} has repeated values: {values}")
+        if args.workers < 1:
+            parser.error("--workers must be >= 1")
+        taken = sorted(
+            flag for flag in CONTROLLED for item in passthrough if item == flag or item.startswith(flag + "=")
+        )
+        if taken:
+            parser.error(f"the study sets {taken} itself for each job; leave them out of the arguments after --")
     return args, passthrough
+
+
+# What the study sets for each job: the same flag after `--` would silently win over it.
+CONTROLLED = (
+    "--task", "--scale", "--seeds", "--paddings", "--num_experts", "--num_experts_per_tok", "--router_aux_loss_coef",
+    "--moge_loss_coefs", "--include_moe", "--include_moge", "--do_test", "--output_dir", "--merge_from", "--plot_from",
+)  # fmt: skip
 
 
 _LOADED: dict[str, tuple[float, dict]] = {}
@@ -108,8 +129,11 @@ def finished(job_dir: str) -> dict | None:
             return None
     mtime = os.path.getmtime(path)
     if path not in _LOADED or _LOADED[path][0] != mtime:  # read each version of a file once
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt") as handle:
-            _LOADED[path] = (mtime, json.load(handle))
+        try:
+            with (gzip.open if path.endswith(".gz") else open)(path, "rt") as handle:
+                _LOADED[path] = (mtime, json.load(handle))
+        except (ValueError, EOFError, OSError):  # being written by an older compare_moe_moge.py: not finished
+            return None
     results = _LOADED[path][1]
     return results if "table_markdown" in results else None
 
@@ -123,13 +147,17 @@ def validation_metric(results: dict) -> tuple[float, bool]:
 
 
 def best(candidates: list[tuple[float, dict]]) -> tuple[float, list[dict]]:
-    """The coefficient whose finished probe has the best validation metric (the first one on a tie)."""
+    """The coefficient whose finished probe has the best validation metric (the first one on a tie; a diverged,
+    non-finite one never)."""
     table = []
     for coef, results in candidates:
         value, higher = validation_metric(results)
         table.append({"coef": coef, "validation": value})
+    finite = [row for row in table if math.isfinite(row["validation"])]
+    if not finite:
+        raise ValueError(f"every probe diverged (non-finite validation metric): {table}")
     sign = 1 if higher else -1
-    chosen = max(table, key=lambda row: sign * row["validation"])  # max keeps the first of equals
+    chosen = max(finite, key=lambda row: sign * row["validation"])  # max keeps the first of equals
     return chosen["coef"], table
 
 
@@ -145,18 +173,20 @@ class Setting:
         experts = ["--num_experts", str(self.num_experts), "--num_experts_per_tok", str(self.args.num_experts_per_tok)]
         return [*task, *experts, "--router_aux_loss_coef", repr(aux), *self.passthrough]
 
-    def moe_probes(self) -> dict[str, list[str]]:
+    def moe_probes(self) -> dict[str, tuple[float, list[str]]]:
+        """Job name -> (aux coefficient, arguments)."""
+        seed = self.args.probe_seed
         return {
-            f"probe_moe_aux{aux:g}": [*self.base(self.args.probe_seed, aux), "--include_moge", "False"]
+            f"probe_moe_aux{aux:g}": (aux, [*self.base(seed, aux), "--include_moge", "False"])
             for aux in self.args.moe_aux_coefs
         }
 
-    def moge_probes(self, aux: float) -> dict[str, list[str]]:
+    def moge_probes(self, aux: float) -> dict[str, tuple[float, list[str]]]:
+        """Job name -> (lambda, arguments), on top of the baseline with aux coefficient `aux`."""
+        extra = ["--include_moe", "False", "--moge_loss_coefs"]
+        seed = self.args.probe_seed
         return {
-            f"probe_moge_l{coef:g}": [
-                *self.base(self.args.probe_seed, aux),
-                *("--include_moe", "False", "--moge_loss_coefs", repr(coef)),
-            ]
+            f"probe_moge_l{coef:g}": (coef, [*self.base(seed, aux), *extra, repr(coef)])
             for coef in self.args.moge_loss_coefs
         }
 
@@ -174,23 +204,31 @@ class Setting:
     def selection(self) -> dict:
         """What the probes chose so far: `aux`, `moge_loss_coef` (None until their probes have all finished)."""
         chosen = {"num_experts": self.num_experts, "aux": None, "moge_loss_coef": None}
-        done = {name: finished(os.path.join(self.dir, name)) for name in self.moe_probes()}
-        if all(done.values()):
-            coefs = dict(zip(done, self.args.moe_aux_coefs))
-            chosen["aux"], chosen["moe_probes"] = best([(coefs[name], done[name]) for name in done])
-            done = {name: finished(os.path.join(self.dir, name)) for name in self.moge_probes(chosen["aux"])}
-            if all(done.values()):
-                coefs = dict(zip(done, self.args.moge_loss_coefs))
-                chosen["moge_loss_coef"], chosen["moge_probes"] = best([(coefs[name], done[name]) for name in done])
+        probes = self.moe_probes()
+        done = [(coef, finished(os.path.join(self.dir, name))) for name, (coef, _) in probes.items()]
+        if not all(results for _, results in done):
+            return chosen
+        chosen["aux"], chosen["moe_probes"] = best(done)
+        probes = self.moge_probes(chosen["aux"])
+        done = [(coef, finished(os.path.join(self.dir, name))) for name, (coef, _) in probes.items()]
+        for name, (_, results) in zip(probes, done):
+            if results and results["model"]["router_aux_loss_coef"] != chosen["aux"]:
+                raise ValueError(
+                    f"{os.path.join(self.dir, name)} was trained on a baseline with aux coefficient "
+                    f"{results['model']['router_aux_loss_coef']}, but the MoE probes now choose {chosen['aux']}; "
+                    "remove that folder to rerun it"
+                )
+        if all(results for _, results in done):
+            chosen["moge_loss_coef"], chosen["moge_probes"] = best(done)
         return chosen
 
     def pending(self) -> dict[str, list[str]]:
         """The jobs that can run now (their inputs are chosen) and have not finished."""
         chosen = self.selection()
         if chosen["aux"] is None:
-            jobs = self.moe_probes()
+            jobs = {name: command for name, (_, command) in self.moe_probes().items()}
         elif chosen["moge_loss_coef"] is None:
-            jobs = self.moge_probes(chosen["aux"])
+            jobs = {name: command for name, (_, command) in self.moge_probes(chosen["aux"]).items()}
         else:
             jobs = self.finals(chosen["aux"], chosen["moge_loss_coef"])
         return {name: command for name, command in jobs.items() if not finished(os.path.join(self.dir, name))}
@@ -224,6 +262,19 @@ def launch(setting: Setting, name: str, command: list[str]) -> tuple[subprocess.
 
 def run_study(args: argparse.Namespace, passthrough: list[str]) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
+    lock = open(os.path.join(args.output_dir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(f"another gap_vs_experts.py is running the study in {args.output_dir}") from None
+    try:
+        _run_study(args, passthrough)
+    finally:
+        lock.close()
+
+
+def _run_study(args: argparse.Namespace, passthrough: list[str]) -> None:
     spec = {key: value for key, value in vars(args).items() if key not in ("workers", "report", "output_dir")}
     spec["passthrough"] = passthrough
     spec_path = os.path.join(args.output_dir, "study.json")
@@ -243,8 +294,22 @@ def run_study(args: argparse.Namespace, passthrough: list[str]) -> None:
 
     settings = [Setting(args, passthrough, e) for e in args.num_experts]
     running: dict[str, tuple[subprocess.Popen, dict]] = {}
+    try:
+        schedule(args, settings, running)
+    finally:
+        for process, record in running.values():  # an error or Ctrl-C in the driver: stop its jobs too
+            process.terminate()
+            print(f"stopped {record['dir']}", flush=True)
+    complete = [setting.num_experts for setting in settings if setting.merge()]
+    print(f"complete: E = {complete}; report with: python {sys.argv[0]} --report {args.output_dir} --output_dir ...")
+
+
+def schedule(args: argparse.Namespace, settings: list[Setting], running: dict) -> None:
+    """Launch the jobs that can run, `args.workers` at a time, until none is left; after a failure, launch no more,
+    wait for the running ones and raise. `running` (job folder -> (process, record)) is the caller's, so that it can
+    stop them if this is interrupted."""
     failed = []
-    changed = True
+    changed = True  # a job ended (or the first pass): look for jobs that can start
     while True:
         for key, (process, record) in list(running.items()):
             if process.poll() is None:
@@ -260,7 +325,7 @@ def run_study(args: argparse.Namespace, passthrough: list[str]) -> None:
         if failed and not running:
             logs = ", ".join(os.path.join(path, "log.txt") for path in failed)
             raise RuntimeError(f"{len(failed)} job(s) failed; see {logs}")
-        if changed and not failed:  # a job ended (or the first pass): what can run now?
+        if changed and not failed:
             changed = False
             for setting in settings:
                 jobs = setting.pending()
@@ -273,8 +338,6 @@ def run_study(args: argparse.Namespace, passthrough: list[str]) -> None:
         if not running:
             break
         time.sleep(3)
-    complete = [setting.num_experts for setting in settings if setting.merge()]
-    print(f"complete: E = {complete}; report with: python {sys.argv[0]} --report {args.output_dir} --output_dir ...")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -472,11 +535,14 @@ def report(args: argparse.Namespace) -> dict:
 def archive(study_dir: str, destination: str) -> list[str]:
     """Copy what `--report` reads (and the job times and finals' pictures) from `study_dir` into `destination`."""
     written = []
-    for folder, _, names in os.walk(study_dir):
+    skip = os.path.abspath(destination)
+    for folder, subfolders, names in os.walk(study_dir):
+        subfolders[:] = [name for name in subfolders if os.path.abspath(os.path.join(folder, name)) != skip]
         relative = os.path.relpath(folder, study_dir)
         depth = 0 if relative == "." else relative.count(os.sep) + 1
         for name in names:
-            keep = name.endswith(".json") and depth <= 2  # study.json, e<E>/selection.json, e<E>/<job>/*.json
+            # study.json, e<E>/selection.json, e<E>/<job>/{job.json, results.json[.gz]}; the merged finals' PNGs
+            keep = name.endswith((".json", ".json.gz")) and depth <= 2
             keep |= name.endswith(".png") and os.path.basename(folder) == "final" and depth == 2
             if not keep:
                 continue

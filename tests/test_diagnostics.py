@@ -1,8 +1,11 @@
 """Routing diagnostics (`moge_hf.diagnostics`) on hand-made routings with known answers, and a smoke run of
 `scripts/compare_moe_moge.py` on tiny synthetic data."""
 
+import contextlib
+import fcntl
 import gzip
 import importlib.util
+import io
 import json
 import math
 import os
@@ -487,8 +490,9 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
     tiny += ["--moge_window", "2", "--max_steps", "4", "--eval_every", "2", "--eval_examples", "8"]
     tiny += ["--diagnostic_examples", "8", "--batch_size", "8", "--eval_batch_size", "8", "--learning_rate", "0.01"]
     tiny += ["--logging_steps", "1"]
-    study = ["--task", "language", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_aux_coefs", "0.01"]
-    study += ["2.0", "--moge_loss_coefs", "0.01", "3.0", "--final_seeds", "1", "2", "--output_dir", str(out)]
+    # The candidates come in an order where the first is not the best on these data (the default aux is 0.01).
+    study = ["--task", "language", "--num_experts", "4", "--num_experts_per_tok", "2", "--moe_aux_coefs", "2.0"]
+    study += ["0.02", "--moge_loss_coefs", "3.0", "0.01", "--final_seeds", "1", "2", "--output_dir", str(out)]
     gap.main([*study, "--", *tiny])
 
     def job(name):
@@ -499,11 +503,13 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
         assert "test" not in run and run["seed"] == 0  # probes: the probe seed, validation only
         return run["validation"]["loss"]
 
-    aux = min((0.01, 2.0), key=lambda c: validation(f"probe_moe_aux{c:g}"))
-    coef = min((0.01, 3.0), key=lambda c: validation(f"probe_moge_l{c:g}"))
+    aux = min((2.0, 0.02), key=lambda c: validation(f"probe_moe_aux{c:g}"))
+    coef = min((3.0, 0.01), key=lambda c: validation(f"probe_moge_l{c:g}"))
+    assert (aux, coef) == (0.02, 0.01)  # so a choice of the first candidate would be caught
     selection = json.loads((out / "e4" / "selection.json").read_text())
     assert (selection["aux"], selection["moge_loss_coef"]) == (aux, coef)
-    assert job("probe_moge_l3")["model"]["router_aux_loss_coef"] == aux  # MoGE probes build on the chosen baseline
+    for name in ("probe_moge_l3", "probe_moge_l0.01", "final_moe_seed1", "final_moge_seed2"):
+        assert job(name)["model"]["router_aux_loss_coef"] == aux  # MoGE probes and finals: the chosen baseline
     merged = json.loads((out / "e4" / "final" / "results.json").read_text())
     assert {(run["arm"], run["seed"]) for run in merged["runs"]} == {
         (a, s) for a in ("moe", "moge-circular") for s in (1, 2)
@@ -558,6 +564,47 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
     # A job that fails stops the study with the path of its log.
     with pytest.raises(RuntimeError, match="log.txt"):
         gap.main([*study[:-1], str(tmp_path / "broken"), "--", *tiny, "--tokenizer", "nope"])
+    # One driver per study folder.
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another gap_vs_experts.py"):
+            gap.main([*study, "--", *tiny])
+
+
+def test_gap_study_refuses_unfair_or_ambiguous_settings_and_never_chooses_a_diverged_probe(tmp_path):
+    gap = load_gap_script()
+    study = ["--task", "vision", "--num_experts", "8", "--num_experts_per_tok", "1", "--output_dir", str(tmp_path)]
+    for extra, message in [
+        (["--moe_aux_coefs", "0.01", "0.1"], "as many"),  # 2 MoE probes against 3 MoGE ones
+        (["--moe_aux_coefs", "0.01", "0.01", "0.1"], "repeated"),
+        (["--moge_loss_coefs", "0.001", "0.0010000001", "0.1"], "repeated"),  # one folder name for two lambdas
+        (["--final_seeds", "1", "1", "2"], "repeated"),
+        (["--final_seeds", "0", "1", "2"], "probe_seed"),
+        (["--workers", "0"], "workers"),
+        (["--", "--seeds", "1"], "--seeds"),  # would override the probe seed
+        (["--", "--do_test=True"], "--do_test"),  # would put the test split into the probes
+        (["--", "--router_aux_loss_coef", "0.5"], "--router_aux_loss_coef"),
+    ]:
+        assert message in refusal(gap, [*study, *extra])
+
+    def probe(loss):
+        return {"study": {"task": "language"}, "runs": [{"validation": {"loss": loss}}]}
+
+    assert gap.best([(0.001, probe(float("nan"))), (0.01, probe(2.5)), (0.1, probe(2.0))])[0] == 0.1
+    assert gap.best([(0.01, probe(2.0)), (0.1, probe(2.0))])[0] == 0.01  # a tie: the first
+    with pytest.raises(ValueError, match="diverged"):
+        gap.best([(0.01, probe(float("inf"))), (0.1, probe(float("nan")))])
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "results.json").write_text('{"table_markdown": "half wri')  # being written
+    assert gap.finished(str(tmp_path / "job")) is None
+
+
+def refusal(gap, argv: list[str]) -> str:
+    """What `parse_args` prints to stderr as it refuses `argv` (it must)."""
+    stream = io.StringIO()
+    with contextlib.redirect_stderr(stream), pytest.raises(SystemExit):
+        gap.parse_args(argv)
+    return stream.getvalue()
 
 
 @pytest.mark.parametrize("case", list(CASES))
