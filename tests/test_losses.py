@@ -315,6 +315,31 @@ def test_neighbours_cost_less_than_corners_valid_small_sigma():
     assert group_sparsity_loss(near, (4, 4), 2, 1.0) < group_sparsity_loss(far, (4, 4), 2, 1.0)
 
 
+@pytest.mark.parametrize("map_shape", [(2, 4), (4, 8), (8, 16)])
+def test_on_a_torus_uniform_routing_is_the_regularizer_minimum(map_shape):
+    # The loss is convex in the probabilities (a sum of square roots of positive quadratic forms) and, with
+    # padding="circular", unchanged by the torus's translations, which reach every expert; so averaging any routing
+    # over the translations gives the uniform routing, at no more cost. Over the probability simplex the
+    # regularizer therefore pulls a router towards uniform, never towards one expert or one window.
+    experts = map_shape[0] * map_shape[1]
+
+    def loss(probs):
+        return float(group_sparsity_loss(probs[None], map_shape, 3, 1.0, padding="circular"))
+
+    uniform = loss(torch.full((experts,), 1.0 / experts))
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (0.1, 1.0, 10.0):
+        for logits in torch.randn(32, experts, generator=generator) / temperature:
+            assert loss(logits.softmax(-1)) > uniform
+    assert loss(torch.eye(experts)[0]) > 2 * uniform  # a token on one expert costs more than twice a uniform one
+
+
+def test_with_valid_padding_the_border_costs_less_than_uniform_routing():
+    # The edge effect: a corner expert sits in one window, so routing all of a token there beats spreading it.
+    corner, uniform = torch.eye(128)[:1], torch.full((1, 128), 1 / 128)
+    assert group_sparsity_loss(corner, (8, 16), 3, 10.0) < group_sparsity_loss(uniform, (8, 16), 3, 10.0)
+
+
 def test_group_sparsity_window_one_is_mean_abs():
     # A 1x1 window holds one expert: the loss is mean over tokens and experts of sqrt(p^2 + 1e-8).
     probs = make_probs(4, 12, seed=5)
