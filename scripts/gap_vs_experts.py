@@ -544,7 +544,7 @@ def archive(study_dir: str, destination: str) -> list[str]:
             # study.json, e<E>/selection.json, e<E>/<job>/{job.json, results.json[.gz]}; the merged finals' PNGs
             keep = name.endswith((".json", ".json.gz")) and depth <= 2
             keep |= name.endswith(".png") and os.path.basename(folder) == "final" and depth == 2
-            if not keep:
+            if not keep or (name.startswith("results.json") and finished(folder) is None):  # a job still running
                 continue
             target = os.path.join(destination, relative, name)
             os.makedirs(os.path.dirname(target), exist_ok=True)

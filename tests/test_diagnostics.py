@@ -554,7 +554,10 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
 
     # The archived copy (results.json gzipped, as in docs/) reports the same.
     archive = tmp_path / "archive"
+    (out / "e4" / "running_job").mkdir()
+    (out / "e4" / "running_job" / "results.json").write_text('{"runs": []}')  # no table yet: not finished
     gap.main(["--archive", str(out), "--output_dir", str(archive)])
+    assert not (archive / "e4" / "running_job").exists()
     assert not list(archive.rglob("results.json")) and not list(archive.rglob("log.txt"))
     assert len(list(archive.glob("e4/*/results.json.gz"))) == 2 + 2 + 4 + 1
     assert json.loads(gzip.decompress((archive / "e4/final/results.json.gz").read_bytes())) == merged
