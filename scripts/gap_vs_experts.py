@@ -426,6 +426,25 @@ def report_table(studies: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(studies: list[dict]) -> str:
+    """Per finished setting and diagnostic: each arm's mean over the final seeds and the paired MoGE - MoE."""
+    lines = [
+        "| task | top-k | E | diagnostic | MoE | MoGE | MoGE - MoE [95% CI] |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for study in studies:
+        spec = study["spec"]
+        for entry in (e for e in study["settings"] if e["complete"]):
+            head = f"| {spec['task']} | {spec['num_experts_per_tok']} | {entry['num_experts']} | "
+            moe, moge = entry["arms"]["moe"], entry["arms"][entry["moge_arm"]]
+            for key in ARM_KEYS[spec["task"]]:
+                if moe[key]["mean"] is None or moge[key]["mean"] is None:
+                    continue
+                paired = fmt_interval(entry["paired"].get(key))
+                lines.append(head + f"{key} | {moe[key]['mean']:.4f} | {moge[key]['mean']:.4f} | {paired} |")
+    return "\n".join(lines)
+
+
 def plot_gap(studies: list[dict], path: str) -> str | None:
     try:
         import matplotlib
@@ -521,14 +540,14 @@ def report(args: argparse.Namespace) -> dict:
     studies = [report_study(path) for path in args.report]
     os.makedirs(args.output_dir, exist_ok=True)
     table = report_table(studies)
-    out = {"studies": studies, "table_markdown": table}
+    out = {"studies": studies, "table_markdown": table, "diagnostics_markdown": diagnostics_table(studies)}
     out["figures"] = [
         plot_gap(studies, os.path.join(args.output_dir, "gap_vs_experts.png")),
         plot_entropy(studies, os.path.join(args.output_dir, "routing_entropy_vs_step.png")),
     ]
     with open(os.path.join(args.output_dir, "gap.json"), "w") as handle:
         json.dump(out, handle, indent=1)
-    print(table)
+    print(table, out["diagnostics_markdown"], sep="\n\n")
     return out
 
 

@@ -544,6 +544,10 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
     assert entry["complete"] and entry["paired"]["test_loss"]["differences"] == pytest.approx(want)
     assert set(entry["wall_seconds"]) == {path.parent.name for path in stamps}
     assert "| language | 2 | 4 |" in report["table_markdown"]
+    moe_mi = np.mean(
+        [run_["diagnostics"]["layers"][0]["mi_token_bits"] for run_ in merged["runs"] if run_["arm"] == "moe"]
+    )
+    assert f"| language | 2 | 4 | mi_token_bits | {moe_mi:.4f} |" in report["diagnostics_markdown"]
     saved = json.loads((tmp_path / "report" / "gap.json").read_text())
     assert saved["studies"][0]["settings"][0]["moge_loss_coef"] == coef
     curve = entry["entropy_curves"]["moe"]
