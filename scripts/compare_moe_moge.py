@@ -887,27 +887,22 @@ def format_table(study: StudyArguments, runs: list[dict], summary: dict, paired:
     for run in runs:
         scalars = run_scalars(study, run)
         lines.append(f"| {run['arm']} | {run['seed']} | " + " | ".join(fmt(scalars[key]) for key in keys) + " |")
+
+    def cell(entry: dict | None, spread: str) -> str:
+        """The mean, then `+- std` (spread "std") or `[low, high]` (spread "ci95") where there is one."""
+        if entry is None or entry["mean"] is None:
+            return "-"
+        if entry[spread] is None:
+            return fmt(entry["mean"])
+        if spread == "std":
+            return f"{fmt(entry['mean'])} +- {fmt(entry['std'])}"
+        return f"{fmt(entry['mean'])} [{fmt(entry['ci95'][0])}, {fmt(entry['ci95'][1])}]"
+
     for arm, values in summary.items():
-        cells = []
-        for key in keys:
-            entry = values[key]
-            if entry["mean"] is None:
-                cells.append("-")
-            elif entry["std"] is None:
-                cells.append(fmt(entry["mean"]))
-            else:
-                cells.append(f"{fmt(entry['mean'])} +- {fmt(entry['std'])}")
+        cells = [cell(values[key], "std") for key in keys]
         lines.append(f"| **{arm}** | mean | " + " | ".join(cells) + " |")
     for arm, entries in (paired or {}).items():
-        cells = []
-        for key in keys:
-            entry = entries.get(key)
-            if entry is None:
-                cells.append("-")
-            elif entry["ci95"] is None:
-                cells.append(fmt(entry["mean"]))
-            else:
-                cells.append(f"{fmt(entry['mean'])} [{fmt(entry['ci95'][0])}, {fmt(entry['ci95'][1])}]")
+        cells = [cell(entries.get(key), "ci95") for key in keys]
         lines.append(f"| **{arm} - {entries['baseline']}** | paired | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
