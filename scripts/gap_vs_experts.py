@@ -15,7 +15,8 @@ runs three phases, each job one `compare_moe_moge.py` process:
 
 Jobs run `--workers` at a time, each with one thread (`OMP_NUM_THREADS=1`, the CPU presets' `torch_threads=1`). Each
 job writes `results.json`, `log.txt` and `job.json` (command, wall seconds) into its own folder; a finished job is
-never run again, so a stopped study resumes where it stopped when the same command runs again. Arguments after `--`
+never run again, so a stopped study (Ctrl-C or `kill`, which stop its running jobs too) resumes where it stopped
+when the same command runs again. Arguments after `--`
 go to every job (data files, steps, setup).
 
 `--archive STUDY_DIR --output_dir DEST` copies a study's records, results gzipped, for keeping in git (docs/results/).
@@ -41,6 +42,7 @@ import gzip
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -268,9 +270,13 @@ def run_study(args: argparse.Namespace, passthrough: list[str]) -> None:
     except BlockingIOError:
         lock.close()
         raise RuntimeError(f"another gap_vs_experts.py is running the study in {args.output_dir}") from None
+    # `kill` (SIGTERM) stops the study like Ctrl-C: its running jobs are stopped too (background jobs of a script
+    # ignore SIGINT, so SIGTERM is how one stops them).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         _run_study(args, passthrough)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         lock.close()
 
 

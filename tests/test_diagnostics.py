@@ -9,6 +9,10 @@ import io
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -576,6 +580,25 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(RuntimeError, match="another gap_vs_experts.py"):
             gap.main([*study, "--", *tiny])
+
+
+def test_gap_study_stopped_with_kill_stops_its_jobs(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 80)
+    out = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "scripts" / "gap_vs_experts.py"), "--task", "language", "--num_experts", "4"]
+    command += ["--num_experts_per_tok", "2", "--output_dir", str(out), "--", "--train_file", str(text)]
+    command += ["--block_size", "16", "--hidden_size", "32", "--num_layers", "2", "--moge_window", "2"]
+    command += ["--max_steps", "100000", "--batch_size", "8"]  # runs until stopped
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert "start" in driver.stdout.readline()
+    time.sleep(1)
+    driver.terminate()
+    output = driver.communicate(timeout=60)[0]
+    assert driver.returncode == 128 + signal.SIGTERM and "stopped" in output
+    time.sleep(1)
+    jobs = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert jobs == [], f"jobs left running: {jobs}"
 
 
 def test_gap_study_refuses_unfair_or_ambiguous_settings_and_never_chooses_a_diverged_probe(tmp_path):
