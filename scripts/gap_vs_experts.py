@@ -451,14 +451,18 @@ def diagnostics_table(studies: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_gap(studies: list[dict], path: str) -> str | None:
+def pyplot():
+    """matplotlib's pyplot as moge_hf's plots set it up, or None (with a note) when matplotlib is missing."""
     try:
-        import matplotlib
+        return compare.diag._pyplot()
+    except ImportError as error:
+        print(f"{error}: no pictures")
+        return None
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no picture (pip install matplotlib)")
+
+def plot_gap(studies: list[dict], path: str) -> str | None:
+    plt = pyplot()
+    if plt is None:
         return None
     tasks = list(dict.fromkeys(study["spec"]["task"] for study in studies))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
@@ -517,12 +521,8 @@ def entropy_curves(results: dict) -> dict[str, dict]:
 def plot_entropy(studies: list[dict], path: str) -> str | None:
     """Training routing entropy / log E against the step, one panel per study, a colour per E (solid MoE, dashed
     MoGE): whether the routers leave uniform."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, len(studies), figsize=(5 * len(studies), 3.8), squeeze=False)
     for ax, study in zip(axes[0], studies):
