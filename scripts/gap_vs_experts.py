@@ -16,8 +16,7 @@ runs three phases, each job one `compare_moe_moge.py` process:
 Jobs run `--workers` at a time, each with one thread (`OMP_NUM_THREADS=1`, the CPU presets' `torch_threads=1`). Each
 job writes `results.json`, `log.txt` and `job.json` (command, wall seconds) into its own folder; a finished job is
 never run again, so a stopped study (Ctrl-C or `kill`, which stop its running jobs too) resumes where it stopped
-when the same command runs again. Arguments after `--`
-go to every job (data files, steps, setup).
+when the same command runs again. Arguments after `--` go to every job (data files, steps, setup).
 
 `--archive STUDY_DIR --output_dir DEST` copies a study's records, results gzipped, for keeping in git (docs/results/).
 `--report STUDY_DIR [...]` trains nothing: it reads the finished settings of one or more studies and writes
