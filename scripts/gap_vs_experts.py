@@ -20,7 +20,8 @@ when the same command runs again. Arguments after `--` go to every job (data fil
 
 `--archive STUDY_DIR --output_dir DEST` copies a study's records, results gzipped, for keeping in git (docs/results/).
 `--report STUDY_DIR [...]` trains nothing: it reads the finished settings of one or more studies and writes
-`gap.json` (choices, probes, per-arm diagnostics, paired differences with 95% t-intervals, wall times) and
+`gap.json` (choices, probes, per-arm diagnostics, paired differences with 95% t-intervals, wall times, and per
+study the trend: the slope of the paired difference per doubling of E, with its 95% t-interval) and
 `gap_vs_experts.png` (MoGE - MoE on the test metric against E, one panel per task) and
 `routing_entropy_vs_step.png` (do the routers leave uniform?) into `--output_dir`.
 
@@ -392,7 +393,53 @@ def report_study(study_dir: str) -> dict:
             entry["hardware"] = results["runs"][0].get("hardware") or results.get("hardware")
             entry["entropy_curves"] = entropy_curves(results)
         out["settings"].append(entry)
+    out["trend"] = {split: trend(out, split) for split in ("val", "test")}
     return out
+
+
+def trend(study: dict, split: str) -> dict | None:
+    """Does the gap grow with E? The least-squares slope of the per-seed paired differences (MoGE - MoE on `split`'s
+    metric) against log2 E, over every final pair of the study's finished settings, with its 95% t-interval
+    (n - 2 degrees of freedom); None with fewer than 2 values of E or 3 pairs. Pairs at different E share nothing, so
+    they are treated as independent points."""
+    points = [
+        (math.log2(entry["num_experts"]), value)
+        for entry in study["settings"]
+        if entry["complete"] and f"{split}_{entry['metric']}" in entry["paired"]
+        for value in entry["paired"][f"{split}_{entry['metric']}"]["differences"]
+    ]
+    x = np.array([point[0] for point in points], dtype=float)
+    y = np.array([point[1] for point in points], dtype=float)
+    if len(np.unique(x)) < 2 or len(x) < 3:
+        return None
+    sxx = float(np.sum((x - x.mean()) ** 2))
+    slope = float(np.sum((x - x.mean()) * (y - y.mean())) / sxx)
+    residuals = y - (y.mean() + slope * (x - x.mean()))
+    dof = len(x) - 2
+    half = compare.student_t_quantile(0.975, dof) * math.sqrt(float(np.sum(residuals**2)) / dof / sxx)
+    return {"slope_per_doubling": slope, "ci95": [slope - half, slope + half], "pairs": len(x), "dof": dof}
+
+
+def trend_table(studies: list[dict]) -> str:
+    lines = [
+        "| task | top-k | E | pairs | MoGE - MoE per doubling of E, validation [95% CI] | the same, test [95% CI] |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for study in studies:
+        spec, trends = study["spec"], study["trend"]
+        if trends["test"] is None and trends["val"] is None:
+            continue
+        done = [str(entry["num_experts"]) for entry in study["settings"] if entry["complete"]]
+        pairs = (trends["test"] or trends["val"])["pairs"]
+        cells = [
+            fmt_interval({"mean": t["slope_per_doubling"], "ci95": t["ci95"]}) if t else "-" for t in trends.values()
+        ]
+        lines.append(
+            f"| {spec['task']} | {spec['num_experts_per_tok']} | {', '.join(done)} | {pairs} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def fmt_interval(entry: dict | None, scale: float = 1.0) -> str:
@@ -546,13 +593,14 @@ def report(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     table = report_table(studies)
     out = {"studies": studies, "table_markdown": table, "diagnostics_markdown": diagnostics_table(studies)}
+    out["trend_markdown"] = trend_table(studies)
     out["figures"] = [
         plot_gap(studies, os.path.join(args.output_dir, "gap_vs_experts.png")),
         plot_entropy(studies, os.path.join(args.output_dir, "routing_entropy_vs_step.png")),
     ]
     with open(os.path.join(args.output_dir, "gap.json"), "w") as handle:
         json.dump(out, handle, indent=1)
-    print(table, out["diagnostics_markdown"], sep="\n\n")
+    print(table, out["trend_markdown"], out["diagnostics_markdown"], sep="\n\n")
     return out
 
 

@@ -548,6 +548,7 @@ def test_gap_study_chooses_on_validation_tests_other_seeds_resumes_and_reports_p
     assert entry["complete"] and entry["paired"]["test_loss"]["differences"] == pytest.approx(want)
     assert set(entry["wall_seconds"]) == {path.parent.name for path in stamps}
     assert "| language | 2 | 4 |" in report["table_markdown"]
+    assert report["studies"][0]["trend"] == {"val": None, "test": None}  # one E: no slope
     moe_mi = np.mean(
         [run_["diagnostics"]["layers"][0]["mi_token_bits"] for run_ in merged["runs"] if run_["arm"] == "moe"]
     )
@@ -627,6 +628,27 @@ def test_gap_study_refuses_unfair_or_ambiguous_settings_and_never_chooses_a_dive
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "results.json").write_text('{"table_markdown": "half wri')  # being written
     assert gap.finished(str(tmp_path / "job")) is None
+
+
+def test_gap_trend_is_the_least_squares_slope_per_doubling_of_experts_with_its_t_interval():
+    gap = load_gap_script()
+    differences = {8: [-0.009, -0.003, -0.0005], 32: [0.0067, -0.0033, -0.005], 128: [0.0001, 0.0003, 0.004]}
+
+    def setting(num_experts, values, complete=True):
+        paired = {"test_accuracy": {"differences": values}} if complete else {}
+        return {"num_experts": num_experts, "complete": complete, "metric": "accuracy", "paired": paired}
+
+    study = {"settings": [setting(e, v) for e, v in differences.items()] + [setting(512, [], complete=False)]}
+    x = np.repeat(np.log2(list(differences)), 3)
+    y = np.concatenate(list(differences.values()))
+    (slope, _), cov = np.polyfit(x, y, 1, cov=True)  # cov scaled by the residual variance over n - 2
+    half = 2.364624 * math.sqrt(cov[0, 0])  # Student's t, 97.5%, 7 degrees of freedom (tables)
+    got = gap.trend(study, "test")
+    assert got["pairs"] == 9 and got["dof"] == 7
+    assert got["slope_per_doubling"] == pytest.approx(slope, rel=1e-9)
+    assert got["ci95"] == pytest.approx([slope - half, slope + half], rel=1e-5)
+    assert gap.trend(study, "val") is None  # no validation differences recorded
+    assert gap.trend({"settings": [setting(8, [0.1, 0.2, 0.3])]}, "test") is None  # one E: no slope
 
 
 def refusal(gap, argv: list[str]) -> str:
