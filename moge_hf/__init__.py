@@ -32,7 +32,7 @@ from .training import MoGEArguments, MoGESigmaCallback, add_moge_callback, annea
 from .transformers_moe import add_moge_regularizer
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "diagnostics",

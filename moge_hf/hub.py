@@ -4,7 +4,7 @@ A folder written by `save_pretrained` holds everything a Hub repo needs for load
 `config.json` with an `auto_map`, and the code (`modeling_moge.py` and the files it imports). This module adds:
 
 - [`render_model_card`]: a MoGE model card (a `huggingface_hub.ModelCard`) rendered from the templates in
-  `model_cards/` with the model's real config and only the metrics the caller's results hold;
+  `moge_hf/model_cards/` with the model's real config and only the metrics the caller's results hold;
 - [`check_moge_model_dir`], [`prepare_upload_folder`], [`push_model_dir`]: the checked folder that goes to the Hub
   (what `scripts/push_to_hub.py` uploads, or writes with `--dry-run`), and the upload itself;
 - [`add_moge_hub_callback`]: makes `Trainer(push_to_hub=True)` push the code and a MoGE card too.
@@ -53,19 +53,9 @@ __all__ = [
     "render_model_card",
 ]
 
-# The card templates (jinja, rendered by `ModelCard.from_template`), one per model family (named by its `MoGEHost`).
-# The templates live in the repository's `model_cards/`; a wheel installs them under `<prefix>/share/moge_hf/`.
-MODEL_CARD_TEMPLATES_DIR = next(
-    (
-        folder
-        for folder in (
-            Path(__file__).resolve().parent.parent / "model_cards",
-            Path(sys.prefix) / "share" / "moge_hf" / "model_cards",
-        )
-        if folder.is_dir()
-    ),
-    Path(__file__).resolve().parent.parent / "model_cards",
-)
+# The card templates (jinja, rendered by `ModelCard.from_template`), one per model family (named by its `MoGEHost`),
+# ship inside the package (`moge_hf/model_cards/`, package data), so an editable install and a wheel find them alike.
+MODEL_CARD_TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
 MOGE_TAGS = ("moge", "mixture-of-experts")
 
 
@@ -732,7 +722,7 @@ def render_model_card(
     template = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATES_DIR / host.card_template
     if not template.is_file():
         raise FileNotFoundError(
-            f"model card template {str(template)!r} not found (the templates live in the repository's `model_cards/` "
+            f"model card template {str(template)!r} not found (the templates ship in the package's `model_cards/` "
             "folder; pass `template_path=`)"
         )
     card = ModelCard.from_template(card_data, template_path=str(template), **variables)

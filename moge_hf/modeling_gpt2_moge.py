@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -149,7 +150,7 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
             )
 
 
-class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel):
+class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel, GenerationMixin):
     """GPT-2 MoGE with a language-modeling head tied to the input embeddings; `generate` works as for GPT-2.
 
     Example:

@@ -58,6 +58,7 @@ def task_loss(case, model, outputs, batch):
     return F.cross_entropy(outputs.logits, batch["labels"])
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_outputs_have_routing_losses(case):
     model, batch = build(case)
@@ -250,6 +251,7 @@ def test_reentrant_checkpointing_refused_since_routing_losses_would_train_nothin
         assert torch.isfinite(model(**batch).loss)
 
 
+@pytest.mark.compat
 def test_generate_with_cache_matches_without():
     model, _ = build("gpt2-lm")
     model.eval()
@@ -259,6 +261,16 @@ def test_generate_with_cache_matches_without():
     uncached = model.generate(prompt, use_cache=False, **kwargs)
     assert cached.shape == (2, 12)
     assert torch.equal(cached, uncached)
+
+
+def test_generative_classes_list_generation_mixin_among_their_direct_bases():
+    # transformers' convention, asserted by its common test `test_inherits_generation_mixin`: a class that can
+    # generate names `GenerationMixin` among its own bases (inheriting it from the dense parent is not enough).
+    classes = [head.model_class for host in HOSTS.values() for head in host.heads.values()]
+    generative = [cls for cls in classes if cls.can_generate()]
+    assert GPT2MoGELMHeadModel in generative
+    for cls in generative:
+        assert transformers.GenerationMixin in cls.__bases__, cls.__name__
 
 
 def test_hidden_states_attentions_and_resized_embeddings():
@@ -436,6 +448,7 @@ def test_routing_losses_are_float32_under_autocast(dtype):
 AUTO_CASES = [(name, getattr(transformers, CASES[name].auto_class)) for name in MODEL_CASES]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("case,auto_class", AUTO_CASES)
 def test_auto_class_round_trip(case, auto_class, tmp_path):
     model, batch = build(case, moge_sigma=2.5)

@@ -62,6 +62,7 @@ def fake_state(global_step: int = 0, max_steps: int = 8) -> TrainerState:
 MOGE = dict(moge_loss_coef=0.1, moge_map_shape=[2, 4], moge_window=2, moge_sigma_schedule=[4.0, 1.0, 1.0])
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("case", case_names(head=True))
 def test_every_model_trains_under_trainer_with_the_callback(case, tmp_path):
     """Each head model of the table (moge_hf's, and transformers' MoE models given `add_moge_regularizer`) under plain

@@ -38,6 +38,7 @@ def reference_moge_loss(router_logits, mask, sigma=0.8, **kwargs):
     return torch.stack(per_layer).mean()
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("case", CASES)
 def test_loss_is_the_models_own_plus_lambda_times_moge_loss(case):
     inputs = batch()
@@ -75,6 +76,7 @@ def test_lambda_zero_leaves_the_loss_exactly_the_models_own(case):
     assert out.moge_loss > 0 and not out.moge_loss.requires_grad  # reported, not trained on
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("case", CASES)
 def test_the_routers_get_the_regularizers_gradient(case):
     inputs = batch(seed=2)
@@ -92,6 +94,7 @@ def test_the_routers_get_the_regularizers_gradient(case):
         torch.testing.assert_close(with_moge - without, 0.1 * moge, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.compat
 def test_settings_are_saved_and_reapplied_and_the_folder_stays_native(tmp_path):
     model = build("qwen3_moe", **{**MOGE, "moge_padding": "circular", "moge_reduction": "paper"})
     model.eval()
