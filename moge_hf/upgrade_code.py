@@ -35,9 +35,9 @@ from .hub import _auto_map_modules, _inspect_model_dir
 from .moge_model import HOSTS
 
 
-# Modules that an older release's `auto_map` names and today's code keeps as import shims: moge_hf 0.1.0 saved
-# `modeling_moge.GPT2MoGELMHeadModel`, ... (the models now live in one modeling file per family).
-LEGACY_MODULES = ("modeling_moge",)
+# Modules that an older release's `auto_map` names and today's code keeps as import shims, with that release: moge_hf
+# 0.1.0 saved `modeling_moge.GPT2MoGELMHeadModel`, ... (the models now live in one modeling file per family).
+LEGACY_MODULES = {"modeling_moge": "0.1.0"}
 
 
 __all__ = ["CodeUpgrade", "upgrade_model_code"]
@@ -55,6 +55,7 @@ class CodeUpgrade:
     backup: Path | None = None  # where the replaced files went
     diffs: dict[str, str] = field(default_factory=dict)  # unified diff per changed file
     dry_run: bool = False
+    saved_by: str | None = None  # the older release that saved the folder, where its `auto_map` tells (e.g. "0.1.0")
 
     @property
     def up_to_date(self) -> bool:
@@ -63,7 +64,10 @@ class CodeUpgrade:
     def summary(self) -> str:
         if self.up_to_date:
             return f"{self.folder}: code already that of the installed moge_hf; nothing written"
-        lines = [f"{self.folder}:" + (" (dry run: nothing written)" if self.dry_run else "")]
+        header = f"{self.folder}:"
+        if self.saved_by:
+            header += f" code of moge_hf {self.saved_by} (its auto_map names that release's modules)"
+        lines = [header + (" (dry run: nothing written)" if self.dry_run else "")]
         for name in self.changed:
             added = sum(line.startswith("+") and not line.startswith("+++") for line in self.diffs[name].splitlines())
             removed = sum(
@@ -125,6 +129,7 @@ def upgrade_model_code(
     with tempfile.TemporaryDirectory() as staging:
         staging = Path(staging)
         mapped_modules = _auto_map_modules(folder.config.get("auto_map") or {}, "config.json")
+        result.saved_by = next((LEGACY_MODULES[m] for m in sorted(mapped_modules) if m in LEGACY_MODULES), None)
         fresh = _fresh_code(folder.config["model_type"], staging, mapped_modules)
         mapped = {f"{module}.py" for module in mapped_modules}
         if not mapped <= set(fresh):
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--backup_dir takes one model folder")
     from . import __version__
 
-    print(f"moge_hf {__version__} (transformers {transformers.__version__} installed)")
+    print(f"installed: moge_hf {__version__}, transformers {transformers.__version__}")
     failed = False
     for model_dir in args.model_dirs:
         try:

@@ -9,6 +9,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,9 @@ def test_transformers_policy_is_one_range_kept_everywhere():
     supported = declared_transformers_range()
     floor = next(spec.version for spec in supported if spec.operator == ">=")
     cap = next(spec.version for spec in supported if spec.operator == "<")
+    # The policy: the floor is the oldest release supported, the cap the next major (minors are admitted as they come,
+    # the compatibility matrix of noxfile.py covers each), as sentence-transformers caps transformers.
+    assert Version(cap) == Version(str(Version(floor).major + 1))
     # CI's second venv pins the floor of the range, from one constraints file.
     pins = [
         line for line in (ROOT / ".ci" / "transformers-floor.txt").read_text().splitlines() if line and line[0] != "#"

@@ -167,6 +167,8 @@ def test_upgrade_code_refreshes_only_the_code_of_a_0_1_0_folder(tmp_path):
     upgrade = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert upgrade.returncode == 0, upgrade.stderr
     assert "updated modeling_moge.py" in upgrade.stdout and "untouched" in upgrade.stdout
+    assert f"installed: moge_hf {moge_hf.__version__}," in upgrade.stdout
+    assert f"{folder}: code of moge_hf 0.1.0 (its auto_map names" in upgrade.stdout
     backups = list(tmp_path.glob("model.code-backup-*"))
     assert len(backups) == 1 and str(backups[0]) in upgrade.stdout
 
@@ -216,6 +218,19 @@ def test_upgrade_code_dry_run_writes_nothing_and_refuses_bad_folders(tmp_path):
     (folder / "config.json").write_text((folder / "config.json").read_text().replace('"gpt2_moge"', '"gpt2"'))
     with pytest.raises(ValueError, match="not a moge_hf model"):
         upgrade_model_code(folder)
+
+
+def test_only_a_0_1_0_folder_is_said_to_be_saved_by_0_1_0(tmp_path):
+    from moge_hf import GPT2MoGELMHeadModel
+
+    GPT2MoGELMHeadModel(TABLE["gpt2-lm"].build().config).save_pretrained(tmp_path / "today")
+    code = tmp_path / "today" / "modeling_gpt2_moge.py"
+    code.write_text(code.read_text() + "# edited\n")  # an older copy of today's code, as a later release will find it
+    plan = upgrade_model_code(tmp_path / "today", dry_run=True)
+    assert plan.changed == ["modeling_gpt2_moge.py"] and plan.saved_by is None and "0.1.0" not in plan.summary()
+    shutil.copytree(OLD_FOLDER, tmp_path / "old")
+    plan = upgrade_model_code(tmp_path / "old", dry_run=True)
+    assert plan.saved_by == "0.1.0" and "code of moge_hf 0.1.0" in plan.summary()
 
 
 def test_a_0_1_0_folder_is_not_uploaded_with_its_old_code_until_upgraded(tmp_path):
