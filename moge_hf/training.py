@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 import zipfile
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, sort_checkpoints
 from transformers.utils import logging
 
 from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS, SHAPE_FREE_MOGE_FIELDS
@@ -43,8 +44,10 @@ __all__ = [
     "MoGESigmaCallback",
     "add_moge_callback",
     "annealed_sigma",
+    "check_routing_losses_kept",
     "baseline_training_args",
     "check_local_source",
+    "parse_script_arguments",
     "finished_run_metrics",
     "main_arm_name",
     "checkpoint_problem",
@@ -55,6 +58,59 @@ __all__ = [
 ]
 
 LOSS_NAMES = ROUTING_OUTPUTS[1:]  # the unscaled routing losses of the outputs: aux_loss, moge_loss, z_loss
+# The config coefficient that weighs each routing loss into the model's `loss`.
+LOSS_COEFFICIENTS = {"aux_loss": "router_aux_loss_coef", "moge_loss": "moge_loss_coef", "z_loss": "router_z_loss_coef"}
+
+
+# ---- what keeps the routing losses in the loss Trainer trains ------------------------------------------------------
+
+# The MoGE models (and a model given `add_moge_regularizer`) add their weighted routing losses to `loss` only when they
+# get `labels`. Trainer takes `labels` away from the model and computes the loss from the logits itself under these
+# options; the routing losses would then be computed, logged, and never trained.
+_LOSS_REPLACING_OPTIONS = (("label_smoothing_factor", "--label_smoothing_factor", "label smoothing"),)
+
+
+def check_routing_losses_kept(training_args: TrainingArguments, trainer: Trainer | None = None) -> None:
+    """Raise before training where `Trainer` would compute the loss without the model's routing losses.
+
+    `Trainer` hands the model its `labels` and trains the model's own `loss` (task loss plus the weighted routing
+    losses) unless `label_smoothing_factor` is set or a `compute_loss_func` is given: then it pops `labels`, and
+    the MoGE, load-balancing and z-losses would not train. Both are refused, naming the option.
+
+    Raises:
+        `ValueError`: naming the option that would drop the routing losses.
+    """
+    for name, flag, what in _LOSS_REPLACING_OPTIONS:
+        value = getattr(training_args, name, None)
+        if value:
+            raise ValueError(
+                f"{flag} {value}: with {what} Trainer takes `labels` away from the model and computes the loss from "
+                "the logits itself, so the routing losses (MoGE, load balancing, z-loss) would not train. Leave "
+                f"`{name}` at its default with a MoGE model or a model given add_moge_regularizer."
+            )
+    if trainer is not None and getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError(
+            "Trainer(compute_loss_func=...): Trainer then takes `labels` away from the model and calls the function "
+            "on the outputs, so the routing losses (MoGE, load balancing, z-loss) would not train. Let the model "
+            "compute its loss (pass `labels`), or add `outputs.moge_loss` and the other routing losses, weighted, "
+            "in your function and attach the callback with `MoGESigmaCallback(check_loss=False)`."
+        )
+
+
+def _routing_losses_left_out(model: nn.Module, output) -> list[str]:
+    """The weighted routing losses of a training forward's `output` (they carry a gradient) that are not in its `loss`
+    because the model got no `labels`: what a Trainer that computes the loss itself would silently not train."""
+    if not (model.training and torch.is_grad_enabled()) or not isinstance(output, dict):
+        return []
+    if output.get("loss") is not None:
+        return []
+    config = getattr(model, "config", None)
+    left_out = []
+    for name, coefficient in LOSS_COEFFICIENTS.items():
+        loss = output.get(name)
+        if isinstance(loss, torch.Tensor) and loss.requires_grad and getattr(config, coefficient, 0):
+            left_out.append(name)
+    return left_out
 
 
 def _argument(name: str):
@@ -309,6 +365,11 @@ class MoGESigmaCallback(TrainerCallback):
             Whether to log the metrics; `False` only schedules sigma (no hooks).
         log_expert_load (`bool`, *optional*, defaults to `True`):
             Whether to log the per-expert load (`num_experts` keys per MoGE layer); the entropies are logged anyway.
+        check_loss (`bool`, *optional*, defaults to `True`):
+            Refuse a training setup that would not train the routing losses: `label_smoothing_factor` at the start of
+            training, and at the first training forward whose output has weighted routing losses but no `loss` (the
+            model got no `labels`: a `compute_loss_func`, a `compute_loss` of your own, a trainer that computes its
+            loss from the logits). Set it `False` only where your own loss adds the routing losses.
 
     Example:
 
@@ -325,9 +386,10 @@ class MoGESigmaCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, log_metrics: bool = True, log_expert_load: bool = True):
+    def __init__(self, log_metrics: bool = True, log_expert_load: bool = True, check_loss: bool = True):
         self.log_metrics = log_metrics
         self.log_expert_load = log_expert_load
+        self.check_loss = check_loss
         self.placed_first = False  # set by `add_moge_callback`
         self._model: nn.Module | None = None
         self._hooks: list = []
@@ -356,6 +418,9 @@ class MoGESigmaCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._remove_hooks()
         self._model = unwrap_moge_model(kwargs["model"])
+        if self.check_loss:
+            check_routing_losses_kept(args)
+            self._hooks.append(self._model.register_forward_hook(self._check_loss_hook))
         self._set_sigma(state)
         if self.log_metrics:
             self._register_hooks()
@@ -385,7 +450,7 @@ class MoGESigmaCallback(TrainerCallback):
         self._num_experts = regularizers[0].num_experts if regularizers else 0
         self._float_sums = None
         self._int_sums = None
-        self._hooks = [model.register_forward_hook(self._model_hook)]
+        self._hooks.append(model.register_forward_hook(self._model_hook))
         self._recorder = recorder
         recorder.listeners.append(self._on_routing)
 
@@ -406,6 +471,19 @@ class MoGESigmaCallback(TrainerCallback):
                 len(LOSS_NAMES) + num_layers * (self._num_experts + 1), dtype=torch.long, device=device
             )
         return self._float_sums, self._int_sums  # they stay where they were made: additions come to them
+
+    def _check_loss_hook(self, module: nn.Module, args: tuple, output) -> None:
+        left_out = _routing_losses_left_out(module, output)
+        if left_out:
+            self._remove_hooks()  # the run ends here: leave no hook of this callback on the model
+            raise RuntimeError(
+                f"{type(module).__name__} was called in training without `labels`, so its `loss` does not hold its "
+                f"weighted routing losses ({', '.join(left_out)}) and the loss being trained leaves them out. Trainer "
+                "does this under `label_smoothing_factor`, a `compute_loss_func` or a `compute_loss` of its own "
+                "(e.g. preference-optimization trainers that compute the loss from the logits). Pass `labels` so that "
+                "the model computes its loss, or add the routing losses in your loss and build the callback with "
+                "`MoGESigmaCallback(check_loss=False)`. (Raised at the first such forward, before its optimizer step.)"
+            )
 
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
         if not module.training:  # only training forwards count
@@ -552,6 +630,8 @@ def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = Non
         callback = existing[0] if existing and not kwargs else MoGESigmaCallback(**kwargs)
     elif kwargs:
         raise TypeError("add_moge_callback: pass either `callback` or the arguments of a new one, not both")
+    if callback.check_loss:
+        check_routing_losses_kept(trainer.args, trainer)
     for cb in existing:
         if cb is not callback:
             logger.warning(f"add_moge_callback: removing another MoGESigmaCallback from the trainer ({cb!r})")
@@ -559,6 +639,47 @@ def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = Non
     callbacks.insert(0, callback)
     callback.placed_first = True
     return callback
+
+
+# ---- the example scripts' command line ------------------------------------------------------------------------------
+
+
+def parse_script_arguments(parser, args: list[str] | None = None) -> tuple:
+    """Parse a training script's arguments (`args`, default the command line, or one `.json` file of them) with
+    `parser` (an `HfArgumentParser` whose dataclasses include `TrainingArguments`), then settle what to run.
+
+    - Neither `--do_train` nor `--do_eval` given: train and evaluate; `--do_eval` alone: evaluate only; `--do_eval
+      false` alone: train only. (`TrainingArguments` turns `do_eval` on by itself for any `--eval_strategy` but `no`,
+      so the flags are read from what was given, not from their values.)
+    - `--eval_strategy steps|epoch` (evaluation during training) without training is refused, naming both flags.
+    - Options under which Trainer would not train the routing losses are refused ([`check_routing_losses_kept`]).
+
+    Returns the parsed dataclasses, in the parser's order.
+    """
+    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        path = os.path.abspath(sys.argv[1])
+        with open(path) as f:
+            given = set(json.load(f))
+        parsed = parser.parse_json_file(json_file=path)
+    else:
+        tokens = sys.argv[1:] if args is None else list(args)
+        given = {token.lstrip("-").split("=", 1)[0].replace("-", "_") for token in tokens if token.startswith("--")}
+        parsed = parser.parse_args_into_dataclasses(args=args)
+    training_args = next(value for value in parsed if isinstance(value, TrainingArguments))
+    if not ({"do_train", "do_eval"} & given):  # neither asked for: do both
+        training_args.do_train = training_args.do_eval = True
+    elif "do_train" not in given:  # `--do_eval` alone: evaluate only; `--do_eval false`: train only
+        training_args.do_train = not training_args.do_eval
+    if not (training_args.do_train or training_args.do_eval):
+        raise ValueError("--do_train false and --do_eval false: nothing to run")
+    if not training_args.do_train and IntervalStrategy(training_args.eval_strategy) != IntervalStrategy.NO:
+        strategy = IntervalStrategy(training_args.eval_strategy).value
+        raise ValueError(
+            f"--eval_strategy {strategy} evaluates during training, but --do_train was not given: add --do_train to "
+            "train (and evaluate along the way), or leave --eval_strategy out for an evaluation-only run (--do_eval)"
+        )
+    check_routing_losses_kept(training_args)
+    return parsed
 
 
 # ---- training and evaluating one run (the example scripts' shared ending) ------------------------------------------

@@ -71,6 +71,7 @@ from moge_hf.training import (
     baseline_training_args,
     check_local_source,
     main_arm_name,
+    parse_script_arguments,
     shard_with_engine,
     train_and_evaluate,
 )
@@ -580,12 +581,9 @@ def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> No
 def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Parse `args` (default: the command line), train and evaluate; return the metrics of each arm."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
-    if not (training_args.do_train or training_args.do_eval):  # neither asked for: do both
-        training_args.do_train = training_args.do_eval = True
+    # Neither --do_train nor --do_eval: both; refused: evaluation during training without training, and options under
+    # which Trainer would not train the routing losses (--label_smoothing_factor).
+    model_args, data_args, training_args = parse_script_arguments(parser, args)
     model_args.check(training_args)  # sharding by transformers' distributed engine (--ep_size / --fsdp_size)
 
     if training_args.device.type == "cpu":

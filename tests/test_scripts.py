@@ -727,3 +727,53 @@ def test_engine_arguments_refuse_what_cannot_run(run_clm, text_file, tmp_path):
     if ENGINE:  # "false" is no resume, as the scripts read it: the run goes ahead
         not_resuming = types.SimpleNamespace(**{**vars(two), "save_strategy": "no", "resume_from_checkpoint": "false"})
         assert isinstance(EngineArguments(ep_size=2).check(not_resuming), DistributedConfig)
+
+
+# ---- what the scripts run: --do_train / --do_eval / --eval_strategy, and options that drop the routing losses ----
+
+
+def test_clm_with_an_eval_strategy_and_no_do_flags_trains_and_evaluates(run_clm, text_file, tmp_path):
+    # transformers turns `do_eval` on for any --eval_strategy but "no": the scripts read which flags were given, so
+    # "neither --do_train nor --do_eval" still means both (it used to evaluate an untrained model and exit 0).
+    out = tmp_path / "out"
+    results = run_clm.main(
+        clm_args(text_file, out, "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1")
+    )
+    metrics = results["MoGE"] if "MoGE" in results else next(iter(results.values()))
+    assert "train_loss" in metrics and "eval_loss" in metrics
+    assert (out / "model.safetensors").is_file() and (out / "train_results.json").is_file()
+    evaluations = [entry for entry in json.loads((out / "trainer_state.json").read_text())["log_history"]
+                   if "eval_loss" in entry]  # fmt: skip
+    assert len(evaluations) >= 2  # during training (each step), as --eval_strategy asked
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--do_eval", "--eval_strategy", "steps"],
+            r"--eval_strategy steps evaluates during training, but --do_train",
+        ),
+        (["--do_train", "false", "--eval_strategy", "epoch"], r"--eval_strategy epoch evaluates during training"),
+        (["--do_train", "false", "--do_eval", "false"], r"nothing to run"),
+        (["--label_smoothing_factor", "0.1"], r"--label_smoothing_factor 0\.1: .*routing losses .* would not train"),
+    ],
+)
+def test_scripts_refuse_runs_that_would_not_do_what_was_asked(run_clm, run_image_classification, text_file, tmp_path,
+                                                              extra, message):  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        run_clm.main(clm_args(text_file, tmp_path / "clm", *extra))
+    with pytest.raises(ValueError, match=message):
+        run_image_classification.main(["--train_dir", "unused", "--output_dir", str(tmp_path / "vit"), *extra])
+    assert not (tmp_path / "clm").exists() and not (tmp_path / "vit").exists()  # refused before anything was written
+
+
+def test_scripts_do_eval_alone_evaluates_and_do_eval_false_alone_trains(run_clm, text_file, tmp_path):
+    run_clm.main(clm_args(text_file, tmp_path / "trained", "--do_eval", "false"))
+    assert (tmp_path / "trained" / "train_results.json").is_file()
+    assert not (tmp_path / "trained" / "eval_results.json").exists()
+    evaluate = ["--train_file", str(text_file), "--output_dir", str(tmp_path / "evaluated"), "--do_eval"]
+    evaluate += ["--model_name_or_path", str(tmp_path / "trained"), "--block_size", "16", *COMMON]
+    run_clm.main(evaluate)
+    assert (tmp_path / "evaluated" / "eval_results.json").is_file()
+    assert not (tmp_path / "evaluated" / "train_results.json").exists()

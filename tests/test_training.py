@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import CASES, case_names, gpt2_config, input_ids, pixel_values, training_args, vit_config
-from transformers import Trainer, TrainerControl, TrainerState
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers.integrations import integration_utils
 from transformers.integrations.integration_utils import TensorBoardCallback
 
@@ -627,3 +627,110 @@ def test_an_epoch_based_run_with_more_epochs_is_not_taken_for_finished(tmp_path)
     assert finished_run_metrics(training_args(tmp_path, num_train_epochs=3, per_device_train_batch_size=8)) is None
     assert finished_run_metrics(training_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=4)) is None
     assert finished_run_metrics(training_args(tmp_path, max_steps=6)) is None
+
+
+# ---- training setups that would drop the routing losses ------------------------------------------------------------
+
+
+def regularized_qwen3_moe():
+    return add_moge_regularizer(CASES["qwen3_moe"].build(), moge_loss_coef=5.0, moge_map_shape=[2, 4], moge_window=2)
+
+
+LOSS_DROPPING_MODELS = {"gpt2-lm": lambda: tiny_lm(moge_loss_coef=5.0), "qwen3_moe": regularized_qwen3_moe}
+
+
+def router_weights(model) -> list[torch.Tensor]:
+    return [tap.module.weight.detach().clone() for tap in routing_recorder(model).taps]
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_DROPPING_MODELS))
+def test_label_smoothing_is_refused_before_training(case, tmp_path):
+    # Trainer pops `labels` under label smoothing and smooths the logits' loss itself: the model's routing losses
+    # would be logged and never trained (router weights bit-identical at lambda 5 and 0).
+    model = LOSS_DROPPING_MODELS[case]()
+    data = as_dataset(lm_batch(seed=1))
+    args = training_args(tmp_path, max_steps=2, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match=r"--label_smoothing_factor 0\.1: .*routing losses"):
+        add_moge_callback(Trainer(model=model, args=args, train_dataset=data))
+    # Attached another way, the callback refuses at the start of training, before any step.
+    before = router_weights(model)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[MoGESigmaCallback()])
+    with pytest.raises(ValueError, match=r"--label_smoothing_factor"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+
+
+def test_compute_loss_func_is_refused(tmp_path):
+    model = tiny_lm(moge_loss_coef=5.0)
+
+    def loss_of_logits(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, :-1].flatten(0, 1)
+        return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=as_dataset(lm_batch(seed=1)),
+        compute_loss_func=loss_of_logits,
+    )
+    with pytest.raises(ValueError, match=r"compute_loss_func.*routing losses"):
+        add_moge_callback(trainer)
+    # Added as a plain callback, the first training forward (no `labels`, weighted routing losses) stops the run.
+    trainer.add_callback(MoGESigmaCallback())
+    before = router_weights(model)
+    with pytest.raises(RuntimeError, match=r"called in training without `labels`.*\(aux_loss, moge_loss, z_loss\)"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+
+
+class LogitsLossTrainer(Trainer):
+    """A trainer that computes its loss from the logits, as preference-optimization trainers do."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits[:, :-1].flatten(0, 1)
+        loss = F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_DROPPING_MODELS))
+def test_a_trainer_computing_its_own_loss_without_the_routing_losses_is_stopped(case, tmp_path):
+    model = LOSS_DROPPING_MODELS[case]()
+    trainer = LogitsLossTrainer(
+        model=model, args=training_args(tmp_path, max_steps=2), train_dataset=as_dataset(lm_batch())
+    )
+    add_moge_callback(trainer)
+    before = router_weights(model)
+    with pytest.raises(RuntimeError, match=r"called in training without `labels`.*moge_loss"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+
+    # Where the user's loss adds the routing losses, the check can be turned off, and the run trains.
+    class WithRoutingLosses(LogitsLossTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            loss = loss + model.config.moge_loss_coef * outputs.moge_loss
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = WithRoutingLosses(
+        model=model, args=training_args(tmp_path, max_steps=2), train_dataset=as_dataset(lm_batch())
+    )
+    add_moge_callback(trainer, check_loss=False)
+    trainer.train()
+    assert not all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+
+
+def test_evaluation_and_no_grad_forwards_without_labels_are_left_alone(tmp_path):
+    model = tiny_lm(moge_loss_coef=5.0)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=as_dataset(lm_batch()))
+    callback = add_moge_callback(trainer)
+
+    class Sample(TrainerCallback):  # a callback that runs the model without labels during training
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                model(input_ids(seed=2, batch=2, seq=4))
+
+    trainer.add_callback(Sample())
+    trainer.train()
+    assert callback._model is not None
