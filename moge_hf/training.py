@@ -47,6 +47,7 @@ __all__ = [
     "check_routing_losses_kept",
     "baseline_training_args",
     "check_local_source",
+    "check_same_moge_settings",
     "parse_script_arguments",
     "finished_run_metrics",
     "main_arm_name",
@@ -834,6 +835,40 @@ def _same_schedule(state: dict, training_args: TrainingArguments) -> bool:
     )
 
 
+def check_same_moge_settings(folder: str, model: nn.Module) -> None:
+    """Raise if the model saved in `folder` (its `config.json`) was trained with other MoGE or routing-loss settings
+    than `model` has: resuming it, or taking its results, would report one run's numbers under another's settings.
+
+    Raises:
+        `ValueError`: naming each field that differs, with both values.
+    """
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        return  # no saved config to compare with (a checkpoint's completeness is checked elsewhere)
+    if not isinstance(saved, dict):
+        return
+    config = unwrap_moge_model(model).config
+    # `moge_sigma` under a schedule is the schedule's state, not a setting; `output_router_logits` says what a forward
+    # returns, not how it trains.
+    skip = {"output_router_logits"} | ({"moge_sigma"} if getattr(config, "moge_sigma_schedule", None) else set())
+    fields = dict.fromkeys([*MOGE_FIELDS, "router_aux_loss_coef", "router_z_loss_coef"])
+    names = [name for name in fields if name not in skip]
+    differ = []
+    for name in names:
+        if name in saved and hasattr(config, name):
+            ours = getattr(config, name)
+            ours = list(ours) if isinstance(ours, tuple) else ours
+            if saved[name] != ours:
+                differ.append(f"{name} {saved[name]!r} there, {ours!r} now")
+    if differ:
+        raise ValueError(
+            f"{folder} holds a run trained with other settings ({'; '.join(differ)}): resuming it would report its "
+            "results under this run's settings. Use another --output_dir, or the same settings to resume it."
+        )
+
+
 def _final_checkpoint_state(checkpoint: str | None, training_args: TrainingArguments) -> TrainerState | None:
     """The `TrainerState` of `checkpoint` if it was saved at the last step of this run's training, else None."""
     if checkpoint is None:
@@ -863,11 +898,14 @@ def train_and_evaluate(
     resuming = str(training_args.resume_from_checkpoint).lower() not in ("none", "false", "no")
     saved = finished_run_metrics(training_args) if resuming and training_args.do_train else None
     if saved is not None:
+        check_same_moge_settings(training_args.output_dir, trainer.model)
         log.info(f"[{name}] already trained and evaluated in {training_args.output_dir}: keeping its results")
         return saved
     metrics = {}
     if training_args.do_train:
         checkpoint = resolve_checkpoint(training_args, training_args.output_dir, main_arm=main_arm)
+        if checkpoint is not None:
+            check_same_moge_settings(checkpoint, trainer.model)
         final = _final_checkpoint_state(checkpoint, training_args)
         if final is not None:
             # The checkpoint is the run's last step (killed after saving it): Trainer.train would take a step past

@@ -291,6 +291,25 @@ def test_clm_resume_keeps_finished_arms_and_finishes_the_rest(clm_run, text_file
     )
 
 
+@pytest.mark.parametrize("checkpoint_only", [False, True], ids=["finished", "checkpoint"])
+def test_clm_resume_with_other_moge_settings_is_refused(clm_run, run_clm, text_file, tmp_path, checkpoint_only):
+    # A finished run (or its last checkpoint) trained with lambda 0.01, resumed with another lambda: its results would
+    # be reported under the new label (a lambda 0.5 run printed as "MoE (lambda = 0)"), or training would go on under
+    # other settings.
+    out, _ = clm_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(out, run_dir)
+    if checkpoint_only:
+        for name in ("model.safetensors", "trainer_state.json", "all_results.json", "eval_results.json"):
+            (run_dir / name).unlink()
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    args = ["--train_file", str(text_file), "--output_dir", str(run_dir), "--max_steps", "3", *TINY_GPT2, *COMMON]
+    args += ["--moge_sigma_schedule", "10", "1", "0.2", "--resume_from_checkpoint", "last"]
+    with pytest.raises(ValueError, match=r"moge_loss_coef 0\.01 there, 0\.0 now.*Use another --output_dir"):
+        run_clm.main([*args, "--moge_loss_coef", "0"])
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
+
+
 def test_clm_labels_a_lambda_zero_main_arm_moe(run_clm, text_file, tmp_path):
     results = run_clm.main(clm_args(text_file, tmp_path / "out", "--moge_loss_coef", "0"))
     assert list(results) == ["MoE (lambda = 0)"]
