@@ -147,16 +147,20 @@ def load_results(results: Mapping[str, Any] | str | os.PathLike | None) -> dict[
             "eval_accuracy": 0.61, "epoch": 3.0, ...}`), or the path of such a file. `None` means no results.
 
     Returns:
-        `dict[str, float]`: the entries whose values are finite numbers (others, such as strings, are left out).
+        `dict[str, float]`: the entries whose values are numbers (others, such as strings, are left out).
 
     Raises:
         `FileNotFoundError`: the path does not exist.
-        `ValueError`: the file is not JSON, or not a JSON object.
+        `ValueError`: the file is not JSON, or not a JSON object, or a metric is not finite (NaN or infinite: the run
+        diverged or overflowed; a card would otherwise leave it out and look like one without results).
     """
     if results is None:
         return {}
+    results_path = None
     if isinstance(results, (str, os.PathLike)):
-        path = Path(results)
+        path = results_path = Path(results)
+        if path.is_dir():
+            raise ValueError(f"results file {str(path)!r} is a folder; pass the JSON file (e.g. its all_results.json)")
         if not path.is_file():
             raise FileNotFoundError(f"results file {str(path)!r} does not exist")
         try:
@@ -165,6 +169,17 @@ def load_results(results: Mapping[str, Any] | str | os.PathLike | None) -> dict[
             raise ValueError(f"results file {str(path)!r} is not valid JSON: {error}") from error
     if not isinstance(results, Mapping):
         raise ValueError(f"results must be a mapping of metric names to numbers, got {type(results).__name__}")
+    # JSON's NaN / Infinity (Python's json reads and writes them) and float values that are not finite.
+    not_finite = [
+        f"{key} = {value}" for key, value in results.items() if isinstance(value, float) and not math.isfinite(value)
+    ]
+    if not_finite:
+        source = f"results file {str(results_path)!r}" if results_path is not None else "the results"
+        raise ValueError(
+            f"{source}: metrics that are not finite ({', '.join(not_finite)}): "
+            "the run diverged or overflowed. A card will neither leave them out nor claim a number for them; check "
+            "the run, or write a card without results (push_to_hub.py --no-results)."
+        )
     return {str(key): value for key, value in results.items() if _is_number(value)}
 
 
@@ -633,6 +648,8 @@ def render_model_card(
     if eval_data is None and eval_split is not None and datasets:
         eval_data = f"the `{eval_split}` split of `{datasets[0]['id']}`"
     eval_samples = numbers.get("eval_samples")
+    if eval_samples is not None and (eval_samples < 0 or eval_samples != int(eval_samples)):
+        raise ValueError(f"results: eval_samples must be a whole number of examples, at least 0, got {eval_samples}")
     eval_results = None
     if any(metric.split == "eval" for metric in eval_metrics) and eval_split is None:
         eval_metrics_for_index = [metric for metric in eval_metrics if metric.split == "test"]

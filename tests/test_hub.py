@@ -734,3 +734,27 @@ def test_every_model_class_gets_an_upload_folder_and_a_card_from_its_host_record
     # Rendered from the model itself: the same metadata.
     from_model = render_model_card(model, repo_id=f"me/{case}")
     assert from_model.data.pipeline_tag == head.pipeline_tag and host.hub_tag in from_model.data.tags
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_diverged_run_gets_no_card_that_hides_it(gpt2_dir, tmp_path, value):
+    # NaN metrics used to be dropped as "not numbers": the card then said "Results were not measured".
+    folder = tmp_path / "diverged"
+    shutil.copytree(gpt2_dir, folder)
+    (folder / "all_results.json").write_text(json.dumps({**GPT2_RESULTS, "eval_loss": value}))
+    out = tmp_path / "upload"
+    argv = ["--model-dir", str(folder), "--repo-id", "me/gpt2-moge", "--dry-run", str(out)]
+    assert load_script().main(argv) == 1
+    assert not out.exists()
+    with pytest.raises(ValueError, match=rf"all_results\.json': metrics that are not finite \(eval_loss = {value}\)"):
+        render_model_card(folder, results=folder / "all_results.json")
+    with pytest.raises(ValueError, match=r"not finite .*the run diverged"):
+        render_model_card(folder, results={"eval_loss": value})
+    assert load_script().main([*argv, "--no-results"]) == 0  # a card without results, asked for: allowed
+
+
+def test_results_that_are_a_folder_or_a_negative_count_are_named(gpt2_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder; pass the JSON file"):
+        render_model_card(gpt2_dir, results=gpt2_dir)
+    with pytest.raises(ValueError, match=r"eval_samples must be a whole number of examples, at least 0, got -5"):
+        render_model_card(gpt2_dir, results={"eval_loss": 2.0, "eval_samples": -5})
