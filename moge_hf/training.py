@@ -195,6 +195,13 @@ class EngineArguments:
                 "optimizer state, so its run cannot resume: pass --save_only_model true (checkpoints hold the "
                 "weights) or --save_strategy no"
             )
+        if training_args.load_best_model_at_end:
+            # Trainer loads the best checkpoint's full weights into a model whose weights the engine sharded as
+            # DTensors, and fails after the last step ("mixed torch.Tensor and DTensor"), leaving no final model.
+            raise ValueError(
+                "--load_best_model_at_end cannot load a checkpoint into a model sharded by the distributed engine "
+                "(--ep_size / --fsdp_size): leave it out, and pick the best checkpoint from the saved ones afterwards"
+            )
         resume = training_args.resume_from_checkpoint
         if resume is not None and str(resume).lower() not in (
             "false",
@@ -235,6 +242,10 @@ def shard_with_engine(
     distributed_config = engine_args.check(training_args)
     if distributed_config is None:
         return model
+    ep_size = getattr(distributed_config, "ep_size", None) or 1
+    num_experts = {regularizer.num_experts for regularizer in moge_regularizers(model)}
+    if any(count % ep_size for count in num_experts):  # before anything is written
+        raise ValueError(f"--ep_size {ep_size} does not divide the {min(num_experts)} experts of each MoE layer")
     # Beside the run's files, with a `_` name that Trainer's Hub pushes skip; removed once every process loaded it.
     folder = os.path.join(training_args.output_dir, "_engine-initial-model")
     with training_args.main_process_first(desc="saving the model for the distributed engine"):

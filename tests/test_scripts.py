@@ -735,17 +735,39 @@ def test_engine_arguments_refuse_what_cannot_run(run_clm, text_file, tmp_path):
     with pytest.raises(ValueError, match="launch the script with `torchrun"):
         run_clm.main([*base, "--max_steps", "1", "--ep_size", "2"])
     two = types.SimpleNamespace(
-        world_size=2, save_strategy="steps", save_only_model=False, resume_from_checkpoint=None
-    )
+        world_size=2, save_strategy="steps", save_only_model=False, resume_from_checkpoint=None,
+        load_best_model_at_end=False,
+    )  # fmt: skip
     with pytest.raises(ValueError, match="--save_only_model true"):
         EngineArguments(ep_size=2).check(two)
     with pytest.raises(ValueError, match="cannot resume"):
         resuming = types.SimpleNamespace(**{**vars(two), "save_strategy": "no", "resume_from_checkpoint": "last"})
         EngineArguments(fsdp_size=2).check(resuming)
+    with pytest.raises(ValueError, match="--load_best_model_at_end cannot load a checkpoint into a model sharded"):
+        best = types.SimpleNamespace(**{**vars(two), "save_only_model": True, "load_best_model_at_end": True})
+        EngineArguments(ep_size=2).check(best)
     assert EngineArguments().check(two) is None  # nothing asked: no sharding
     if ENGINE:  # "false" is no resume, as the scripts read it: the run goes ahead
         not_resuming = types.SimpleNamespace(**{**vars(two), "save_strategy": "no", "resume_from_checkpoint": "false"})
         assert isinstance(EngineArguments(ep_size=2).check(not_resuming), DistributedConfig)
+
+
+@pytest.mark.skipif(
+    not ENGINE, reason="this transformers' DistributedConfig has no expert parallelism (ep_size, 5.19+)"
+)
+def test_an_ep_size_that_does_not_divide_the_experts_is_refused_before_anything_is_written(tmp_path):
+    from moge_hf.training import EngineArguments, shard_with_engine
+
+    args = types.SimpleNamespace(
+        world_size=3, save_strategy="no", save_only_model=False, resume_from_checkpoint=None,
+        load_best_model_at_end=False, output_dir=str(tmp_path),
+    )  # fmt: skip
+    from tiny import gpt2_config
+
+    model = GPT2MoGELMHeadModel(gpt2_config(num_experts=4, moge_map_shape=[2, 2], moge_window=2))
+    with pytest.raises(ValueError, match=r"--ep_size 3 does not divide the 4 experts"):
+        shard_with_engine(model, EngineArguments(ep_size=3), args)
+    assert not list(tmp_path.iterdir())
 
 
 # ---- what the scripts run: --do_train / --do_eval / --eval_strategy, and options that drop the routing losses ----
