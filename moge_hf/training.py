@@ -11,6 +11,7 @@ first otherwise.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -96,6 +97,10 @@ def check_routing_losses_kept(training_args: TrainingArguments, trainer: Trainer
             "compute its loss (pass `labels`), or add `outputs.moge_loss` and the other routing losses, weighted, "
             "in your function and attach the callback with `MoGESigmaCallback(check_loss=False)`."
         )
+
+
+def _mark_reached(entry: list, grad: torch.Tensor) -> None:
+    entry[1] = True
 
 
 def _routing_losses_left_out(model: nn.Module, output) -> list[str]:
@@ -379,9 +384,11 @@ class MoGESigmaCallback(TrainerCallback):
             Whether to log the per-expert load (`num_experts` keys per MoGE layer); the entropies are logged anyway.
         check_loss (`bool`, *optional*, defaults to `True`):
             Refuse a training setup that would not train the routing losses: `label_smoothing_factor` at the start of
-            training, and at the first training forward whose output has weighted routing losses but no `loss` (the
-            model got no `labels`: a `compute_loss_func`, a `compute_loss` of your own, a trainer that computes its
-            loss from the logits). Set it `False` only where your own loss adds the routing losses.
+            training; a training forward whose output has weighted routing losses but no `loss` (the model got no
+            `labels`: a `compute_loss_func`, a `compute_loss` of your own); and, before each optimizer step, weighted
+            routing losses of the step's training forwards that no gradient reached (a loss computed from the logits
+            or log-probabilities, a model whose forward a trainer replaced). Set it `False` only where your own loss
+            adds the routing losses.
 
     Example:
 
@@ -402,6 +409,7 @@ class MoGESigmaCallback(TrainerCallback):
         self.log_metrics = log_metrics
         self.log_expert_load = log_expert_load
         self.check_loss = check_loss
+        self._watched: list[list] = []  # [loss name, reached by a gradient] of the step's training forwards
         self.placed_first = False  # set by `add_moge_callback`
         self._model: nn.Module | None = None
         self._hooks: list = []
@@ -432,7 +440,9 @@ class MoGESigmaCallback(TrainerCallback):
         self._model = unwrap_moge_model(kwargs["model"])
         if self.check_loss:
             check_routing_losses_kept(args)
-            self._hooks.append(self._model.register_forward_hook(self._check_loss_hook))
+            self._watched = []
+            for module in dict.fromkeys([self._model, getattr(self._model, "base_model", self._model)]):
+                self._hooks.append(module.register_forward_hook(self._check_loss_hook))
         self._set_sigma(state)
         if self.log_metrics:
             self._register_hooks()
@@ -485,7 +495,12 @@ class MoGESigmaCallback(TrainerCallback):
         return self._float_sums, self._int_sums  # they stay where they were made: additions come to them
 
     def _check_loss_hook(self, module: nn.Module, args: tuple, output) -> None:
-        left_out = _routing_losses_left_out(module, output)
+        """On the model (and its base model, which computes a MoGE model's routing losses): a training forward without
+        `labels` is refused at once; every weighted routing loss of a training forward is watched, so that
+        `on_pre_optimizer_step` can tell whether it reached the backward pass."""
+        if not (module.training and torch.is_grad_enabled()) or not isinstance(output, dict):
+            return
+        left_out = _routing_losses_left_out(module, output) if module is self._model else []
         if left_out:
             self._remove_hooks()  # the run ends here: leave no hook of this callback on the model
             raise RuntimeError(
@@ -495,6 +510,29 @@ class MoGESigmaCallback(TrainerCallback):
                 "(e.g. preference-optimization trainers that compute the loss from the logits). Pass `labels` so that "
                 "the model computes its loss, or add the routing losses in your loss and build the callback with "
                 "`MoGESigmaCallback(check_loss=False)`. (Raised at the first such forward, before its optimizer step.)"
+            )
+        config = getattr(module, "config", None)
+        for name, coefficient in LOSS_COEFFICIENTS.items():
+            loss = output.get(name)
+            if isinstance(loss, torch.Tensor) and loss.requires_grad and getattr(config, coefficient, 0):
+                entry = [name, False]  # set when a gradient reaches this loss
+                loss.register_hook(functools.partial(_mark_reached, entry))
+                with self._accumulating():
+                    self._watched.append(entry)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        with self._accumulating():
+            watched, self._watched = self._watched, []
+        missed = sorted({name for name, reached in watched if not reached})
+        if missed:
+            self._remove_hooks()
+            raise RuntimeError(
+                f"The weighted routing losses ({', '.join(missed)}) of this step's training forwards got no gradient: "
+                "the loss being trained does not hold them. A trainer that computes its loss from the model's logits "
+                "or log-probabilities (preference-optimization trainers such as TRL's DPO, GRPO and RLOO, whose fused "
+                "LM head replaces the model's forward) or a `compute_loss` of your own does this. Train with a loss "
+                "that adds them (the model's own `loss`), or, where your loss adds them in another way, build the "
+                "callback with `MoGESigmaCallback(check_loss=False)`. (Raised before the optimizer step.)"
             )
 
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:

@@ -16,6 +16,7 @@ from tiny import CASES, case_names, gpt2_config, input_ids, pixel_values, traini
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers.integrations import integration_utils
 from transformers.integrations.integration_utils import TensorBoardCallback
+from transformers.modeling_outputs import CausalLMOutput
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, add_moge_regularizer
 from moge_hf.moge_layer import moge_regularizers
@@ -734,3 +735,38 @@ def test_evaluation_and_no_grad_forwards_without_labels_are_left_alone(tmp_path)
     trainer.add_callback(Sample())
     trainer.train()
     assert callback._model is not None
+
+
+def with_a_fused_head(model):
+    """What TRL 1.x's trainers (SFT, DPO, GRPO, RLOO) do to a causal LM ("fused LM head"): the instance's forward is
+    replaced by one that runs the backbone, scores the labels from the hidden states itself and returns its own output,
+    so the head model's forward, where the routing losses join the loss, never runs."""
+
+    def forward(input_ids=None, attention_mask=None, labels=None, **kwargs):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    model.forward = forward
+    return model
+
+
+def test_routing_losses_that_no_gradient_reaches_stop_the_run_before_the_optimizer_step(tmp_path):
+    model = with_a_fused_head(tiny_lm(moge_loss_coef=5.0))
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=as_dataset(lm_batch()))
+    add_moge_callback(trainer)
+    before = router_weights(model)
+    with pytest.raises(RuntimeError, match=r"\(aux_loss, moge_loss, z_loss\) of this step's training forwards got no"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+    # The same trainer, the model's own forward back: it trains, with gradient accumulation too.
+    del model.forward
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=4),
+        train_dataset=as_dataset(lm_batch()),
+    )
+    add_moge_callback(trainer)
+    trainer.train()
+    assert not all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
