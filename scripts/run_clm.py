@@ -197,12 +197,14 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
     for name in ("model_name_or_path", "dense_model_name_or_path", "tokenizer_name"):
         check_local_source(f"--{name}", getattr(model_args, name))
     if model_args.model_name_or_path and not is_moge_hf_model(model_args.model_name_or_path):
-        # A transformers MoE model (Qwen3-MoE, OLMoE, Mixtral, ...): only the regularizer's fields apply.
-        given = [name for name in model_args.moge_overrides() if name not in MOGE_REGULARIZER_FIELDS]
+        # A transformers MoE model (Qwen3-MoE, OLMoE, Mixtral, ...): the regularizer's fields and the family's own
+        # load-balancing coefficient apply.
+        allowed = (*MOGE_REGULARIZER_FIELDS, "router_aux_loss_coef")
+        given = [name for name in model_args.moge_overrides() if name not in allowed]
         if given:
             raise ValueError(
                 f"--{given[0]} is a field of moge_hf's own MoGE models; on a transformers MoE model only "
-                f"{', '.join('--' + name for name in MOGE_REGULARIZER_FIELDS)} apply."
+                f"{', '.join('--' + name for name in allowed)} apply."
             )
         if model_args.dropout is not None:
             raise ValueError("--dropout sets GPT-2's dropout rates; it does not apply to a transformers MoE model.")
@@ -455,6 +457,24 @@ def is_moge_hf_model(name_or_path: str) -> bool:
     return AutoConfig.from_pretrained(name_or_path).model_type == GPT2MoGEConfig.model_type
 
 
+def load_transformers_moe(name_or_path: str, router_aux_loss_coef: float | None) -> PreTrainedModel:
+    """A transformers MoE causal LM that trains with its family's own load-balancing loss: the configs of these
+    families save `output_router_logits=False`, under which the head computes no aux loss and the experts drift to a
+    few (measured: all load on 2 of 8 experts in 30 steps). `router_aux_loss_coef` (given: `--router_aux_loss_coef`)
+    replaces the family's coefficient."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if router_aux_loss_coef is not None:
+        if not hasattr(config, "router_aux_loss_coef"):
+            raise ValueError(
+                f"--router_aux_loss_coef: {type(config).__name__} has no `router_aux_loss_coef` (its load balancing "
+                "is not a loss this script can weigh)"
+            )
+        config.router_aux_loss_coef = router_aux_loss_coef
+    if hasattr(config, "output_router_logits"):
+        config.output_router_logits = True  # the family's load-balancing loss joins `loss`
+    return AutoModelForCausalLM.from_pretrained(name_or_path, config=config)
+
+
 def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overrides: dict) -> PreTrainedModel:
     """From scratch (`config`), upcycled from the dense model, loaded (a GPT-2 MoGE model, or a transformers MoE model
     given the MoGE regularizer by `add_moge_regularizer`); then the experts implementation."""
@@ -466,7 +486,9 @@ def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overr
             **overrides,
         )
     elif model_args.model_name_or_path and not is_moge_hf_model(model_args.model_name_or_path):
-        model = add_moge_regularizer(AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path), **overrides)
+        regularizer = {name: value for name, value in overrides.items() if name in MOGE_REGULARIZER_FIELDS}
+        model = load_transformers_moe(model_args.model_name_or_path, overrides.get("router_aux_loss_coef"))
+        model = add_moge_regularizer(model, **regularizer)
     elif model_args.model_name_or_path:
         model = GPT2MoGELMHeadModel.from_pretrained(
             model_args.model_name_or_path, **dropout_fields(model_args.dropout), **overrides
@@ -481,6 +503,8 @@ def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overr
 def lm_loss_per_block(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """`(batch, 2)`: each block's summed next-token loss and its number of predicted tokens (Trainer gathers these
     instead of the logits, so evaluation needs no memory for `vocab_size` floats per token)."""
+    if isinstance(logits, tuple):  # the logits, then what Trainer kept of the other outputs (router logits, aux loss)
+        logits = logits[0]
     logits = logits[..., :-1, :].float()
     labels = labels[..., 1:]
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")

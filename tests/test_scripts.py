@@ -358,14 +358,18 @@ def test_clm_fine_tunes_a_transformers_moe_model_with_moge(clm_run, text_file, t
     args += ["--moge_loss_coef", "0.05", "--moge_map_shape", "2", "4", "--moge_window", "2"]
     args += ["--moge_sigma_schedule", "4", "1", "1", "--max_steps", "2", "--block_size", "16", *COMMON]
     args += ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--compare_moe_baseline"]
+    args += ["--router_aux_loss_coef", "0.02"]  # the family's own load-balancing loss, its coefficient set here
     run("run_clm", args, tmp_path / "cache")
     for folder, coef in ((tuned, 0.05), (tuned / "moe_baseline", 0.0)):
         saved = read_json(folder / "config.json")
         assert saved["architectures"] == ["Qwen3MoeForCausalLM"] and "auto_map" not in saved
+        # Saved with output_router_logits=False, the model would train no load balancing: both arms train it.
+        assert saved["output_router_logits"] is True and saved["router_aux_loss_coef"] == 0.02
         assert saved["moge_loss_coef"] == coef and saved["moge_map_shape"] == [2, 4] and saved["moge_sigma"] == 1.0
         history = read_json(folder / "trainer_state.json")["log_history"]
         assert [entry["moge/sigma"] for entry in history if "loss" in entry] == [4.0, 2.5]
         assert all(entry["moge/moge_loss"] > 0 for entry in history if "loss" in entry)
+        assert all(entry["moge/aux_loss"] > 0 for entry in history if "loss" in entry)  # in the outputs, so in `loss`
         assert "eval_perplexity" in read_json(folder / "eval_results.json")
     assert type(AutoModelForCausalLM.from_pretrained(tuned)) is Qwen3MoeForCausalLM
     assert [row["arm"] for row in read_json(tuned / "comparison.json")] == ["MoGE", "MoE baseline"]
