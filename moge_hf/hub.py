@@ -307,6 +307,12 @@ def _inspect_model_dir(model_dir: str | os.PathLike) -> _ModelFolder:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        json_type = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(config), "number")
+        raise ValueError(
+            f"{config_path} holds a JSON {json_type}, not an object: it is not the config of a saved model (save one "
+            "with `save_pretrained`)"
+        )
     model_type = config.get("model_type")
     if model_type not in HOSTS:
         raise ValueError(
