@@ -141,8 +141,9 @@ class MoGEConfigMixin:
         "In distributed training, compute the load-balancing loss with the expert dispatch fractions of the global "
         "batch (one all-reduce of `num_layers x k x num_experts` counts per step) instead of each rank's own, so that "
         "N processes x batch B train exactly like 1 process x batch N*B (with unpadded batches: the mean routing "
-        "probabilities stay each rank's own, averaged over its tokens). Every rank must then run the same training "
-        "forward passes (as under DDP/FSDP); leave it off to run a rank alone in training mode.",
+        "probabilities stay each rank's own, averaged over its tokens). Every rank must then run the same "
+        "forward passes that train (grad enabled, as under DDP/FSDP); forwards under `no_grad` and in evaluation "
+        "use each rank's own counts, so one rank may run them alone (e.g. a sample-printing `generate`).",
         lambda v: isinstance(v, bool),
         "must be a bool",
     )

@@ -201,7 +201,9 @@ class GroupSparsityRegularizer(nn.Module):
     those sums. Small when each token's probability mass sits in few neighbouring experts.
 
     The module owns the map, the window, the padding, the reduction, sigma and the buffers built from them (no
-    parameters, no persistent buffers: checkpoints do not change). `forward(probs, token_mask)` takes the `(T, E)`
+    parameters, no persistent buffers: checkpoints do not change). The buffers are rebuilt from those settings
+    whenever the module's tensors get new memory (`to_empty` after a build on the meta device, `.to(...)`), and at
+    the first forward if they are still on the meta device. `forward(probs, token_mask)` takes the `(T, E)`
     routing probabilities before any noise and an optional `(T,)` mask of the tokens to count.
     """
 
@@ -256,18 +258,51 @@ class GroupSparsityRegularizer(nn.Module):
         distance = self.window_squared_distance.to(torch.float32)
         return window_matrix_from_layout(self.window_experts, distance, sigma, self.num_experts)
 
+    def _built_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers' exact contents, derived from the settings alone (map, window, padding, sigma), on the CPU."""
+        with torch.device("cpu"):  # whatever device context is active (`with torch.device("meta"):` included)
+            window_experts, squared_distance = window_layout(self.map_shape, self.window, self.padding)
+            squared_distance = squared_distance.round().long()
+            matrix = window_matrix_from_layout(window_experts, squared_distance.float(), self.sigma, self.num_experts)
+        return {"window_experts": window_experts, "window_squared_distance": squared_distance, "window_matrix": matrix}
+
     def reset_buffers(self) -> None:
         """Rebuild the buffers (`from_pretrained` leaves non-persistent buffers uninitialized)."""
-        window_experts, squared_distance = window_layout(self.map_shape, self.window, self.padding)
-        init.copy_(self.window_experts, window_experts)
-        init.copy_(self.window_squared_distance, squared_distance.round().long())
-        init.copy_(self.window_matrix, self.build_window_matrix(self.sigma))
+        for name, value in self._built_buffers().items():
+            init.copy_(getattr(self, name), value)
+
+    @torch.no_grad()
+    def rebuild_buffers(self, device: torch.device | str | None = None) -> None:
+        """Rebuild the buffers from the settings, on `device` (default: where they are). In place where the buffer
+        already has the right dtype, on a real device, and can be written (compiled graphs and shared memory keep
+        it); else replaced: a buffer on the meta device, or rounded to another dtype (the window weights stay float32,
+        rebuilt exactly from the integer layout)."""
+        for name, value in self._built_buffers().items():
+            current = getattr(self, name)
+            target = torch.device(device) if device is not None else current.device
+            writable = not current.is_inference() or torch.is_inference_mode_enabled()
+            same = current.device == target and current.dtype == value.dtype and current.shape == value.shape
+            if same and not current.is_meta and writable:
+                current.copy_(value)
+            else:
+                setattr(self, name, value.to(target))
+
+    def _materialized(self) -> bool:
+        """Whether the buffers hold real memory (plain tensors off the meta device), which may be uninitialized."""
+        buffers = (self.window_experts, self.window_squared_distance, self.window_matrix)
+        return all(type(buffer) is torch.Tensor and not buffer.is_meta for buffer in buffers)
 
     def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` would round the window weights (their sums drift off 1): keep them in float32, as
-        # `from_pretrained(dtype=...)` does, rebuilt exactly from the integer layout.
+        # The buffers derive from the settings alone, and nothing else restores them: non-persistent, they are in no
+        # checkpoint. So whenever the module's tensors get new memory, they are rebuilt: `to_empty` (models built on
+        # the meta device, accelerate's `init_empty_weights`, FSDP's meta init) leaves them uninitialized, and
+        # `model.to(torch.bfloat16)` would round the window weights (their sums drift off 1; they stay float32, as
+        # `from_pretrained(dtype=...)` keeps them). Left alone on the meta device and under fake or subclassed
+        # tensors (tracing, sharding), where there is nothing to write.
         super()._apply(fn, recurse)
-        if self.window_matrix.dtype != torch.float32:
+        if self._materialized():
+            self.rebuild_buffers()
+        elif self.window_matrix.dtype != torch.float32:
             self.window_matrix = self.build_window_matrix(self.sigma)
         return self
 
@@ -279,6 +314,10 @@ class GroupSparsityRegularizer(nn.Module):
 
     def forward(self, probs: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of `(T, E)` routing probabilities; `token_mask` `(T,)` (bool or 0/1) leaves tokens out."""
+        if self.window_matrix.is_meta and not probs.is_meta:
+            # Built on the meta device and given real memory without `to_empty` or `init_weights` (e.g.
+            # `load_state_dict(..., assign=True)`, which leaves non-persistent buffers on the meta device).
+            self.rebuild_buffers(probs.device)
         mask = None if token_mask is None else token_mask.reshape(-1).to(torch.float32)
         return _group_sparsity_from_matrix(probs, self.window_matrix, self.window, self.reduction, mask)
 

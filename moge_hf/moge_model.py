@@ -269,13 +269,14 @@ class MoGEModelMixin:
             self._check_config_matches_modules(blocks)
         recorder = routing_recorder(self)  # the base model's own: found without a walk over the modules
         token_mask = None if token_mask is None else token_mask.reshape(-1)
-        recorder.begin(self.training, None if token_mask is None else token_mask.bool())
+        # A forward of the model run inside this one (a hook that calls the model) records apart: its own `begin`.
+        recorded = recorder.begin(self.training, None if token_mask is None else token_mask.bool())
         try:
             outputs = forward()
         except BaseException:
-            recorder.abort()
+            recorder.abort(recorded)
             raise
-        records = [record.output for record in recorder.end()]
+        records = [record.output for record in recorder.end(recorded)]
         if len(records) != len(blocks):
             raise RuntimeError(f"expected routing from {len(blocks)} MoGE layers, got {len(records)}")
         if not torch.compiler.is_compiling():
@@ -283,7 +284,14 @@ class MoGEModelMixin:
         if token_mask is not None:
             token_mask = token_mask.to(torch.float32)
         fractions = [None] * len(records)
-        if self.config.router_aux_loss_global and self.training and _data_parallel_world_size() > 1:
+        # The global batch's statistics only where the loss can reach a gradient (a training step, run by every rank):
+        # a `no_grad` or evaluation forward (one rank printing samples, `generate`) must not wait for the others.
+        if (
+            self.config.router_aux_loss_global
+            and self.training
+            and torch.is_grad_enabled()
+            and _data_parallel_world_size() > 1
+        ):
             fractions = self._global_dispatch_fractions(records, token_mask)
         coefs = {
             "aux_loss": self.config.router_aux_loss_coef,

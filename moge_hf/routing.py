@@ -14,6 +14,7 @@ by `save_pretrained` must load with `trust_remote_code=True`).
 import dataclasses
 import functools
 import re
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -109,10 +110,13 @@ class RecordedForward:
 
     def __init__(self, key: int, training: bool, token_mask: torch.Tensor | None):
         self.key = key  # the thread that runs it (0 for a forward begun in a compiled graph)
-        self.depth = 0
         self.records: list[RecordedRouting] = []
         self.training = training  # whether the model was in training mode
         self.token_mask = token_mask  # `(T,)` bools of the real (not padding) tokens, or None: all count
+        # A forward begun by the recorder's hooks on the model (a transformers MoE model): the module, and the frame
+        # that runs the model's hooks and forward (None in a compiled graph), to tell an interrupted forward.
+        self.module: nn.Module | None = None
+        self.caller = None
 
 
 def _thread_key() -> int:
@@ -120,6 +124,15 @@ def _thread_key() -> int:
     # threads). A compiled graph cannot ask for its thread: it uses key 0 (DataParallel with torch.compile is not
     # supported: use DDP).
     return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
+def _running_frames() -> set[int]:
+    """The ids of the frames this thread is running now (the caller's and every frame below it)."""
+    frames, frame = set(), sys._getframe(1)
+    while frame is not None:
+        frames.add(id(frame))
+        frame = frame.f_back
+    return frames
 
 
 class RoutingRecorder:
@@ -130,7 +143,9 @@ class RoutingRecorder:
     gets a forward hook. A forward is recorded between `begin()` and `end()`: the MoGE models call them in their own
     forward; for a transformers MoE model, hooks on the model do. Router calls outside a recorded forward, such as
     gradient checkpointing's recomputation during backward, are not recorded. Forwards in flight are kept per thread,
-    so `nn.DataParallel` replicas (which share the recorder) record apart.
+    so `nn.DataParallel` replicas (which share the recorder) record apart; and per thread as a stack, so a forward of
+    the model run inside one of its own forwards (by a hook on a layer, say) records its own routing, and the outer
+    forward's record resumes after it.
 
     Readers: `end()` returns the forward's records (the MoGE models turn them into their routing losses, as
     `add_moge_regularizer` does for other models) and calls each function in `listeners` with the
@@ -145,7 +160,7 @@ class RoutingRecorder:
         self.taps = taps
         self.listeners: list[Callable[[RecordedForward], None]] = []
         self.keep_inputs = 0
-        self._forwards: dict[int, RecordedForward] = {}
+        self._forwards: dict[int, list[RecordedForward]] = {}  # thread key -> its forwards in flight, innermost last
         for layer, tap in enumerate(taps):
             if tap.block is not None:
                 tap.block.routing_observer = functools.partial(self._record, layer)
@@ -157,19 +172,20 @@ class RoutingRecorder:
         return {**self.__dict__, "listeners": [], "keep_inputs": 0, "_forwards": {}}
 
     def _current(self) -> RecordedForward | None:
-        """This thread's forward in flight; or one begun in a compiled graph (key 0) from eager code; or, in a compiled
-        graph, the one forward an eager caller began."""
+        """This thread's innermost forward in flight; or one begun in a compiled graph (key 0) from eager code; or, in
+        a compiled graph, the innermost forward an eager caller began."""
         if not torch.compiler.is_compiling():
-            return self._forwards.get(threading.get_ident()) or self._forwards.get(0)
-        forward = self._forwards.get(0)
-        if forward is None and self._forwards:
+            stack = self._forwards.get(threading.get_ident()) or self._forwards.get(0)
+            return stack[-1] if stack else None
+        stack = self._forwards.get(0)
+        if not stack and self._forwards:
             if len(self._forwards) > 1:
                 raise RuntimeError(
                     "Several threads are in a forward of this MoGE model while torch.compile traces one (nn."
                     "DataParallel with torch.compile): the routing cannot be told apart; use DDP (torchrun)"
                 )
-            forward = next(iter(self._forwards.values()))
-        return forward
+            stack = next(iter(self._forwards.values()))
+        return stack[-1] if stack else None
 
     @property
     def recording(self) -> bool:
@@ -184,50 +200,85 @@ class RoutingRecorder:
             hidden = args[0].reshape(-1, args[0].shape[-1])
         forward.records.append(RecordedRouting(layer, output, hidden))
 
-    def begin(self, training: bool = False, token_mask: torch.Tensor | None = None) -> None:
+    def begin(self, training: bool = False, token_mask: torch.Tensor | None = None) -> RecordedForward:
         """Start recording a forward of this thread (`training`: the model's mode; `token_mask`: `(T,)` of the real
-        tokens, for the listeners). A nested `begin` records into the same forward."""
+        tokens, for the listeners); return it, for `end`/`abort`. A `begin` while a forward of this thread is in
+        flight (a forward of the model inside one of its own) starts a forward of its own, innermost."""
         key = _thread_key()
-        forward = self._forwards.get(key)
-        if forward is None:
-            forward = self._forwards[key] = RecordedForward(key, training, token_mask)
-        forward.depth += 1
+        forward = RecordedForward(key, training, token_mask)
+        self._forwards.setdefault(key, []).append(forward)
+        return forward
 
-    def end(self) -> list[RecordedRouting]:
-        """Stop recording; return the forward's records (and tell the listeners) when the outermost call ends."""
-        forward = self._current()
+    def _pop(self, forward: RecordedForward | None) -> RecordedForward | None:
+        """Take `forward` (default: this thread's innermost) off its stack, with any forward begun inside it that
+        never ended; return it, or None if it is not in flight."""
+        forward = self._current() if forward is None else forward
+        stack = None if forward is None else self._forwards.get(forward.key)
+        if not stack:
+            return None
+        if stack[-1] is forward:
+            stack.pop()
+        else:
+            index = next((i for i, other in enumerate(stack) if other is forward), None)
+            if index is None:
+                return None
+            del stack[index:]
+        if not stack:
+            del self._forwards[forward.key]
+        if forward.caller is not None:  # a listener may keep the forward: not the frame (the model's inputs)
+            forward.caller = None
+        return forward
+
+    def end(self, forward: RecordedForward | None = None) -> list[RecordedRouting]:
+        """Stop recording `forward` (what `begin` returned; default: this thread's innermost); tell the listeners and
+        return its records."""
+        forward = self._pop(forward)
         if forward is None:
             raise RuntimeError("RoutingRecorder.end() without begin()")
-        forward.depth -= 1
-        if forward.depth > 0:
-            return forward.records
-        del self._forwards[forward.key]
         for listener in self.listeners:
             listener(forward)
         return forward.records
 
-    def abort(self) -> None:
-        """The forward in progress raised: drop it (at its outermost level), no listener called."""
+    def abort(self, forward: RecordedForward | None = None) -> None:
+        """The forward raised: drop it (default: this thread's innermost), no listener called."""
+        self._pop(forward)
+
+    def records(self) -> list[RecordedRouting]:
+        """The records so far of this thread's innermost forward in flight (it goes on recording)."""
         forward = self._current()
-        if forward is not None:
-            forward.depth -= 1
-            if forward.depth <= 0:
-                del self._forwards[forward.key]
+        if forward is None:
+            raise RuntimeError("RoutingRecorder.records() outside a recorded forward")
+        return forward.records
 
     # For models whose forward does not call `begin`/`end` (transformers' MoE models): hooks on the model.
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # Model-level hooks do not nest: a forward of this thread still in flight was interrupted (torch runs the
-        # always-called hooks on `Exception` only, not on a KeyboardInterrupt): drop it.
-        self._forwards.pop(_thread_key(), None)
+        caller = None
+        if torch.compiler.is_compiling():  # no frames to tell: forwards of the model do not nest in a compiled graph
+            self._forwards.pop(_thread_key(), None)
+        else:
+            caller = sys._getframe(1)  # runs the model's hooks and forward: it returns when the forward does
+            stack = self._forwards.get(_thread_key())
+            if stack:
+                # Forwards of this thread still in flight: outer ones (this forward runs inside them), or interrupted
+                # ones, whose frame has returned (torch runs the always-called hooks on `Exception` only, not on a
+                # KeyboardInterrupt): drop those.
+                running = _running_frames()
+                stack[:] = [forward for forward in stack if forward.caller is None or id(forward.caller) in running]
+                if not stack:
+                    del self._forwards[_thread_key()]
         mask = kwargs.get("attention_mask")
         token_mask = mask.reshape(-1) != 0 if torch.is_tensor(mask) and mask.dim() == 2 else None
-        self.begin(module.training, token_mask)
+        forward = self.begin(module.training, token_mask)
+        forward.module, forward.caller = module, caller
 
     def _model_post_hook(self, module: nn.Module, args: tuple, output) -> None:
+        forward = self._current()
+        if forward is None or forward.module is not module:  # not this hook's (its `begin` did not run)
+            return
         if output is None:  # the forward raised: the hook is always called
-            self.abort()
-        elif self.recording:
-            self.end()
+            self.abort(forward)
+        else:
+            self.end(forward)
 
 
 _RECORDER_ATTRIBUTE = "_moge_routing_recorder"

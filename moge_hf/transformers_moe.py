@@ -11,6 +11,7 @@ after the model's own fields (and left out of `Trainer.predict`'s predictions th
 `keys_to_ignore_at_inference`). No weight, module of the checkpoint or forward of the model changes: the settings go
 into the config (`moge_loss_coef`, `moge_map_shape`, ...), so `save_pretrained` / `push_to_hub` keep them and the
 folder stays a native checkpoint that loads anywhere without moge_hf; `add_moge_regularizer(model)` re-applies them.
+The config of a regularized model checks those fields on assignment, so that what it saves is what trains.
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_moge import CACHE_NAME, FIELD_RULES, MoGEConfigMixin
+from .configuration_moge import CACHE_NAME, FIELD_RULES, ROUTING_OUTPUTS, MoGEConfigMixin, _field_error
 from .losses import resolve_map_shape
 from .moge_layer import GroupSparsityRegularizer, MoGERouter, trains_up_to
 from .routing import RouterTap, RoutingRecorder, _recorded_routers, moge_routers, routing_recorder
@@ -68,6 +69,135 @@ def _resolved_fields(config, overrides: dict) -> dict:
     return fields
 
 
+# The fields the regularizer is built from: set on the config of a regularized model afterwards, they would change
+# what `save_pretrained` writes, not what trains, so the config refuses them (`add_moge_regularizer` rebuilds it).
+# The others are read live: `moge_loss_coef` at every forward, `moge_sigma` applied at the next forward (or at once by
+# `set_moge_sigma`), `moge_sigma_schedule` by `add_moge_callback` at every step.
+_BUILT_FIELDS = ("moge_map_shape", "moge_window", "moge_padding", "moge_reduction")
+
+
+def _built_value(config, name: str, value):
+    """What the regularizer makes of a built field's value: the resolved map shape, lists as tuples."""
+    if name == "moge_map_shape":
+        try:
+            return resolve_map_shape(_num_experts(config), value)
+        except (TypeError, ValueError):
+            return ("unresolvable", tuple(value) if isinstance(value, (list, tuple)) else value)
+    return tuple(value) if isinstance(value, list) else value
+
+
+_UNSET = object()
+
+
+def _check_assignment(config, name: str, value) -> None:
+    """The check a regularized model's config applies to `config.<name> = value`: a valid value, and no built field
+    changed behind the regularizer's back."""
+    if name not in MOGE_REGULARIZER_FIELDS:
+        return
+    config_name = _plain_config_class(config).__name__
+    is_valid, requirement = FIELD_RULES[name]
+    if not is_valid(value):
+        raise ValueError(_field_error(config_name, name, requirement, value))
+    current = config.__dict__.get(name, _UNSET)
+    if name in _BUILT_FIELDS and current is not _UNSET:
+        if _built_value(config, name, value) != _built_value(config, name, current):
+            raise ValueError(_built_field_error(name, value, current))
+
+
+def _built_field_error(name: str, value, used) -> str:
+    return (
+        f"config.{name} was set to {value!r} after add_moge_regularizer built the model's regularizer with "
+        f"{used!r}: the model would keep {used!r} and save {value!r}; call add_moge_regularizer(model, "
+        f"{name}={value!r}) to rebuild the regularizer with it"
+    )
+
+
+_GUARDED_CONFIGS: dict[type, type] = {}
+
+
+def _guarded_config_class(base: type) -> type:
+    """`base` (a transformers config class) whose `__setattr__` checks the regularizer's fields (`_check_assignment`):
+    the class `add_moge_regularizer` gives the config instance of the model it regularizes (and only that instance;
+    made once per class). It bears `base`'s name, which transformers' Auto classes look configs up by
+    (`AutoModelForCausalLM.from_config(model.config)` keeps working), and writes, pickles and copies as `base` does:
+    `save_pretrained` writes the same config.json (the folder loads with plain transformers); a pickle or copy keeps
+    the checks (unpickled where moge_hf is installed)."""
+    if getattr(base, "_moge_regularized_config", False):
+        return base
+    if base not in _GUARDED_CONFIGS:
+
+        def __setattr__(self, attribute, value):
+            if attribute in MOGE_REGULARIZER_FIELDS and isinstance(value, tuple):
+                value = list(value)  # as add_moge_regularizer sets them (and JSON writes them)
+            _check_assignment(self, attribute, value)
+            base.__setattr__(self, attribute, value)
+
+        def __eq__(self, other):  # as `base` compares: a regularized config equals the same plain one
+            if not isinstance(other, base):
+                return NotImplemented
+            return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(base))
+
+        def __reduce_ex__(self, protocol):  # the class is made again where it is unpickled (it is in no module)
+            return _regularized_config, (base,), dict(self.__dict__)
+
+        namespace = {
+            "__module__": __name__,
+            "__qualname__": base.__qualname__,
+            "__doc__": f"`{base.__name__}` of a model given `add_moge_regularizer`: its MoGE fields are checked.",
+            "__setattr__": __setattr__,
+            "__eq__": __eq__,
+            "__hash__": base.__hash__,
+            "__reduce_ex__": __reduce_ex__,
+            "_moge_regularized_config": True,
+        }
+        _GUARDED_CONFIGS[base] = type(base.__name__, (base,), namespace)
+    return _GUARDED_CONFIGS[base]
+
+
+def _regularized_config(base: type):
+    """An empty instance of `base`'s regularized config class (unpickling and copying fill in its `__dict__`)."""
+    cls = _guarded_config_class(base)
+    return cls.__new__(cls)
+
+
+def _plain_config_class(config) -> type:
+    cls = type(config)
+    return cls.__mro__[1] if getattr(cls, "_moge_regularized_config", False) else cls
+
+
+def _check_moge_config(model, args):
+    """Forward pre-hook of a regularized model: a regularizer field changed on the config without its checks (its
+    `__dict__` written, the config replaced) raises before the model runs, as on assignment; a new `moge_sigma` is
+    applied; regularizer buffers still on the meta device (a model built there and given its weights with
+    `load_state_dict(..., assign=True)`) are built where the routers are. Not traced by `torch.compile`."""
+    if torch.compiler.is_compiling():  # as the MoGE models' check: set_moge_sigma changes sigma in a compiled model
+        return None
+    config, regularizer = model.config, model.moge_regularizer
+    config_name = _plain_config_class(config).__name__
+    for name in ("moge_loss_coef", "moge_sigma", "moge_sigma_schedule"):
+        value = getattr(config, name, None)
+        is_valid, requirement = FIELD_RULES[name]
+        if not is_valid(value):
+            raise ValueError(_field_error(config_name, name, requirement, value))
+    used = {
+        "moge_map_shape": tuple(regularizer.map_shape),
+        "moge_window": regularizer.window,
+        "moge_padding": regularizer.padding,
+        "moge_reduction": regularizer.reduction,
+    }
+    for name, value in used.items():
+        configured = getattr(config, name, None)
+        if _built_value(config, name, configured) != value:
+            raise ValueError(_built_field_error(name, configured, list(value) if isinstance(value, tuple) else value))
+    if float(config.moge_sigma) != regularizer.sigma:
+        regularizer.set_sigma(float(config.moge_sigma))
+    if regularizer.window_matrix.is_meta:
+        device = next((p.device for p in _recorded_routers(model)[-1].module.parameters() if not p.is_meta), None)
+        if device is not None:
+            regularizer.rebuild_buffers(device)
+    return None
+
+
 _OUTPUT_CLASSES: dict[type, type] = {}
 
 
@@ -111,8 +241,21 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     out. The regularizer reads the router logits as the model computes them (after input jitter, where a model
     applies one in training: Mixtral's `router_jitter_noise`, 0 by default).
 
+    Afterwards `model.config` checks the fields on assignment (that config instance only: its class becomes a
+    subclass of its own, which saves, copies and pickles as it did). `moge_loss_coef`, `moge_sigma` (applied at the
+    next eager forward; `moge_hf.set_moge_sigma` applies it at once, also to a compiled model) and
+    `moge_sigma_schedule` may change, and an invalid value raises. The regularizer is built from `moge_map_shape`,
+    `moge_window`, `moge_padding` and `moge_reduction`: setting one of them to another value raises (the model would
+    save it but not train with it); call `add_moge_regularizer(model, moge_window=...)` instead. A value written
+    around these checks is refused at the next eager forward.
+
+    The regularizer's buffers are derived from its settings (they are in no checkpoint): a model built on the meta
+    device (`with torch.device("meta")`, accelerate's `init_empty_weights`, FSDP's meta init) gets them rebuilt by
+    `to_empty`, or at its first forward.
+
     Raises:
-        `ValueError`: the model records no router logits, a field is invalid, or the map does not fit the experts.
+        `ValueError`: the model records no router logits, a field is invalid, or the map does not fit the experts;
+            later, on the config's assignments and at a forward, as described above.
         `TypeError`: an unknown field.
 
     Example:
@@ -159,12 +302,16 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
         )
 
     _remove_moge_regularizer(model)
+    config = model.config
+    config.__class__ = _plain_config_class(config)  # the new settings are set unchecked, then checked again
     for name, value in fields.items():
-        setattr(model.config, name, value)
+        setattr(config, name, value)
+    config.__class__ = _guarded_config_class(type(config))
     # `Trainer.evaluate`/`predict` leave these output fields out of the predictions: the config class's own list, or
     # Trainer's default (the KV cache, by the installed transformers' name), plus the per-batch `moge_loss`.
     ignored = getattr(type(model.config), "keys_to_ignore_at_inference", None) or [CACHE_NAME]
-    model.config.keys_to_ignore_at_inference = [*ignored, "moge_loss"]
+    # Per-batch routing fields are no predictions (as for the MoGE models): Trainer leaves them out of `predict`.
+    model.config.keys_to_ignore_at_inference = [*ignored, *(name for name in ROUTING_OUTPUTS if name not in ignored)]
     device = next(model.buffers(), next(model.parameters(), torch.empty(0))).device
     model.moge_regularizer = GroupSparsityRegularizer(
         num_experts,
@@ -175,10 +322,11 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
         fields["moge_reduction"],
     ).to(device)
     recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
-    # First among the model's hooks, so that others (the Trainer callback's) see the output with `moge_loss`; it ends
-    # the recording of the forward, before the recorder's own hook on the model would.
+    # First among the model's hooks, so that others (the Trainer callback's) see the output with `moge_loss`; it reads
+    # the forward's routing, and the recorder's own hook on the model, right after it, ends the recording.
     loss = _MoGELoss(recorder, routers[-1].module, inspect.signature(model.forward))
     model.register_forward_hook(loss.hook, with_kwargs=True, always_call=True, prepend=True)
+    model.register_forward_pre_hook(_check_moge_config, prepend=True)  # before the recorder begins recording
     return model
 
 
@@ -190,6 +338,10 @@ def _remove_moge_regularizer(model: nn.Module) -> None:
             del model._forward_hooks[key]
             model._forward_hooks_with_kwargs.pop(key, None)
             model._forward_hooks_always_called.pop(key, None)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _check_moge_config:
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _token_mask(attention_mask, num_tokens: int) -> torch.Tensor | None:
@@ -217,10 +369,11 @@ class _MoGELoss:
             kwargs = dict(signature.bind_partial(*args, **kwargs).arguments, **kwargs)
         except TypeError:
             pass
-        if output is None:  # the forward raised (the hook is always called): drop what was recorded
-            recorder.abort()
+        if output is None:  # the forward raised (the hook is always called): the recorder's own hook drops it
             return None
-        records = recorder.end()  # this hook runs before the recorder's own one on the model (see above)
+        # The routing of this forward: this hook runs before the recorder's own one on the model, which ends the
+        # recording (see above); a forward of the model run inside this one has ended already.
+        records = recorder.records()
         logits = [recorder.taps[record.layer].logits(record.output) for record in records]
         if not logits:
             raise RuntimeError(f"{type(model).__name__}: no router ran in this forward, so there is no MoGE loss")

@@ -68,7 +68,7 @@ def _two_rank_worker(rank: int, store: str, out: str) -> None:
 
     out = Path(out)
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30)
     )
     model, results = _gpt2_global_aux(), {}
     recorder, routings = routing_recorder(model), []
@@ -78,14 +78,18 @@ def _two_rank_worker(rank: int, store: str, out: str) -> None:
         )
     )
     if rank == 0:  # alone: rank 1 waits for it without any collective
-        with torch.no_grad():
-            results["alone"] = model(**CASES["gpt2-lm"].batch(seed=ALONE_SEED)).aux_loss
+        try:
+            with torch.no_grad():
+                results["alone"] = model(**CASES["gpt2-lm"].batch(seed=ALONE_SEED)).aux_loss
+        except BaseException:
+            (out / "alone-failed").touch()
+            raise
         results["alone_routing"] = routings.pop()
         (out / "alone-done").touch()
     else:
         deadline = time.monotonic() + 90
         while not (out / "alone-done").exists():
-            if time.monotonic() > deadline:
+            if (out / "alone-failed").exists() or time.monotonic() > deadline:
                 raise SystemExit("rank 0's no_grad forward did not return")
             time.sleep(0.1)
     outputs = model(**CASES["gpt2-lm"].batch(seed=rank))  # the training step, on every rank: all-reduces
@@ -160,7 +164,7 @@ LOSSES = {"gpt2-lm": ("loss", "aux_loss", "moge_loss", "z_loss"), "qwen3_moe": (
 
 def _model(case: str):
     spec = CASES[case]
-    model = spec.build()
+    model = spec.build(**({"moe_layers": [0, 1]} if spec.moge_hf else {}))  # 2 MoE layers: the hook is on the first
     if not spec.moge_hf:
         model = moge_hf.add_moge_regularizer(model, **REGULARIZER)
         model.config.output_router_logits = True  # its own aux loss too
@@ -201,9 +205,16 @@ def test_a_forward_run_inside_a_forward_of_the_same_model_records_its_own_routin
         torch.testing.assert_close(getattr(got_outer, name), getattr(want_outer, name), rtol=0, atol=1e-6)
         torch.testing.assert_close(getattr(got_inner, name), getattr(want_inner, name), rtol=0, atol=1e-6)
     torch.testing.assert_close(got_outer.logits, want_outer.logits, rtol=0, atol=1e-6)
-    if grad:
-        got_outer.loss.backward()  # both graphs whole
-        got_inner.loss.backward()
+    if grad:  # the same gradients as well
+        params = [p for p in model.parameters() if p.requires_grad]
+        for got, want in ((got_outer, want_outer), (got_inner, want_inner)):
+            got_grads = torch.autograd.grad(got.loss, params, allow_unused=True)
+            want_grads = torch.autograd.grad(want.loss, params, allow_unused=True)
+            for got_grad, want_grad in zip(got_grads, want_grads):
+                if want_grad is None:
+                    assert got_grad is None
+                else:
+                    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-6)
     # The model works as before afterwards.
     with torch.set_grad_enabled(grad):
         again = model(**outer_batch)

@@ -217,3 +217,124 @@ def test_an_interrupted_forward_leaves_nothing_behind():
         got = model(**inputs).moge_loss
     torch.testing.assert_close(got, want)
     assert heard == [2]  # the next forward's two layers, nothing of the interrupted one
+
+
+# ---- the config of a regularized model -------------------------------------------------------------------------
+# The regularizer is built from `moge_map_shape`, `moge_window`, `moge_padding` and `moge_reduction`: one of them
+# changed on the config afterwards would be saved but not trained (the reloaded model would be another model), so the
+# config refuses it at once, and the forward refuses a value written around that check. `moge_loss_coef`, `moge_sigma`
+# and `moge_sigma_schedule` are read live, and checked.
+
+
+@pytest.mark.parametrize(
+    "name, value, same",
+    [
+        ("moge_window", 1, 2),
+        ("moge_map_shape", [4, 2], (2, 4)),
+        ("moge_padding", "circular", "valid"),
+        ("moge_reduction", "paper", "mean"),
+    ],
+)
+def test_built_fields_set_on_a_regularized_models_config_are_refused_not_silently_saved(name, value, same, tmp_path):
+    model = build("qwen3_moe", **MOGE).eval()
+    inputs = batch(seed=9)
+    with torch.no_grad():
+        want = model(**inputs).moge_loss
+    before = getattr(model.config, name)
+    with pytest.raises(ValueError, match=rf"config\.{name} was set to .* add_moge_regularizer\(model, {name}="):
+        setattr(model.config, name, value)
+    assert getattr(model.config, name) == before
+    setattr(model.config, name, same)  # the value the regularizer was built with is fine (a tuple too)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())[name] == before
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).moge_loss, want)
+    # Written around the check (the config's __dict__): refused at the next forward, before the model runs.
+    model.config.__dict__[name] = value
+    with pytest.raises(ValueError, match=rf"config\.{name} was set to"), torch.no_grad():
+        model(**inputs)
+    model.config.__dict__[name] = before
+    # The way to change it: add_moge_regularizer again, which rebuilds the regularizer.
+    add_moge_regularizer(model, **{name: value})
+    assert getattr(model.config, name) == value
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).moge_loss, want)
+    # Other configs of the class are left alone: no check on a model that has no regularizer.
+    plain = build("qwen3_moe")
+    setattr(plain.config, name, value)
+    assert type(plain.config) is TABLE["qwen3_moe"].model_class.config_class
+
+
+def test_live_fields_take_effect_and_are_saved(tmp_path):
+    inputs = batch(seed=10)
+    model = build("qwen3_moe", **MOGE).eval()
+    plain = build("qwen3_moe").eval()
+    model.config.moge_sigma = 3.0  # applied at the next forward
+    model.config.moge_loss_coef = 0.5
+    with torch.no_grad():
+        out, own = model(**inputs), plain(**inputs)
+        want = build("qwen3_moe", **{**MOGE, "moge_sigma": 3.0})(**inputs).moge_loss
+    assert model.moge_regularizer.sigma == 3.0
+    torch.testing.assert_close(out.moge_loss, want)
+    torch.testing.assert_close(out.loss, own.loss + 0.5 * want)
+    model.save_pretrained(tmp_path)
+    loaded = add_moge_regularizer(AutoModelForCausalLM.from_pretrained(tmp_path)).eval()
+    with torch.no_grad():
+        again = loaded(**inputs)
+    torch.testing.assert_close(again.moge_loss, out.moge_loss)
+    torch.testing.assert_close(again.loss, out.loss)
+
+
+@pytest.mark.parametrize("coef", [-0.5, float("nan"), float("inf"), True])
+def test_an_invalid_lambda_is_refused_at_assignment_and_at_forward(coef, tmp_path):
+    model = build("qwen3_moe", **MOGE)
+    inputs = batch(seed=11)
+    with pytest.raises(ValueError, match=r"moge_loss_coef.* must be a finite number >= 0"):
+        model.config.moge_loss_coef = coef
+    assert model.config.moge_loss_coef == 0.1
+    with pytest.raises(ValueError, match=r"moge_sigma.* must be a number in"):
+        model.config.moge_sigma = -1.0
+    model.config.__dict__["moge_loss_coef"] = coef  # around the check: the forward refuses it, never trains
+    with pytest.raises(ValueError, match=r"moge_loss_coef.* must be a finite number >= 0"):
+        model(**inputs)
+    model.config.__dict__["moge_loss_coef"] = 0.1
+    model.save_pretrained(tmp_path)  # the folder holds what trained, and can be re-applied
+    loaded = add_moge_regularizer(AutoModelForCausalLM.from_pretrained(tmp_path))
+    assert loaded.config.moge_loss_coef == 0.1
+
+
+def test_a_regularized_config_saves_pickles_and_copies_as_the_plain_one(tmp_path):
+    import copy
+    import pickle
+
+    model = build("qwen3_moe", **MOGE)
+    plain_class = TABLE["qwen3_moe"].model_class.config_class
+    plain = plain_class.__new__(plain_class)
+    plain.__dict__.update(copy.deepcopy(model.config.__dict__))  # the same config, of the plain class
+    assert plain == model.config and model.config == plain
+    model.config.save_pretrained(tmp_path / "regularized")
+    plain.save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "regularized" / "config.json").read_text() == (tmp_path / "plain" / "config.json").read_text()
+    for config in (copy.deepcopy(model.config), copy.deepcopy(model).config, pickle.loads(pickle.dumps(model.config))):
+        assert config == model.config and config.moge_window == 2
+        with pytest.raises(ValueError, match=r"config\.moge_window was set"):
+            config.moge_window = 1  # still the config of a regularized model
+    # transformers' Auto classes find the model class of the config (by its class's name).
+    assert type(AutoModelForCausalLM.from_config(model.config)) is TABLE["qwen3_moe"].model_class
+    # Unpickled in a new process, where add_moge_regularizer never ran.
+    (tmp_path / "config.pkl").write_bytes(pickle.dumps(model.config))
+    child = textwrap.dedent(
+        """
+        import pickle, sys
+        config = pickle.load(open(sys.argv[1], "rb"))
+        try:
+            config.moge_window = 1
+        except ValueError as error:
+            print(type(config).__name__, config.moge_window, "refused" if "add_moge_regularizer" in str(error) else "")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path / "config.pkl")], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [plain_class.__name__, "2", "refused"]
