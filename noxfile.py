@@ -11,6 +11,8 @@ supported transformers range, and under the oldest and newest torch the range ad
 releases" table is this matrix's last run. When transformers publishes a minor release, add it to TRANSFORMERS.
 """
 
+import os
+
 import nox
 
 
@@ -45,5 +47,6 @@ def compat_torch(session: nox.Session, torch: str) -> None:
     """The compat subset under one end of the torch range, with the newest transformers a fresh install resolves.
 
     The public package index serves CUDA builds of torch for Linux; they run on a CPU-only machine."""
-    session.install(f"torch=={torch}", "-e", ".[test]", env={"PIP_CONSTRAINT": ""})
+    # An empty constraints file replaces any machine-wide pip constraint (pip.conf) that caps torch below the release.
+    session.install(f"torch=={torch}", "-e", ".[test]", env={"PIP_CONSTRAINT": os.devnull})
     _run_compat_subset(session)

@@ -365,8 +365,8 @@ if triton is not None:
         dw_ptrs = dw_ptr + expert * N * K + offs_n[:, None] * K + offs_k[None, :]
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
         # Only the first column tile of each row tile writes the bias gradient.
-        db_mask = n_mask & (pid_tile % num_k_tiles == 0)
-        tl.store(db_ptr + expert * N + offs_n, bias_acc.to(db_ptr.dtype.element_ty), mask=db_mask)
+        if pid_tile % num_k_tiles == 0:
+            tl.store(db_ptr + expert * N + offs_n, bias_acc.to(db_ptr.dtype.element_ty), mask=n_mask)
 
 
 class _Routing:
