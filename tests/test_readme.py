@@ -1,6 +1,7 @@
 """The README's quick start is `scripts/quickstart.py`, and it runs; `.ci/run` runs the README's test command; the
 transformers version policy is stated once and kept: setup.cfg's range, the floor CI pins, the README."""
 
+import ast
 import configparser
 import re
 import subprocess
@@ -61,3 +62,21 @@ def test_transformers_policy_is_one_range_kept_everywhere():
     assert f"transformers>={floor},<{cap}" in readme
     # This run tests a release inside the range (a fresh install resolves the newest one it admits).
     assert version("transformers") in supported
+
+
+def test_readme_matrix_lists_every_release_the_noxfile_tests():
+    # The compatibility matrix (noxfile.py) covers every minor release from the range's floor; the README's table is
+    # its last run: one row per release, none missing, none left over.
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    releases = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [target.id for target in node.targets] == ["TRANSFORMERS"]
+    )
+    floor = next(spec.version for spec in declared_transformers_range() if spec.operator == ">=")
+    minors = [Version(release).release[:2] for release in releases]
+    assert minors[0] == Version(floor).release[:2] and minors == sorted(set(minors))
+    assert all(later[1] == earlier[1] + 1 for earlier, later in zip(minors, minors[1:]))  # no minor skipped
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| transformers (\d+\.\d+\.\d+) \|", readme, flags=re.MULTILINE)
+    assert rows == releases
