@@ -228,7 +228,8 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
             The MoE model, e.g. `Qwen3MoeForCausalLM` or its base model.
         moge_fields:
             `moge_loss_coef` (lambda, default 0.0: the loss stays exactly the model's own), `moge_map_shape`
-            (`[rows, cols]`, rows * cols = the number of experts; default the most square), `moge_window` (3),
+            (`[rows, cols]`, rows * cols = the number of experts; default the most square), `moge_window` (3, or
+            the map's smaller side where 3 does not fit it with `"valid"` padding, e.g. 2 for 8 experts on 2 x 4),
             `moge_sigma` (1.0), `moge_sigma_schedule` (`[init, final, power]` or None, applied by
             `moge_hf.add_moge_callback`), `moge_padding` (`"valid"` or `"circular"`), `moge_reduction` (`"mean"` or
             `"paper"`). Fields not given keep the values saved in `model.config` (so `add_moge_regularizer(model)`
@@ -294,6 +295,10 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
             f"add_moge_regularizer: `moge_map_shape` {fields['moge_map_shape']!r} does not fit the model's "
             f"{num_experts} experts ({error})"
         ) from error
+    window_set = "moge_window" in moge_fields or getattr(model.config, "moge_window", None) is not None
+    if not window_set and fields["moge_padding"] == "valid" and fields["moge_window"] > min(map_shape):
+        # The default window (3) does not fit a map with a side of 2 (8 experts: 2 x 4): take the map's smaller side.
+        fields["moge_window"] = min(map_shape)
     if fields["moge_padding"] == "valid" and fields["moge_window"] > min(map_shape):
         raise ValueError(
             f"add_moge_regularizer: `moge_window` {fields['moge_window']} does not fit the "

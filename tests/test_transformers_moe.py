@@ -338,3 +338,20 @@ def test_a_regularized_config_saves_pickles_and_copies_as_the_plain_one(tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [plain_class.__name__, "2", "refused"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_default_window_fits_an_eight_expert_map(case, tmp_path):
+    # 8 experts (Mixtral's count) lay out on a 2 x 4 map, where the default 3 x 3 window does not fit with "valid"
+    # padding: left unset, the window is the map's smaller side; set, it is checked as given.
+    model = add_moge_regularizer(TABLE[case].build(), moge_loss_coef=0.1)
+    assert tuple(model.moge_regularizer.map_shape) == (2, 4) and model.config.moge_window == 2
+    assert model.moge_regularizer.window == 2
+    assert torch.isfinite(model(**batch()).moge_loss)
+    model.save_pretrained(tmp_path)  # saved, the window is the one applied again
+    again = add_moge_regularizer(type(model).from_pretrained(tmp_path))
+    assert again.config.moge_window == 2 and again.moge_regularizer.window == 2
+    with pytest.raises(ValueError, match=r"`moge_window` 3 does not fit the 2x4 expert map"):
+        add_moge_regularizer(TABLE[case].build(), moge_window=3)
+    circular = add_moge_regularizer(TABLE[case].build(), moge_padding="circular")  # a 3 x 3 window wraps around
+    assert circular.config.moge_window == 3
