@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import threading
+import weakref
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -101,6 +102,32 @@ def check_routing_losses_kept(training_args: TrainingArguments, trainer: Trainer
 
 def _mark_reached(entry: list, grad: torch.Tensor) -> None:
     entry[1] = True
+
+
+# The callback whose hooks are on a model: a run that died without `on_train_end` (an exception, an interrupt) leaves
+# its callback's hooks on the model, and the next callback that trains the model removes them.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, MoGESigmaCallback]" = weakref.WeakKeyDictionary()
+
+
+def _expected_routing_losses(model: nn.Module) -> set[str]:
+    """The weighted routing losses a training forward of `model` returns: `moge_loss` with a coefficient; a MoGE
+    model's `aux_loss` and `z_loss`, and a transformers MoE model's `aux_loss` with `output_router_logits`."""
+    config = model.config
+    moge_model = callable(getattr(type(model), "set_moge_sigma", None))
+    expected = {"moge_loss"} if getattr(config, "moge_loss_coef", 0) else set()
+    if getattr(config, "router_aux_loss_coef", 0) and (moge_model or getattr(config, "output_router_logits", False)):
+        expected.add("aux_loss")
+    if moge_model and getattr(config, "router_z_loss_coef", 0):
+        expected.add("z_loss")
+    return expected
+
+
+def _compiled(wrapped: nn.Module, model: nn.Module, args: TrainingArguments) -> bool:
+    return bool(
+        getattr(args, "torch_compile", False)
+        or isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule)
+        or getattr(model, "_compiled_call_impl", None) is not None
+    )
 
 
 def _routing_losses_left_out(model: nn.Module, output) -> list[str]:
@@ -379,7 +406,7 @@ class MoGESigmaCallback(TrainerCallback):
 
     Args:
         log_metrics (`bool`, *optional*, defaults to `True`):
-            Whether to log the metrics; `False` only schedules sigma (no hooks).
+            Whether to log the metrics; `False` only schedules sigma (and, with `check_loss`, checks the loss).
         log_expert_load (`bool`, *optional*, defaults to `True`):
             Whether to log the per-expert load (`num_experts` keys per MoGE layer); the entropies are logged anyway.
         check_loss (`bool`, *optional*, defaults to `True`):
@@ -409,6 +436,7 @@ class MoGESigmaCallback(TrainerCallback):
         self.log_metrics = log_metrics
         self.log_expert_load = log_expert_load
         self.check_loss = check_loss
+        self._watch = True  # the gradient watch (off under torch.compile)
         self._watched: list[list] = []  # [loss name, reached by a gradient] of the step's training forwards
         self.placed_first = False  # set by `add_moge_callback`
         self._model: nn.Module | None = None
@@ -438,9 +466,16 @@ class MoGESigmaCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._remove_hooks()
         self._model = unwrap_moge_model(kwargs["model"])
+        previous = _ATTACHED.get(self._model)
+        if previous is not None and previous is not self:  # a run that died left its hooks: they go
+            previous._remove_hooks()
+        _ATTACHED[self._model] = self
         if self.check_loss:
             check_routing_losses_kept(args)
             self._watched = []
+            # Under torch.compile the gradient watch would break the graph (a tensor hook per forward): the options
+            # are still checked, and a forward without labels still refused.
+            self._watch = not _compiled(kwargs["model"], self._model, args)
             for module in dict.fromkeys([self._model, getattr(self._model, "base_model", self._model)]):
                 self._hooks.append(module.register_forward_hook(self._check_loss_hook))
         self._set_sigma(state)
@@ -480,6 +515,8 @@ class MoGESigmaCallback(TrainerCallback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._model is not None and _ATTACHED.get(self._model) is self:
+            del _ATTACHED[self._model]
         if self._recorder is not None and self._on_routing in self._recorder.listeners:
             self._recorder.listeners.remove(self._on_routing)
         self._recorder = None
@@ -500,7 +537,8 @@ class MoGESigmaCallback(TrainerCallback):
         `on_pre_optimizer_step` can tell whether it reached the backward pass."""
         if not (module.training and torch.is_grad_enabled()) or not isinstance(output, dict):
             return
-        left_out = _routing_losses_left_out(module, output) if module is self._model else []
+        head = module is self._model or (getattr(module, "_is_replica", False) and type(module) is type(self._model))
+        left_out = _routing_losses_left_out(module, output) if head else []
         if left_out:
             self._remove_hooks()  # the run ends here: leave no hook of this callback on the model
             raise RuntimeError(
@@ -511,6 +549,8 @@ class MoGESigmaCallback(TrainerCallback):
                 "the model computes its loss, or add the routing losses in your loss and build the callback with "
                 "`MoGESigmaCallback(check_loss=False)`. (Raised at the first such forward, before its optimizer step.)"
             )
+        if not self._watch or torch.compiler.is_compiling():
+            return
         config = getattr(module, "config", None)
         for name, coefficient in LOSS_COEFFICIENTS.items():
             loss = output.get(name)
@@ -521,8 +561,22 @@ class MoGESigmaCallback(TrainerCallback):
                     self._watched.append(entry)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not (self.check_loss and self._watch) or self._model is None:
+            return
         with self._accumulating():
             watched, self._watched = self._watched, []
+        absent = sorted(_expected_routing_losses(self._model) - {name for name, _ in watched})
+        if absent:
+            self._remove_hooks()
+            raise RuntimeError(
+                f"No training forward of this step returned the model's weighted routing losses ({', '.join(absent)}):"
+                " the model's forward ran without the code that adds them, so they would not train. A wrapper that "
+                "calls the model's `forward` directly, past its hooks, does this to a model given "
+                "`add_moge_regularizer` (its regularizer is a forward hook; call the model itself, `model(...)`); so "
+                "does a trainer that replaces the model's forward. Build the callback with "
+                "`MoGESigmaCallback(check_loss=False)` only where your own "
+                "loss adds them. (Raised before the optimizer step.)"
+            )
         missed = sorted({name for name, reached in watched if not reached})
         if missed:
             self._remove_hooks()
@@ -685,6 +739,7 @@ def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = Non
     for cb in existing:
         if cb is not callback:
             logger.warning(f"add_moge_callback: removing another MoGESigmaCallback from the trainer ({cb!r})")
+            cb._remove_hooks()
         callbacks.remove(cb)
     callbacks.insert(0, callback)
     callback.placed_first = True
@@ -692,6 +747,23 @@ def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = Non
 
 
 # ---- the example scripts' command line ------------------------------------------------------------------------------
+
+
+def _given_flags(tokens: list[str]) -> dict[str, object]:
+    """The `--flag [value]` pairs of a command line, by field name (`--do-eval` as `do_eval`); a flag with no value
+    (the next token is a flag, or none) counts as `True`."""
+    given = {}
+    for i, token in enumerate(tokens):
+        if token.startswith("--"):
+            name, _, value = token[2:].partition("=")
+            if not value:
+                value = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else True
+            given[name.replace("-", "_")] = value
+    return given
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).lower() in ("true", "1", "yes", "y")
 
 
 def parse_script_arguments(parser, args: list[str] | None = None) -> tuple:
@@ -709,17 +781,16 @@ def parse_script_arguments(parser, args: list[str] | None = None) -> tuple:
     if args is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         path = os.path.abspath(sys.argv[1])
         with open(path) as f:
-            given = set(json.load(f))
+            given = json.load(f)
         parsed = parser.parse_json_file(json_file=path)
     else:
-        tokens = sys.argv[1:] if args is None else list(args)
-        given = {token.lstrip("-").split("=", 1)[0].replace("-", "_") for token in tokens if token.startswith("--")}
+        given = _given_flags(sys.argv[1:] if args is None else list(args))
         parsed = parser.parse_args_into_dataclasses(args=args)
     training_args = next(value for value in parsed if isinstance(value, TrainingArguments))
-    if not ({"do_train", "do_eval"} & given):  # neither asked for: do both
+    if not ({"do_train", "do_eval"} & set(given)):  # neither asked for: do both
         training_args.do_train = training_args.do_eval = True
     elif "do_train" not in given:  # `--do_eval` alone: evaluate only; `--do_eval false`: train only
-        training_args.do_train = not training_args.do_eval
+        training_args.do_train = not _truthy(given["do_eval"])
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("--do_train false and --do_eval false: nothing to run")
     if not training_args.do_train and IntervalStrategy(training_args.eval_strategy) != IntervalStrategy.NO:

@@ -124,7 +124,7 @@ STAGING_NAME = ".moge_hf-upgrade-staging"
 
 
 # What the modules `auto_map` names hold while an upgrade replaces the code files: a folder whose upgrade is
-# interrupted (killed, power lost) refuses to load, saying how to finish, rather than loading a mix of two releases.
+# interrupted (killed) refuses to load, saying how to finish, rather than loading a mix of two releases.
 def _placeholder(folder: Path) -> bytes:
     message = (
         f"An upgrade of the code files of the model folder {folder} by `python -m moge_hf.upgrade_code` was "
@@ -297,7 +297,7 @@ def upgrade_model_code(
 
     The new files are staged in the folder first and then renamed over the old ones, following a journal: the modules
     `auto_map` names are first replaced by placeholders that refuse to load, and last by their new versions. An
-    upgrade that is interrupted (killed, power lost) leaves the old code, or the placeholders (the folder refuses to
+    upgrade that is interrupted (the process killed) leaves the old code, or the placeholders (the folder refuses to
     load, saying to run the upgrade again), never a mix of two releases; the next run finishes it. Two upgrades of
     one folder do not run at once: the second is refused.
 

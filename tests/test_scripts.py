@@ -814,6 +814,14 @@ def test_scripts_refuse_runs_that_would_not_do_what_was_asked(run_clm, run_image
 
 
 def test_scripts_do_eval_alone_evaluates_and_do_eval_false_alone_trains(run_clm, text_file, tmp_path):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from moge_hf.training import parse_script_arguments
+
+    # `--do_eval false` with an --eval_strategy (which turns `do_eval` on in TrainingArguments): train only.
+    extra = ["--do_eval", "false", "--eval_strategy", "steps", "--output_dir", str(tmp_path / "x")]
+    parsed = parse_script_arguments(HfArgumentParser(TrainingArguments), extra)
+    assert parsed[0].do_train
     run_clm.main(clm_args(text_file, tmp_path / "trained", "--do_eval", "false"))
     assert (tmp_path / "trained" / "train_results.json").is_file()
     assert not (tmp_path / "trained" / "eval_results.json").exists()

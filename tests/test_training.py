@@ -770,3 +770,57 @@ def test_routing_losses_that_no_gradient_reaches_stop_the_run_before_the_optimiz
     add_moge_callback(trainer)
     trainer.train()
     assert not all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+
+
+def test_hooks_a_dead_run_left_on_the_model_go_with_the_next_run(tmp_path):
+    # A run that dies of something else (here a callback raising) never reaches `on_train_end`: its callback's hooks
+    # stay on the model, and used to refuse the next, legitimate run ("called in training without `labels`").
+    model = tiny_lm(moge_loss_coef=5.0)
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise KeyError("boom")
+
+    data = as_dataset(lm_batch())
+    first = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=data, callbacks=[Boom()])
+    add_moge_callback(first)
+    with pytest.raises(KeyError, match="boom"):
+        first.train()
+    assert model._forward_hooks  # left behind
+    second = LogitsLossTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=data)
+    add_moge_callback(second, check_loss=False)  # its own loss, from the logits: no check asked for
+    second.train()
+    assert not model._forward_hooks and not model.transformer._forward_hooks
+    assert not routing_recorder(model).listeners
+
+
+class DirectForwardTuner(torch.nn.Module):
+    """A wrapper whose `forward` calls the wrapped model's `forward` directly, past its hooks (PEFT's tuners call the
+    model itself, so its hooks run: checked by hand with peft 0.21.2 and LoRA on a regularized Qwen3-MoE)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def get_base_model(self):
+        return self.model
+
+    def forward(self, *args, **kwargs):
+        return self.model.forward(*args, **kwargs)
+
+
+def test_a_wrapper_that_skips_the_regularizers_hook_is_stopped_before_the_optimizer_step(tmp_path):
+    model = regularized_qwen3_moe()
+    wrapper = DirectForwardTuner(model)
+    args = training_args(tmp_path, max_steps=2, remove_unused_columns=False)
+    trainer = Trainer(model=wrapper, args=args, train_dataset=as_dataset(lm_batch()))
+    add_moge_callback(trainer)
+    before = router_weights(model)
+    with pytest.raises(RuntimeError, match=r"No training forward of this step returned .*\(moge_loss\).*its hooks"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+    # Called through its hooks, the same model trains.
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=as_dataset(lm_batch()))
+    add_moge_callback(trainer)
+    trainer.train()
+    assert not all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
