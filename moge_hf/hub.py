@@ -30,7 +30,7 @@ from huggingface_hub.utils import validate_repo_id
 from packaging.requirements import Requirement
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
+from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files, get_relative_imports
 from transformers.utils import logging
 
 from .losses import resolve_map_shape
@@ -249,20 +249,23 @@ def _auto_map_modules(auto_map: Mapping[str, Any], where: str) -> set[str]:
     return modules
 
 
-def _code_files(folder: Path, modules: set[str]) -> list[str]:
-    """The `.py` files of `modules` in `folder` and every file they import relatively, checked to exist."""
+def _code_files(folder: Path, modules: set[str], missing_ok: bool = False) -> list[str]:
+    """The `.py` files of `modules` in `folder` and every file they import relatively (followed as transformers'
+    `get_relative_imports` reads them), checked to exist (with `missing_ok`, the ones there)."""
     files, missing = set(), set()
-    for module in sorted(modules):
-        path = folder / f"{module.replace('.', '/')}.py"
+    todo = [f"{module.replace('.', '/')}.py" for module in sorted(modules)]
+    while todo:
+        name = todo.pop()
+        if name in files or name in missing:
+            continue
+        path = folder / name
         if not path.is_file():
             missing.add(path.name)
             continue
-        files.add(str(path.relative_to(folder)))
-        try:
-            files |= {str(Path(needed).relative_to(folder)) for needed in get_relative_import_files(path)}
-        except FileNotFoundError as error:  # a relatively imported file is not there
-            missing.add(Path(error.filename).name)
-    if missing:
+        files.add(name)
+        here = path.parent.relative_to(folder)
+        todo += [str(here / f"{module.replace('.', '/')}.py") for module in get_relative_imports(path)]
+    if missing and not missing_ok:
         raise ValueError(
             f"{folder}: the code files {sorted(missing)} that `auto_map` and the code need are missing; save the "
             "model with `save_pretrained` (with moge_hf imported), which writes them"
@@ -296,7 +299,9 @@ class _ModelFolder:
     processor_dirs: list[str]
 
 
-def _inspect_model_dir(model_dir: str | os.PathLike) -> _ModelFolder:
+def _inspect_model_dir(model_dir: str | os.PathLike, missing_code_ok: bool = False) -> _ModelFolder:
+    """The checked contents of a saved MoGE model folder. `missing_code_ok`: code files may be missing (an upgrade of
+    the code writes them)."""
     folder = Path(model_dir)
     if not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is not a folder; pass the folder a MoGE model was saved to")
@@ -343,7 +348,7 @@ def _inspect_model_dir(model_dir: str | os.PathLike) -> _ModelFolder:
     return _ModelFolder(
         path=folder,
         config=config,
-        code_files=_code_files(folder, modules),
+        code_files=_code_files(folder, modules, missing_ok=missing_code_ok),
         weight_files=_weight_files(folder),
         config_files=[name for name in CONFIG_FILES if (folder / name).is_file()],
         processor_files=[name for name in PROCESSOR_FILES if (folder / name).is_file()],

@@ -328,7 +328,7 @@ def upgrade_model_code(
             )
         return _plan(model_dir, where, dry_run=True)[0]
     if not interrupted:  # refuse what is not a model folder before writing the lock into it
-        _inspect_model_dir(model_dir)
+        _inspect_model_dir(model_dir, missing_code_ok=True)
     with _folder_lock(where):
         try:
             resumed = _finish_interrupted(where)
@@ -349,7 +349,7 @@ def upgrade_model_code(
 
 def _plan(model_dir: str | os.PathLike, where: Path, *, dry_run: bool) -> tuple[CodeUpgrade, Path]:
     """What an upgrade of the folder does, and the folder (a temporary one) that holds the new code files."""
-    folder = _inspect_model_dir(model_dir)
+    folder = _inspect_model_dir(model_dir, missing_code_ok=True)
     result = CodeUpgrade(folder=folder.path, dry_run=dry_run)
     staged = Path(tempfile.mkdtemp(prefix="moge_hf-upgrade-")) / "new"
     staged.mkdir()

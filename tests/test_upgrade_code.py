@@ -309,3 +309,17 @@ def test_a_journal_that_names_anything_but_plain_code_files_is_refused(tmp_path,
     with pytest.raises(ValueError, match="journal of an interrupted upgrade, cannot be read"):
         upgrade_model_code(folder)
     assert file_bytes(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_folder_an_earlier_upgrade_left_with_code_files_missing_is_finished(tmp_path):
+    # The upgrade of the release before this one replaced files one by one, with no journal: killed after writing
+    # today's configuration_moge.py, it left a folder whose code imports a moge_layer.py that is not there, and a
+    # rerun refused it ("code files ... are missing"). The upgrade writes what is missing.
+    folder = copy_old(tmp_path)
+    package = Path(moge_hf.__file__).parent
+    shutil.copy(package / "configuration_moge.py", folder / "configuration_moge.py")
+    assert not (folder / "moge_layer.py").exists()
+    result = upgrade_model_code(folder)
+    assert "moge_layer.py" in result.added
+    assert (folder / "moge_layer.py").read_bytes() == (package / "moge_layer.py").read_bytes()
+    assert upgrade_model_code(folder).up_to_date
