@@ -243,6 +243,12 @@ class EngineArguments:
             raise ValueError("a run sharded by the distributed engine (--ep_size / --fsdp_size) cannot resume")
         return self.distributed_config(training_args.world_size)
 
+    def check_experts(self, num_experts: int) -> None:
+        """Raise a `ValueError` if `--ep_size` does not divide `num_experts` (the scripts call it as soon as the
+        model's number of experts is known, before reading any data)."""
+        if self.ep_size is not None and num_experts % self.ep_size:
+            raise ValueError(f"--ep_size {self.ep_size} does not divide the {num_experts} experts of each MoE layer")
+
     def distributed_config(self, world_size: int):
         """The `DistributedConfig` asked for, or None (no sharding by the engine)."""
         if self.ep_size is None and self.fsdp_size is None:
@@ -274,10 +280,8 @@ def shard_with_engine(
     distributed_config = engine_args.check(training_args)
     if distributed_config is None:
         return model
-    ep_size = getattr(distributed_config, "ep_size", None) or 1
-    num_experts = {regularizer.num_experts for regularizer in moge_regularizers(model)}
-    if any(count % ep_size for count in num_experts):  # before anything is written
-        raise ValueError(f"--ep_size {ep_size} does not divide the {min(num_experts)} experts of each MoE layer")
+    for regularizer in moge_regularizers(model):  # before anything is written
+        engine_args.check_experts(regularizer.num_experts)
     # Beside the run's files, with a `_` name that Trainer's Hub pushes skip; removed once every process loaded it.
     folder = os.path.join(training_args.output_dir, "_engine-initial-model")
     with training_args.main_process_first(desc="saving the model for the distributed engine"):
@@ -973,8 +977,7 @@ def check_same_moge_settings(folder: str, model: nn.Module) -> None:
     # `moge_sigma` under a schedule is the schedule's state, not a setting; `output_router_logits` says what a forward
     # returns, not how it trains.
     skip = {"output_router_logits"} | ({"moge_sigma"} if getattr(config, "moge_sigma_schedule", None) else set())
-    fields = dict.fromkeys([*MOGE_FIELDS, "router_aux_loss_coef", "router_z_loss_coef"])
-    names = [name for name in fields if name not in skip]
+    names = [name for name in MOGE_FIELDS if name not in skip]
     differ = []
     for name in names:
         if name in saved and hasattr(config, name):

@@ -628,11 +628,12 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     overrides = model_args.moge_overrides()
     from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if from_scratch:
-        scratch_config(model_args, data_args, vocab_size=model_args.vocab_size, eos_id=0)
+        model_args.check_experts(scratch_config(model_args, data_args, model_args.vocab_size, eos_id=0).num_experts)
         model = None
     else:
         set_seed(training_args.seed)
         model = build_model(model_args, None, overrides)
+        model_args.check_experts(moge_regularizers(model)[0].num_experts)
 
     with training_args.main_process_first(desc="loading and tokenizing the text"):
         raw = load_raw_datasets(data_args)

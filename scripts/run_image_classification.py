@@ -667,7 +667,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     overrides = model_args.moge_overrides()
     from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if from_scratch:
-        scratch_config(model_args, labels=["a", "b"])
+        model_args.check_experts(scratch_config(model_args, labels=["a", "b"]).num_experts)
 
     with training_args.main_process_first(desc="loading the images"):
         raw = load_image_datasets(data_args, training_args.seed)

@@ -110,9 +110,10 @@ def _aux(routing, fractions=None) -> torch.Tensor:
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no torch.distributed with gloo")
 def test_a_rank_alone_runs_a_no_grad_forward_while_training_steps_all_reduce(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), str(REPO), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
+    from test_distributed import child_env
+
+    env = child_env()  # no inherited distributed settings, the repository on the path, one thread
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env["PYTHONPATH"]])
     processes = []
     for rank in range(2):
         code = (

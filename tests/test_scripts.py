@@ -772,6 +772,10 @@ def test_an_ep_size_that_does_not_divide_the_experts_is_refused_before_anything_
     with pytest.raises(ValueError, match=r"--ep_size 3 does not divide the 4 experts"):
         shard_with_engine(model, EngineArguments(ep_size=3), args)
     assert not list(tmp_path.iterdir())
+    # The scripts ask the same as soon as the number of experts is known, before reading any data.
+    with pytest.raises(ValueError, match=r"--ep_size 3 does not divide the 4 experts"):
+        EngineArguments(ep_size=3).check_experts(4)
+    EngineArguments(ep_size=2).check_experts(4)
 
 
 # ---- what the scripts run: --do_train / --do_eval / --eval_strategy, and options that drop the routing losses ----

@@ -644,6 +644,15 @@ def router_weights(model) -> list[torch.Tensor]:
     return [tap.module.weight.detach().clone() for tap in routing_recorder(model).taps]
 
 
+def refused_before_any_step(trainer, model, error: type[Exception], match: str) -> list[torch.Tensor]:
+    """Train, expecting `error`; check that no step changed the routers; return their weights."""
+    before = router_weights(model)
+    with pytest.raises(error, match=match):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+    return before
+
+
 @pytest.mark.parametrize("case", sorted(LOSS_DROPPING_MODELS))
 def test_label_smoothing_is_refused_before_training(case, tmp_path):
     # Trainer pops `labels` under label smoothing and smooths the logits' loss itself: the model's routing losses
@@ -654,11 +663,8 @@ def test_label_smoothing_is_refused_before_training(case, tmp_path):
     with pytest.raises(ValueError, match=r"--label_smoothing_factor 0\.1: .*routing losses"):
         add_moge_callback(Trainer(model=model, args=args, train_dataset=data))
     # Attached another way, the callback refuses at the start of training, before any step.
-    before = router_weights(model)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[MoGESigmaCallback()])
-    with pytest.raises(ValueError, match=r"--label_smoothing_factor"):
-        trainer.train()
-    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+    refused_before_any_step(trainer, model, ValueError, r"--label_smoothing_factor")
 
 
 def test_compute_loss_func_is_refused(tmp_path):
@@ -678,10 +684,9 @@ def test_compute_loss_func_is_refused(tmp_path):
         add_moge_callback(trainer)
     # Added as a plain callback, the first training forward (no `labels`, weighted routing losses) stops the run.
     trainer.add_callback(MoGESigmaCallback())
-    before = router_weights(model)
-    with pytest.raises(RuntimeError, match=r"called in training without `labels`.*\(aux_loss, moge_loss, z_loss\)"):
-        trainer.train()
-    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+    refused_before_any_step(
+        trainer, model, RuntimeError, r"called in training without `labels`.*\(aux_loss, moge_loss, z_loss\)"
+    )
 
 
 class LogitsLossTrainer(Trainer):
@@ -702,10 +707,7 @@ def test_a_trainer_computing_its_own_loss_without_the_routing_losses_is_stopped(
         model=model, args=training_args(tmp_path, max_steps=2), train_dataset=as_dataset(lm_batch())
     )
     add_moge_callback(trainer)
-    before = router_weights(model)
-    with pytest.raises(RuntimeError, match=r"called in training without `labels`.*moge_loss"):
-        trainer.train()
-    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+    before = refused_before_any_step(trainer, model, RuntimeError, r"called in training without `labels`.*moge_loss")
 
     # Where the user's loss adds the routing losses, the check can be turned off, and the run trains.
     class WithRoutingLosses(LogitsLossTrainer):
@@ -756,10 +758,9 @@ def test_routing_losses_that_no_gradient_reaches_stop_the_run_before_the_optimiz
     model = with_a_fused_head(tiny_lm(moge_loss_coef=5.0))
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=as_dataset(lm_batch()))
     add_moge_callback(trainer)
-    before = router_weights(model)
-    with pytest.raises(RuntimeError, match=r"\(aux_loss, moge_loss, z_loss\) of this step's training forwards got no"):
-        trainer.train()
-    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+    before = refused_before_any_step(
+        trainer, model, RuntimeError, r"\(aux_loss, moge_loss, z_loss\) of this step's training forwards got no"
+    )
     # The same trainer, the model's own forward back: it trains, with gradient accumulation too.
     del model.forward
     trainer = Trainer(
@@ -815,10 +816,9 @@ def test_a_wrapper_that_skips_the_regularizers_hook_is_stopped_before_the_optimi
     args = training_args(tmp_path, max_steps=2, remove_unused_columns=False)
     trainer = Trainer(model=wrapper, args=args, train_dataset=as_dataset(lm_batch()))
     add_moge_callback(trainer)
-    before = router_weights(model)
-    with pytest.raises(RuntimeError, match=r"No training forward of this step returned .*\(moge_loss\).*its hooks"):
-        trainer.train()
-    assert all(torch.equal(a, b) for a, b in zip(before, router_weights(model)))
+    before = refused_before_any_step(
+        trainer, model, RuntimeError, r"No training forward of this step returned .*\(moge_loss\).*its hooks"
+    )
     # Called through its hooks, the same model trains.
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=as_dataset(lm_batch()))
     add_moge_callback(trainer)
