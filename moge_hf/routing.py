@@ -25,7 +25,52 @@ from torch import nn
 from .moge_layer import MoGERouting, MoGESparseMoeBlock
 
 
-__all__ = ["RecordedForward", "RecordedRouting", "RouterTap", "RoutingRecorder", "moge_routers", "routing_recorder"]
+__all__ = [
+    "SCORING_FUNCTIONS",
+    "RecordedForward",
+    "RecordedRouting",
+    "RouterTap",
+    "RoutingRecorder",
+    "moge_routers",
+    "routing_recorder",
+    "scores",
+]
+
+# How a router turns its logits into expert scores: the softmax of the paper and of most MoE models; an elementwise
+# sigmoid (DeepSeek-V3 and the models that copy its router); the square root of a softplus (DeepSeek-V4).
+SCORING_FUNCTIONS = {
+    "softmax": lambda logits: logits.softmax(-1),
+    "sigmoid": torch.sigmoid,
+    "sqrt_softplus": lambda logits: nn.functional.softplus(logits).sqrt(),
+}
+
+
+def scores(logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
+    """`(T, E)` float32 distribution over the experts that a router of `scoring` gives its logits: the scores,
+    normalized to sum to 1 per token (the softmax is one already). It is the distribution the router's top-k weights
+    are a renormalized part of, whichever function scores."""
+    values = SCORING_FUNCTIONS[scoring](logits.float())
+    return values if scoring == "softmax" else values / values.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+# Where transformers' MoE configs keep the number of routed experts and the top-k (the first name found wins; a
+# nested text or FFN config is searched too).
+NUM_EXPERTS_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_NAMES = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_top_k", "top_k_experts")
+
+
+def config_value(config, names: tuple[str, ...]) -> int | None:
+    """The first positive integer among `config`'s fields `names`, else in its nested configs (`text_config`, ...)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    for value in vars(config).values():
+        if value is not config and hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            found = config_value(value, names)
+            if found is not None:
+                return found
+    return None
 
 
 @dataclasses.dataclass
@@ -38,19 +83,34 @@ class RouterTap:
     index: int | None = 0  # where transformers' router output holds the logits (`OutputRecorder.index`)
     experts: nn.Module | None = None  # the layer's experts (3-D weights, `forward(hidden, top_k_index, weights)`)
     block: nn.Module | None = None  # a MoGE layer's block, which reports the routing it used (`routing_observer`)
+    # A transformers router: how it scores its logits (`SCORING_FUNCTIONS`), and how many of them are routed experts
+    # (the first `num_experts`; None: all). Logits past them (LongCat-Flash's zero-computation experts, ZAYA's skip
+    # expert) are left out of the distribution. `add_moge_regularizer` sets both from what the model computes.
+    scoring: str = "softmax"
+    num_experts: int | None = None
 
     def logits(self, output) -> torch.Tensor:
-        """`(T, E)` routing logits (for a MoGE router: before jitter noise, what the regularizer takes)."""
+        """`(T, W)` routing logits as the router returns them (for a MoGE router: before jitter noise, what the
+        regularizer takes)."""
         if isinstance(output, MoGERouting):
             return output.clean_logits
         logits = output if self.index is None else output[self.index]
         return logits.reshape(-1, logits.shape[-1])
 
+    def scores(self, output) -> torch.Tensor:
+        """`(T, E)` float32 distribution over the routed experts: `scores` of the routed experts' logits, with the
+        router's own scoring function. What the MoGE regularizer takes."""
+        if isinstance(output, MoGERouting):
+            return output.probs
+        logits = self.logits(output)
+        return scores(logits if self.num_experts is None else logits[:, : self.num_experts], self.scoring)
+
     def routing(self, output) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(T, E)` float32 routing probabilities and the `(T, k)` chosen experts, as the model routed."""
+        """`(T, E)` float32 routing probabilities and the `(T, k)` chosen experts, as the model routed (for a
+        transformers router: the top-k of those probabilities, without any selection bias or expert groups)."""
         if isinstance(output, MoGERouting):
             return output.probs, output.top_k_index
-        probs = self.logits(output).float().softmax(-1)
+        probs = self.scores(output)
         return probs, probs.topk(self.top_k, dim=-1).indices
 
 
@@ -59,9 +119,20 @@ def _layer_name(module_name: str, position: int) -> str:
     return f"layer{match.group(1)}" if match else f"router{position}"
 
 
+def _router_spec(model: nn.Module):
+    """The `router_logits` entry of the `_can_record_outputs` of `model`, or of the first submodule that declares one
+    (a multimodal model's or a `*ForCausalLM`'s inner text model: Gemma4, Llama4)."""
+    for module in model.modules():
+        spec = (getattr(module, "_can_record_outputs", None) or {}).get("router_logits")
+        if spec is not None:
+            return spec
+    return None
+
+
 def _recorded_routers(model: nn.Module) -> list[RouterTap]:
-    """The routers transformers records `router_logits` from (`_can_record_outputs`), matched as transformers does."""
-    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    """The routers transformers records `router_logits` from (`_can_record_outputs`, of the model or of its inner
+    model), matched as transformers does."""
+    spec = _router_spec(model)
     if spec is None:
         return []
     target_class = getattr(spec, "target_class", spec if isinstance(spec, type) else None)
@@ -76,7 +147,7 @@ def _recorded_routers(model: nn.Module) -> list[RouterTap]:
         if matched and layer_name is not None:
             matched = f".{layer_name.strip('.')}." in f".{module_name}."
         if matched:
-            top_k = getattr(module, "top_k", None) or model.config.num_experts_per_tok
+            top_k = getattr(module, "top_k", None) or config_value(model.config, TOP_K_NAMES) or 1
             parent = model.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else model
             experts = getattr(parent, "experts", None)
             taps.append(RouterTap(_layer_name(module_name, len(taps)), module, top_k, index, experts))

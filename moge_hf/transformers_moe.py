@@ -20,16 +20,27 @@ import inspect
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_moge import CACHE_NAME, FIELD_RULES, ROUTING_OUTPUTS, MoGEConfigMixin, _field_error
 from .losses import resolve_map_shape
 from .moge_layer import GroupSparsityRegularizer, MoGERouter, trains_up_to
-from .routing import RouterTap, RoutingRecorder, _recorded_routers, moge_routers, routing_recorder
+from .routing import (
+    NUM_EXPERTS_NAMES,
+    SCORING_FUNCTIONS,
+    RouterTap,
+    RoutingRecorder,
+    _recorded_routers,
+    config_value,
+    moge_routers,
+    routing_recorder,
+)
 
+
+logger = logging.get_logger(__name__)
 
 # `moge_routers` and `RouterTap` live in `moge_hf.routing` now; importing them from here keeps working.
-__all__ = ["MOGE_REGULARIZER_FIELDS", "RouterTap", "add_moge_regularizer", "moge_routers"]
+__all__ = ["MOGE_REGULARIZER_FIELDS", "RouterTap", "add_moge_regularizer", "describe_routing", "moge_routers"]
 
 # The config fields of the regularizer, with the defaults of the MoGE models' configs.
 MOGE_REGULARIZER_FIELDS = (
@@ -40,16 +51,15 @@ MOGE_REGULARIZER_FIELDS = (
     "moge_sigma_schedule",
     "moge_padding",
     "moge_reduction",
+    "moge_scoring",
 )
-_DEFAULTS = {field.name: field.default for field in dataclasses.fields(MoGEConfigMixin)}
+SCORINGS = ("auto", *SCORING_FUNCTIONS)
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(MoGEConfigMixin)} | {"moge_scoring": "auto"}
+_RULES = FIELD_RULES | {"moge_scoring": (lambda value: value in SCORINGS, f"must be one of {list(SCORINGS)}")}
 
 
 def _num_experts(config) -> int | None:
-    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return config_value(config, NUM_EXPERTS_NAMES)
 
 
 def _resolved_fields(config, overrides: dict) -> dict:
@@ -62,7 +72,7 @@ def _resolved_fields(config, overrides: dict) -> dict:
         value = overrides[name] if name in overrides else getattr(config, name, _DEFAULTS[name])
         if isinstance(value, tuple):
             value = list(value)
-        rule = FIELD_RULES.get(name)
+        rule = _RULES.get(name)
         if rule is not None and not rule[0](value):
             raise ValueError(f"add_moge_regularizer: `{name}` {rule[1]}, got {value!r}")
         fields[name] = value
@@ -73,7 +83,7 @@ def _resolved_fields(config, overrides: dict) -> dict:
 # what `save_pretrained` writes, not what trains, so the config refuses them (`add_moge_regularizer` rebuilds it).
 # The others are read live: `moge_loss_coef` at every forward, `moge_sigma` applied at the next forward (or at once by
 # `set_moge_sigma`), `moge_sigma_schedule` by `add_moge_callback` at every step.
-_BUILT_FIELDS = ("moge_map_shape", "moge_window", "moge_padding", "moge_reduction")
+_BUILT_FIELDS = ("moge_map_shape", "moge_window", "moge_padding", "moge_reduction", "moge_scoring")
 
 
 def _built_value(config, name: str, value):
@@ -95,7 +105,7 @@ def _check_assignment(config, name: str, value) -> None:
     if name not in MOGE_REGULARIZER_FIELDS:
         return
     config_name = _plain_config_class(config).__name__
-    is_valid, requirement = FIELD_RULES[name]
+    is_valid, requirement = _RULES[name]
     if not is_valid(value):
         raise ValueError(_field_error(config_name, name, requirement, value))
     current = config.__dict__.get(name, _UNSET)
@@ -184,6 +194,7 @@ def _check_moge_config(model, args):
         "moge_window": regularizer.window,
         "moge_padding": regularizer.padding,
         "moge_reduction": regularizer.reduction,
+        "moge_scoring": regularizer.moge_scoring,
     }
     for name, value in used.items():
         configured = getattr(config, name, None)
@@ -195,7 +206,218 @@ def _check_moge_config(model, args):
         device = next((p.device for p in _recorded_routers(model)[-1].module.parameters() if not p.is_meta), None)
         if device is not None:
             regularizer.rebuild_buffers(device)
+    if regularizer.routing is None:  # built on the meta device: read the routing once the weights are there
+        regularizer.routing = _resolve_routing(model, routing_recorder(model).taps, regularizer.moge_scoring)
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingDescription:
+    """How a transformers MoE model routes, as `add_moge_regularizer` reads it from the model (see `describe_routing`).
+
+    `scoring` is the function its experts' weights come from (a key of `moge_hf.routing.SCORING_FUNCTIONS`), or None
+    where that could not be read (the model's experts do not take `(hidden_states, top_k_index, top_k_weights)`, or
+    no function reproduces their weights); `logits_per_token` is the router's output width: `num_experts` plus any
+    extra logits (zero-computation, skip or shared experts), which MoGE leaves out."""
+
+    num_experts: int
+    top_k: int
+    logits_per_token: int | None
+    scoring: str | None
+    selection_bias: bool  # a correction bias added to the scores for the top-k choice only (not trained by gradient)
+    expert_groups: int | None  # the experts are chosen within the best groups (DeepSeek-V3's `n_group`)
+
+
+def _router_block(model: nn.Module, tap: RouterTap) -> nn.Module:
+    """The module to run to see one routing decision: the MoE block that holds the router and the experts, else the
+    router itself."""
+    if tap.experts is None:
+        return tap.module
+    for module in model.modules():
+        if any(child is tap.module for child in module.children()) and getattr(module, "experts", None) is tap.experts:
+            return module
+    return tap.module
+
+
+def _probe_routing(model: nn.Module, tap: RouterTap) -> tuple[torch.Tensor, tuple | None] | None:
+    """Run `tap`'s MoE block on random hidden states (no gradient, eval mode): the router's `(T, W)` logits and the
+    `(top_k_index, top_k_weights)` its experts received (None if they take other arguments); None if the block does
+    not run on hidden states alone or its weights are not materialized. The input is scaled so that the logits spread
+    (standard deviation about 2), which tells the scoring functions apart."""
+    block = _router_block(model, tap)
+    parameter = next(tap.module.parameters(), None)
+    parameter = next(block.parameters(), None) if parameter is None else parameter
+    hidden_size = config_value(model.config, ("hidden_size", "d_model"))
+    if parameter is None or parameter.is_meta or hidden_size is None:
+        return None
+    seen: dict = {}
+
+    def router_hook(module, args, output):
+        logits = seen.setdefault("logits", tap.logits(output).detach())
+        # A router that hands the experts dense `(T, E)` weights, zero off its top-k (Llama4), returns them itself.
+        for value in output if isinstance(output, tuple) else ():
+            if torch.is_tensor(value) and value.is_floating_point() and value.numel() == logits.numel():
+                dense = value.detach().reshape(logits.shape)
+                chosen = dense != 0
+                if not torch.equal(dense, logits) and (chosen.sum(-1) == tap.top_k).all():
+                    index = chosen.float().topk(tap.top_k, dim=-1).indices
+                    seen.setdefault("router_weights", (index, dense.gather(-1, index)))
+
+    def experts_hook(module, args, kwargs):
+        arguments = [*args[1:3]]
+        if len(arguments) < 2:
+            return
+        if all(torch.is_tensor(argument) for argument in arguments):
+            seen.setdefault("experts", tuple(argument.detach() for argument in arguments))
+
+    handles = [tap.module.register_forward_hook(router_hook)]
+    if tap.experts is not None:
+        handles.append(tap.experts.register_forward_pre_hook(experts_hook, with_kwargs=True))
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 64, hidden_size, generator=generator).to(parameter.device, parameter.dtype)
+    # A router initialized to zero (a model built to train from scratch) gives equal logits, which every scoring
+    # function turns into equal weights: its 2-D weights are drawn at random for the probe, then put back.
+    weights = [weight for weight in tap.module.parameters() if weight.dim() == 2]
+    saved = [weight.detach().clone() for weight in weights]
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            if all(weight.count_nonzero() == 0 for weight in weights):
+                for weight in weights:
+                    weight.copy_(torch.randn(weight.shape, generator=generator).to(weight) / weight.shape[-1] ** 0.5)
+            for _ in range(2):
+                seen.clear()
+                block(hidden)
+                spread = seen["logits"].float().std()
+                if not torch.isfinite(spread) or spread == 0:
+                    return None
+                hidden = hidden * (2.0 / spread)
+    except Exception:  # a block that needs more than hidden states (masks, positions): nothing to read
+        return None
+    finally:
+        block.train(was_training)
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for weight, value in zip(weights, saved):
+                weight.copy_(value)
+    return seen["logits"], seen.get("experts", seen.get("router_weights"))
+
+
+def _scoring_from_weights(logits: torch.Tensor, experts_inputs, num_experts: int) -> str | None:
+    """The scoring function whose scores of the chosen experts, renormalized, are the weights the experts got (top-k
+    renormalization and a scaling factor change no ratio); with top-1, whose score is the weight. None if no function,
+    or more than one, reproduces them."""
+    index, weights = experts_inputs
+    logits = logits.double()
+    index = index.reshape(logits.shape[0], -1).long()
+    weights = weights.reshape(logits.shape[0], -1).double()
+    if weights.shape[-1] == logits.shape[-1] != index.shape[-1]:  # dense `(T, W)` weights: those of the chosen
+        weights = weights.gather(-1, index)
+    if weights.shape != index.shape:
+        return None
+    keep = (index < num_experts).all(-1) & (weights > 0).all(-1)  # a skip / zero expert chosen: its weight is masked
+    if keep.sum() < 4:
+        return None
+    index, weights, logits = index[keep], weights[keep], logits[keep]
+    tolerance = 1e-3 if experts_inputs[1].dtype in (torch.float32, torch.float64) else 3e-2
+    matches = []
+    for name, function in SCORING_FUNCTIONS.items():
+        chosen = function(logits).gather(-1, index)
+        if index.shape[-1] > 1:
+            chosen, target = chosen / chosen.sum(-1, keepdim=True), weights / weights.sum(-1, keepdim=True)
+        else:
+            target = weights
+        if (chosen - target).abs().max() < tolerance:
+            matches.append(name)
+    return matches[0] if len(matches) == 1 else None
+
+
+def _linear_width(router: nn.Module) -> int | None:
+    weight = getattr(router, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    linear = next((module for module in router.modules() if isinstance(module, nn.Linear)), None)
+    return None if linear is None else linear.out_features
+
+
+def describe_routing(model: PreTrainedModel) -> RoutingDescription:
+    """How the transformers MoE `model` routes its tokens, read from the model: its experts and top-k (from the config,
+    under any of the names transformers' families use), the width of its routers' logits and the function its
+    experts' weights come from (one MoE block run on random hidden states, no gradient), a selection bias and expert
+    groups. `add_moge_regularizer` regularizes what this describes (see its docstring).
+
+    Raises:
+        `ValueError`: the model records no router logits, or its config gives no number of experts.
+    """
+    taps = _recorded_routers(model)
+    if not taps:
+        raise ValueError(
+            f"{type(model).__name__} records no router logits (no `router_logits` in the `_can_record_outputs` of the "
+            "model or of its inner model, or no such module in it): add_moge_regularizer works on transformers' MoE "
+            "models such as Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3"
+        )
+    num_experts = _num_experts(model.config)
+    if num_experts is None:
+        raise ValueError(
+            f"{type(model.config).__name__} gives no number of experts (none of {list(NUM_EXPERTS_NAMES)}, in it or "
+            "in its nested configs)"
+        )
+    probe = _probe_routing(model, taps[0])
+    width = probe[0].shape[-1] if probe is not None else _linear_width(taps[0].module)
+    scoring = None
+    if probe is not None and probe[1] is not None:
+        scoring = _scoring_from_weights(probe[0], probe[1], num_experts)
+    router = taps[0].module
+    bias = any(
+        "bias" in name and buffer.dim() == 1 and buffer.shape[0] >= num_experts
+        for name, buffer in [*router.named_buffers(recurse=False), *router.named_parameters(recurse=False)]
+    )
+    groups = config_value(model.config, ("n_group", "num_expert_group"))
+    return RoutingDescription(
+        num_experts=num_experts,
+        top_k=taps[0].top_k,
+        logits_per_token=width,
+        scoring=scoring,
+        selection_bias=bias,
+        expert_groups=groups if groups and groups > 1 else None,
+    )
+
+
+def _resolve_routing(model: nn.Module, taps: list[RouterTap], requested: str) -> RoutingDescription | None:
+    """What the regularizer acts on: the routed experts, with the scoring `requested` (`moge_scoring`) or, for "auto",
+    the one `describe_routing` reads (the paper's softmax, with a warning, where it reads none); set on the `taps`.
+    None while the weights are on the meta device (the first forward resolves it then).
+
+    Raises:
+        `ValueError`: the router gives fewer logits than there are experts (no distribution over the experts).
+    """
+    if next(taps[0].module.parameters(), torch.empty(0)).is_meta:
+        return None
+    description = describe_routing(model)
+    width, num_experts = description.logits_per_token, description.num_experts
+    if width is not None and width < num_experts:
+        raise ValueError(
+            f"{type(model).__name__}'s router gives {width} logits per token for {num_experts} experts, not one per "
+            "expert (product-key routing, as Doge's): there is no distribution over the experts for MoGE to "
+            "regularize"
+        )
+    scoring = requested
+    if requested == "auto":
+        scoring = description.scoring
+        if scoring is None:
+            scoring = "softmax"
+            logger.warning(
+                f"add_moge_regularizer: could not read how {type(model).__name__} scores its experts (its experts do "
+                "not take `(hidden_states, top_k_index, top_k_weights)`, or no scoring function reproduces their "
+                "weights); regularizing the softmax of the router logits (the paper's form). Set moge_scoring to "
+                f"one of {list(SCORING_FUNCTIONS)} to say which."
+            )
+    for tap in taps:
+        tap.scoring = scoring
+        tap.num_experts = num_experts if width is not None and width > num_experts else None
+    return dataclasses.replace(description, scoring=scoring)
 
 
 _OUTPUT_CLASSES: dict[type, type] = {}
@@ -277,16 +499,9 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     if any(isinstance(module, MoGERouter) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} is a moge_hf model: its MoGE layers carry the regularizer already")
     routers = _recorded_routers(model)
-    if not routers:
-        raise ValueError(
-            f"{type(model).__name__} records no router logits (no `router_logits` in `_can_record_outputs`, or no "
-            "such module): add_moge_regularizer works on transformers' MoE models such as Qwen3-MoE, OLMoE, Mixtral"
-        )
     num_experts = _num_experts(model.config)
-    if num_experts is None:
-        raise ValueError(
-            f"{type(model.config).__name__} gives no number of experts (`num_experts`, `num_local_experts`)"
-        )
+    if not routers or num_experts is None:
+        describe_routing(model)  # raises the reason
     fields = _resolved_fields(model.config, moge_fields)
     try:
         map_shape = resolve_map_shape(num_experts, fields["moge_map_shape"])
@@ -305,6 +520,9 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
             f"{map_shape[0]}x{map_shape[1]} expert map with moge_padding='valid' (use moge_window <= "
             f"{min(map_shape)} or moge_padding='circular')"
         )
+
+    recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
+    routing = _resolve_routing(model, recorder.taps, fields["moge_scoring"])
 
     _remove_moge_regularizer(model)
     config = model.config
@@ -326,7 +544,7 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
         fields["moge_padding"],
         fields["moge_reduction"],
     ).to(device)
-    recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
+    model.moge_regularizer.moge_scoring, model.moge_regularizer.routing = fields["moge_scoring"], routing
     # First among the model's hooks, so that others (the Trainer callback's) see the output with `moge_loss`; it reads
     # the forward's routing, and the recorder's own hook on the model, right after it, ends the recording.
     loss = _MoGELoss(recorder, routers[-1].module, inspect.signature(model.forward))
@@ -395,7 +613,9 @@ class _MoGELoss:
         mask = _token_mask(kwargs.get("attention_mask"), logits[0].shape[0])
         mask = None if mask is None else mask.to(device)
         with torch.set_grad_enabled(trains):
-            per_layer = [model.moge_regularizer(layer.to(device).float().softmax(-1), mask) for layer in logits]
+            # The distribution over the routed experts that each router's scoring gives its logits (describe_routing).
+            probs = [recorder.taps[record.layer].scores(record.output).to(device) for record in records]
+            per_layer = [model.moge_regularizer(layer, mask) for layer in probs]
             moge_loss = torch.stack(per_layer).mean()
         labels = kwargs.get("labels")
         weighted = None

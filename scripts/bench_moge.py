@@ -9,9 +9,18 @@ Step mode (`--step`) times a whole GPT-2 MoGE training step (forward, backward, 
 > 0, and reports tokens/s and peak memory of both: the cost of the regularizer in a real model. Both run on one model
 whose weights stay put (AdamW at learning rate 0), so that both route alike and differ only by the regularizer.
 
+transformers step mode (`--hf_step FAMILY ...`) does the same for transformers' own MoE causal LMs (`qwen3_moe`:
+softmax router with a load-balancing loss; `deepseek_v3`: sigmoid router with a correction bias, no auxiliary loss),
+built from a config at the `--step_*` sizes for each `--num_experts`: the plain model (`output_router_logits=True`, so
+its own aux loss trains) against a deep copy of it given `moge_hf.add_moge_regularizer(moge_loss_coef=...)`, sigma
+annealed every step as `add_moge_callback` does. Both copies start from the same weights, which stay put (AdamW at
+learning rate 0 for each), so both route alike; their steps are timed interleaved, eager (no `torch.compile`).
+
     python scripts/bench_moge.py                       # GPU: GPT-2 small shape, E=16, k=2, 16k tokens, bf16
     python scripts/bench_moge.py --sweep               # GPU: GPT-2 S/M, ViT-S/B shapes, E 8..64, k 1/2, 4k..64k
     python scripts/bench_moge.py --step                # GPU: GPT-2 small training step, lambda 0 vs 0.01
+    python scripts/bench_moge.py --hf_step qwen3_moe deepseek_v3 --num_experts 8 16 32 64
+                                                       # transformers MoE training step, plain vs regularized
     python scripts/bench_moge.py --device cpu          # CPU: a small shape in float32
 
 Implementations ("paths"):
@@ -25,6 +34,7 @@ Each is timed in eager mode and, with `--compile` (default on GPU), under `torch
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -33,13 +43,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, add_moge_regularizer
 from moge_hf.losses import _group_sparsity_from_matrix, default_map_shape, gaussian_window, group_window_matrix
-from moge_hf.moge_layer import MoGESparseMoeBlock, routing_losses
+from moge_hf.moge_layer import MoGESparseMoeBlock, routing_losses, set_moge_sigma
 from moge_hf.routing import RoutingRecorder, moge_routers
+from moge_hf.training import annealed_sigma
 
 
 SHAPES = {"gpt2-small": (768, 3072), "gpt2-medium": (1024, 4096), "vit-s": (384, 1536), "vit-b": (768, 3072)}
@@ -347,6 +359,162 @@ def run_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     return results
 
 
+# ---- a transformers MoE model's training step, plain against regularized -------------------------------------------
+
+HF_FAMILIES = ("qwen3_moe", "deepseek_v3")
+SIGMA_SCHEDULE = [10.0, 1.0, 0.2]  # the paper's, annealed over 100 steps in both step modes
+
+
+def hf_moe_model(args, family: str, num_experts: int):
+    """A transformers MoE causal LM of `family` at the `--step_*` sizes with `num_experts` experts in every layer,
+    random weights (seeded), `output_router_logits=True` (Qwen3-MoE's load-balancing loss joins its loss)."""
+    hidden, heads = args.step_hidden, max(1, args.step_hidden // 64)
+    common = dict(
+        vocab_size=args.step_vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,  # dense MLPs: none here, every layer is an MoE layer
+        moe_intermediate_size=args.step_expert_size or hidden,
+        num_hidden_layers=args.step_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        num_experts_per_tok=args.top_k[0],
+        max_position_embeddings=args.step_seq,
+        output_router_logits=True,
+        bos_token_id=args.step_vocab - 1,
+        eos_token_id=args.step_vocab - 1,
+        pad_token_id=None,
+    )
+    if family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, head_dim=64, num_experts=num_experts, decoder_sparse_step=1, mlp_only_layers=[]
+        )
+        model_class = transformers.Qwen3MoeForCausalLM
+    elif family == "deepseek_v3":
+        config = transformers.DeepseekV3Config(
+            **common,
+            n_routed_experts=num_experts,
+            n_shared_experts=1,
+            n_group=1,  # plain top-k over all experts (no group-limited routing)
+            topk_group=1,
+            first_k_dense_replace=0,
+            q_lora_rank=max(16, hidden // 2),
+            kv_lora_rank=max(16, hidden // 4),
+            qk_nope_head_dim=48,
+            qk_rope_head_dim=16,
+            v_head_dim=64,
+        )
+        model_class = transformers.DeepseekV3ForCausalLM
+    else:
+        raise ValueError(f"unknown family {family!r}; known: {HF_FAMILIES}")
+    if args.hf_experts_implementation:
+        config._experts_implementation = args.hf_experts_implementation
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return model_class(config)
+
+
+def make_hf_train_steps(args, device: torch.device, dtype: torch.dtype, family: str, num_experts: int):
+    """`(models, steps, record)`: a transformers MoE model ("plain") and a deep copy of it given the regularizer
+    ("moge", lambda = `--moge_loss_coef`, sigma annealed every step as `add_moge_callback` does), each with its own
+    AdamW at learning rate 0; `steps` holds one training-step closure (forward with labels, backward, AdamW) per
+    model; `record["runs"]` counts each closure's steps and `record["output"]` keeps the losses of its last one
+    (`loss`, `aux_loss`, `moge_loss`: None where the output has no such field).
+
+    The copy is taken before the regularizer is added, so both models start with the same weights, and the learning
+    rate 0 keeps them there (every kernel of a real step runs): both route the same tokens to the same experts in every
+    step, and the two steps differ only by the regularizer.
+    """
+    plain = hf_moe_model(args, family, num_experts).to(device).train()
+    regularized = add_moge_regularizer(
+        copy.deepcopy(plain), moge_loss_coef=args.moge_loss_coef, moge_sigma_schedule=SIGMA_SCHEDULE
+    )
+    models = {"plain": plain, "moge": regularized}
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, args.step_vocab, (args.step_batch, args.step_seq), generator=generator).to(device)
+    record = {"runs": dict.fromkeys(models, 0), "output": {}}
+
+    def make_step(name: str, model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=device.type == "cuda")
+
+        def step():
+            if name == "moge":  # what add_moge_callback does at every step
+                set_moge_sigma(model, annealed_sigma(record["runs"][name] / 100, SIGMA_SCHEDULE))
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                output = model(input_ids=ids, labels=ids)
+            output.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record["runs"][name] += 1
+            # The losses only (detached, no host sync): the whole output would keep the logits alive between steps.
+            record["output"][name] = {
+                key: None if getattr(output, key, None) is None else getattr(output, key).detach()
+                for key in ("loss", "aux_loss", "moge_loss")
+            }
+
+        return step
+
+    return models, {name: make_step(name, model) for name, model in models.items()}, record
+
+
+def run_hf_step(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """transformers MoE training steps, plain against regularized (paired, timed interleaved), per family and E."""
+    results = []
+    tokens = args.step_batch * args.step_seq
+    timer = Timer(device, args.warmup, args.reps)
+    for family in args.hf_step:
+        for num_experts in args.num_experts:
+            result = {"family": family, "num_experts": num_experts, "top_k": args.top_k[0]}
+            results.append(result)
+            try:
+                models, steps, record = make_hf_train_steps(args, device, dtype, family, num_experts)
+                result["experts_implementation"] = models["plain"].config._experts_implementation
+                peaks = {}
+                for name, step in steps.items():
+                    step()
+                    peaks[name] = timer.peak_mib(step)
+                ms = timer.median_ms(steps)
+            except Exception as error:  # a family this transformers cannot build or run: report, go on
+                result["error"] = f"{type(error).__name__}: {_first_line(error)}"
+                print(f"  {family} E={num_experts}: error: {result['error']}", file=sys.stderr)
+                continue
+            for name in steps:
+                losses = {key: None if loss is None else loss.item() for key, loss in record["output"][name].items()}
+                result[name] = {
+                    "ms": ms[name],
+                    "tokens_per_s": tokens / ms[name] * 1e3,
+                    "peak_mib": peaks[name],
+                    "steps_run": record["runs"][name],
+                    **losses,
+                }
+            result["ratio"] = ms["moge"] / ms["plain"]
+            print(f"  done {family} E={num_experts}", file=sys.stderr)
+            del models, steps, record
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(
+        f"transformers MoE training step: {args.step_layers} layers, d={args.step_hidden}, expert size "
+        f"{args.step_expert_size or args.step_hidden}, MoE in every layer, k={args.top_k[0]}, batch {args.step_batch} "
+        f"x {args.step_seq} tokens, {dtype}; plain (its own aux loss) vs + MoGE regularizer "
+        f"(lambda {args.moge_loss_coef:g}); ratio = moge / plain step time"
+    )
+    print(
+        f"  {'family':<12}{'E':>4} {'experts':<11}{'plain ms':>10}{'moge ms':>10}{'plain tok/s':>13}{'moge tok/s':>12}"
+        f"{'ratio':>8}  peak MiB plain / moge"
+    )
+    for result in results:
+        head = f"  {result['family']:<12}{result['num_experts']:>4} "
+        if "error" in result:
+            print(f"{head}error: {result['error']}")
+            continue
+        plain, moge = result["plain"], result["moge"]
+        peaks = "-" if plain["peak_mib"] is None else f"{plain['peak_mib']:.0f} / {moge['peak_mib']:.0f}"
+        print(
+            f"{head}{result['experts_implementation']:<11}{plain['ms']:>10.2f}{moge['ms']:>10.2f}"
+            f"{plain['tokens_per_s']:>13.0f}{moge['tokens_per_s']:>12.0f}{result['ratio']:>7.3f}x  {peaks}"
+        )
+    return results
+
+
 def _first_line(error: Exception) -> str:
     return (str(error).splitlines() or [""])[0][:200]
 
@@ -429,6 +597,19 @@ def parse_args(argv=None):
     parser.add_argument("--step_batch", type=int, default=16)
     parser.add_argument("--step_seq", type=int, default=1024)
     parser.add_argument("--step_vocab", type=int, default=50257)
+    parser.add_argument(
+        "--hf_step",
+        nargs="+",
+        choices=HF_FAMILIES,
+        metavar="FAMILY",
+        help=f"time transformers MoE training steps ({', '.join(HF_FAMILIES)}), plain vs regularized, per "
+        "--num_experts, at the --step_* sizes",
+    )
+    parser.add_argument("--step_expert_size", type=int, help="--hf_step: the experts' hidden size (default: d)")
+    parser.add_argument(
+        "--hf_experts_implementation",
+        help="--hf_step: transformers' experts implementation (default: the model's own, grouped_mm where it runs)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="default: 10 on GPU, 2 on CPU")
     parser.add_argument("--reps", type=int, default=None, help="default: 50 on GPU, 5 on CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
@@ -463,7 +644,9 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     timing = f"median of {args.reps} after {args.warmup} warm-up"
     print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; {timing}")
-    if args.step:
+    if args.hf_step:
+        report = {"device": name, "hf_step": run_hf_step(args, device, args.dtype)}
+    elif args.step:
         report = {"device": name, "step": run_step(args, device, args.dtype)}
     elif args.regularizer:
         print("MoGE regularizer from router logits, forward + backward")
@@ -494,7 +677,15 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(
-                {**report, "argv": sys.argv, "dtype": str(args.dtype), "torch": torch.__version__}, file, indent=1
+                {
+                    **report,
+                    "argv": sys.argv,
+                    "dtype": str(args.dtype),
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                },
+                file,
+                indent=1,
             )
 
 
