@@ -94,7 +94,8 @@ class RouterTap:
         regularizer takes)."""
         if isinstance(output, MoGERouting):
             return output.clean_logits
-        logits = output if self.index is None else output[self.index]
+        # As transformers' `OutputRecorder`: the index picks from a tuple output; a tensor output is the logits.
+        logits = output[self.index] if self.index is not None and isinstance(output, (tuple, list)) else output
         return logits.reshape(-1, logits.shape[-1])
 
     def scores(self, output) -> torch.Tensor:
@@ -131,26 +132,32 @@ def _router_spec(model: nn.Module):
 
 def _recorded_routers(model: nn.Module) -> list[RouterTap]:
     """The routers transformers records `router_logits` from (`_can_record_outputs`, of the model or of its inner
-    model), matched as transformers does."""
+    model; one recorder or a list of them, as JetMoE's attention and MLP routers), matched as transformers does."""
     spec = _router_spec(model)
     if spec is None:
         return []
-    target_class = getattr(spec, "target_class", spec if isinstance(spec, type) else None)
-    class_name = getattr(spec, "class_name", spec if isinstance(spec, str) else None)
-    layer_name = getattr(spec, "layer_name", None)
-    index = getattr(spec, "index", 0)
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     taps = []
     for module_name, module in model.named_modules():
-        matched = (target_class is not None and isinstance(module, target_class)) or (
-            class_name is not None and module_name.endswith(class_name)
-        )
-        if matched and layer_name is not None:
-            matched = f".{layer_name.strip('.')}." in f".{module_name}."
-        if matched:
+        for recorder in specs:
+            target_class = getattr(recorder, "target_class", recorder if isinstance(recorder, type) else None)
+            class_name = getattr(recorder, "class_name", recorder if isinstance(recorder, str) else None)
+            layer_name = getattr(recorder, "layer_name", None)
+            matched = (target_class is not None and isinstance(module, target_class)) or (
+                class_name is not None and module_name.endswith(class_name)
+            )
+            if matched and layer_name is not None:
+                matched = f".{layer_name.strip('.')}." in f".{module_name}."
+            if not matched:
+                continue
             top_k = getattr(module, "top_k", None) or config_value(model.config, TOP_K_NAMES) or 1
             parent = model.get_submodule(module_name.rpartition(".")[0]) if "." in module_name else model
-            experts = getattr(parent, "experts", None)
-            taps.append(RouterTap(_layer_name(module_name, len(taps)), module, top_k, index, experts))
+            name = _layer_name(module_name, len(taps))
+            if len(specs) > 1:  # several routers per layer: named by their module too
+                name = f"{name}.{module_name.rpartition('.')[2]}"
+            index = getattr(recorder, "index", 0)
+            taps.append(RouterTap(name, module, top_k, index, getattr(parent, "experts", None)))
+            break
     return taps
 
 

@@ -397,6 +397,13 @@ def _resolve_routing(model: nn.Module, taps: list[RouterTap], requested: str) ->
         return None
     description = describe_routing(model)
     width, num_experts = description.logits_per_token, description.num_experts
+    hidden_size = config_value(model.config, ("hidden_size", "d_model"))
+    if width is not None and width > num_experts and width == hidden_size:
+        raise ValueError(
+            f"{type(model).__name__} records the output of its MoE block ({width} values per token, the hidden size) "
+            f"as its router logits, not one logit per expert ({num_experts}): this release of transformers records "
+            "no router logits for it"
+        )
     if width is not None and width < num_experts:
         raise ValueError(
             f"{type(model).__name__}'s router gives {width} logits per token for {num_experts} experts, not one per "
@@ -503,6 +510,8 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     if not routers or num_experts is None:
         describe_routing(model)  # raises the reason
     fields = _resolved_fields(model.config, moge_fields)
+    recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
+    routing = _resolve_routing(model, recorder.taps, fields["moge_scoring"])
     try:
         map_shape = resolve_map_shape(num_experts, fields["moge_map_shape"])
     except ValueError as error:
@@ -520,9 +529,6 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
             f"{map_shape[0]}x{map_shape[1]} expert map with moge_padding='valid' (use moge_window <= "
             f"{min(map_shape)} or moge_padding='circular')"
         )
-
-    recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
-    routing = _resolve_routing(model, recorder.taps, fields["moge_scoring"])
 
     _remove_moge_regularizer(model)
     config = model.config
