@@ -371,7 +371,7 @@ def describe_routing(model: PreTrainedModel) -> RoutingDescription:
         scoring = _scoring_from_weights(probe[0], probe[1], num_experts)
     router = taps[0].module
     bias = any(
-        "bias" in name and buffer.dim() == 1 and buffer.shape[0] >= num_experts
+        "bias" in name and name != "bias" and buffer.dim() == 1 and buffer.shape[0] >= num_experts
         for name, buffer in [*router.named_buffers(recurse=False), *router.named_parameters(recurse=False)]
     )
     groups = config_value(model.config, ("n_group", "num_expert_group"))
