@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 import torch
+import transformers
 
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_moge.py"
@@ -23,7 +24,7 @@ def bench():
 # DeepSeek-V3 records its router logits from transformers 5.18 on (5.17 declares none for it).
 HF_FAMILIES = ["qwen3_moe"] + [
     "deepseek_v3"
-    if "router_logits" in (getattr(__import__("transformers").DeepseekV3ForCausalLM, "_can_record_outputs", None) or {})
+    if "router_logits" in (getattr(transformers.DeepseekV3ForCausalLM, "_can_record_outputs", None) or {})
     else None
 ]
 HF_FAMILIES = [family for family in HF_FAMILIES if family]
