@@ -29,7 +29,8 @@ from .modeling_vit_moge import ViTMoGEForImageClassification, ViTMoGEModel, ViTM
 from .moge_layer import GroupSparsityRegularizer, MoGEExperts, MoGERouter, MoGESparseMoeBlock, set_moge_sigma
 from .moge_model import HOSTS
 from .training import MoGEArguments, MoGESigmaCallback, add_moge_callback, annealed_sigma
-from .transformers_moe import add_moge_regularizer
+from .transformers_moe import add_moge_regularizer, describe_routing
+from .upcycling import upcycle_to_moe
 
 
 __version__ = "0.2.0"
@@ -59,6 +60,8 @@ __all__ = [
     "ViTMoGEPreTrainedModel",
     "add_moge_callback",
     "add_moge_regularizer",
+    "describe_routing",
+    "upcycle_to_moe",
     "GroupSparsityRegularizer",
     "set_moge_sigma",
     "annealed_sigma",

@@ -26,7 +26,7 @@ from .moge_model import MoGEHost, head_of, host_of
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["upcycle_from_dense"]
+__all__ = ["upcycle_from_dense", "upcycle_to_moe"]
 
 # Keys of a dense config's `to_dict()` that describe the dense checkpoint rather than the model to build.
 _DENSE_ONLY_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_commit_hash")
@@ -90,9 +90,7 @@ def upcycle_from_dense(
     """
     dense_class = _dense_class_of(moge_class)
     family = host_of(moge_class)
-    is_number = isinstance(expert_noise_std, (int, float)) and not isinstance(expert_noise_std, bool)
-    if not is_number or not math.isfinite(expert_noise_std) or expert_noise_std < 0:
-        raise ValueError(f"expert_noise_std must be a finite number >= 0, got {expert_noise_std!r}")
+    _check_noise(expert_noise_std)
 
     if isinstance(dense_model_or_path, (str, os.PathLike)):
         source = os.fspath(dense_model_or_path)
@@ -352,3 +350,182 @@ def _copy_heads(moge_class: type, dense: PreTrainedModel, moge: PreTrainedModel)
             f"{moge_class.__name__}.from_dense: these head weights are not in the dense {type(dense).__name__} and "
             f"are newly initialized; train them before use: {', '.join(fresh)}"
         )
+
+
+# ---- dense Llama / Mistral / Qwen decoders into transformers' own MoE siblings --------------------------------------
+
+# Dense class -> its MoE sibling in transformers (same attention, norms and embeddings; SwiGLU experts, softmax top-k).
+MOE_SIBLINGS = {
+    "LlamaForCausalLM": "MixtralForCausalLM",
+    "LlamaModel": "MixtralModel",
+    "MistralForCausalLM": "MixtralForCausalLM",
+    "MistralModel": "MixtralModel",
+    "Qwen2ForCausalLM": "Qwen2MoeForCausalLM",
+    "Qwen2Model": "Qwen2MoeModel",
+    "Qwen3ForCausalLM": "Qwen3MoeForCausalLM",
+    "Qwen3Model": "Qwen3MoeModel",
+}
+
+
+def _check_noise(expert_noise_std) -> None:
+    is_number = isinstance(expert_noise_std, (int, float)) and not isinstance(expert_noise_std, bool)
+    if not is_number or not math.isfinite(expert_noise_std) or expert_noise_std < 0:
+        raise ValueError(f"expert_noise_std must be a finite number >= 0, got {expert_noise_std!r}")
+
+
+def _sibling_config(dense_config: PreTrainedConfig, config_class: type, num_experts: int, top_k: int, overrides: dict):
+    """The MoE sibling's config: every field the dense config shares with it, the dense MLP size as the experts' size,
+    renormalized top-k weights (so that copies of one MLP sum to it); a dense field the sibling lacks must be at its
+    default (else the sibling could not compute what the dense model does: refused, the field named)."""
+    dense_fields = dense_config.to_dict()
+    dense_defaults = type(dense_config)(num_hidden_layers=dense_config.num_hidden_layers).to_dict()
+    sibling_defaults = config_class().to_dict()
+    fields = {}
+    for key, value in dense_fields.items():
+        if key in _DENSE_ONLY_CONFIG_KEYS:
+            continue
+        if key in sibling_defaults:
+            fields[key] = value
+        elif key == "layer_types" and set(value) <= {"full_attention"}:
+            continue  # the sibling's attention is full everywhere unless told otherwise
+        elif key == "head_dim":
+            fields[key] = value  # read by the siblings' attention even where their config does not declare it
+        elif value != dense_defaults.get(key, value) or key == "layer_types":
+            raise ValueError(
+                f"upcycle_to_moe: the dense {type(dense_config).__name__} sets {key}={value!r}, which "
+                f"{config_class.__name__} cannot express: the upcycled model would not compute what the dense one does"
+            )
+    for key in ("sliding_window",):  # a window the dense model does not have must not appear
+        if key in sibling_defaults and key not in dense_fields:
+            fields[key] = None
+    experts_key = "num_local_experts" if "num_local_experts" in sibling_defaults else "num_experts"
+    fields |= {experts_key: num_experts, "num_experts_per_tok": top_k}
+    if "moe_intermediate_size" in sibling_defaults:
+        fields["moe_intermediate_size"] = dense_config.intermediate_size
+    if "shared_expert_intermediate_size" in sibling_defaults:
+        fields["shared_expert_intermediate_size"] = dense_config.intermediate_size
+    if "norm_topk_prob" in sibling_defaults:
+        fields["norm_topk_prob"] = True
+    fields |= overrides
+    return config_class(**fields)
+
+
+def upcycle_to_moe(
+    dense_model_or_path: PreTrainedModel | str | os.PathLike,
+    *,
+    num_experts: int,
+    num_experts_per_tok: int,
+    expert_noise_std: float = 0.0,
+    **config_overrides,
+) -> PreTrainedModel:
+    r"""Upcycle a dense Llama, Mistral, Qwen2 or Qwen3 model into its MoE sibling in transformers, exactly at init.
+
+    `LlamaForCausalLM` and `MistralForCausalLM` become `MixtralForCausalLM`, `Qwen2ForCausalLM` becomes
+    `Qwen2MoeForCausalLM`, `Qwen3ForCausalLM` becomes `Qwen3MoeForCausalLM` (their base models the siblings' base
+    models). Attention, norms, embeddings and head are copied; in every MoE layer each expert is a copy of the layer's
+    dense MLP (plus optional noise) and the router keeps its fresh initialization; the top-k weights are renormalized
+    (`norm_topk_prob=True` where the sibling has the field; Mixtral always renormalizes), so the upcycled model
+    computes what the dense one does until training moves the experts apart (checked: without noise, both models run
+    on a few tokens and must agree). Qwen2-MoE's shared expert starts inert: a copy of the dense MLP with its
+    `down_proj` zero (its output is 0 at init; it trains like the rest). The result is a plain transformers model (its
+    folder needs no remote code); `add_moge_regularizer` gives it MoGE.
+
+    Args:
+        dense_model_or_path: the dense model, or a `save_pretrained` folder / Hub id (loaded with the Auto class of
+            its architecture).
+        num_experts, num_experts_per_tok: experts per MoE layer and the top-k.
+        expert_noise_std: relative std of Gaussian noise added to every expert's weights (times the std of the dense
+            weight); 0 keeps the upcycled model exact.
+        config_overrides: fields of the sibling's config, e.g. `mlp_only_layers` / `decoder_sparse_step` (Qwen) for
+            which layers become MoE layers (the others keep the dense MLP), `router_aux_loss_coef`,
+            `output_router_logits`.
+
+    Raises:
+        `ValueError`: a dense class with no sibling (the supported ones are listed), a dense config field the sibling
+            cannot express (named), bad `num_experts` / `num_experts_per_tok` / noise.
+    """
+    import transformers
+
+    _check_noise(expert_noise_std)
+    for name, value in (("num_experts", num_experts), ("num_experts_per_tok", num_experts_per_tok)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"upcycle_to_moe: {name} must be a positive integer, got {value!r}")
+    if num_experts_per_tok > num_experts:
+        raise ValueError(f"upcycle_to_moe: num_experts_per_tok={num_experts_per_tok} > num_experts={num_experts}")
+    if isinstance(dense_model_or_path, (str, os.PathLike)):
+        dense_config = transformers.AutoConfig.from_pretrained(dense_model_or_path)
+        architecture = (getattr(dense_config, "architectures", None) or [None])[0]
+        if architecture not in MOE_SIBLINGS:
+            raise ValueError(_no_sibling(architecture or dense_config.model_type))
+        dense = getattr(transformers, architecture).from_pretrained(dense_model_or_path)
+    elif isinstance(dense_model_or_path, PreTrainedModel):
+        dense = dense_model_or_path
+    else:
+        raise TypeError(f"upcycle_to_moe takes a dense model or a folder, got {type(dense_model_or_path).__name__}")
+    sibling_name = MOE_SIBLINGS.get(type(dense).__name__)
+    if sibling_name is None:
+        raise ValueError(_no_sibling(type(dense).__name__))
+    sibling_class = getattr(transformers, sibling_name)
+    config = _sibling_config(
+        dense.config, sibling_class.config_class, num_experts, num_experts_per_tok, config_overrides
+    )
+    moe = sibling_class(config).to(dense.device, next(dense.parameters()).dtype)
+    source = dense.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, target in moe.state_dict().items():
+            if key in source:
+                _copy_checked(sibling_class, key, target, source[key])
+            elif key.endswith(".mlp.experts.gate_up_proj") or key.endswith(".mlp.experts.down_proj"):
+                mlp = key.rpartition(".experts.")[0]
+                gate, up, down = (source[f"{mlp}.{name}.weight"] for name in ("gate_proj", "up_proj", "down_proj"))
+                weight = torch.cat([gate, up]) if key.endswith("gate_up_proj") else down
+                _copy_checked(sibling_class, key, target, weight.unsqueeze(0).expand_as(target))
+                if expert_noise_std > 0:
+                    scale = expert_noise_std * weight.float().std()
+                    noise = torch.randn(target.shape, generator=generator) * scale
+                    target.add_(noise.to(target.device, target.dtype))
+            elif ".mlp.shared_expert." in key:
+                dense_key = key.replace(".shared_expert.", ".")
+                if key.endswith("down_proj.weight"):
+                    target.zero_()  # inert at init: the shared expert adds nothing
+                else:
+                    _copy_checked(sibling_class, key, target, source[dense_key])
+            elif key.endswith(".mlp.gate.weight") or key.endswith(".mlp.shared_expert_gate.weight"):
+                continue  # routers: freshly initialized
+            else:
+                raise ValueError(
+                    f"upcycle_to_moe: {sibling_name} has {key}, which the dense {type(dense).__name__} lacks"
+                )
+    if expert_noise_std == 0:
+        _check_same_function(dense, moe)
+    return moe
+
+
+def _check_same_function(dense: PreTrainedModel, moe: PreTrainedModel) -> None:
+    """Raise unless the upcycled model computes what the dense one does on a few tokens (a config difference that no
+    field check caught would show here)."""
+    ids = torch.arange(1, 9, device=dense.device).remainder(dense.config.vocab_size).unsqueeze(0)
+    modes = dense.training, moe.training
+    dense.eval(), moe.eval()
+    with torch.no_grad():
+        outputs = [model(input_ids=ids) for model in (dense, moe)]
+    dense.train(modes[0]), moe.train(modes[1])
+    expected, got = (getattr(out, "logits", None) for out in outputs)
+    if expected is None:  # base models
+        expected, got = (out.last_hidden_state for out in outputs)
+    expected, got = expected.float(), got.float()
+    tolerance = 1e-4 if next(dense.parameters()).dtype == torch.float32 else 5e-2
+    error = (expected - got).abs().max().item()
+    if not error <= tolerance * max(1.0, expected.abs().max().item()):
+        raise ValueError(
+            f"upcycle_to_moe: {type(moe).__name__} built from {type(dense).__name__}'s config does not compute what "
+            f"the dense model does (max difference {error:.3g} on 8 tokens): a dense setting it cannot express"
+        )
+
+
+def _no_sibling(found: str) -> str:
+    return (
+        f"upcycle_to_moe: no MoE sibling in transformers for {found}; it upcycles {', '.join(MOE_SIBLINGS)} "
+        f"(into {', '.join(sorted(set(MOE_SIBLINGS.values())))})"
+    )

@@ -5,11 +5,14 @@
 
 `save` writes a tiny seeded model of `<case>` (a name in the tests' table, `tiny.CASES`) and the inputs
 (`<folder>/inputs.pt`); `load` blocks
-`import moge_hf` and loads the folder through `transformers.<auto_class>` with `trust_remote_code=True`. Both run the
-inputs through the model (and, for a causal LM, greedy generation with the KV cache) and save what they computed.
+`import moge_hf` and loads the folder through `transformers.<auto_class>` with `trust_remote_code=True` (a MoGE
+folder's own code, or a native folder's transformers class). Both run the inputs through the model (and, for a causal
+LM, greedy generation with the KV cache) and save what they computed.
 """
 
+import json
 import sys
+from pathlib import Path
 
 
 def compute(model, inputs: dict) -> dict:
@@ -49,7 +52,10 @@ def load(auto_class: str, folder: str, result_path: str) -> None:
     import transformers
 
     model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    # A MoGE folder runs its own code; a native one (an upcycled Mixtral, ...) transformers' own classes.
+    native = "auto_map" not in json.loads(Path(folder, "config.json").read_text())
+    expected = "transformers.models." if native else "transformers_modules."
+    assert type(model).__module__.startswith(expected), type(model).__module__
     torch.save(compute(model, torch.load(f"{folder}/inputs.pt")), result_path)
 
 
