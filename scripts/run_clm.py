@@ -3,7 +3,10 @@
 
 The model is built from scratch from the config arguments below, upcycled from a dense GPT-2
 (`--dense_model_name_or_path`, see `GPT2MoGELMHeadModel.from_dense`), or loaded from a saved MoGE model
-(`--model_name_or_path`). `--model_name_or_path` may also be a transformers MoE language model (Qwen3-MoE, OLMoE,
+(`--model_name_or_path`). A dense Llama, Mistral, Qwen2 or Qwen3 causal LM given as `--dense_model_name_or_path` is
+upcycled into its MoE sibling in transformers (`moge_hf.upcycle_to_moe`: Mixtral, Qwen2-MoE, Qwen3-MoE; with
+`--num_experts`, `--num_experts_per_tok`, `--expert_noise_std`) and trained as a loaded one is.
+`--model_name_or_path` may also be a transformers MoE language model (Qwen3-MoE, OLMoE,
 Mixtral, ...): it is fine-tuned with the MoGE regularizer (`moge_hf.add_moge_regularizer`, the `--moge_*` fields of
 the regularizer only). The text is a Hub data set (`--dataset_name`) or local text files (`--train_file`, optional
 `--validation_file`; without one, the last `--validation_split_percentage` percent of the training lines are held
@@ -59,7 +62,7 @@ from transformers import (
     set_seed,
 )
 
-from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, add_moge_regularizer
+from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, add_moge_regularizer, upcycle_to_moe
 from moge_hf.hub import add_moge_hub_callback
 from moge_hf.moge_layer import moge_regularizers
 from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS
@@ -76,6 +79,7 @@ from moge_hf.training import (
     train_and_evaluate,
 )
 from moge_hf.transformers_moe import MOGE_REGULARIZER_FIELDS
+from moge_hf.upcycling import MOE_SIBLINGS
 
 
 logger = logging.getLogger(__name__)
@@ -96,8 +100,10 @@ class ModelArguments(MoGEArguments, EngineArguments):
     dense_model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A dense GPT-2 (folder or Hub id) to upcycle with `GPT2MoGELMHeadModel.from_dense`: every expert "
-            "starts as a copy of its layer's MLP. Its tokenizer is used unless --tokenizer_name is given."
+            "help": "A dense model (folder or Hub id) to upcycle: every expert starts as a copy of its layer's MLP. A "
+            "GPT-2 becomes a GPT-2 MoGE model (`GPT2MoGELMHeadModel.from_dense`); a Llama, Mistral, Qwen2 or Qwen3 "
+            "causal LM becomes its MoE sibling in transformers (`moge_hf.upcycle_to_moe`: Mixtral, Qwen2-MoE, "
+            "Qwen3-MoE) given the MoGE regularizer. Its tokenizer is used unless --tokenizer_name is given."
         },
     )
     expert_noise_std: float = field(
@@ -196,10 +202,14 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
             raise ValueError(f"--{given[0]} only applies to a model built from scratch; the loaded model sets it.")
     for name in ("model_name_or_path", "dense_model_name_or_path", "tokenizer_name"):
         check_local_source(f"--{name}", getattr(model_args, name))
-    if model_args.model_name_or_path and not is_moge_hf_model(model_args.model_name_or_path):
-        # A transformers MoE model (Qwen3-MoE, OLMoE, Mixtral, ...): the regularizer's fields and the family's own
-        # load-balancing coefficient apply.
+    upcycled_natively = bool(model_args.dense_model_name_or_path) and upcycles_natively(
+        model_args.dense_model_name_or_path
+    )
+    if upcycled_natively or (model_args.model_name_or_path and not is_moge_hf_model(model_args.model_name_or_path)):
+        # A transformers MoE model (Qwen3-MoE, OLMoE, Mixtral, ...), loaded or upcycled into: the regularizer's fields
+        # and the family's own load-balancing coefficient apply (and, to upcycle, the experts and the top-k).
         allowed = (*MOGE_REGULARIZER_FIELDS, "router_aux_loss_coef")
+        allowed += ("num_experts", "num_experts_per_tok") if upcycled_natively else ()
         given = [name for name in model_args.moge_overrides() if name not in allowed]
         if given:
             raise ValueError(
@@ -457,6 +467,12 @@ def is_moge_hf_model(name_or_path: str) -> bool:
     return AutoConfig.from_pretrained(name_or_path).model_type == GPT2MoGEConfig.model_type
 
 
+def upcycles_natively(name_or_path: str) -> bool:
+    """Whether a dense model is one `upcycle_to_moe` turns into its MoE sibling in transformers (Llama, Mistral,
+    Qwen2, Qwen3), rather than a GPT-2 for `GPT2MoGELMHeadModel.from_dense`."""
+    return (AutoConfig.from_pretrained(name_or_path).architectures or [None])[0] in MOE_SIBLINGS
+
+
 def load_transformers_moe(name_or_path: str, router_aux_loss_coef: float | None) -> PreTrainedModel:
     """A transformers MoE causal LM that trains with its family's own load-balancing loss: the configs of these
     families save `output_router_logits=False`, under which the head computes no aux loss and the experts drift to a
@@ -478,7 +494,20 @@ def load_transformers_moe(name_or_path: str, router_aux_loss_coef: float | None)
 def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overrides: dict) -> PreTrainedModel:
     """From scratch (`config`), upcycled from the dense model, loaded (a GPT-2 MoGE model, or a transformers MoE model
     given the MoGE regularizer by `add_moge_regularizer`); then the experts implementation."""
-    if model_args.dense_model_name_or_path:
+    regularizer = {name: value for name, value in overrides.items() if name in MOGE_REGULARIZER_FIELDS}
+    if model_args.dense_model_name_or_path and upcycles_natively(model_args.dense_model_name_or_path):
+        # Into Mixtral / Qwen2-MoE / Qwen3-MoE, with the family's own load-balancing loss on (as for a loaded one).
+        aux = {key: overrides[key] for key in ("router_aux_loss_coef",) if key in overrides}
+        model = upcycle_to_moe(
+            model_args.dense_model_name_or_path,
+            num_experts=overrides.get("num_experts", GPT2MoGEConfig().num_experts),
+            num_experts_per_tok=overrides.get("num_experts_per_tok", GPT2MoGEConfig().num_experts_per_tok),
+            expert_noise_std=model_args.expert_noise_std,
+            output_router_logits=True,
+            **aux,
+        )
+        model = add_moge_regularizer(model, **regularizer)
+    elif model_args.dense_model_name_or_path:
         model = GPT2MoGELMHeadModel.from_dense(
             model_args.dense_model_name_or_path,
             expert_noise_std=model_args.expert_noise_std,
@@ -486,7 +515,6 @@ def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overr
             **overrides,
         )
     elif model_args.model_name_or_path and not is_moge_hf_model(model_args.model_name_or_path):
-        regularizer = {name: value for name, value in overrides.items() if name in MOGE_REGULARIZER_FIELDS}
         model = load_transformers_moe(model_args.model_name_or_path, overrides.get("router_aux_loss_coef"))
         model = add_moge_regularizer(model, **regularizer)
     elif model_args.model_name_or_path:

@@ -30,6 +30,9 @@ from transformers import (
     DataCollatorWithPadding,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
     ViTConfig,
@@ -384,6 +387,40 @@ def test_clm_fine_tunes_a_transformers_moe_model_with_moge(clm_run, text_file, t
             run_clm.main([*base, *extra, *COMMON])
     with pytest.raises(ValueError, match=r"moge_map_shape.*8 experts"):
         run_clm.main([*base, "--moge_map_shape", "3", "3", *COMMON])
+
+
+def test_clm_upcycles_a_dense_llama_into_mixtral_and_trains_it_with_moge(clm_run, text_file, tmp_path, run_clm):
+    # A saved dense Llama with the from-scratch run's tokenizer: upcycled into Mixtral (8 experts top-2) in both arms,
+    # trained with the regularizer and Mixtral's own load-balancing loss, saved as native Mixtral checkpoints.
+    out, _ = clm_run
+    llama_dir = tmp_path / "llama"
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(llama_dir)
+    AutoTokenizer.from_pretrained(out).save_pretrained(llama_dir)
+    tuned = tmp_path / "tuned"
+    args = ["--dense_model_name_or_path", str(llama_dir), "--train_file", str(text_file), "--output_dir", str(tuned)]
+    args += ["--num_experts", "8", "--num_experts_per_tok", "2", "--moge_loss_coef", "0.05", "--max_steps", "2"]
+    args += ["--block_size", "16", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4"]
+    args += ["--compare_moe_baseline", "--router_aux_loss_coef", "0.02", *COMMON]
+    run("run_clm", args, tmp_path / "cache")
+    for folder, coef in ((tuned, 0.05), (tuned / "moe_baseline", 0.0)):
+        saved = read_json(folder / "config.json")
+        assert saved["architectures"] == ["MixtralForCausalLM"] and "auto_map" not in saved
+        assert saved["num_local_experts"] == 8 and saved["moge_loss_coef"] == coef
+        assert saved["output_router_logits"] is True and saved["router_aux_loss_coef"] == 0.02
+        history = read_json(folder / "trainer_state.json")["log_history"]
+        assert all(entry["moge/moge_loss"] > 0 and entry["moge/aux_loss"] > 0 for entry in history if "loss" in entry)
+        assert "eval_perplexity" in read_json(folder / "eval_results.json")
+    assert type(AutoModelForCausalLM.from_pretrained(tuned)) is MixtralForCausalLM
+    assert [row["arm"] for row in read_json(tuned / "comparison.json")] == ["MoGE", "MoE baseline"]
+    base = ["--dense_model_name_or_path", str(llama_dir), "--train_file", str(text_file)]
+    base += ["--output_dir", str(tmp_path / "x"), *COMMON]
+    with pytest.raises(ValueError, match="--moe_layers is a field of moge_hf's own"):
+        run_clm.main([*base, "--moe_layers", "0"])
 
 
 def test_clm_refuses_a_model_folder_without_a_tokenizer(run_clm, text_file, tmp_path):
