@@ -871,3 +871,21 @@ def test_scripts_do_eval_alone_evaluates_and_do_eval_false_alone_trains(run_clm,
     run_clm.main(evaluate)
     assert (tmp_path / "evaluated" / "eval_results.json").is_file()
     assert not (tmp_path / "evaluated" / "train_results.json").exists()
+
+
+def test_upcycle_noise_study_pairs_the_two_layouts(text_file, tmp_path):
+    # Without noise the two layouts are the same model: the paired study must then find no difference at all, and
+    # both arms must start where the dense model ends (the upcycling is exact).
+    study = load_script("upcycle_noise_study")
+    tiny = ["--hidden", "32", "--layers", "2", "--heads", "4", "--intermediate", "32", "--seq", "16", "--batch", "4"]
+    tiny += ["--dense_steps", "3", "--steps", "2", "--num_experts", "8", "--seeds", "0", "1"]
+    result = study.main(["--train_file", str(text_file), "--output_dir", str(tmp_path), *tiny, "--noise", "0"])
+    assert [run["seed"] for run in result["runs"]] == [0, 1]
+    for run in result["runs"]:
+        assert run["difference"] == 0.0
+        for layout in ("independent", "map"):
+            assert abs(run[layout]["validation_loss_at_start"] - result["dense_validation_loss"]) < 1e-4
+            assert run[layout]["validation_loss"] < run[layout]["validation_loss_at_start"]
+    assert read_json(tmp_path / "results.json")["interval_95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="--seeds"):
+        study.main(["--train_file", str(text_file), "--output_dir", str(tmp_path), "--seeds", "0"])
