@@ -94,8 +94,9 @@ def test_qwen2_moe_shared_expert_starts_inert():
     assert shared.down_proj.weight.count_nonzero() == 0 and shared.gate_proj.weight.count_nonzero() > 0
 
 
-def test_a_folder_upcycles_and_its_result_loads_without_moge_hf(tmp_path):
-    dense = dense_model("Llama")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_folder_upcycles_and_its_result_loads_without_moge_hf(family, tmp_path):
+    dense = dense_model(family)
     dense.save_pretrained(tmp_path / "dense")
     moe = upcycle_to_moe(tmp_path / "dense", num_experts=4, num_experts_per_tok=2).eval()
     moe.save_pretrained(tmp_path / "moe")
@@ -103,12 +104,12 @@ def test_a_folder_upcycles_and_its_result_loads_without_moge_hf(tmp_path):
     inputs = {"input_ids": ids()}
     torch.save(inputs, tmp_path / "moe" / "inputs.pt")
     child = run_child(tmp_path / "moe", "AutoModelForCausalLM", tmp_path)
-    assert child["class"] == "MixtralForCausalLM"
+    assert child["class"] == MOE_SIBLINGS[f"{family}ForCausalLM"]
     with torch.no_grad():
         torch.testing.assert_close(child["outputs"]["logits"], dense(**inputs).logits, atol=1e-5, rtol=0)
     assert torch.equal(child["generated"][:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
-    assert type(reloaded).__name__ == "MixtralForCausalLM"
+    assert type(reloaded).__name__ == MOE_SIBLINGS[f"{family}ForCausalLM"]
 
 
 def test_the_upcycled_model_trains_with_moge(tmp_path):
