@@ -316,10 +316,17 @@ def _copy_base(
             _copy_checked(moge_class, f"{where}.experts.{name}", target, source.unsqueeze(0).expand_as(target))
         if expert_noise_std > 0:
             for name, source in (("up_proj", weights[0]), ("down_proj", weights[2])):
-                target = getattr(experts, name)
-                scale = expert_noise_std * source.detach().float().std()
-                noise = torch.randn(target.shape, device=target.device, dtype=torch.float32) * scale
-                target.add_(noise.to(target.dtype))
+                _add_expert_noise(getattr(experts, name), source, expert_noise_std)
+
+
+def _add_expert_noise(target: torch.Tensor, source: torch.Tensor, std: float, mix: torch.Tensor | None = None) -> None:
+    """Add to the `(E, ...)` expert copies `target` Gaussian noise of `std` times the std of the dense weight `source`
+    (torch's global generator); `mix` (`(E, E)`, `_neighbour_mix`) correlates it between experts."""
+    scale = std * source.detach().float().std()
+    noise = torch.randn(target.shape, device=target.device, dtype=torch.float32) * scale
+    if mix is not None:
+        noise = torch.einsum("ij,j...->i...", mix.to(noise.device), noise)
+    target.add_(noise.to(target.dtype))
 
 
 def _copy_checked(moge_class: type, key: str, target: torch.Tensor, source: torch.Tensor) -> None:
@@ -493,11 +500,7 @@ def upcycle_to_moe(
                 weight = torch.cat([gate, up]) if key.endswith("gate_up_proj") else down
                 _copy_checked(sibling_class, key, target, weight.unsqueeze(0).expand_as(target))
                 if expert_noise_std > 0:
-                    scale = expert_noise_std * weight.float().std()
-                    noise = torch.randn(target.shape) * scale  # the global RNG: `set_seed` makes it repeatable
-                    if mix is not None:  # (E, ...): correlated between neighbours on the map
-                        noise = torch.einsum("ij,j...->i...", mix, noise)
-                    target.add_(noise.to(target.device, target.dtype))
+                    _add_expert_noise(target, weight, expert_noise_std, mix)
             elif ".mlp.shared_expert." in key:
                 dense_key = key.replace(".shared_expert.", ".")
                 if key.endswith("down_proj.weight"):
