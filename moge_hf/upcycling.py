@@ -21,7 +21,6 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
-from .losses import resolve_map_shape
 from .moge_model import MoGEHost, head_of, host_of
 
 
@@ -319,14 +318,11 @@ def _copy_base(
                 _add_expert_noise(getattr(experts, name), source, expert_noise_std)
 
 
-def _add_expert_noise(target: torch.Tensor, source: torch.Tensor, std: float, mix: torch.Tensor | None = None) -> None:
-    """Add to the `(E, ...)` expert copies `target` Gaussian noise of `std` times the std of the dense weight `source`
-    (torch's global generator); `mix` (`(E, E)`, `_neighbour_mix`) correlates it between experts."""
+def _add_expert_noise(target: torch.Tensor, source: torch.Tensor, std: float) -> None:
+    """Add to the `(E, ...)` expert copies `target` independent Gaussian noise of `std` times the std of the dense
+    weight `source` (torch's global generator)."""
     scale = std * source.detach().float().std()
-    noise = torch.randn(target.shape, device=target.device, dtype=torch.float32) * scale
-    if mix is not None:
-        noise = torch.einsum("ij,j...->i...", mix.to(noise.device), noise)
-    target.add_(noise.to(target.dtype))
+    target.add_((torch.randn(target.shape, device=target.device, dtype=torch.float32) * scale).to(target.dtype))
 
 
 def _copy_checked(moge_class: type, key: str, target: torch.Tensor, source: torch.Tensor) -> None:
@@ -424,8 +420,6 @@ def upcycle_to_moe(
     num_experts: int,
     num_experts_per_tok: int,
     expert_noise_std: float = 0.0,
-    expert_noise_layout: str = "independent",
-    noise_map_shape: tuple[int, int] | list[int] | None = None,
     **config_overrides,
 ) -> PreTrainedModel:
     r"""Upcycle a dense Llama, Mistral, Qwen2 or Qwen3 model into its MoE sibling in transformers, exactly at init.
@@ -446,10 +440,6 @@ def upcycle_to_moe(
         num_experts, num_experts_per_tok: experts per MoE layer and the top-k.
         expert_noise_std: relative std of Gaussian noise added to every expert's weights (times the std of the dense
             weight); 0 keeps the upcycled model exact.
-        expert_noise_layout: `"independent"` (each expert's noise drawn on its own) or `"map"`: laid out on the
-            MoGE expert map (`noise_map_shape`, default the most square, as `add_moge_regularizer`'s), each expert's
-            noise a Gaussian-weighted mix (sigma 1 cell, wrapping around) of its neighbours', with the same variance:
-            neighbours start alike.
         config_overrides: fields of the sibling's config, e.g. `mlp_only_layers` / `decoder_sparse_step` (Qwen) for
             which layers become MoE layers (the others keep the dense MLP), `router_aux_loss_coef`,
             `output_router_logits`.
@@ -461,10 +451,6 @@ def upcycle_to_moe(
     import transformers
 
     _check_noise(expert_noise_std)
-    if expert_noise_layout not in ("independent", "map"):
-        raise ValueError(
-            f"upcycle_to_moe: expert_noise_layout must be 'independent' or 'map', got {expert_noise_layout!r}"
-        )
     for name, value in (("num_experts", num_experts), ("num_experts_per_tok", num_experts_per_tok)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"upcycle_to_moe: {name} must be a positive integer, got {value!r}")
@@ -487,7 +473,6 @@ def upcycle_to_moe(
     config = _sibling_config(
         dense.config, sibling_class.config_class, num_experts, num_experts_per_tok, config_overrides
     )
-    mix = _neighbour_mix(resolve_map_shape(num_experts, noise_map_shape)) if expert_noise_layout == "map" else None
     moe = sibling_class(config).to(dense.device, next(dense.parameters()).dtype)
     source = dense.state_dict()
     with torch.no_grad():
@@ -500,7 +485,7 @@ def upcycle_to_moe(
                 weight = torch.cat([gate, up]) if key.endswith("gate_up_proj") else down
                 _copy_checked(sibling_class, key, target, weight.unsqueeze(0).expand_as(target))
                 if expert_noise_std > 0:
-                    _add_expert_noise(target, weight, expert_noise_std, mix)
+                    _add_expert_noise(target, weight, expert_noise_std)
             elif ".mlp.shared_expert." in key:
                 dense_key = key.replace(".shared_expert.", ".")
                 if key.endswith("down_proj.weight"):
@@ -516,19 +501,6 @@ def upcycle_to_moe(
     if expert_noise_std == 0:
         _check_same_function(dense, moe)
     return moe
-
-
-def _neighbour_mix(map_shape: tuple[int, int]) -> torch.Tensor:
-    """`(E, E)`: row i mixes the experts around expert i on the map (Gaussian weights, sigma 1 cell, distances wrapping
-    around), each row of unit L2 norm, so that mixing independent unit noise keeps its variance."""
-    rows, cols = map_shape
-    cell = torch.arange(rows * cols)
-    row, col = cell // cols, cell % cols
-    drow = (row[:, None] - row[None]).abs()
-    dcol = (col[:, None] - col[None]).abs()
-    drow, dcol = torch.minimum(drow, rows - drow), torch.minimum(dcol, cols - dcol)
-    weights = torch.exp(-(drow**2 + dcol**2).float() / 2)
-    return weights / weights.norm(dim=1, keepdim=True)
 
 
 def _check_same_function(dense: PreTrainedModel, moe: PreTrainedModel) -> None:

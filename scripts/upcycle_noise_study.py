@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
-from moge_hf import add_moge_callback, add_moge_regularizer, upcycle_to_moe
+from moge_hf import add_moge_callback, add_moge_regularizer, default_map_shape, upcycle_to_moe
 
 
 # 97.5% quantiles of Student's t for 1..9 degrees of freedom (two-sided 95% intervals).
@@ -56,6 +56,42 @@ def training_arguments(args, output_dir: str, steps: int, seed: int) -> Training
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
+
+
+def neighbour_mix(map_shape: tuple[int, int]) -> torch.Tensor:
+    """`(E, E)`: row i mixes the experts around expert i on the map (Gaussian weights, sigma 1 cell, distances wrapping
+    around), each row of unit L2 norm, so that mixing independent unit noise keeps its variance."""
+    rows, cols = map_shape
+    cell = torch.arange(rows * cols)
+    row, col = cell // cols, cell % cols
+    drow, dcol = (row[:, None] - row[None]).abs(), (col[:, None] - col[None]).abs()
+    drow, dcol = torch.minimum(drow, rows - drow), torch.minimum(dcol, cols - dcol)
+    weights = torch.exp(-(drow**2 + dcol**2).float() / 2)
+    return weights / weights.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def upcycle(dense: LlamaForCausalLM, args, layout: str):
+    """`dense` upcycled into a Mixtral (exact), then every expert's weights given Gaussian noise of `--noise` times
+    the std of the dense weight (torch's global generator): independent per expert, or (`"map"`) mixed between
+    neighbours on the MoGE expert map (the most square, as `add_moge_regularizer`'s), with the same variance."""
+    moe = upcycle_to_moe(
+        dense,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.top_k,
+        output_router_logits=True,
+        router_aux_loss_coef=args.router_aux_loss_coef,
+    )
+    mix = neighbour_mix(default_map_shape(args.num_experts)) if layout == "map" else None
+    for dense_layer, layer in zip(dense.model.layers, moe.model.layers):
+        mlp, experts = dense_layer.mlp, layer.mlp.experts
+        dense_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        for target, source in ((experts.gate_up_proj, dense_gate_up), (experts.down_proj, mlp.down_proj.weight)):
+            noise = torch.randn(target.shape, device=target.device) * (args.noise * source.float().std())
+            if mix is not None:
+                noise = torch.einsum("ij,j...->i...", mix.to(noise.device), noise)
+            target.add_(noise.to(target.dtype))
+    return moe
 
 
 @torch.no_grad()
@@ -131,15 +167,7 @@ def main(argv=None) -> dict:
         pair = {"seed": seed}
         for layout in LAYOUTS:
             set_seed(seed)  # the same router initialization and noise draw in both arms
-            moe = upcycle_to_moe(
-                dense,
-                num_experts=args.num_experts,
-                num_experts_per_tok=args.top_k,
-                expert_noise_std=args.noise,
-                expert_noise_layout=layout,
-                output_router_logits=True,
-                router_aux_loss_coef=args.router_aux_loss_coef,
-            )
+            moe = upcycle(dense, args, layout)
             add_moge_regularizer(moe, moge_loss_coef=args.moge_loss_coef, moge_sigma_schedule=[10.0, 1.0, 0.2])
             at_start = lm_loss(moe, validation, args.batch)
             arm_dir = os.path.join(args.output_dir, f"seed{seed}-{layout}")

@@ -5,6 +5,7 @@ which fail before any training, call the scripts' `main(args)` in this process (
 once instead of once per case). Everything runs on the CPU with no network (see `conftest.py`).
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -889,3 +890,25 @@ def test_upcycle_noise_study_pairs_the_two_layouts(text_file, tmp_path):
     assert read_json(tmp_path / "results.json")["interval_95"] == [0.0, 0.0]
     with pytest.raises(ValueError, match="--seeds"):
         study.main(["--train_file", str(text_file), "--output_dir", str(tmp_path), "--seeds", "0"])
+
+
+def test_upcycle_noise_study_map_noise_starts_neighbours_alike():
+    study = load_script("upcycle_noise_study")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    dense = LlamaForCausalLM(config)
+    mlp = dense.model.layers[0].mlp
+    dense_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    args = argparse.Namespace(num_experts=16, top_k=2, noise=0.1, router_aux_loss_coef=0.01)
+    spread = {}
+    for layout in ("independent", "map"):
+        torch.manual_seed(1)
+        moe = study.upcycle(dense, args, layout)
+        noise = moe.model.layers[0].mlp.experts.gate_up_proj.detach() - dense_weight  # (16, 2I, d), 4x4 map
+        assert 0.07 < noise.std() / dense_weight.std() < 0.13  # the same size either way
+        neighbour, far = (noise[0] - noise[1]).norm(), (noise[0] - noise[10]).norm()  # 1 and 2+2 cells apart
+        spread[layout] = neighbour / far
+    assert 0.9 < spread["independent"] < 1.1 and spread["map"] < 0.8
