@@ -17,6 +17,7 @@ import math
 import os
 
 import torch
+import transformers
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
@@ -448,8 +449,6 @@ def upcycle_to_moe(
         `ValueError`: a dense class with no sibling (the supported ones are listed), a dense config field the sibling
             cannot express (named), bad `num_experts` / `num_experts_per_tok` / noise.
     """
-    import transformers
-
     _check_noise(expert_noise_std)
     for name, value in (("num_experts", num_experts), ("num_experts_per_tok", num_experts_per_tok)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
