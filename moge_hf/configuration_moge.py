@@ -20,16 +20,6 @@ __all__ = ["GPT2MoGEConfig", "MoGEConfigMixin", "ViTMoGEConfig"]
 ROUTING_OUTPUTS = ("router_logits", *ROUTING_LOSSES)
 
 
-def _expert_parallel_plan(layers: str) -> dict[str, str]:
-    """The expert-parallel plan of transformers' distributed engine (`DistributedConfig(ep_size=...)`) for the MoGE
-    layers under `<layers>.*.mlp`: each rank holds whole experts (every 3-D weight and bias split along the expert
-    dimension) and the tokens reach them through the engine's dispatch (all-to-all). The router is not in the plan:
-    every rank keeps all of it, so every token has its full `(E,)` probabilities for the routing losses."""
-    experts = f"{layers}.*.mlp.experts"
-    weights = ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
-    return {experts: "ep_dispatch_experts", **{f"{experts}.{name}": "grouped_gemm" for name in weights}}
-
-
 def _cache_name() -> str:
     """The name of the KV cache in the installed transformers' outputs and forward arguments: the field of its causal
     LM output that holds a `Cache` (`past_key_values` up to 5.23, `cache` since 5.24)."""
@@ -238,7 +228,7 @@ class MoGEConfigMixin:
         `save_pretrained` writes the config, and when a model is built from it (fields set one by one afterwards, e.g.
         `from_pretrained(path, moge_window=5)`, are checked on their own at once, and together here).
         """
-        num_layers = self.num_hidden_layers
+        num_layers = self.moge_num_layers
 
         def bad(name, requirement):
             raise ValueError(_field_error(type(self).__name__, name, requirement, getattr(self, name)))
@@ -272,6 +262,11 @@ class MoGEConfigMixin:
             )
         if isinstance(self.moge_sigma_schedule, tuple):
             self.moge_sigma_schedule = list(self.moge_sigma_schedule)
+
+    @property
+    def moge_num_layers(self) -> int:
+        """The number of layers `moe_layers` indexes: those with an MLP, counted through the whole model."""
+        return self.num_hidden_layers
 
     @property
     def moge_resolved_map_shape(self) -> tuple[int, int]:
@@ -361,9 +356,9 @@ class GPT2MoGEConfig(GPT2Config, MoGEConfigMixin):
 
     model_type = "gpt2_moge"
     # Plans of transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(...))`):
-    # expert parallelism for the MoGE layers and FSDP2 per block. No tensor-parallel plan: transformers' GPT-2 has
-    # none (its attention packs q, k, v in one Conv1D).
-    base_model_ep_plan = _expert_parallel_plan("h")
+    # FSDP2 per block, and expert parallelism for the MoGE layers (`base_model_ep_plan`, set from the host record's
+    # MLP by `register_host`). No tensor-parallel plan: transformers' GPT-2 has none (its attention packs q, k, v in
+    # one Conv1D).
     base_model_fsdp_plan = {
         "wpe": "free_full_weight",
         "h.*": "free_full_weight",
@@ -403,9 +398,8 @@ class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
     )
 
     model_type = "vit_moge"
-    # Plans of transformers' distributed engine: expert parallelism for the MoGE layers and FSDP2 per layer (ViT has
-    # no tensor-parallel plan in transformers).
-    base_model_ep_plan = _expert_parallel_plan("layers")
+    # Plans of transformers' distributed engine: FSDP2 per layer, and expert parallelism for the MoGE layers (set by
+    # `register_host`). ViT has no tensor-parallel plan in transformers.
     base_model_fsdp_plan = {
         "embeddings": "free_full_weight",
         "layers.*": "free_full_weight",

@@ -10,7 +10,6 @@ import math
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
@@ -26,7 +25,15 @@ from transformers.models.gpt2.modeling_gpt2 import (
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_moge import GPT2MoGEConfig
-from .moge_model import MoGEHead, MoGEHost, MoGEModelMixin, _passed_through, _with_routing_fields, register_host
+from .moge_model import (
+    MoGEHead,
+    MoGEHost,
+    MoGEMLP,
+    MoGEModelMixin,
+    _passed_through,
+    _with_routing_fields,
+    register_host,
+)
 
 
 __all__ = [
@@ -63,19 +70,13 @@ class GPT2MoGEPreTrainedModel(MoGEModelMixin, GPT2PreTrainedModel):
     config_class = GPT2MoGEConfig
     config: GPT2MoGEConfig
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        # GPT-2's scaled init of the residual projections (1 / sqrt(2 * n_layer)) applies to the experts too.
-        self._init_moge_weights(module, self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
-
 
 class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
     """`GPT2Model` whose MLPs in `config.moe_layers` are MoGE layers; returns the routing losses too."""
 
     def __init__(self, config: GPT2MoGEConfig):
         GPT2Model.__init__(self, config)
-        self._swap_mlps(self.h, "mlp", config.activation_function, config.resid_pdrop)
+        self._swap_mlps()
         self.post_init()
 
     @can_return_tuple
@@ -101,38 +102,22 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
         inputs = input_ids if input_ids is not None else inputs_embeds
         if inputs is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
-        seq_length = inputs.shape[1] if inputs.dim() > 1 else inputs.shape[0]
-        # The KV cache, whatever its argument's name (a user may still pass one under a deprecated name).
-        cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_positions(seq_length, past_length, position_ids)
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            expected = (inputs.shape[0] if inputs.dim() > 1 else 1, past_length + seq_length)
-            if tuple(attention_mask.shape) != expected:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is {expected[0]} "
-                    f"sequence(s) of {seq_length} new token(s) after {past_length} cached: it must be {expected} "
-                    "(batch, cached + new tokens)"
-                )
-            token_mask = attention_mask[:, -seq_length:] != 0  # (B, S): the mask covers cached tokens too
-
-        def run():
-            return GPT2Model.forward(
-                self,
-                input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask,
-                return_dict=True,
-                **kwargs,
-            )
-
-        outputs, routing = self._forward_with_routing(run, token_mask, output_router_logits)
-        return MoGEModelOutputWithPast(**_passed_through(outputs, MoGEModelOutputWithPast), **routing)
+        new_tokens = tuple(inputs.shape[:2]) if inputs.dim() > 1 else (1, inputs.shape[0])
+        self._check_positions(new_tokens[1], self._cached_length(kwargs), position_ids)
+        return self._moge_forward(
+            GPT2Model.forward,
+            MoGEModelOutputWithPast,
+            input_ids,
+            attention_mask=attention_mask,
+            new_tokens=new_tokens,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
 
     def _check_positions(self, seq_length: int, past_length: int, position_ids: torch.Tensor | None):
         max_positions = self.config.n_positions
@@ -211,19 +196,7 @@ class GPT2MoGELMHeadModel(GPT2MoGEPreTrainedModel, GPT2LMHeadModel, GenerationMi
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-            routing_loss = self._weighted_routing_loss(outputs)
-            num_items_in_batch = kwargs.get("num_items_in_batch")
-            if num_items_in_batch is not None:
-                # Trainer divides the LM loss by the label tokens of the whole accumulated (and gathered) batch
-                # rather than by gradient-accumulation steps; weighting the per-batch routing losses by this
-                # micro-batch's share of those tokens makes them average over the whole batch too. A batch without
-                # label tokens (prompt-only examples) weighs 0, as its token loss does: it trains nothing.
-                shift_labels = kwargs.get("shift_labels")
-                shift_labels = labels[..., 1:] if shift_labels is None else shift_labels
-                count = (shift_labels != -100).sum()
-                num_items = torch.as_tensor(num_items_in_batch, device=count.device)
-                routing_loss = routing_loss * torch.where(num_items > 0, count / num_items.clamp(min=1), 0.0)
-            loss = loss + routing_loss
+            loss = self._add_routing_losses(loss, outputs, labels, kwargs)
 
         return MoGECausalLMOutputWithPast(
             loss=loss, logits=logits, **_passed_through(outputs, MoGECausalLMOutputWithPast)
@@ -286,7 +259,7 @@ class GPT2MoGEForSequenceClassification(GPT2MoGEPreTrainedModel, GPT2ForSequence
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
-            loss = loss + self._weighted_routing_loss(outputs)
+            loss = self._add_routing_losses(loss, outputs, labels, kwargs)
 
         return MoGESequenceClassifierOutputWithPast(
             loss=loss, logits=pooled_logits, **_passed_through(outputs, MoGESequenceClassifierOutputWithPast)
@@ -328,11 +301,17 @@ GPT2_MOGE = register_host(
             ),
         },
         dense_model_type="gpt2",
-        layers="h",
-        mlp="mlp",
-        up_proj="c_fc",
-        down_proj="c_proj",
-        conv1d=True,
+        mlp=MoGEMLP(
+            layers="h.*",
+            module="mlp",
+            up_proj="c_fc",
+            down_proj="c_proj",
+            activation="activation_function",
+            dropout="resid_pdrop",
+            conv1d=True,
+            # GPT-2's scaled init of the residual projections (1 / sqrt(2 * n_layer)), for the experts too.
+            residual_std=lambda config: config.initializer_range / math.sqrt(2 * config.n_layer),
+        ),
         optional_base_parts={},
         hub_tag="gpt2",
         card_template="gpt2_moge.md",

@@ -12,7 +12,15 @@ from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTM
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_moge import ViTMoGEConfig
-from .moge_model import MoGEHead, MoGEHost, MoGEModelMixin, _passed_through, _with_routing_fields, register_host
+from .moge_model import (
+    MoGEHead,
+    MoGEHost,
+    MoGEMLP,
+    MoGEModelMixin,
+    _passed_through,
+    _with_routing_fields,
+    register_host,
+)
 
 
 __all__ = ["ViTMoGEForImageClassification", "ViTMoGEModel", "ViTMoGEPreTrainedModel"]
@@ -37,19 +45,13 @@ class ViTMoGEPreTrainedModel(MoGEModelMixin, ViTPreTrainedModel):
     config_class = ViTMoGEConfig
     config: ViTMoGEConfig
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        self._init_moge_weights(module, self.config.initializer_range)
-
 
 class ViTMoGEModel(ViTMoGEPreTrainedModel, ViTModel):
     """`ViTModel` whose MLPs in `config.moe_layers` are MoGE layers; returns the routing losses too."""
 
     def __init__(self, config: ViTMoGEConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
         ViTModel.__init__(self, config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
-        # ViTLayer applies the dropout after its MLP, so the MoGE block has none of its own.
-        self._swap_mlps(self.layers, "mlp", config.hidden_act, dropout=0.0)
+        self._swap_mlps()
         self.post_init()
 
     @can_return_tuple
@@ -69,21 +71,16 @@ class ViTMoGEModel(ViTMoGEPreTrainedModel, ViTModel):
             raise ValueError(
                 f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
             )
-        token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-
-        def run():
-            return ViTModel.forward(
-                self,
-                pixel_values,
-                bool_masked_pos=bool_masked_pos,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                attention_mask=attention_mask,
-                return_dict=True,
-                **kwargs,
-            )
-
-        outputs, routing = self._forward_with_routing(run, token_mask, output_router_logits)
-        return ViTMoGEModelOutput(**_passed_through(outputs, ViTMoGEModelOutput), **routing)
+        return self._moge_forward(
+            ViTModel.forward,
+            ViTMoGEModelOutput,
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            attention_mask=attention_mask,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
 
 
 class ViTMoGEForImageClassification(ViTMoGEPreTrainedModel, ViTForImageClassification):
@@ -138,7 +135,7 @@ class ViTMoGEForImageClassification(ViTMoGEPreTrainedModel, ViTForImageClassific
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
-            loss = loss + self._weighted_routing_loss(outputs)
+            loss = self._add_routing_losses(loss, outputs, labels, kwargs)
 
         return ViTMoGEImageClassifierOutput(
             loss=loss, logits=logits, **_passed_through(outputs, ViTMoGEImageClassifierOutput)
@@ -177,11 +174,8 @@ VIT_MOGE = register_host(
             ),
         },
         dense_model_type="vit",
-        layers="layers",
-        mlp="mlp",
-        up_proj="fc1",
-        down_proj="fc2",
-        conv1d=False,
+        # ViTLayer applies the dropout after its MLP, so the MoGE block has none of its own.
+        mlp=MoGEMLP(layers="layers.*", module="mlp", up_proj="fc1", down_proj="fc2", activation="hidden_act"),
         optional_base_parts={"add_pooling_layer": "pooler", "use_mask_token": "embeddings.mask_token"},
         hub_tag="vit",
         card_template="vit_moge.md",

@@ -90,6 +90,20 @@ class MoGEExperts(nn.Module):
     A compiled graph takes transformers' grouped (or batched) GEMM path instead.
     """
 
+    # Each weight, from the dense MLP it replaces: (projection, "weight" or "bias"); the projections are the
+    # host record's `up_proj` and `down_proj` (`MoGEMLP`). Initialization, sparse upcycling and the expert-parallel
+    # plan read this table.
+    DENSE_WEIGHTS = {
+        "up_proj": ("up_proj", "weight"),
+        "up_proj_bias": ("up_proj", "bias"),
+        "down_proj": ("down_proj", "weight"),
+        "down_proj_bias": ("down_proj", "bias"),
+    }
+    # The kernels (`experts_implementation`) that run these weights: transformers' built-in ones that take non-gated
+    # experts with biases, and moge_hf's fused Triton kernel. transformers' others (sonicmoe, deepgemm, ...) need
+    # gated experts.
+    IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "moge_triton")
+
     def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str):
         super().__init__()
         self.num_experts = config.num_experts
@@ -357,10 +371,18 @@ class MoGESparseMoeBlock(nn.Module):
     the routing losses with [`routing_losses`].
     """
 
-    def __init__(self, config, hidden_size: int, intermediate_size: int, activation: str, dropout: float):
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str,
+        dropout: float,
+        experts_class: type[nn.Module] | None = None,
+    ):
         super().__init__()
         self.router = MoGERouter(config, hidden_size)
-        self.experts = MoGEExperts(config, hidden_size, intermediate_size, activation)
+        self.experts = (experts_class or MoGEExperts)(config, hidden_size, intermediate_size, activation)
         self.dropout = nn.Dropout(dropout)
         self.regularizer = GroupSparsityRegularizer.from_config(config, config.num_experts)
         self.routing_observer = None  # called as `observer(router, (hidden_states,), routing)` after each routing

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.utils import ModelOutput, logging
@@ -37,17 +38,27 @@ from .routing import attach_routing_recorder, routing_recorder
 from .triton_experts import SUPPORTED_ACTIVATIONS as TRITON_ACTIVATIONS
 from .triton_experts import is_available as triton_experts_available
 from .triton_experts import triton_experts_forward
+from .upcycling import upcycle_from_dense
 
 
 logger = logging.get_logger(__name__)
 
 # moge_hf's fused Triton experts, chosen with `experts_implementation="moge_triton"` (GPU, eager mode).
 ALL_EXPERTS_FUNCTIONS.register("moge_triton", triton_experts_forward)
-# What MoGE experts (non-gated, with biases) can run among the built-in kernels: transformers' others (sonicmoe,
-# deepgemm, ...) need gated experts and are refused. Kernels a user registers in `ExpertsInterface` are let through.
-EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "moge_triton")
+# What MoGE experts can run among the built-in kernels (kernels a user registers in `ExpertsInterface` are let
+# through): those of the experts variant every host uses today.
+EXPERTS_IMPLEMENTATIONS = MoGEExperts.IMPLEMENTATIONS
 
-__all__ = ["EXPERTS_IMPLEMENTATIONS", "HOSTS", "MoGEHead", "MoGEHost", "MoGEModelMixin", "host_of", "register_host"]
+__all__ = [
+    "EXPERTS_IMPLEMENTATIONS",
+    "HOSTS",
+    "MoGEHead",
+    "MoGEHost",
+    "MoGEMLP",
+    "MoGEModelMixin",
+    "host_of",
+    "register_host",
+]
 
 
 def _data_parallel_world_size() -> int:
@@ -75,15 +86,17 @@ class MoGEModelMixin:
         # (see `MoGEExperts.forward`); transformers would default to `grouped_mm`, slower on CPU.
         if requested_experts is None:
             return "eager"
+        mlp = host_of(type(self)).mlp
+        allowed = mlp.experts_class.IMPLEMENTATIONS
         built_in = requested_experts in ALL_EXPERTS_FUNCTIONS and ALL_EXPERTS_FUNCTIONS[
             requested_experts
         ].__module__.startswith("transformers.")
-        if built_in and requested_experts not in EXPERTS_IMPLEMENTATIONS:
+        if built_in and requested_experts not in allowed:
             raise ValueError(
-                f"experts_implementation={requested_experts!r} cannot run MoGE experts (non-gated MLPs with biases); "
-                f"choose one of {EXPERTS_IMPLEMENTATIONS}"
+                f"experts_implementation={requested_experts!r} cannot run MoGE experts of this model "
+                f"({mlp.experts_class.__name__}); choose one of {allowed}"
             )
-        activation = getattr(self.config, "activation_function", None) or getattr(self.config, "hidden_act", None)
+        activation = getattr(self.config, mlp.activation)
         if requested_experts == "moge_triton" and activation not in TRITON_ACTIVATIONS:
             raise ValueError(
                 f'experts_implementation="moge_triton" fuses only the activations {sorted(TRITON_ACTIVATIONS)}, and '
@@ -94,14 +107,23 @@ class MoGEModelMixin:
                 'experts_implementation="moge_triton" needs triton and a CUDA GPU; use "grouped_mm" or "eager"'
             )
         implementation = super().get_correct_experts_implementation(requested_experts)
-        # `grouped_mm` needs 16-byte aligned strides: expert sizes that are multiples of 8 elements (bf16) suffice.
-        sizes = (self.config.hidden_size, self.config.expert_intermediate_size or self.config.dense_intermediate_size)
-        if implementation == "grouped_mm" and any(size % 8 for size in sizes):
+        if implementation == "grouped_mm":
+            self._check_grouped_mm_sizes()
+        return implementation
+
+    def _check_grouped_mm_sizes(self) -> None:
+        """`grouped_mm` needs 16-byte aligned strides: expert sizes that are multiples of 8 elements (bf16) suffice.
+        Checked on the built MoGE blocks, or on the config's sizes before they are built."""
+        config, experts = self.config, [block.experts for block in self.moge_blocks()]
+        if experts:
+            sizes = sorted({size for module in experts for size in (module.hidden_dim, module.intermediate_dim)})
+        else:
+            sizes = [config.hidden_size, config.expert_intermediate_size or config.dense_intermediate_size]
+        if any(size % 8 for size in sizes):
             raise ValueError(
                 f'experts_implementation="grouped_mm" needs hidden and expert sizes that are multiples of 8, got '
                 f'{sizes}; use experts_implementation="eager" or "batched_mm"'
             )
-        return implementation
 
     def moge_blocks(self) -> list[MoGESparseMoeBlock]:
         """The MoGE blocks of the model, in layer order."""
@@ -173,8 +195,6 @@ class MoGEModelMixin:
         With `expert_noise_std=0` and renormalized top-k gate weights, the upcycled model computes what the dense one
         does.
         """
-        from .upcycling import upcycle_from_dense  # here: upcycling reads the host records defined in this module
-
         return upcycle_from_dense(cls, dense_model_or_path, expert_noise_std=expert_noise_std, **config_overrides)
 
     def untie_word_embeddings(self):
@@ -196,27 +216,54 @@ class MoGEModelMixin:
         """Set the Gaussian sigma of every MoGE layer and `config.moge_sigma` (what a sigma schedule calls)."""
         set_moge_sigma(self, sigma)
 
-    def _init_moge_weights(self, module: nn.Module, down_proj_std: float) -> None:
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The dense parent's init, then the MoGE modules': expert weights as the dense MLP's projections (normal,
+        std `initializer_range`; the down projection with the record's `residual_std`), biases zero, the router
+        normal, the regularizer's buffers rebuilt."""
+        super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, MoGEExperts):
-            init.normal_(module.up_proj, mean=0.0, std=std)
-            init.zeros_(module.up_proj_bias)
-            init.normal_(module.down_proj, mean=0.0, std=down_proj_std)
-            init.zeros_(module.down_proj_bias)
+            mlp = host_of(type(self)).mlp
+            down_std = std if mlp.residual_std is None else mlp.residual_std(self.config)
+            for name, (projection, part) in module.DENSE_WEIGHTS.items():
+                if part == "bias":
+                    init.zeros_(getattr(module, name))
+                else:
+                    init.normal_(getattr(module, name), mean=0.0, std=down_std if projection == "down_proj" else std)
         elif isinstance(module, MoGERouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, GroupSparsityRegularizer):
             module.reset_buffers()  # not in the checkpoint: from_pretrained leaves the buffers empty
 
-    def _swap_mlps(self, layers: nn.ModuleList, mlp_name: str, activation: str, dropout: float) -> None:
-        """Replace the dense MLP `layers[i].<mlp_name>` of every layer in `config.moe_layers` by a MoGE block."""
+    def _swap_mlps(self) -> None:
+        """Replace the dense MLP of every layer in `config.moe_layers` by a MoGE block, where the host record's
+        `MoGEMLP` says it sits; each block's experts have the size of the MLP they replace (or
+        `expert_intermediate_size`). A host's base model calls this in `__init__`, after building the dense model."""
         config = self.config
         config.validate_moge_fields()  # fields set one by one since the config was built are checked together here
-        intermediate_size = config.expert_intermediate_size or config.dense_intermediate_size
+        mlp = host_of(type(self)).mlp
+        layers = mlp.layer_modules(self)
+        if max(config.moe_layers) >= len(layers):
+            raise ValueError(f"moe_layers={config.moe_layers} names a layer past the model's {len(layers)} layers")
+        activation = getattr(config, mlp.activation)
+        dropout = getattr(config, mlp.dropout) if mlp.dropout else 0.0
         for index in config.moe_layers:
-            block = MoGESparseMoeBlock(config, config.hidden_size, intermediate_size, activation, dropout)
+            where = f"layer {index}'s MLP ({mlp.layers.replace('*', '<i>')}.{mlp.module})"
+            intermediate, hidden = mlp.dense_weights(getattr(layers[index], mlp.module), where)["up_proj"].shape
+            block = MoGESparseMoeBlock(
+                config,
+                hidden,
+                config.expert_intermediate_size or intermediate,
+                activation,
+                dropout,
+                experts_class=mlp.experts_class,
+            )
             block.layer_index = index
-            setattr(layers[index], mlp_name, block)
+            block.dense_intermediate_size = intermediate
+            setattr(layers[index], mlp.module, block)
+        if getattr(config, "_experts_implementation", None) == "grouped_mm":
+            self._check_grouped_mm_sizes()
         attach_routing_recorder(self)
 
     def _check_config_matches_modules(self, blocks: list[MoGESparseMoeBlock] | None = None) -> None:
@@ -239,8 +286,8 @@ class MoGEModelMixin:
             "norm_topk_prob": (router.norm_topk_prob, config.moge_norm_topk_prob),
             "router_jitter_noise": (router.jitter_noise, config.router_jitter_noise),
             "expert_intermediate_size": (
-                blocks[0].experts.intermediate_dim,
-                config.expert_intermediate_size or config.dense_intermediate_size,
+                [block.experts.intermediate_dim for block in blocks],
+                [config.expert_intermediate_size or block.dense_intermediate_size for block in blocks],
             ),
             "moge_map_shape": (tuple(regularizer.map_shape), tuple(map_shape or ())),
             "moge_window": (regularizer.window, config.moge_window),
@@ -260,6 +307,58 @@ class MoGEModelMixin:
                     f"config.{name} was set to {getattr(config, name)!r} after the model was built with {used!r}: "
                     f"the model would keep {used!r} and save {getattr(config, name)!r}; {fix}"
                 )
+
+    def _moge_forward(
+        self,
+        dense_forward: Callable,
+        output_class: type[ModelOutput],
+        *args,
+        attention_mask: torch.Tensor | None = None,
+        new_tokens: tuple[int, int] | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ModelOutput:
+        """The forward of a host's base model: `dense_forward` (the dense base model's `forward`, e.g.
+        `GPT2Model.forward`) run on `self` with the other arguments while the routing is recorded; its outputs plus
+        the routing fields, as `output_class`. Tokens that a 2-D `attention_mask` marks as padding take no part in
+        the routing losses; `new_tokens=(batch, seq)` says the input's size where the mask may cover cached tokens
+        too (a decoder with a KV cache)."""
+        token_mask = self._routing_token_mask(attention_mask, kwargs, new_tokens)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+
+        def run():
+            return dense_forward(self, *args, return_dict=True, **kwargs)
+
+        outputs, routing = self._forward_with_routing(run, token_mask, output_router_logits)
+        return output_class(**_passed_through(outputs, output_class), **routing)
+
+    @staticmethod
+    def _cached_length(kwargs: Mapping[str, Any]) -> int:
+        """The number of tokens in the KV cache among the forward's arguments, whatever its argument's name
+        (`cache` since transformers 5.24, `past_key_values` before; a user may still pass a deprecated name)."""
+        cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
+        return cache.get_seq_length() if cache is not None else 0
+
+    def _routing_token_mask(
+        self, attention_mask: torch.Tensor | None, kwargs: Mapping[str, Any], new_tokens: tuple[int, int] | None
+    ) -> torch.Tensor | None:
+        """The `(batch, tokens)` bool mask of the tokens the routing losses count, from a 2-D attention mask (0:
+        padding); None without one. With `new_tokens=(batch, seq)`, the mask covers the cached tokens too: its shape
+        is checked and its last `seq` columns are the input's."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return None
+        if new_tokens is None:
+            return attention_mask != 0
+        batch, seq = new_tokens
+        past = self._cached_length(kwargs)
+        if tuple(attention_mask.shape) != (batch, past + seq):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is {batch} sequence(s) of "
+                f"{seq} new token(s) after {past} cached: it must be {(batch, past + seq)} (batch, cached + new "
+                "tokens)"
+            )
+        return attention_mask[:, -seq:] != 0
 
     def _forward_with_routing(self, forward, token_mask: torch.Tensor | None, output_router_logits: bool | None):
         """Run `forward()` while the model's routing recorder records every MoGE layer's routing; return its output and
@@ -358,6 +457,25 @@ class MoGEModelMixin:
                 "are not finite (check the inputs, the learning rate, or use a wider dtype such as bfloat16/float32)."
             )
 
+    def _add_routing_losses(self, loss: torch.Tensor, outputs, labels: torch.Tensor, kwargs: Mapping[str, Any]):
+        """`loss` (the head's task loss) plus the weighted routing losses of `outputs`.
+
+        With `num_items_in_batch` (Trainer passes it to a model that accepts loss kwargs, a causal LM, and divides the
+        token loss by the label tokens of the whole accumulated and gathered batch rather than by the accumulation
+        steps), the routing losses are weighted by this micro-batch's share of those label tokens, so that they too
+        average over the whole batch. A batch without label tokens (prompt-only examples) weighs 0, as its token
+        loss does."""
+        routing_loss = self._weighted_routing_loss(outputs)
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+        if num_items_in_batch is not None:
+            counted = kwargs.get("shift_labels")
+            if counted is None:
+                counted = labels[..., 1:] if head_of(type(self)).kind == "causal-lm" else labels
+            count = (counted != -100).sum()
+            num_items = torch.as_tensor(num_items_in_batch, device=count.device)
+            routing_loss = routing_loss * torch.where(num_items > 0, count / num_items.clamp(min=1), 0.0)
+        return loss + routing_loss
+
     def _weighted_routing_loss(self, outputs) -> torch.Tensor | int:
         """`router_aux_loss_coef * aux + router_z_loss_coef * z + moge_loss_coef * moge`, skipping zero weights."""
         config = self.config
@@ -424,6 +542,70 @@ class MoGEHead:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoGEMLP:
+    """The dense MLP that a MoGE layer replaces, as the host's dense model builds it: where it sits, its projections,
+    its activation. The experts that take its place, their weights' shapes and initialization, sparse upcycling, the
+    expert-parallel plan and the kernels that may run them all follow from it."""
+
+    layers: str  # path of the layers in the base model, `*` for each index: "h.*", "encoder.layers.*.blocks.*"
+    module: str  # attribute of a layer holding its MLP, which the MoGE block replaces: "mlp"
+    up_proj: str  # attribute of the MLP holding its first projection: "c_fc"
+    down_proj: str  # attribute of the MLP holding its second projection: "c_proj"
+    activation: str  # the config field naming the activation (an `ACT2FN` name): "activation_function"
+    dropout: str | None = None  # the config field of the dropout the MLP applies to its output; None: none
+    bias: bool = True  # the projections have biases
+    gated: bool = False  # a gate projection beside the up projection (SwiGLU MLPs)
+    conv1d: bool = False  # weights stored as (in, out), the transpose of `nn.Linear`'s (GPT-2's `Conv1D`)
+    # The init std of the down projection (config -> std), where the dense model scales it; None: initializer_range.
+    residual_std: Callable[[Any], float] | None = None
+
+    @property
+    def experts_class(self) -> type[MoGEExperts]:
+        """The experts variant for this MLP."""
+        if self.gated or not self.bias:
+            raise NotImplementedError(
+                f"MoGE experts exist for non-gated MLPs with biases; this MLP is {'gated' if self.gated else ''}"
+                f"{' and ' if self.gated and not self.bias else ''}{'without biases' if not self.bias else ''} "
+                "(gated transformers models get MoE through their own MoE siblings: `moge_hf.upcycle_to_moe`)"
+            )
+        return MoGEExperts
+
+    def layer_modules(self, base_model: nn.Module) -> list[nn.Module]:
+        """The layers of `base_model` in order: the modules `moe_layers` indexes."""
+        modules = [base_model]
+        for part in self.layers.split("."):
+            modules = (
+                [child for module in modules for child in module]
+                if part == "*"
+                else [getattr(module, part) for module in modules]
+            )
+        return modules
+
+    def dense_weights(self, mlp: nn.Module, where: str) -> dict[str, torch.Tensor]:
+        """The dense MLP's weights under the experts' names, in their `(out, in)` layout (what one expert holds)."""
+        weights = {}
+        for name, (projection, part) in self.experts_class.DENSE_WEIGHTS.items():
+            attribute = getattr(self, projection)
+            tensor = getattr(getattr(mlp, attribute, None), part, None)
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(
+                    f"{where} is not the dense MLP the host record describes: it has no `{attribute}.{part}` "
+                    f"({type(mlp).__name__})"
+                )
+            weights[name] = tensor.T if self.conv1d and part == "weight" else tensor
+        return weights
+
+    def expert_parallel_plan(self) -> dict[str, str]:
+        """The expert-parallel plan of transformers' distributed engine (`DistributedConfig(ep_size=...)`): each rank
+        holds whole experts (every expert weight split along the expert dimension) and the tokens reach them through
+        the engine's dispatch (all-to-all). The router is not in the plan: every rank keeps all of it, so every token
+        has its full `(E,)` probabilities for the routing losses."""
+        experts = f"{self.layers}.{self.module}.experts"
+        weights = self.experts_class.DENSE_WEIGHTS
+        return {experts: "ep_dispatch_experts", **{f"{experts}.{name}": "grouped_gemm" for name in weights}}
+
+
+@dataclasses.dataclass(frozen=True)
 class MoGEHost:
     """The facts about one host family that registration, upcycling and the Hub code loop over.
 
@@ -434,13 +616,8 @@ class MoGEHost:
     config_class: type  # e.g. GPT2MoGEConfig (its `model_type` names the family)
     display_name: str  # e.g. "GPT-2"
     heads: dict[str, MoGEHead]  # Auto class name -> model class, in the order `auto_map` lists them
-    # Upcycling: where the dense model keeps its layers and MLP projections.
     dense_model_type: str  # the dense config's `model_type`, e.g. "gpt2"
-    layers: str  # attribute of the base model holding the `nn.ModuleList` of layers
-    mlp: str  # attribute of a layer holding its MLP
-    up_proj: str  # attribute of the MLP holding the first projection
-    down_proj: str  # attribute of the MLP holding the second projection
-    conv1d: bool  # weights stored as (in, out), the transpose of `nn.Linear`'s (GPT-2's `Conv1D`)
+    mlp: MoGEMLP  # the dense MLP that MoGE layers replace
     # Optional parts of the base model: `__init__` flag -> the attribute it adds (kept iff the dense model has them).
     optional_base_parts: dict[str, str]
     # The Hub: the family's tag, its card template (in `model_cards/`), and the architecture rows of its card.
@@ -467,30 +644,31 @@ HOSTS: dict[str, MoGEHost] = {}
 
 
 def register_host(host: MoGEHost) -> MoGEHost:
-    """Add a host's record to `HOSTS` (what `import moge_hf` registers with the Auto classes); return it."""
+    """Add a host's record to `HOSTS` (what `import moge_hf` registers with the Auto classes) and hand it to its
+    classes: each MoGE class (and its subclasses) finds it as `moge_host` and its head as `moge_head`, and the config
+    class gets the expert-parallel plan of the record's MLP. Return the record."""
     if next(iter(host.heads)) != "AutoModel":
         raise ValueError(f"{host.display_name}: the first head of a MoGEHost must be the base model (AutoModel)")
+    for head in host.heads.values():
+        head.model_class.moge_host = host
+        head.model_class.moge_head = head
+    host.config_class.base_model_ep_plan = host.mlp.expert_parallel_plan()
     HOSTS[host.model_type] = host
     return host
 
 
 def host_of(model_class: type) -> MoGEHost:
     """The record of the host family `model_class` (a MoGE model class, or a subclass of one) belongs to."""
-    for klass in getattr(model_class, "__mro__", ()):
-        for host in HOSTS.values():
-            if any(klass is head.model_class for head in host.heads.values()):
-                return host
-    raise TypeError(
-        f"{getattr(model_class, '__name__', model_class)!r} is not a MoGE model class (one of "
-        f"{sorted(head.model_class.__name__ for host in HOSTS.values() for head in host.heads.values())})"
-    )
+    head_of(model_class)  # raises for a class outside the hosts
+    return model_class.moge_host
 
 
 def head_of(model_class: type) -> MoGEHead:
     """The head record of `model_class` (or of the MoGE class it subclasses)."""
-    host = host_of(model_class)
-    for klass in model_class.__mro__:
-        for head in host.heads.values():
-            if klass is head.model_class:
-                return head
-    raise TypeError(f"{model_class.__name__} is not a MoGE model class")  # unreachable: host_of found one
+    head = getattr(model_class, "moge_head", None)
+    if not isinstance(head, MoGEHead):
+        raise TypeError(
+            f"{getattr(model_class, '__name__', model_class)!r} is not a MoGE model class (one of "
+            f"{sorted(head.model_class.__name__ for host in HOSTS.values() for head in host.heads.values())})"
+        )
+    return head

@@ -6,23 +6,23 @@ With renormalized top-k gate weights (`norm_topk_prob`, the default for `num_exp
 a token sum to one, so the upcycled model computes exactly what the dense one does until training moves the experts
 apart.
 
-Where a host family keeps its layers and MLPs comes from its record (`MoGEHost`, at the end of its modeling file).
-This module only imports `torch`, `transformers` and siblings, so that folders written by `save_pretrained` still
-load with `trust_remote_code=True` (`MoGEModelMixin.from_dense` imports it).
+Where a host family keeps its layers and MLPs comes from its record (`MoGEHost`, at the end of its modeling file),
+which `register_host` hands to its classes (`moge_class.moge_host`). This module only imports `torch` and
+`transformers`, so that folders written by `save_pretrained` still load with `trust_remote_code=True`
+(`moge_model.py` imports it for `from_dense`).
 """
 
 import copy
 import dataclasses
 import math
 import os
+from typing import Any
 
 import torch
 import transformers
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
-
-from .moge_model import MoGEHost, head_of, host_of
 
 
 logger = logging.get_logger(__name__)
@@ -90,7 +90,7 @@ def upcycle_from_dense(
     ```
     """
     dense_class = _dense_class_of(moge_class)
-    family = host_of(moge_class)
+    family = moge_class.moge_host
     _check_noise(expert_noise_std)
 
     if isinstance(dense_model_or_path, (str, os.PathLike)):
@@ -132,13 +132,16 @@ def upcycle_from_dense(
 
 def _dense_class_of(moge_class: type) -> type[PreTrainedModel]:
     """The dense transformers class `moge_class` upcycles from (its head record's, see `MoGEHost`)."""
-    try:
-        return head_of(moge_class).dense_class
-    except TypeError as error:
-        raise TypeError(f"upcycle_from_dense builds MoGE models: {error}") from None
+    head = getattr(moge_class, "moge_head", None)
+    if head is None:
+        raise TypeError(
+            f"upcycle_from_dense builds MoGE models: {getattr(moge_class, '__name__', moge_class)!r} is not a MoGE "
+            "model class"
+        )
+    return head.dense_class
 
 
-def _expected(family: MoGEHost, dense_class: type[PreTrainedModel], what: str) -> str:
+def _expected(family: Any, dense_class: type[PreTrainedModel], what: str) -> str:
     model_type = family.dense_model_type
     return f"a dense {family.display_name} {what} (model_type {model_type!r}, e.g. {dense_class.__name__})"
 
@@ -150,9 +153,7 @@ def _describe(config_dict: dict) -> str:
     return found + (f" ({', '.join(architectures)})" if architectures else "")
 
 
-def _load_dense(
-    moge_class: type, dense_class: type[PreTrainedModel], family: MoGEHost, source: str
-) -> PreTrainedModel:
+def _load_dense(moge_class: type, dense_class: type[PreTrainedModel], family: Any, source: str) -> PreTrainedModel:
     """Load the dense model at `source` (local folder or Hub id) with `dense_class`, after checking its model type."""
     expected = _expected(family, dense_class, "checkpoint")
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
@@ -203,7 +204,7 @@ def _load_dense(
 
 
 def _check_dense_model(
-    moge_class: type, dense_class: type[PreTrainedModel], family: MoGEHost, dense: PreTrainedModel
+    moge_class: type, dense_class: type[PreTrainedModel], family: Any, dense: PreTrainedModel
 ) -> None:
     """Raise a `ValueError` unless `dense` is a dense model of `family` (any head) with the usual MLP layout."""
     model_type = getattr(dense.config, "model_type", None)
@@ -241,7 +242,7 @@ def _moge_config(moge_class: type, dense_config: PreTrainedConfig, overrides: di
     return moge_class.config_class(**config_dict)
 
 
-def _optional_parts(family: MoGEHost, dense_base: nn.Module) -> dict:
+def _optional_parts(family: Any, dense_base: nn.Module) -> dict:
     """`__init__` arguments of a MoGE base model that give it the optional parts the dense base model has."""
     parts = {}
     for flag, part in family.optional_base_parts.items():
@@ -259,24 +260,14 @@ def _check_norm_topk_prob(moge_class: type, config: PreTrainedConfig) -> None:
         )
 
 
-def _dense_mlp_weights(family: MoGEHost, mlp: nn.Module, where: str) -> tuple[torch.Tensor, ...]:
-    """`(up_weight, up_bias, down_weight, down_bias)` of a dense MLP in the experts' `(out, in)` layout."""
-    up, down = getattr(mlp, family.up_proj, None), getattr(mlp, family.down_proj, None)
-    if up is None or down is None or up.bias is None or down.bias is None:
-        raise ValueError(
-            f"{where} is not a dense {family.display_name} MLP with biased `{family.up_proj}` and "
-            f"`{family.down_proj}` projections: {type(mlp).__name__}"
-        )
-    up_weight, down_weight = (up.weight.T, down.weight.T) if family.conv1d else (up.weight, down.weight)
-    return up_weight, up.bias, down_weight, down.bias
-
-
 def _copy_base(
-    moge_class: type, family: MoGEHost, dense_base: nn.Module, moge_base: nn.Module, expert_noise_std: float
+    moge_class: type, family: Any, dense_base: nn.Module, moge_base: nn.Module, expert_noise_std: float
 ) -> None:
     """Copy the dense base model into the MoGE base model: MLPs of `moe_layers` into every expert, the rest as is."""
-    config = moge_base.config
-    moe_prefixes = tuple(f"{family.layers}.{index}.{family.mlp}." for index in config.moe_layers)
+    config, mlp = moge_base.config, family.mlp
+    layers, moge_layers = mlp.layer_modules(dense_base), mlp.layer_modules(moge_base)
+    names = {module: name for name, module in moge_base.named_modules()}
+    moe_prefixes = tuple(f"{names[moge_layers[index]]}.{mlp.module}." for index in config.moe_layers)
     dense_state = {k: v for k, v in dense_base.state_dict().items() if not k.startswith(moe_prefixes)}
     moge_state = {k: v for k, v in moge_base.state_dict().items() if not k.startswith(moe_prefixes)}
 
@@ -294,29 +285,23 @@ def _copy_base(
     for key, target in moge_state.items():
         _copy_checked(moge_class, key, target, dense_state[key])
 
-    layers = getattr(dense_base, family.layers)
-    moge_layers = getattr(moge_base, family.layers)
-    dense_size = config.dense_intermediate_size
     for index in config.moe_layers:
-        where = f"{family.layers}.{index}.{family.mlp}"
-        weights = _dense_mlp_weights(family, getattr(layers[index], family.mlp), f"layer {index}'s MLP ({where})")
-        actual_size = weights[0].shape[0]
-        expert_size = config.expert_intermediate_size or dense_size
-        if expert_size != actual_size or dense_size != actual_size:
+        where = f"{names[moge_layers[index]]}.{mlp.module}"
+        weights = mlp.dense_weights(getattr(layers[index], mlp.module), f"layer {index}'s MLP ({where})")
+        experts = getattr(moge_layers[index], mlp.module).experts
+        actual_size = weights["up_proj"].shape[0]
+        if experts.intermediate_dim != actual_size:
             raise ValueError(
                 f"{moge_class.__name__}.from_dense copies each dense MLP into every expert, so the experts must have "
                 f"the dense MLP's hidden size {actual_size} (layer {index}), but the MoGE config asks for "
-                f"expert_intermediate_size={config.expert_intermediate_size} and a dense MLP size of {dense_size}; "
-                "do not override expert_intermediate_size or the MLP size"
+                f"expert_intermediate_size={config.expert_intermediate_size} ({experts.intermediate_dim}); do not "
+                "override expert_intermediate_size or the MLP size"
             )
-        experts = getattr(moge_layers[index], family.mlp).experts
-        names = ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
-        for name, source in zip(names, weights):
+        for name, source in weights.items():
             target = getattr(experts, name)
             _copy_checked(moge_class, f"{where}.experts.{name}", target, source.unsqueeze(0).expand_as(target))
-        if expert_noise_std > 0:
-            for name, source in (("up_proj", weights[0]), ("down_proj", weights[2])):
-                _add_expert_noise(getattr(experts, name), source, expert_noise_std)
+            if expert_noise_std > 0 and experts.DENSE_WEIGHTS[name][1] == "weight":
+                _add_expert_noise(target, source, expert_noise_std)
 
 
 def _add_expert_noise(target: torch.Tensor, source: torch.Tensor, std: float) -> None:
