@@ -28,7 +28,14 @@ from .modeling_gpt2_moge import (
 from .modeling_vit_moge import ViTMoGEForImageClassification, ViTMoGEModel, ViTMoGEPreTrainedModel
 from .moge_layer import GroupSparsityRegularizer, MoGEExperts, MoGERouter, MoGESparseMoeBlock, set_moge_sigma
 from .moge_model import HOSTS
-from .training import MoGEArguments, MoGESigmaCallback, add_moge_callback, annealed_sigma
+from .training import (
+    MoGEArguments,
+    MoGERoutingMetrics,
+    MoGESigmaCallback,
+    MoGESigmaSchedule,
+    add_moge_callback,
+    annealed_sigma,
+)
 from .transformers_moe import add_moge_regularizer, describe_routing
 from .upcycling import upcycle_to_moe
 
@@ -52,7 +59,9 @@ __all__ = [
     "MoGEArguments",
     "MoGEExperts",
     "MoGERouter",
+    "MoGERoutingMetrics",
     "MoGESigmaCallback",
+    "MoGESigmaSchedule",
     "MoGESparseMoeBlock",
     "ViTMoGEConfig",
     "ViTMoGEForImageClassification",

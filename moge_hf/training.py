@@ -6,7 +6,8 @@ group-sparsity regularizer along `config.moge_sigma_schedule`, and logs sigma, t
 MoGE layer's expert load and routing entropy through Trainer's own logging (so `report_to` TensorBoard, W&B, ... and
 `state.log_history` all get them). Attach it with [`add_moge_callback`], which puts it ahead of the reporting
 callbacks: `Trainer` calls callbacks in the order they were added, and its own (reporters, progress printer) come
-first otherwise.
+first otherwise. Its two jobs are also callbacks of their own: [`MoGESigmaSchedule`] (sigma only) and
+[`MoGERoutingMetrics`] (the metrics and the check that the routing losses train, sigma left alone).
 """
 
 import contextlib
@@ -44,6 +45,8 @@ __all__ = [
     "shard_with_engine",
     "MoGEArguments",
     "MoGESigmaCallback",
+    "MoGESigmaSchedule",
+    "MoGERoutingMetrics",
     "add_moge_callback",
     "annealed_sigma",
     "check_routing_losses_kept",
@@ -106,7 +109,7 @@ def _mark_reached(entry: list, grad: torch.Tensor) -> None:
 
 # The callback whose hooks are on a model: a run that died without `on_train_end` (an exception, an interrupt) leaves
 # its callback's hooks on the model, and the next callback that trains the model removes them.
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, MoGESigmaCallback]" = weakref.WeakKeyDictionary()
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, MoGERoutingMetrics]" = weakref.WeakKeyDictionary()
 
 
 def _expected_routing_losses(model: nn.Module) -> set[str]:
@@ -375,14 +378,58 @@ def unwrap_moge_model(model: nn.Module) -> nn.Module:
     )
 
 
-class MoGESigmaCallback(TrainerCallback):
-    """Anneal the MoGE sigma along `config.moge_sigma_schedule` and log MoGE metrics through `Trainer`'s logging.
+class MoGESigmaSchedule(TrainerCallback):
+    """Anneal the MoGE sigma along `config.moge_sigma_schedule`: the sigma schedule alone, no hook and no log.
 
-    **Sigma.** At the start of training and before every optimizer step (`on_step_begin`, i.e. before the forward
-    passes of the step's micro-batches) it sets `model.set_moge_sigma(annealed_sigma(global_step / max_steps,
+    At the start of training and before every optimizer step (`on_step_begin`, i.e. before the forward passes of the
+    step's micro-batches) it sets `model.set_moge_sigma(annealed_sigma(global_step / max_steps,
     config.moge_sigma_schedule))`, and at the end of training the value at the final progress (`final` for a run that
     completes). Sigma is a function of `state.global_step` only, so `trainer.train(resume_from_checkpoint=...)`
-    continues the schedule exactly. With `moge_sigma_schedule=None` sigma is left alone.
+    continues the schedule exactly. With `moge_sigma_schedule=None` sigma is left alone. [`MoGESigmaCallback`] adds
+    the metrics and checks of [`MoGERoutingMetrics`] (`moge/sigma` among them) to it.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from moge_hf.training import MoGESigmaSchedule
+    >>> trainer = Trainer(model=model, args=TrainingArguments("out", max_steps=100), train_dataset=train_dataset,
+    ...                   callbacks=[MoGESigmaSchedule()])
+    >>> trainer.train()
+    ```
+    """
+
+    _model: nn.Module | None = None  # the MoGE model, found at `on_train_begin`
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)  # in `MoGESigmaCallback`, the checks come first
+        self._model = unwrap_moge_model(kwargs["model"])
+        self._set_sigma(state)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        super().on_step_begin(args, state, control, **kwargs)
+        if self._model is not None:
+            self._set_sigma(state)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._model is not None:
+            self._set_sigma(state)  # the value at the progress reached: `final` when training ran to `max_steps`
+        super().on_train_end(args, state, control, **kwargs)
+
+    def _set_sigma(self, state: TrainerState) -> None:
+        model = self._model
+        schedule = model.config.moge_sigma_schedule
+        if schedule is None:
+            return
+        progress = state.global_step / state.max_steps if state.max_steps and state.max_steps > 0 else 0.0
+        sigma = annealed_sigma(progress, schedule)
+        if any(reg.sigma != sigma for reg in moge_regularizers(model)) or model.config.moge_sigma != sigma:
+            set_moge_sigma(model, sigma)
+
+
+class MoGERoutingMetrics(TrainerCallback):
+    """Log MoGE metrics through `Trainer`'s logging, and refuse a training setup that would not train the routing
+    losses. It leaves sigma alone: [`MoGESigmaSchedule`] anneals it, [`MoGESigmaCallback`] does both.
 
     **Metrics.** Added to every training log (the logs that hold Trainer's `loss`), averaged over the logging window
     (the optimizer steps since the previous log):
@@ -404,13 +451,13 @@ class MoGESigmaCallback(TrainerCallback):
     training log (which every process reaches, as for Trainer's `loss`), so the metrics cover the global batch.
 
     `Trainer` calls callbacks in the order they were added, its own (reporting integrations, the progress printer)
-    first, and passes each the same `logs`: attach this callback with [`add_moge_callback`] so that it runs first and
-    the reporters see the MoGE keys. Added any other way (`callbacks=[...]`, `trainer.add_callback`), it still
-    schedules sigma and writes the metrics into `state.log_history`, but the reporters that ran before it miss them.
+    first, and passes each the same `logs`: attach the MoGE callback with [`add_moge_callback`] so that it runs first
+    and the reporters see the MoGE keys. Added any other way (`callbacks=[...]`, `trainer.add_callback`), it still
+    writes the metrics into `state.log_history`, but the reporters that ran before it miss them.
 
     Args:
         log_metrics (`bool`, *optional*, defaults to `True`):
-            Whether to log the metrics; `False` only schedules sigma (and, with `check_loss`, checks the loss).
+            Whether to log the metrics; `False` logs none (and, with `check_loss`, only checks the loss).
         log_expert_load (`bool`, *optional*, defaults to `True`):
             Whether to log the per-expert load (`num_experts` keys per MoGE layer); the entropies are logged anyway.
         check_loss (`bool`, *optional*, defaults to `True`):
@@ -420,20 +467,6 @@ class MoGESigmaCallback(TrainerCallback):
             routing losses of the step's training forwards that no gradient reached (a loss computed from the logits
             or log-probabilities, a model whose forward a trainer replaced). Set it `False` only where your own loss
             adds the routing losses.
-
-    Example:
-
-    ```python
-    >>> from transformers import Trainer, TrainingArguments
-    >>> from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
-    >>> from moge_hf.training import add_moge_callback
-    >>> model = GPT2MoGELMHeadModel(GPT2MoGEConfig(n_layer=2, n_embd=64, n_head=4, num_experts=4, moge_window=2,
-    ...                                            moge_loss_coef=1e-2, moge_sigma_schedule=[10.0, 1.0, 0.2]))
-    >>> trainer = Trainer(model=model, args=TrainingArguments("out", max_steps=100, report_to="tensorboard"),
-    ...                   train_dataset=train_dataset)
-    >>> add_moge_callback(trainer)
-    >>> trainer.train()
-    ```
     """
 
     def __init__(self, log_metrics: bool = True, log_expert_load: bool = True, check_loss: bool = True):
@@ -455,18 +488,6 @@ class MoGESigmaCallback(TrainerCallback):
         self._float_sums: torch.Tensor | None = None
         self._int_sums: torch.Tensor | None = None
 
-    # ---- sigma ----------------------------------------------------------------------------------------------------
-
-    def _set_sigma(self, state: TrainerState) -> None:
-        model = self._model
-        schedule = model.config.moge_sigma_schedule
-        if schedule is None:
-            return
-        progress = state.global_step / state.max_steps if state.max_steps and state.max_steps > 0 else 0.0
-        sigma = annealed_sigma(progress, schedule)
-        if any(reg.sigma != sigma for reg in moge_regularizers(model)) or model.config.moge_sigma != sigma:
-            set_moge_sigma(model, sigma)
-
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._remove_hooks()
         self._model = unwrap_moge_model(kwargs["model"])
@@ -482,24 +503,19 @@ class MoGESigmaCallback(TrainerCallback):
             self._watch = not _compiled(kwargs["model"], self._model, args)
             for module in dict.fromkeys([self._model, getattr(self._model, "base_model", self._model)]):
                 self._hooks.append(module.register_forward_hook(self._check_loss_hook))
-        self._set_sigma(state)
         if self.log_metrics:
             self._register_hooks()
             if not self.placed_first and args.report_to:
                 logger.warning(
-                    "MoGESigmaCallback was not attached with `moge_hf.training.add_moge_callback(trainer)`: the MoGE "
-                    f"metrics go to `state.log_history`, but the reporting callbacks ({args.report_to}) run before it "
-                    "and will not see them."
+                    f"{type(self).__name__} was not attached with `moge_hf.training.add_moge_callback(trainer)`: the "
+                    f"MoGE metrics go to `state.log_history`, but the reporting callbacks ({args.report_to}) run "
+                    "before it and will not see them."
                 )
-
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self._model is not None:
-            self._set_sigma(state)
+        super().on_train_begin(args, state, control, **kwargs)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self._model is not None:
-            self._set_sigma(state)  # the value at the progress reached: `final` when training ran to `max_steps`
         self._remove_hooks()
+        super().on_train_end(args, state, control, **kwargs)
 
     # ---- metrics --------------------------------------------------------------------------------------------------
 
@@ -551,7 +567,8 @@ class MoGESigmaCallback(TrainerCallback):
                 "does this under `label_smoothing_factor`, a `compute_loss_func` or a `compute_loss` of its own "
                 "(e.g. preference-optimization trainers that compute the loss from the logits). Pass `labels` so that "
                 "the model computes its loss, or add the routing losses in your loss and build the callback with "
-                "`MoGESigmaCallback(check_loss=False)`. (Raised at the first such forward, before its optimizer step.)"
+                f"`{type(self).__name__}(check_loss=False)`. (Raised at the first such forward, before its optimizer "
+                "step.)"
             )
         if not self._watch or torch.compiler.is_compiling():
             return
@@ -578,7 +595,7 @@ class MoGESigmaCallback(TrainerCallback):
                 "calls the model's `forward` directly, past its hooks, does this to a model given "
                 "`add_moge_regularizer` (its regularizer is a forward hook; call the model itself, `model(...)`); so "
                 "does a trainer that replaces the model's forward. Build the callback with "
-                "`MoGESigmaCallback(check_loss=False)` only where your own "
+                f"`{type(self).__name__}(check_loss=False)` only where your own "
                 "loss adds them. (Raised before the optimizer step.)"
             )
         missed = sorted({name for name, reached in watched if not reached})
@@ -590,7 +607,7 @@ class MoGESigmaCallback(TrainerCallback):
                 "or log-probabilities (preference-optimization trainers such as TRL's DPO, GRPO and RLOO, whose fused "
                 "LM head replaces the model's forward) or a `compute_loss` of your own does this. Train with a loss "
                 "that adds them (the model's own `loss`), or, where your loss adds them in another way, build the "
-                "callback with `MoGESigmaCallback(check_loss=False)`. (Raised before the optimizer step.)"
+                f"callback with `{type(self).__name__}(check_loss=False)`. (Raised before the optimizer step.)"
             )
 
     def _model_hook(self, module: nn.Module, args: tuple, output) -> None:
@@ -702,6 +719,40 @@ class MoGESigmaCallback(TrainerCallback):
         logs.update(metrics)
 
 
+class MoGESigmaCallback(MoGESigmaSchedule, MoGERoutingMetrics):
+    """Anneal the MoGE sigma along `config.moge_sigma_schedule` and log MoGE metrics through `Trainer`'s logging.
+
+    The callback that [`add_moge_callback`] attaches: [`MoGESigmaSchedule`] (sigma set at the start of training,
+    before every optimizer step and at the end) and [`MoGERoutingMetrics`] (the `moge/*` metrics in every training
+    log, and the check that the routing losses train) in one, with the same arguments as [`MoGERoutingMetrics`]. At
+    the start of training the listener's hooks and checks come first, then sigma is set; at the end sigma is set, then
+    the hooks are removed.
+
+    Args:
+        log_metrics (`bool`, *optional*, defaults to `True`):
+            Whether to log the metrics; `False` only schedules sigma (and, with `check_loss`, checks the loss).
+        log_expert_load (`bool`, *optional*, defaults to `True`):
+            Whether to log the per-expert load (`num_experts` keys per MoGE layer); the entropies are logged anyway.
+        check_loss (`bool`, *optional*, defaults to `True`):
+            Refuse a training setup that would not train the routing losses (see [`MoGERoutingMetrics`]). Set it
+            `False` only where your own loss adds the routing losses.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel
+    >>> from moge_hf.training import add_moge_callback
+    >>> model = GPT2MoGELMHeadModel(GPT2MoGEConfig(n_layer=2, n_embd=64, n_head=4, num_experts=4, moge_window=2,
+    ...                                            moge_loss_coef=1e-2, moge_sigma_schedule=[10.0, 1.0, 0.2]))
+    >>> trainer = Trainer(model=model, args=TrainingArguments("out", max_steps=100, report_to="tensorboard"),
+    ...                   train_dataset=train_dataset)
+    >>> add_moge_callback(trainer)
+    >>> trainer.train()
+    ```
+    """
+
+
 def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = None, **kwargs) -> MoGESigmaCallback:
     """Attach a [`MoGESigmaCallback`] to `trainer` ahead of every other callback, so that reporters see its metrics.
 
@@ -709,7 +760,9 @@ def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = Non
     TensorBoard and W&B, the progress printer) before the user's; `on_log` hands every callback the same `logs`. The
     MoGE callback adds its metrics to `logs`, so it must run first: this puts it at the head of
     `trainer.callback_handler.callbacks`. Any other `MoGESigmaCallback` the trainer holds is removed (with no
-    `callback` and no `kwargs`, an existing one is moved to the head instead).
+    `callback` and no `kwargs`, an existing one is moved to the head instead), and so is a [`MoGESigmaSchedule`] or
+    [`MoGERoutingMetrics`] of its own: it would set sigma a second time, or take the attached callback's hooks off
+    the model.
 
     Args:
         trainer (`Trainer`):
@@ -733,17 +786,19 @@ def add_moge_callback(trainer: Trainer, callback: MoGESigmaCallback | None = Non
     ```
     """
     callbacks = trainer.callback_handler.callbacks
-    existing = [cb for cb in callbacks if isinstance(cb, MoGESigmaCallback)]
+    existing = [cb for cb in callbacks if isinstance(cb, (MoGESigmaSchedule, MoGERoutingMetrics))]
     if callback is None:
-        callback = existing[0] if existing and not kwargs else MoGESigmaCallback(**kwargs)
+        reusable = [cb for cb in existing if isinstance(cb, MoGESigmaCallback)]
+        callback = reusable[0] if reusable and not kwargs else MoGESigmaCallback(**kwargs)
     elif kwargs:
         raise TypeError("add_moge_callback: pass either `callback` or the arguments of a new one, not both")
     if callback.check_loss:
         check_routing_losses_kept(trainer.args, trainer)
     for cb in existing:
         if cb is not callback:
-            logger.warning(f"add_moge_callback: removing another MoGESigmaCallback from the trainer ({cb!r})")
-            cb._remove_hooks()
+            logger.warning(f"add_moge_callback: removing another {type(cb).__name__} from the trainer ({cb!r})")
+            if isinstance(cb, MoGERoutingMetrics):
+                cb._remove_hooks()
         callbacks.remove(cb)
     callbacks.insert(0, callback)
     callback.placed_first = True

@@ -21,7 +21,14 @@ from transformers.modeling_outputs import CausalLMOutput
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, add_moge_regularizer
 from moge_hf.moge_layer import moge_regularizers
 from moge_hf.routing import routing_recorder
-from moge_hf.training import MoGESigmaCallback, add_moge_callback, annealed_sigma, resolve_checkpoint
+from moge_hf.training import (
+    MoGERoutingMetrics,
+    MoGESigmaCallback,
+    MoGESigmaSchedule,
+    add_moge_callback,
+    annealed_sigma,
+    resolve_checkpoint,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -443,6 +450,56 @@ def test_sigma_schedule_resumes_exactly_from_a_checkpoint(tmp_path):
     assert resumed == uninterrupted[4:]
     for name, param in resumed_model.named_parameters():
         torch.testing.assert_close(param, model.get_parameter(name), msg=name)
+
+
+def test_the_sigma_schedule_alone_sets_sigma_at_each_step_and_logs_nothing_else(tmp_path):
+    """`MoGESigmaSchedule` on its own under `Trainer`: each optimizer step runs at the annealed sigma, and it puts no
+    hook on the model and adds nothing to the logs."""
+    schedule = [4.0, 0.5, 0.5]
+    model, records = tiny_lm(moge_sigma_schedule=schedule), []  # the config's sigma is 1.0, not the schedule's
+    record_sigma(model, records)
+    args = training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+
+    def hooks(model):
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    hooks_before, seen = hooks(model), []
+
+    class Watch(TrainerCallback):  # runs after the schedule: the model as the step's forwards will see it
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append((hooks(model), len(routing_recorder(model).listeners)))
+
+    schedule_callback = MoGESigmaSchedule()
+    trainer = Trainer(
+        model=model, args=args, train_dataset=as_dataset(lm_batch(seed=9)), callbacks=[schedule_callback, Watch()]
+    )
+    trainer.train()
+    # Each optimizer step (two micro-batches) runs at sigma(global_step / max_steps); after training, the end value.
+    assert records == pytest.approx([annealed_sigma(step / 4, schedule) for step in range(4) for _ in range(2)])
+    assert model.config.moge_sigma == 0.5 and all(reg.sigma == 0.5 for reg in moge_regularizers(model))
+    assert seen == [(hooks_before, 0)] * 4  # no hook of its own, no routing listener
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    assert not any(key.startswith("moge/") for entry in trainer.state.log_history for key in entry)
+    assert not isinstance(schedule_callback, MoGERoutingMetrics)
+
+
+def test_the_metrics_listener_alone_leaves_sigma_alone_and_add_moge_callback_replaces_the_parts(tmp_path):
+    model = tiny_lm(moge_sigma_schedule=[4.0, 0.5, 0.5])
+    listener, args, control = MoGERoutingMetrics(), training_args(tmp_path), TrainerControl()
+    for event, step in (("on_train_begin", 0), ("on_step_begin", 3), ("on_train_end", 8)):
+        getattr(listener, event)(args, fake_state(step, 8), control, model=model)
+        assert model.config.moge_sigma == 1.0 and all(reg.sigma == 1.0 for reg in moge_regularizers(model))
+    assert isinstance(MoGESigmaCallback(), MoGESigmaSchedule) and isinstance(MoGESigmaCallback(), MoGERoutingMetrics)
+
+    # A schedule or a listener of its own would set sigma twice or take the hooks off: add_moge_callback removes them.
+    parts = [MoGESigmaSchedule(), MoGERoutingMetrics()]
+    trainer = Trainer(model=model, args=args, train_dataset=as_dataset(lm_batch()), callbacks=parts)
+    callback = add_moge_callback(trainer)
+    moge_types = (MoGESigmaSchedule, MoGERoutingMetrics)
+    moge_callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, moge_types)]
+    assert type(callback) is MoGESigmaCallback and moge_callbacks == [callback]
+    assert trainer.callback_handler.callbacks[0] is callback
 
 
 class FakeWriter:
