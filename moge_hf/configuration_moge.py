@@ -1,4 +1,4 @@
-"""Configurations of the GPT-2 and ViT MoGE models: the dense model's config plus the same set of MoGE fields."""
+"""Configurations of the MoGE models: each host's dense config plus the same set of MoGE fields."""
 
 import math
 import textwrap
@@ -300,7 +300,7 @@ def _field_doc(name: str) -> str:
     return f"    {name} (`{spec.metadata['kind']}`, *optional*{default or ''}):\n{help_text}\n"
 
 
-MOGE_CONFIG_DOCSTRING = "\n    MoGE fields (shared by [`GPT2MoGEConfig`] and [`ViTMoGEConfig`]):\n\n" + "".join(
+MOGE_CONFIG_DOCSTRING = "\n    MoGE fields (shared by every MoGE config):\n\n" + "".join(
     map(_field_doc, MOGE_FIELDS)
 )
 
