@@ -300,9 +300,7 @@ def _field_doc(name: str) -> str:
     return f"    {name} (`{spec.metadata['kind']}`, *optional*{default or ''}):\n{help_text}\n"
 
 
-MOGE_CONFIG_DOCSTRING = "\n    MoGE fields (shared by every MoGE config):\n\n" + "".join(
-    map(_field_doc, MOGE_FIELDS)
-)
+MOGE_CONFIG_DOCSTRING = "\n    MoGE fields (shared by every MoGE config):\n\n" + "".join(map(_field_doc, MOGE_FIELDS))
 
 
 def _checked_assignment(cls):

@@ -3,8 +3,9 @@
 A folder written by `save_pretrained` holds everything a Hub repo needs for loading without moge_hf: the weights,
 `config.json` with an `auto_map`, and the code (`modeling_moge.py` and the files it imports). This module adds:
 
-- [`render_model_card`]: a MoGE model card (a `huggingface_hub.ModelCard`) rendered from the templates in
-  `moge_hf/model_cards/` with the model's real config and only the metrics the caller's results hold;
+- [`render_model_card`]: a MoGE model card (a `huggingface_hub.ModelCard`) rendered from the template in
+  `moge_hf/model_cards/` and the host family's [`HostCard`], with the model's real config, the data its run recorded
+  (`run_record.json`, see `moge_hf.run_record`) and only the metrics the caller's results hold;
 - [`check_moge_model_dir`], [`prepare_upload_folder`], [`push_model_dir`]: the checked folder that goes to the Hub
   (what `scripts/push_to_hub.py` uploads, or writes with `--dry-run`), and the upload itself;
 - [`add_moge_hub_callback`]: makes `Trainer(push_to_hub=True)` push the code and a MoGE card too.
@@ -18,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 import weakref
 from collections.abc import Mapping
@@ -25,23 +27,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import validate_repo_id
 from packaging.requirements import Requirement
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files, get_relative_imports
+from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 from transformers.utils import logging
 
 from .losses import resolve_map_shape
-from .moge_model import HOSTS, MoGEHead, MoGEHost
+from .model_folder import PROCESSOR_FILES, SAFE_WEIGHTS_INDEX_NAME, ModelFolder, inspect_model_dir
+from .moge_model import HOSTS, HostCard, MoGEHead, MoGEHost
+from .run_record import (
+    RUN_RECORD_NAME,
+    check_against_run_record,
+    describe_data,
+    find_run_record,
+    load_run_record,
+    run_record_from_arguments,
+    train_entries,
+    trainer_hyperparameters,
+    whole_hub_split,
+    write_run_record,
+)
 from .training import unwrap_moge_model
 
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "MODEL_CARD_TEMPLATE",
     "MODEL_CARD_TEMPLATES",  # noqa: F822 (module __getattr__: read from the host records)
+    "TESTED_TRANSFORMERS",
     "HubTokenError",
     "MoGEHubCallback",
     "add_moge_hub_callback",
@@ -53,45 +71,28 @@ __all__ = [
     "render_model_card",
 ]
 
-# The card templates (jinja, rendered by `ModelCard.from_template`), one per model family (named by its `MoGEHost`),
-# ship inside the package (`moge_hf/model_cards/`, package data), so an editable install and a wheel find them alike.
+# The card template (jinja), one for every host family (whose own parts are its `MoGEHost`'s `HostCard`), ships inside
+# the package (`moge_hf/model_cards/`, package data), so an editable install and a wheel find it alike.
 MODEL_CARD_TEMPLATES_DIR = Path(__file__).resolve().parent / "model_cards"
+MODEL_CARD_TEMPLATE = MODEL_CARD_TEMPLATES_DIR / "model_card.md"
 MOGE_TAGS = ("moge", "mixture-of-experts")
+# The transformers releases moge_hf's whole test suite runs on (`.ci/run`): the floor of setup.cfg's range (pinned in
+# `.ci/transformers-floor.txt`) and the newest release (noxfile.py's last, what a fresh install resolves). The cards
+# name these, and no others, as tested.
+TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
 
 
 def __getattr__(name: str):
-    # `MODEL_CARD_TEMPLATES` (model type -> template path) is read from the host records, which the modeling files
-    # register after this module is imported: a new dict at each access (a new family adds a `MoGEHost`).
+    # `MODEL_CARD_TEMPLATES` (model type -> template path: the one template for every family) follows the host records,
+    # which the modeling files register after this module is imported: a new dict at each access.
     if name == "MODEL_CARD_TEMPLATES":
-        return {model_type: MODEL_CARD_TEMPLATES_DIR / host.card_template for model_type, host in HOSTS.items()}
+        return {model_type: MODEL_CARD_TEMPLATE for model_type in HOSTS}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Results files written by `Trainer.save_metrics`, most complete first.
 RESULTS_FILES = ("all_results.json", "eval_results.json")
 
-# Tokenizer, image processor and processor files that a model folder may hold next to the model.
-PROCESSOR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "image_processor_config.json",
-    "processor_config.json",
-)
-PROCESSOR_DIRS = ("additional_chat_templates",)
-CONFIG_FILES = ("config.json", "generation_config.json")
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Weight files of an earlier push that would shadow or contradict the new weights (e.g. a stale shard index).
 STALE_WEIGHT_PATTERNS = ["model*.safetensors", SAFE_WEIGHTS_INDEX_NAME]
 
@@ -231,135 +232,12 @@ def _metric_display_name(name: str) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _auto_map_modules(auto_map: Mapping[str, Any], where: str) -> set[str]:
-    """Module names (`modeling_moge`, ...) that an `auto_map` refers to."""
-    modules = set()
-    for value in auto_map.values():
-        for reference in value if isinstance(value, (list, tuple)) else [value]:
-            if reference is None:
-                continue
-            if not isinstance(reference, str) or "." not in reference:
-                raise ValueError(f"{where}: `auto_map` entry {reference!r} is not of the form 'module.ClassName'")
-            if "--" in reference:
-                raise ValueError(
-                    f"{where}: `auto_map` entry {reference!r} points to code in another Hub repository; save the "
-                    "model with `save_pretrained` so that its code is in the folder"
-                )
-            modules.add(reference.rsplit(".", 1)[0])
-    return modules
-
-
-def _code_files(folder: Path, modules: set[str], missing_ok: bool = False) -> list[str]:
-    """The `.py` files of `modules` in `folder` and every file they import relatively (followed as transformers'
-    `get_relative_imports` reads them), checked to exist (with `missing_ok`, the ones there)."""
-    files, missing = set(), set()
-    todo = [f"{module.replace('.', '/')}.py" for module in sorted(modules)]
-    while todo:
-        name = todo.pop()
-        if name in files or name in missing:
-            continue
-        path = folder / name
-        if not path.is_file():
-            missing.add(path.name)
-            continue
-        files.add(name)
-        here = path.parent.relative_to(folder)
-        todo += [str(here / f"{module.replace('.', '/')}.py") for module in get_relative_imports(path)]
-    if missing and not missing_ok:
-        raise ValueError(
-            f"{folder}: the code files {sorted(missing)} that `auto_map` and the code need are missing; save the "
-            "model with `save_pretrained` (with moge_hf imported), which writes them"
-        )
-    return sorted(files)
-
-
-def _weight_files(folder: Path) -> list[str]:
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return [SAFE_WEIGHTS_NAME]
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            raise ValueError(f"{folder}: the weight shards {missing} named in {SAFE_WEIGHTS_INDEX_NAME} are missing")
-        return [SAFE_WEIGHTS_INDEX_NAME, *shards]
-    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    hint = f" (it has {others}: load the model and save it again with `save_pretrained`)" if others else ""
-    raise ValueError(f"{folder}: no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}){hint}")
-
-
-@dataclass
-class _ModelFolder:
-    path: Path
-    config: dict
-    code_files: list[str]
-    weight_files: list[str]
-    config_files: list[str]
-    processor_files: list[str]
-    processor_dirs: list[str]
-
-
-def _inspect_model_dir(model_dir: str | os.PathLike, missing_code_ok: bool = False) -> _ModelFolder:
-    """The checked contents of a saved MoGE model folder. `missing_code_ok`: code files may be missing (an upgrade of
-    the code writes them)."""
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is not a folder; pass the folder a MoGE model was saved to")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{folder} has no config.json, so it is not a saved model (save one with `save_pretrained`)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        json_type = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(config), "number")
-        raise ValueError(
-            f"{config_path} holds a JSON {json_type}, not an object: it is not the config of a saved model (save one "
-            "with `save_pretrained`)"
-        )
-    model_type = config.get("model_type")
-    if model_type not in HOSTS:
-        raise ValueError(
-            f"{folder} holds a model of type {model_type!r}, not a moge_hf model (model_type "
-            f"{' or '.join(map(repr, HOSTS))})"
-        )
-    auto_map = config.get("auto_map") or {}
-    if "AutoConfig" not in auto_map:
-        raise ValueError(
-            f"{config_path} has no `auto_map` for AutoConfig, so the folder cannot load with `trust_remote_code`; "
-            "save the model with `save_pretrained` (with moge_hf imported), which writes it"
-        )
-    architectures = config.get("architectures") or []
-    mapped_classes = {str(ref).rsplit(".", 1)[-1] for ref in auto_map.values() if isinstance(ref, str)}
-    for architecture in architectures:
-        if architecture not in mapped_classes:
-            raise ValueError(
-                f"{config_path}: the architecture {architecture!r} is not in its `auto_map` "
-                f"({sorted(mapped_classes)}); save the model with `save_pretrained` so that every Auto class of the "
-                "family is mapped"
-            )
-    modules = _auto_map_modules(auto_map, str(config_path))
-    for name in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
-        path = folder / name
-        if path.is_file():
-            extra = json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}
-            modules |= _auto_map_modules(extra, str(path))
-    return _ModelFolder(
-        path=folder,
-        config=config,
-        code_files=_code_files(folder, modules, missing_ok=missing_code_ok),
-        weight_files=_weight_files(folder),
-        config_files=[name for name in CONFIG_FILES if (folder / name).is_file()],
-        processor_files=[name for name in PROCESSOR_FILES if (folder / name).is_file()],
-        processor_dirs=[name for name in PROCESSOR_DIRS if (folder / name).is_dir()],
-    )
-
-
-def _check_model_loads(folder: "_ModelFolder") -> None:
+def _check_model_loads(folder: ModelFolder) -> None:
     """Load the folder's model as `from_pretrained` would (with the installed moge_hf) and raise a `ValueError` with
     the reason if it does not load, its weights do not match its config, or a weight is NaN or Inf."""
-    from .upgrade_code import upgrade_model_code  # (it imports this module)
+    # Imported here, not with the package: `python -m moge_hf.upgrade_code` runs that module as a script, which
+    # `import moge_hf` must not have imported before (runpy would then run a second copy of it).
+    from .upgrade_code import upgrade_model_code
 
     # What is checked below is the installed code; what would be uploaded is the folder's own copy: they must agree.
     plan = upgrade_model_code(folder.path, dry_run=True)
@@ -405,7 +283,7 @@ def check_moge_model_dir(model_dir: str | os.PathLike) -> dict:
     Raises:
         `ValueError`: the folder is not a moge_hf model, or lacks a file that loading needs; the message says which.
     """
-    return _inspect_model_dir(model_dir).config
+    return inspect_model_dir(model_dir).config
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -470,13 +348,6 @@ def _rows(pairs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     return [{"name": _cell(name), "value": _cell(value)} for name, value in pairs]
 
 
-def _architecture_rows(config: Mapping[str, Any], host: MoGEHost, architecture: str, num_parameters) -> list:
-    pairs = [("class", f"`{architecture}`"), *host.card_rows(config)]
-    if num_parameters is not None:
-        pairs.append(("parameters (all experts)", f"{num_parameters:,}"))
-    return _rows(pairs)
-
-
 def _moge_rows(config: Mapping[str, Any], host: MoGEHost) -> list[dict[str, Any]]:
     shape = host.config_class.from_dict(dict(config))  # the family's names for the layer count and the MLP size
     num_layers, dense_size = shape.num_hidden_layers, shape.dense_intermediate_size
@@ -530,97 +401,33 @@ def _labels(config: Mapping[str, Any], limit: int = 50) -> tuple[list[str], int]
     return labels[:limit], len(labels)
 
 
-def _dataset_entries(dataset, dataset_config) -> list[dict[str, Any]]:
-    if dataset is None:
-        return []
-    ids = [dataset] if isinstance(dataset, str) else list(dataset)
-    return [{"id": name, "name": name, "config": dataset_config if i == 0 else None} for i, name in enumerate(ids)]
+def _layers_text(layers: list[int]) -> str:
+    layers = sorted(layers)
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    return "layers " + ", ".join(str(i) for i in layers[:-1]) + f" and {layers[-1]}"
 
 
-def render_model_card(
-    model_dir_or_model: str | os.PathLike | PreTrainedModel,
-    *,
-    repo_id: str | None = None,
-    results: Mapping[str, Any] | str | os.PathLike | None = None,
-    dataset: str | list[str] | None = None,
-    dataset_config: str | None = None,
-    eval_split: str | None = "validation",
-    eval_data: str | None = None,
-    base_model: str | None = None,
-    license: str | None = "apache-2.0",
-    language: str | list[str] | None = None,
-    tags: list[str] | None = None,
-    model_name: str | None = None,
-    training_hyperparameters: Mapping[str, Any] | None = None,
-    has_processor: bool | None = None,
-    template_path: str | os.PathLike | None = None,
-) -> ModelCard:
-    r"""Render the model card of a MoGE model from its config and the metrics its run measured.
+# -- What the card is about: the model ------------------------------------------------------------------------------
 
-    The card (the family's template in `model_cards/`, e.g. `gpt2_moge.md`, rendered by
-    `huggingface_hub.ModelCard.from_template`) holds Hub metadata (`library_name: transformers`, the `pipeline_tag` of
-    the model's head, the tags `moge`, `mixture-of-experts`, `gpt2`/`vit` and `custom_code`, `datasets`, `base_model`,
-    `license`, and a `model-index` built from `results`), then how MoGE differs from MoE, the MoGE settings read
-    from the config, how to load the model with `trust_remote_code=True`, the training data, the results and the
-    limitations. No number comes from anywhere but the config, the weights (parameter count) and `results`: without
-    results the card says that results were not measured and has no `model-index`.
 
-    Args:
-        model_dir_or_model (`str`, `os.PathLike` or `PreTrainedModel`):
-            A saved MoGE model folder (checked with [`check_moge_model_dir`]) or a MoGE model instance.
-        repo_id (`str`, *optional*):
-            The Hub repo id the card's loading code uses; a placeholder if not given.
-        results (`Mapping`, `str` or `os.PathLike`, *optional*):
-            The run's metrics, or the path of a JSON file holding them, such as `Trainer`'s `all_results.json` or
-            `eval_results.json` (see [`find_results_file`]). Keys `eval_<name>` (and `perplexity`) are results on
-            `eval_split`, `test_<name>` on `"test"`; they go into `model-index` when `dataset` is given. `train_<name>`
-            and `epoch` are listed as training metrics. Runtimes, throughputs and sample counts are left out.
-        dataset (`str` or `list[str]`, *optional*):
-            Hub id(s) of the training / evaluation dataset (the first one is the evaluation dataset of `model-index`).
-        dataset_config (`str`, *optional*):
-            Config name of the first dataset.
-        eval_split (`str`, *optional*, defaults to `"validation"`):
-            The split of `dataset` that the `eval_*` metrics were measured on, whole. `None` when they were measured
-            on anything else (a held-out part of the training split, local files, a subset of a split): the card
-            then has no `model-index`, whose entries would claim a Hub split.
-        eval_data (`str`, *optional*):
-            What the `eval_*` metrics were measured on, in words, for the card's text (e.g. "the last 5% of the
-            lines of input.txt, held out"); defaults to the split of `dataset`. With `eval_samples` in `results`, the
-            card also gives the number of examples.
-        base_model (`str`, *optional*):
-            Hub id of the model this one was initialized from (e.g. the dense model it was upcycled from, or the
-            MoGE model it was fine-tuned from). Never guessed: the card has a `base_model` only when this is given.
-        license (`str`, *optional*, defaults to `"apache-2.0"`):
-            License id of the weights; `None` leaves it out.
-        language (`str` or `list[str]`, *optional*):
-            Language code(s) of the training text.
-        tags (`list[str]`, *optional*):
-            Tags added to the MoGE ones.
-        model_name (`str`, *optional*):
-            Title of the card and name of `model-index`; defaults to the repo name, the folder name, or the class.
-        training_hyperparameters (`Mapping`, *optional*):
-            Hyperparameters of the run (learning rate, batch size, ...) to list in the card.
-        has_processor (`bool`, *optional*):
-            Whether the repo holds the tokenizer / image processor; found from the folder when one is given.
-            `False` adds a note on how to preprocess inputs.
-        template_path (`str` or `os.PathLike`, *optional*):
-            Another jinja template to render (it gets the same variables as the `model_cards/` ones).
+@dataclass(frozen=True)
+class _ModelFacts:
+    """What a card says of the model itself, read from its saved folder or from the instance."""
 
-    Returns:
-        `huggingface_hub.ModelCard`: the card; `card.save(path)` writes it (`README.md` on the Hub).
+    config: dict
+    host: MoGEHost
+    head: MoGEHead
+    auto_class: str  # the Auto class that loads it, e.g. "AutoModelForCausalLM"
+    architecture: str  # its class name
+    num_parameters: int | None
+    code_files: list[str]  # the code files its repo carries
+    has_processor: bool | None  # whether its repo holds the tokenizer / image processor (None: unknown)
+    folder: Path | None  # the saved folder, for a card rendered from one
 
-    Raises:
-        `ValueError`: `model_dir_or_model` is not a MoGE model (folder), or `results` is not a mapping of metrics.
 
-    Example:
-
-    ```python
-    >>> from moge_hf.hub import render_model_card
-    >>> card = render_model_card("out/gpt2-moge", repo_id="me/gpt2-moge", results="out/gpt2-moge/all_results.json",
-    ...                          dataset="karpathy/tiny_shakespeare")
-    >>> card.save("out/gpt2-moge/README.md")
-    ```
-    """
+def _model_facts(model_dir_or_model: str | os.PathLike | PreTrainedModel, has_processor: bool | None) -> _ModelFacts:
+    """Read the facts of a MoGE model from a saved folder (checked with [`check_moge_model_dir`]) or an instance."""
     if isinstance(model_dir_or_model, nn.Module):
         model = unwrap_moge_model(model_dir_or_model)
         config_object = getattr(model, "config", None)
@@ -633,10 +440,11 @@ def render_model_card(
         code_module = sys.modules.get(type(model).__module__)
         code_files = [Path(code_module.__file__).name] if code_module is not None else []
         if code_module is not None:
-            code_files += sorted(Path(path).name for path in get_relative_import_files(code_module.__file__))
-        folder_name = None
+            imported = {Path(path).name for path in get_relative_import_files(code_module.__file__)}
+            code_files += sorted(imported - set(code_files))
+        folder_path = None
     else:
-        folder = _inspect_model_dir(model_dir_or_model)
+        folder = inspect_model_dir(model_dir_or_model)
         config = folder.config
         mro_names = ()
         architecture = (config.get("architectures") or [None])[0]
@@ -644,126 +452,428 @@ def render_model_card(
         code_files = folder.code_files
         if has_processor is None:
             has_processor = bool(folder.processor_files)
-        folder_name = folder.path.resolve().name
+        folder_path = folder.path
     host = HOSTS[config["model_type"]]
     auto_class, head = _head_of(host, architecture, config.get("auto_map") or {}, mro_names)
-    architecture = architecture or head.model_class.__name__
-    if model_name is None:
-        model_name = repo_id.split("/")[-1] if repo_id else folder_name or architecture
+    return _ModelFacts(
+        config=config,
+        host=host,
+        head=head,
+        auto_class=auto_class,
+        architecture=architecture or head.model_class.__name__,
+        num_parameters=num_parameters,
+        code_files=code_files,
+        has_processor=has_processor,
+        folder=folder_path,
+    )
 
+
+# -- What the card is about: the run --------------------------------------------------------------------------------
+
+# The data arguments of `render_model_card` for runs that recorded none (see `run_record_from_arguments`).
+DATA_ARGUMENTS = ("dataset", "dataset_config", "eval_split", "eval_data", "training_hyperparameters")
+
+
+def _run_record_for_card(
+    run_record: Mapping[str, Any] | str | os.PathLike | None, facts: _ModelFacts, data_arguments: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The run record the card is rendered from, and how the card names where it came from (`None`: from the data
+    arguments). `run_record`, else the `run_record.json` of the model's folder; data arguments that contradict it
+    are refused; without a record, the data arguments make one."""
+    unknown = sorted(set(data_arguments) - set(DATA_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"render_model_card got unexpected keyword arguments {unknown}")
+    stated = {key: value for key, value in data_arguments.items() if value is not None}
+    if run_record is None and facts.folder is not None:
+        run_record = find_run_record(facts.folder)
+    record = load_run_record(run_record)
+    if record is None:
+        return run_record_from_arguments(**stated), None
+    if isinstance(run_record, (str, os.PathLike)):  # the card names the record's file; an error, its path
+        path = Path(run_record) / RUN_RECORD_NAME if Path(run_record).is_dir() else Path(run_record)
+        source, where = f"`{path.name}`", f"the run record {path}"
+    else:
+        source = where = "the run record"
+    hyperparameters = stated.pop("training_hyperparameters", None)  # not a claim about the data: may add to it
+    check_against_run_record(record, source=where, **stated)
+    if hyperparameters:
+        record = {**record, "hyperparameters": dict(hyperparameters)}
+    return record, source
+
+
+# -- What the card is about: the results ----------------------------------------------------------------------------
+
+
+def _counted(entry: dict[str, Any] | None, count: float | None, name: str) -> dict[str, Any] | None:
+    """`entry` with the number of examples the results count (`eval_samples`, `train_samples`), which must agree with
+    the record's."""
+    if count is None:
+        return entry
+    if count < 0 or count != int(count):
+        raise ValueError(f"results: {name} must be a whole number of examples, at least 0, got {count}")
+    if entry is None:
+        return None
+    if entry.get("examples") is not None and entry["examples"] != int(count):
+        raise ValueError(
+            f"results: {name} = {int(count)} contradicts the run record, which records {entry['examples']} examples "
+            f"({describe_data(entry, markdown=False)}): the results are not of the recorded run"
+        )
+    return {**entry, "examples": int(count)}
+
+
+@dataclass(frozen=True)
+class _CardResults:
+    """The run's metrics as the card reports them, and the record's data, completed with the results' counts."""
+
+    eval_metrics: list[_Metric]  # eval and test
+    train_metrics: list[_Metric]
+    indexed: list[_Metric]  # those the `model-index` claims: measured on a whole Hub split
+    record: dict[str, Any] | None
+    source: str | None  # the results file, for the card's text
+
+
+def _card_results(
+    results: Mapping[str, Any] | str | os.PathLike | None, record: dict[str, Any] | None
+) -> _CardResults:
+    """Read `results`, sort its metrics, and check its counts of examples against `record`."""
     numbers = load_results(results)
     metrics = _classify_metrics(numbers)
+    evaluated = _counted((record or {}).get("eval"), numbers.get("eval_samples"), "eval_samples")
+    if record is not None:
+        train = train_entries(record)
+        if len(train) == 1:
+            train = [_counted(train[0], numbers.get("train_samples"), "train_samples")]
+        record = {**record, "train": train or None, "eval": evaluated}
     eval_metrics = [metric for metric in metrics if metric.split in ("eval", "test")]
-    train_metrics = [metric for metric in metrics if metric.split == "train"]
-    datasets = _dataset_entries(dataset, dataset_config)
-    if eval_data is None and eval_split is not None and datasets:
-        eval_data = f"the `{eval_split}` split of `{datasets[0]['id']}`"
-    eval_samples = numbers.get("eval_samples")
-    if eval_samples is not None and (eval_samples < 0 or eval_samples != int(eval_samples)):
-        raise ValueError(f"results: eval_samples must be a whole number of examples, at least 0, got {eval_samples}")
-    eval_results = None
-    if any(metric.split == "eval" for metric in eval_metrics) and eval_split is None:
-        eval_metrics_for_index = [metric for metric in eval_metrics if metric.split == "test"]
-    else:
-        eval_metrics_for_index = eval_metrics
-    if eval_metrics_for_index and datasets:
-        eval_results = [
-            EvalResult(
-                task_type=head.pipeline_tag,
-                dataset_type=datasets[0]["id"],
-                dataset_name=datasets[0]["name"],
-                dataset_config=datasets[0]["config"],
-                dataset_split=eval_split if metric.split == "eval" else "test",
-                metric_type=metric.name,
-                metric_name=_metric_display_name(metric.name),
-                metric_value=metric.value,
-            )
-            for metric in eval_metrics_for_index
-        ]
-    elif eval_metrics and not datasets:
-        logger.warning(
-            "render_model_card: results were given but no `dataset`, so the card lists them without a `model-index`"
-        )
+    on_whole_split = {split: whole_hub_split((record or {}).get(split)) for split in ("eval", "test")}
+    return _CardResults(
+        eval_metrics=eval_metrics,
+        train_metrics=[metric for metric in metrics if metric.split == "train"],
+        indexed=[metric for metric in eval_metrics if on_whole_split[metric.split]],
+        record=record,
+        source=f"`{Path(results).name}`" if isinstance(results, (str, os.PathLike)) else None,
+    )
 
-    all_tags = [*MOGE_TAGS, host.hub_tag, "custom_code"]
-    for tag in tags or []:
-        if tag not in all_tags:
-            all_tags.append(tag)
-    card_data = ModelCardData(
+
+# -- The card's metadata --------------------------------------------------------------------------------------------
+
+
+def _model_index(facts: _ModelFacts, card_results: _CardResults) -> list[EvalResult] | None:
+    """The `model-index` entries: a metric only where the record says it was measured on a whole Hub split."""
+    if not card_results.indexed:
+        return None
+    record = card_results.record
+    return [
+        EvalResult(
+            task_type=facts.head.pipeline_tag,
+            dataset_type=record[metric.split]["dataset"],
+            dataset_name=record[metric.split]["dataset"],
+            dataset_config=record[metric.split].get("config"),
+            dataset_split=record[metric.split]["split"],
+            metric_type=metric.name,
+            metric_name=_metric_display_name(metric.name),
+            metric_value=metric.value,
+        )
+        for metric in card_results.indexed
+    ]
+
+
+def _card_metadata(
+    facts: _ModelFacts,
+    card_results: _CardResults,
+    *,
+    model_name: str,
+    base_model: str | None,
+    license: str | None,
+    language: str | list[str] | None,
+    tags: list[str] | None,
+) -> ModelCardData:
+    """The card's YAML metadata: library, pipeline tag, tags, data sets (the Hub ones of the record), base model,
+    license, and the `model-index` of [`_model_index`]."""
+    all_tags = [*MOGE_TAGS, facts.host.card.tag, "custom_code"]
+    all_tags += [tag for tag in dict.fromkeys(tags or []) if tag not in all_tags]
+    record = card_results.record or {}
+    tested = any(metric.split == "test" for metric in card_results.eval_metrics)
+    entries = [*train_entries(record), record.get("eval"), record.get("test") if tested else None]
+    datasets = list(dict.fromkeys(entry["dataset"] for entry in entries if entry and entry.get("dataset")))
+    eval_results = _model_index(facts, card_results)
+    return ModelCardData(
         language=language,
         license=license,
         library_name="transformers",
-        pipeline_tag=head.pipeline_tag,
+        pipeline_tag=facts.head.pipeline_tag,
         tags=all_tags,
-        datasets=[entry["id"] for entry in datasets] or None,
+        datasets=datasets or None,
         base_model=base_model,
-        metrics=sorted({metric.name for metric in eval_metrics}) if eval_results else None,
+        metrics=sorted({metric.name for metric in card_results.indexed}) if eval_results else None,
         model_name=model_name if eval_results else None,  # `model-index` needs a name; the card needs no other
         eval_results=eval_results,
     )
-    labels, num_labels = _labels(config)
-    top_k = config["num_experts_per_tok"]
-    variables = {
-        "model_name": model_name,
-        "repo_id": repo_id or "your-username/your-moge-model",
-        "head": head.kind,
-        "head_description": head.description,
-        "auto_class": auto_class,
-        "pipeline_tag": head.pipeline_tag,
-        "architecture": architecture,
-        "moe_layers_text": _layers_text(config["moe_layers"]),
-        "lambda_is_zero": not config.get("moge_loss_coef"),
-        "base_model": base_model,
-        "architecture_rows": _architecture_rows(config, host, architecture, num_parameters),
-        "moge_rows": _moge_rows(config, host),
-        "code_files": code_files,
-        "has_processor": has_processor,
-        "datasets": datasets,
-        "hyperparameter_rows": _rows([(str(k), v) for k, v in (training_hyperparameters or {}).items()]),
-        "eval_rows": [
-            {
-                "split": (eval_split or "evaluation") if metric.split == "eval" else "test",
-                "name": _metric_display_name(metric.name),
-                "value": _format_number(metric.value),
-            }
-            for metric in eval_metrics
-        ],
-        "train_rows": _rows([(_train_metric_name(m.name), _format_number(m.value)) for m in train_metrics]),
-        "model_index": eval_results is not None,
-        "eval_data": eval_data,
-        "eval_samples": int(eval_samples) if eval_samples is not None else None,
-        "results_source": f"`{Path(results).name}`" if isinstance(results, (str, os.PathLike)) else None,
-        "labels": labels,
-        "num_labels": num_labels,
-        "labels_truncated": num_labels > len(labels),
-        "num_experts": config["num_experts"],
-        "top_k": top_k,
-        "vocab_size": config.get("vocab_size"),
-        "n_positions": config.get("n_positions"),
-        "image_size": config.get("image_size"),
-        "patch_size": config.get("patch_size"),
-        "num_channels": config.get("num_channels"),
-        "example_text": "Once upon a time",
-        "moge_hf_version": _moge_hf_version(),
-        "transformers_requirement": _transformers_requirement(),
+
+
+# -- The card's text ------------------------------------------------------------------------------------------------
+
+
+def _run_variables(card_results: _CardResults, record_source: str | None) -> dict[str, Any]:
+    """The `run` variable of the template: what the run trained and evaluated on, in words, and where that is
+    recorded (`source`: the record's file; `None` with `recorded` true: stated by the data arguments)."""
+    record = card_results.record or {}
+    train = [describe_data(entry) for entry in train_entries(record)]
+    if train:
+        missing = None
+    elif not record:
+        missing = "was not recorded when this card was written"
+    elif record_source:
+        missing = f"was not recorded: the run that wrote {record_source} did not train"
+    else:
+        missing = "was not given when this card was written"
+    return {
+        "recorded": bool(record),
+        "train": train,
+        "train_missing": missing,
+        "eval": describe_data(record["eval"]) if record.get("eval") else None,
+        "test": describe_data(record["test"]) if record.get("test") else None,
+        "source": record_source,
+        "script": record.get("script"),
+        "hyperparameter_rows": _rows([(str(k), v) for k, v in (record.get("hyperparameters") or {}).items()]),
     }
-    template = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATES_DIR / host.card_template
+
+
+def _results_variables(card_results: _CardResults) -> dict[str, Any]:
+    """The `results` variable of the template: the metrics' rows, what they were measured on, and which the
+    `model-index` holds."""
+    record = card_results.record or {}
+    labels = {
+        "eval": record["eval"]["split"] if whole_hub_split(record.get("eval")) else "evaluation",
+        "test": record["test"]["split"] if whole_hub_split(record.get("test")) else "test",
+    }
+    splits = list(dict.fromkeys(metric.split for metric in card_results.eval_metrics))
+    measured_on = []
+    for split in splits:
+        entry = record.get(split)
+        what = f"on {describe_data(entry)}" if entry else "on data that the run did not record"
+        measured_on.append(what if split == "eval" else f"the test results {what}")
+    unindexed = [split for split in splits if not whole_hub_split(record.get(split))]
+    note = None
+    if unindexed:
+        names = " and ".join("evaluation" if split == "eval" else "test" for split in unindexed)
+        note = (
+            f"The {names} results are not in the card's `model-index` metadata: they were not measured on a whole "
+            "split of a Hub dataset"
+        )
+        if any(record.get(split) is None for split in unindexed):
+            note += " (the data they were measured on was not recorded)"
+    return {
+        "eval_rows": [
+            {"split": labels[m.split], "name": _metric_display_name(m.name), "value": _format_number(m.value)}
+            for m in card_results.eval_metrics
+        ],
+        "train_rows": _rows(
+            [(_train_metric_name(m.name), _format_number(m.value)) for m in card_results.train_metrics]
+        ),
+        "measured_on": "; ".join(measured_on),
+        "model_index": bool(card_results.indexed),
+        "unindexed_note": note,
+        "source": card_results.source,
+    }
+
+
+def _card_variables(
+    facts: _ModelFacts,
+    card_results: _CardResults,
+    record_source: str | None,
+    *,
+    model_name: str,
+    repo_id: str | None,
+    base_model: str | None,
+) -> dict[str, Any]:
+    """The variables of the card template: the host's records (`host`, `head`, and `card`: the host's
+    [`HostCard`], its text fields rendered with the other variables), the config (`config`), the facts of the model
+    (`model`), the MoGE settings (`moge`), the run record (`run`), the results (`results`) and the package
+    (`package`)."""
+    config = facts.config
+    labels, num_labels = _labels(config)
+    variables = {
+        "host": facts.host,
+        "head": facts.head,
+        "config": config,
+        "model": {
+            "name": model_name,
+            "repo_id": repo_id or "your-username/your-moge-model",
+            "auto_class": facts.auto_class,
+            "architecture": facts.architecture,
+            "code_files": facts.code_files,
+            "has_processor": facts.has_processor,
+            "base_model": base_model,
+            "labels": labels,
+            "num_labels": num_labels,
+            "labels_truncated": num_labels > len(labels),
+        },
+        "moge": {
+            "rows": _moge_rows(config, facts.host),
+            "layers_text": _layers_text(config["moe_layers"]),
+            "baseline": not config.get("moge_loss_coef"),
+        },
+        "run": _run_variables(card_results, record_source),
+        "results": _results_variables(card_results),
+        "package": {
+            "version": _moge_hf_version(),
+            "transformers_requirement": _transformers_requirement(),
+            "tested_transformers": list(TESTED_TRANSFORMERS),
+        },
+    }
+    variables["card"] = _host_card_variables(facts, variables)
+    return variables
+
+
+def _host_card_variables(facts: _ModelFacts, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The host's [`HostCard`] as the template sees it: its tag, the rows of the card's architecture table (the class,
+    the host's rows, the parameter count), and its text fields (jinja fragments) rendered with the other variables."""
+    card: HostCard = facts.host.card
+    rows = [("class", f"`{facts.architecture}`"), *card.rows(facts.config)]
+    if facts.num_parameters is not None:
+        rows.append(("parameters (all experts)", f"{facts.num_parameters:,}"))
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    rendered = {"tag": card.tag, "rows": _rows(rows)}
+    for name in ("intro", "tokens", "snippet", "preprocessing", "limitations"):
+        fragment = textwrap.dedent(getattr(card, name)).strip("\n")
+        try:
+            rendered[name] = environment.from_string(fragment).render(**variables).strip()
+        except jinja2.TemplateError as error:
+            raise ValueError(f"the `{name}` of the HostCard of {variables['host'].display_name}: {error}") from error
+    return rendered
+
+
+def _render_card(
+    template_path: str | os.PathLike, card_data: ModelCardData, variables: Mapping[str, Any]
+) -> ModelCard:
+    """Render the card template (jinja; a variable it uses that does not exist is an error) with `card_data` as its
+    YAML header."""
+    template = Path(template_path)
     if not template.is_file():
         raise FileNotFoundError(
-            f"model card template {str(template)!r} not found (the templates ship in the package's `model_cards/` "
+            f"model card template {str(template)!r} not found (the template ships in the package's `model_cards/` "
             "folder; pass `template_path=`)"
         )
-    card = ModelCard.from_template(card_data, template_path=str(template), **variables)
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    try:
+        text = environment.from_string(template.read_text(encoding="utf-8")).render(
+            card_data=card_data.to_yaml(), **variables
+        )
+    except jinja2.TemplateError as error:
+        raise ValueError(
+            f"model card template {str(template)!r}: {error} (a template may use card_data, "
+            f"{', '.join(variables)}; see `moge_hf.hub.render_model_card`)"
+        ) from error
     # Collapse the blank lines that the template's jinja blocks leave behind.
-    card.text = re.sub(r"\n{3,}", "\n\n", card.text).strip() + "\n"
-    return card
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", text).strip() + "\n")
 
 
-def _layers_text(layers: list[int]) -> str:
-    layers = sorted(layers)
-    if len(layers) == 1:
-        return f"layer {layers[0]}"
-    return "layers " + ", ".join(str(i) for i in layers[:-1]) + f" and {layers[-1]}"
+def render_model_card(
+    model_dir_or_model: str | os.PathLike | PreTrainedModel,
+    *,
+    repo_id: str | None = None,
+    results: Mapping[str, Any] | str | os.PathLike | None = None,
+    run_record: Mapping[str, Any] | str | os.PathLike | None = None,
+    base_model: str | None = None,
+    license: str | None = "apache-2.0",
+    language: str | list[str] | None = None,
+    tags: list[str] | None = None,
+    model_name: str | None = None,
+    has_processor: bool | None = None,
+    template_path: str | os.PathLike | None = None,
+    **data_arguments,
+) -> ModelCard:
+    r"""Render the model card of a MoGE model from its config, the record of the run that produced it, and the
+    metrics that run measured.
+
+    The card (`moge_hf/model_cards/model_card.md`, one template for every host family, whose family-specific parts
+    come from the family's [`HostCard`] record) holds Hub metadata (`library_name: transformers`, the `pipeline_tag`
+    of the model's head, the tags `moge`, `mixture-of-experts`, the family's tag and `custom_code`, `datasets`,
+    `base_model`, `license`, and a `model-index`), then how MoGE differs from MoE, the MoGE settings read from the
+    config, how to load the model with `trust_remote_code=True`, the training data, the results and the limitations.
+
+    What the model was trained and evaluated on comes from the run record (`run_record.json`, written by the
+    training scripts: see `moge_hf.run_record`): its data sets, splits, parts and numbers of examples. The card lists
+    the record's Hub data sets as `datasets`, and puts a metric in `model-index` only when the record says it was
+    measured on a whole split of a Hub data set. No number comes from anywhere but the config, the weights (parameter
+    count), the record and `results`: without results the card says that results were not measured; without a record
+    it says that the data were not recorded.
+
+    Args:
+        model_dir_or_model (`str`, `os.PathLike` or `PreTrainedModel`):
+            A saved MoGE model folder (checked with [`check_moge_model_dir`]) or a MoGE model instance.
+        repo_id (`str`, *optional*):
+            The Hub repo id the card's loading code uses; a placeholder if not given.
+        results (`Mapping`, `str` or `os.PathLike`, *optional*):
+            The run's metrics, or the path of a JSON file holding them, such as `Trainer`'s `all_results.json` or
+            `eval_results.json` (see [`find_results_file`]). Keys `eval_<name>` (and `perplexity`) are results on the
+            record's evaluation data, `test_<name>` on its test data; `train_<name>` and `epoch` are listed as
+            training metrics. Runtimes, throughputs and sample counts are left out; `eval_samples` and
+            `train_samples` must agree with the record's numbers of examples.
+        run_record (`Mapping`, `str` or `os.PathLike`, *optional*):
+            The run record, or the path of its JSON file; defaults to the `run_record.json` of the model folder.
+        base_model (`str`, *optional*):
+            Hub id of the model this one was initialized from (e.g. the dense model it was upcycled from, or the
+            MoGE model it was fine-tuned from). Never guessed: the card has a `base_model` only when this is given.
+        license (`str`, *optional*, defaults to `"apache-2.0"`):
+            License id of the weights; `None` leaves it out.
+        language (`str` or `list[str]`, *optional*):
+            Language code(s) of the training text.
+        tags (`list[str]`, *optional*):
+            Tags added to the MoGE ones.
+        model_name (`str`, *optional*):
+            Title of the card and name of `model-index`; defaults to the repo name, the folder name, or the class.
+        has_processor (`bool`, *optional*):
+            Whether the repo holds the tokenizer / image processor; found from the folder when one is given.
+            `False` adds a note on how to preprocess inputs.
+        template_path (`str` or `os.PathLike`, *optional*):
+            Another jinja template to render, with the same variables: `host`, `head` (the host and head records),
+            `card` (the host's [`HostCard`], its text fields rendered), `config` (the config as a dict), `model`,
+            `moge`, `run` (the run record, in words), `results` and `package`.
+        data_arguments:
+            What a run record holds, for a run that recorded none: `dataset` (Hub id(s) of the training data),
+            `dataset_config`, `eval_split` (the split of the first data set that the evaluation used whole; not
+            given: no Hub split is claimed), `eval_data` (what the evaluation used, in words) and
+            `training_hyperparameters` (see `moge_hf.run_record.run_record_from_arguments`). With a run record they
+            must agree with it (`training_hyperparameters` replace the record's).
+
+    Returns:
+        `huggingface_hub.ModelCard`: the card; `card.save(path)` writes it (`README.md` on the Hub).
+
+    Raises:
+        `ValueError`: `model_dir_or_model` is not a MoGE model (folder), `results` is not a mapping of metrics, the
+            run record is not of the documented form, or a data argument or a count of `results` contradicts it
+            (the message names both values).
+        `TypeError`: an unknown keyword argument.
+
+    Example:
+
+    ```python
+    >>> from moge_hf.hub import render_model_card
+    >>> card = render_model_card("out/gpt2-moge", repo_id="me/gpt2-moge", results="out/gpt2-moge/all_results.json")
+    >>> card.save("out/gpt2-moge/README.md")  # data sets and splits from out/gpt2-moge/run_record.json
+    ```
+    """
+    facts = _model_facts(model_dir_or_model, has_processor)
+    record, record_source = _run_record_for_card(run_record, facts, data_arguments)
+    card_results = _card_results(results, record)
+    if model_name is None:
+        folder_name = facts.folder.resolve().name if facts.folder is not None else None
+        model_name = repo_id.split("/")[-1] if repo_id else folder_name or facts.architecture
+    card_data = _card_metadata(
+        facts,
+        card_results,
+        model_name=model_name,
+        base_model=base_model,
+        license=license,
+        language=language,
+        tags=tags,
+    )
+    variables = _card_variables(
+        facts, card_results, record_source, model_name=model_name, repo_id=repo_id, base_model=base_model
+    )
+    return _render_card(template_path or MODEL_CARD_TEMPLATE, card_data, variables)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -784,9 +894,9 @@ def prepare_upload_folder(
     That is: the safetensors weights (single file, or index and shards), `config.json` (with its `auto_map`) and
     `generation_config.json` if present, the code files (those `auto_map` names and every file they import relatively,
     e.g. `modeling_moge.py`, `moge_layer.py`, `configuration_moge.py`, `losses.py`, `triton_experts.py`,
-    `upcycling.py`), the tokenizer / image processor files if present, and `README.md`: the MoGE card of
-    [`render_model_card`] (replacing any README in `model_dir`).
-    Checkpoints, optimizer states, `training_args.bin` (a pickle) and logs are left out.
+    `upcycling.py`), the tokenizer / image processor files if present, the run record the card was rendered from
+    (`run_record.json`) if any, and `README.md`: the MoGE card of [`render_model_card`] (replacing any README in
+    `model_dir`). Checkpoints, optimizer states, `training_args.bin` (a pickle) and logs are left out.
 
     Args:
         model_dir (`str` or `os.PathLike`):
@@ -798,7 +908,7 @@ def prepare_upload_folder(
         results (`Mapping`, `str` or `os.PathLike`, *optional*):
             The run's metrics for the card (see [`render_model_card`]); `None`: the card reports no results.
         card_kwargs:
-            Other arguments of [`render_model_card`] (`dataset`, `base_model`, `license`, ...).
+            Other arguments of [`render_model_card`] (`run_record`, `base_model`, `license`, ...).
 
     Returns:
         `list[str]`: the paths written, relative to `out_dir`, sorted.
@@ -806,10 +916,10 @@ def prepare_upload_folder(
     Raises:
         `ValueError`: `model_dir` is not a MoGE model folder, its code files are not the installed moge_hf's (saved
             by another release: `python -m moge_hf.upgrade_code` refreshes them), its model does not load (bad
-            config, weights that do not match it, NaN or Inf weights), `out_dir` is not empty, or `repo_id` is
-            invalid.
+            config, weights that do not match it, NaN or Inf weights), `out_dir` is not empty, `repo_id` is
+            invalid, or the card cannot be rendered (e.g. a data argument contradicts the run record).
     """
-    folder = _inspect_model_dir(model_dir)
+    folder = inspect_model_dir(model_dir)
     _check_model_loads(folder)  # nothing goes to the Hub that would not load
     if repo_id is not None:
         validate_repo_id(repo_id)
@@ -832,6 +942,10 @@ def prepare_upload_folder(
         logger.info(f"prepare_upload_folder: the MoGE card replaces {folder.path / 'README.md'}")
     card.save(out / "README.md")
     written.append("README.md")
+    record = load_run_record(card_kwargs.get("run_record") or find_run_record(folder.path))
+    if record is not None:
+        write_run_record(out, record)
+        written.append(RUN_RECORD_NAME)
     return sorted(written)
 
 
@@ -872,7 +986,7 @@ def push_model_dir(
         commit_message (`str`, *optional*, defaults to `"Upload MoGE model"`): The commit message.
         revision (`str`, *optional*): The branch to commit to (default `main`).
         results (`Mapping`, `str` or `os.PathLike`, *optional*): The run's metrics for the card.
-        card_kwargs: Other arguments of [`render_model_card`] (`dataset`, `base_model`, `license`, ...).
+        card_kwargs: Other arguments of [`render_model_card`] (`run_record`, `base_model`, `license`, ...).
 
     Returns:
         `huggingface_hub.CommitInfo`: the commit (its `commit_url`, `oid`, ...).
@@ -881,7 +995,7 @@ def push_model_dir(
         `ValueError`: `model_dir` is not a MoGE model folder, or `repo_id` is not a valid repo id.
         [`HubTokenError`]: no token was found (before any network call).
     """
-    _inspect_model_dir(model_dir)
+    inspect_model_dir(model_dir)
     validate_repo_id(repo_id)  # a `ValueError` naming what is wrong with the id
     token = _require_token(token)
     with tempfile.TemporaryDirectory(prefix="moge_hub_") as tmp:
@@ -932,12 +1046,13 @@ class MoGEHubCallback(TrainerCallback):
     The card's metrics: `results` if given; otherwise the latest evaluation metrics and the training loss in
     `state.log_history` (measured by this trainer), updated with `all_results.json` / `eval_results.json` from
     `output_dir` when `Trainer.save_metrics` wrote them after this callback was made (older files, from an earlier
-    run, are ignored).
+    run, are ignored). The card's data: `run_record` if given, else the `run_record.json` in `output_dir` (which the
+    training scripts write there), else what the data arguments (`dataset`, `eval_split`, ...) state.
 
     Args:
         card_kwargs:
-            Arguments of [`render_model_card`] (`dataset`, `dataset_config`, `base_model`, `license`, `language`,
-            `tags`, `results`, ...). `repo_id` defaults to the trainer's Hub repo.
+            Arguments of [`render_model_card`] (`run_record`, `base_model`, `license`, `language`, `tags`,
+            `results`, ...). `repo_id` defaults to the trainer's Hub repo.
     """
 
     def __init__(self, **card_kwargs):
@@ -975,7 +1090,9 @@ class MoGEHubCallback(TrainerCallback):
         if kwargs.get("repo_id") is None and trainer is not None:
             kwargs["repo_id"] = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id
         if kwargs.get("training_hyperparameters") is None and trainer is not None:
-            kwargs["training_hyperparameters"] = _trainer_hyperparameters(trainer)
+            kwargs["training_hyperparameters"] = trainer_hyperparameters(trainer)
+        if kwargs.get("run_record") is None:
+            kwargs["run_record"] = find_run_record(output_dir)
         kwargs["results"] = self.collect_results(output_dir, state)
         card = render_model_card(model, has_processor=has_processor, **kwargs)
         os.makedirs(output_dir, exist_ok=True)
@@ -1003,16 +1120,6 @@ class MoGEHubCallback(TrainerCallback):
         self.write_card(args.output_dir, model, state, has_processor=kwargs.get("processing_class") is not None)
 
 
-def _trainer_hyperparameters(trainer: Trainer) -> dict[str, Any]:
-    try:
-        from transformers.modelcard import extract_hyperparameters_from_trainer
-
-        return dict(extract_hyperparameters_from_trainer(trainer))
-    except Exception as error:  # an internal helper of transformers: never let it break a push
-        logger.warning(f"Could not read the trainer's hyperparameters for the model card: {error}")
-        return {}
-
-
 def add_moge_hub_callback(trainer: Trainer, callback: MoGEHubCallback | None = None, **card_kwargs) -> MoGEHubCallback:
     r"""Make `trainer`'s pushes to the Hub (`push_to_hub=True`, `trainer.push_to_hub()`) carry the MoGE code and card.
 
@@ -1020,13 +1127,15 @@ def add_moge_hub_callback(trainer: Trainer, callback: MoGEHubCallback | None = N
     trainer's `create_model_card` (which `Trainer.push_to_hub` calls after saving the model and before uploading) by
     one that writes the MoGE card instead of `Trainer`'s generic one. Its arguments (`license`, `tags`, `dataset`,
     `finetuned_from`, `language`, `model_name`, as `trainer.push_to_hub(**kwargs)` passes them) fill the card:
-    `finetuned_from` becomes `base_model`. Calling this again replaces the callback.
+    `finetuned_from` becomes `base_model`; a `dataset` must agree with the run record. Calling this again replaces
+    the callback.
 
     Args:
         trainer (`Trainer`): A trainer of a MoGE model.
         callback (`MoGEHubCallback`, *optional*): The callback to attach; by default a new one built with
             `card_kwargs`.
-        card_kwargs: Arguments of [`render_model_card`] for the cards (`dataset`, `base_model`, `license`, ...).
+        card_kwargs: Arguments of [`render_model_card`] for the cards (`run_record`, `base_model`, `license`, ...);
+            without a `run_record`, the `run_record.json` in the trainer's `output_dir`, if any.
 
     Returns:
         `MoGEHubCallback`: the attached callback.
@@ -1036,9 +1145,14 @@ def add_moge_hub_callback(trainer: Trainer, callback: MoGEHubCallback | None = N
     ```python
     >>> from transformers import Trainer, TrainingArguments
     >>> from moge_hf.hub import add_moge_hub_callback
+    >>> from moge_hf.run_record import hub_data, make_run_record
     >>> args = TrainingArguments("out/vit-moge", push_to_hub=True, hub_model_id="me/vit-moge", eval_strategy="epoch")
     >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=processor)
-    >>> add_moge_hub_callback(trainer, dataset="uoft-cs/cifar10", license="apache-2.0")
+    >>> record = make_run_record(
+    ...     train=hub_data("uoft-cs/cifar10", split="train", examples=len(train)),
+    ...     eval=hub_data("uoft-cs/cifar10", split="test", examples=len(test)),
+    ... )
+    >>> add_moge_hub_callback(trainer, run_record=record, license="apache-2.0")
     >>> trainer.train()
     >>> trainer.push_to_hub()  # weights, config with auto_map, code, processor and the MoGE card
     ```

@@ -26,6 +26,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_moge import GPT2MoGEConfig
 from .moge_model import (
+    HostCard,
     MoGEHead,
     MoGEHost,
     MoGEMLP,
@@ -312,9 +313,53 @@ GPT2_MOGE = register_host(
             # GPT-2's scaled init of the residual projections (1 / sqrt(2 * n_layer)), for the experts too.
             residual_std=lambda config: config.initializer_range / math.sqrt(2 * config.n_layer),
         ),
+        small_config={"n_layer": 4, "n_embd": 128, "n_head": 4},
+        dropout_fields=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
         optional_base_parts={},
-        hub_tag="gpt2",
-        card_template="gpt2_moge.md",
-        card_rows=_card_rows,
+        card=HostCard(
+            tag="gpt2",
+            rows=_card_rows,
+            intro="GPT-2",
+            tokens="each token of the text",
+            snippet="""
+                from transformers import {{ model.auto_class }}, AutoTokenizer
+                {%- if head.kind != "base" %}, pipeline{% endif %}
+
+                repo_id = "{{ model.repo_id }}"
+
+                {% if head.kind == "causal-lm" -%}
+                generator = pipeline("text-generation", model=repo_id, trust_remote_code=True)
+                print(generator("Once upon a time", max_new_tokens=20)[0]["generated_text"])
+
+                # or step by step
+                tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)
+                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
+                inputs = tokenizer("Once upon a time", return_tensors="pt")
+                print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
+                {% elif head.kind == "sequence-classification" -%}
+                classifier = pipeline("text-classification", model=repo_id, trust_remote_code=True)
+                print(classifier("Once upon a time"))
+
+                # or step by step
+                tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)
+                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
+                logits = model(**tokenizer("Once upon a time", return_tensors="pt")).logits
+                {% else -%}
+                tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)
+                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
+                hidden_states = model(**tokenizer("Once upon a time", return_tensors="pt")).last_hidden_state
+                {% endif -%}
+                """,
+            preprocessing="""
+                This repository holds no tokenizer files: use the tokenizer the model was trained with (its vocabulary
+                has {{ config.vocab_size }} tokens).
+                """,
+            limitations="""
+                - A small research model from a MoGE study, not a product: it has not been evaluated for safety, bias
+                  or factuality, and it reflects whatever its training text contains.
+                  {%- if head.kind == "causal-lm" %} Do not use its generations as facts.{% endif %}
+                - The context is at most {{ config.n_positions }} tokens (`n_positions`); longer inputs raise an error.
+                """,
+        ),
     )
 )

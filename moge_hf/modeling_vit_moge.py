@@ -13,6 +13,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_moge import ViTMoGEConfig
 from .moge_model import (
+    HostCard,
     MoGEHead,
     MoGEHost,
     MoGEMLP,
@@ -176,9 +177,56 @@ VIT_MOGE = register_host(
         dense_model_type="vit",
         # ViTLayer applies the dropout after its MLP, so the MoGE block has none of its own.
         mlp=MoGEMLP(layers="layers.*", module="mlp", up_proj="fc1", down_proj="fc2", activation="hidden_act"),
+        small_config={
+            "image_size": 32,
+            "patch_size": 4,
+            "num_hidden_layers": 6,
+            "hidden_size": 192,
+            "num_attention_heads": 3,
+            "intermediate_size": 768,
+        },
+        dropout_fields=("hidden_dropout_prob", "attention_probs_dropout_prob"),
         optional_base_parts={"add_pooling_layer": "pooler", "use_mask_token": "embeddings.mask_token"},
-        hub_tag="vit",
-        card_template="vit_moge.md",
-        card_rows=_card_rows,
+        card=HostCard(
+            tag="vit",
+            rows=_card_rows,
+            intro="Vision Transformer (ViT)",
+            tokens="each image patch and the [CLS] token",
+            snippet="""
+                from PIL import Image
+                from transformers import {{ model.auto_class }}, ViTImageProcessor
+                {%- if head.kind != "base" %}, pipeline{% endif %}
+
+                repo_id = "{{ model.repo_id }}"
+                image = Image.open("image.png").convert("RGB")
+
+                {% if head.kind == "image-classification" -%}
+                classifier = pipeline("image-classification", model=repo_id, trust_remote_code=True)
+                print(classifier(image))
+
+                # or step by step
+                processor = ViTImageProcessor.from_pretrained(repo_id)  # a standard ViT processor: no remote code
+                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
+                logits = model(**processor(image, return_tensors="pt")).logits
+                print(model.config.id2label[logits.argmax(-1).item()])
+                {% else -%}
+                processor = ViTImageProcessor.from_pretrained(repo_id)  # a standard ViT processor: no remote code
+                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
+                hidden_states = model(**processor(image, return_tensors="pt")).last_hidden_state
+                {% endif -%}
+                """,
+            preprocessing="""
+                This repository holds no image processor file: resize images to {{ config.image_size }} x
+                {{ config.image_size }} and normalize them as in training (for example with a `ViTImageProcessor` of
+                that size).
+                """,
+            limitations="""
+                - A small research model from a MoGE study, not a product: its only evaluation is what this card
+                  reports, and it should only be trusted on images like those it was trained on.
+                - It expects {{ config.image_size }} x {{ config.image_size }} images with {{ config.num_channels }}
+                  channels (patches of {{ config.patch_size }} pixels); other sizes need
+                  `interpolate_pos_encoding=True`, which it was not trained with.
+                """,
+        ),
     )
 )

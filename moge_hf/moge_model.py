@@ -52,11 +52,14 @@ EXPERTS_IMPLEMENTATIONS = MoGEExperts.IMPLEMENTATIONS
 __all__ = [
     "EXPERTS_IMPLEMENTATIONS",
     "HOSTS",
+    "HostCard",
     "MoGEHead",
     "MoGEHost",
     "MoGEMLP",
     "MoGEModelMixin",
+    "host_for",
     "host_of",
+    "hosts_with",
     "register_host",
 ]
 
@@ -262,6 +265,15 @@ class MoGEModelMixin:
             block.layer_index = index
             block.dense_intermediate_size = intermediate
             setattr(layers[index], mlp.module, block)
+        # transformers initializes a model nested in this one (Swin's encoder is a `SwinPreTrainedModel`) with that
+        # model's own `_init_weights`, which does not know the MoGE modules: give it this model's.
+        for module in self.modules():
+            if (
+                module is not self
+                and isinstance(module, PreTrainedModel)
+                and any(isinstance(child, MoGESparseMoeBlock) for child in module.modules())
+            ):
+                module._init_weights = self._init_weights
         if getattr(config, "_experts_implementation", None) == "grouped_mm":
             self._check_grouped_mm_sizes()
         attach_routing_recorder(self)
@@ -531,6 +543,27 @@ def _passed_through(outputs: ModelOutput, output_class: type[ModelOutput]) -> di
 
 
 @dataclasses.dataclass(frozen=True)
+class HostCard:
+    """What the model card of a host family says of that family: the parts of the one card template
+    (`moge_hf/model_cards/model_card.md`) that differ from family to family.
+
+    The text fields are jinja fragments (they may be indented: they are dedented first), rendered with the variables
+    of the card itself: `host` (the [`MoGEHost`]), `head` (the model's [`MoGEHead`]), `config` (the model's config as
+    a dict), `model` (the facts of the saved model: `model.repo_id`, `model.auto_class`, `model.has_processor`, ...),
+    `moge` (its MoGE settings), `run` (what the run trained and evaluated on), `results` and `package`. A variable
+    that does not exist is an error. See `moge_hf.hub.render_model_card`.
+    """
+
+    tag: str  # the family's Hub tag, e.g. "gpt2"
+    rows: Callable[[Mapping[str, Any]], list[tuple[str, Any]]]  # config dict -> the architecture rows (name, value)
+    intro: str  # how the card's first sentence names the architecture, e.g. "Vision Transformer (ViT)"
+    tokens: str  # what a token routed to the experts is, e.g. "each image patch and the [CLS] token"
+    snippet: str  # the Python code of "How to use", per head (`head.kind`), loading `model.repo_id`
+    preprocessing: str  # what to do when the repo holds no tokenizer / image processor (`model.has_processor` false)
+    limitations: str  # the family's items (markdown list items) of the card's limitations
+
+
+@dataclasses.dataclass(frozen=True)
 class MoGEHead:
     """One model class of a host family: the MoGE class, the dense class it subclasses, and what the Hub says of it."""
 
@@ -618,12 +651,14 @@ class MoGEHost:
     heads: dict[str, MoGEHead]  # Auto class name -> model class, in the order `auto_map` lists them
     dense_model_type: str  # the dense config's `model_type`, e.g. "gpt2"
     mlp: MoGEMLP  # the dense MLP that MoGE layers replace
+    # The training scripts: the architecture they build from scratch unless told otherwise (a small model, for
+    # 32 x 32 images or short texts), and the config fields their `--dropout` sets.
+    small_config: Mapping[str, Any]
+    dropout_fields: tuple[str, ...]
     # Optional parts of the base model: `__init__` flag -> the attribute it adds (kept iff the dense model has them).
     optional_base_parts: dict[str, str]
-    # The Hub: the family's tag, its card template (in `model_cards/`), and the architecture rows of its card.
-    hub_tag: str
-    card_template: str
-    card_rows: Callable[[Mapping[str, Any]], list[tuple[str, Any]]]
+    # The Hub: what the family's model card says of it (its tag, architecture rows and text parts).
+    card: HostCard
 
     @property
     def model_type(self) -> str:
@@ -655,6 +690,25 @@ def register_host(host: MoGEHost) -> MoGEHost:
     host.config_class.base_model_ep_plan = host.mlp.expert_parallel_plan()
     HOSTS[host.model_type] = host
     return host
+
+
+def hosts_with(auto_class: str) -> dict[str, MoGEHost]:
+    """The hosts that have a model for `auto_class` (e.g. "AutoModelForCausalLM"), by model type."""
+    return {model_type: host for model_type, host in HOSTS.items() if auto_class in host.heads}
+
+
+def host_for(auto_class: str, *, model_type: str | None = None, dense_model_type: str | None = None) -> MoGEHost:
+    """The host with a model for `auto_class` whose MoGE `model_type` (e.g. "swin_moge") or dense model type (e.g.
+    "swin", what it upcycles from) is the one given; raise a `ValueError` listing the hosts there are."""
+    hosts = hosts_with(auto_class)
+    for host in hosts.values():
+        if model_type is not None and host.model_type == model_type:
+            return host
+        if dense_model_type is not None and host.dense_model_type == dense_model_type:
+            return host
+    known = ", ".join(f"{host.model_type} (from {host.dense_model_type})" for host in hosts.values())
+    given = f"model type {model_type!r}" if model_type is not None else f"dense model type {dense_model_type!r}"
+    raise ValueError(f"No MoGE family with an {auto_class} has the {given}; the families are: {known}")
 
 
 def host_of(model_class: type) -> MoGEHost:

@@ -10,6 +10,7 @@ first otherwise. Its two jobs are also callbacks of their own: [`MoGESigmaSchedu
 [`MoGERoutingMetrics`] (the metrics and the check that the routing losses train, sigma left alone).
 """
 
+import ast
 import contextlib
 import dataclasses
 import functools
@@ -29,12 +30,21 @@ import huggingface_hub
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    PreTrainedConfig,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, sort_checkpoints
 from transformers.utils import logging
 
 from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS, SHAPE_FREE_MOGE_FIELDS
 from .moge_layer import moge_regularizers, set_moge_sigma
+from .moge_model import MoGEHost, host_for
 from .routing import RecordedForward, RoutingRecorder, routing_recorder
 
 
@@ -53,6 +63,10 @@ __all__ = [
     "baseline_training_args",
     "check_local_source",
     "check_same_moge_settings",
+    "dropout_fields",
+    "parse_config_overrides",
+    "scratch_config",
+    "script_host",
     "parse_script_arguments",
     "finished_run_metrics",
     "main_arm_name",
@@ -948,6 +962,78 @@ def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_a
     if problem is not None:
         raise ValueError(f"--resume_from_checkpoint {value!r} cannot be resumed from: {problem}.")
     return value
+
+
+def script_host(
+    auto_class: str,
+    model_type: str | None,
+    default_model_type: str,
+    model_name_or_path: str | None = None,
+    dense_model_name_or_path: str | None = None,
+) -> MoGEHost:
+    """The MoGE family a training script builds (its record, `MoGEHost`): that of the saved MoGE model or of the dense
+    model's type when one is given, else `model_type` (default `default_model_type`). A `model_type` that contradicts
+    the model given is refused, naming both."""
+    host = None
+    if model_name_or_path is not None:
+        host = host_for(
+            auto_class, model_type=PreTrainedConfig.get_config_dict(model_name_or_path)[0].get("model_type")
+        )
+    elif dense_model_name_or_path is not None:
+        dense_type = PreTrainedConfig.get_config_dict(dense_model_name_or_path)[0].get("model_type")
+        host = host_for(auto_class, dense_model_type=dense_type)
+    if host is not None and model_type not in (None, host.model_type):
+        raise ValueError(f"--model_type {model_type} contradicts the model given, a {host.model_type} model")
+    return host or host_for(auto_class, model_type=model_type or default_model_type)
+
+
+def dropout_fields(host: MoGEHost, dropout: float | None) -> dict:
+    """`--dropout` as the family's dropout rates (its record's `dropout_fields`); none when `dropout` is None (a
+    loaded or upcycled model keeps its own)."""
+    return {} if dropout is None else dict.fromkeys(host.dropout_fields, dropout)
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`--config_overrides`: `name=value` pairs separated by commas outside brackets, the values Python literals (a
+    bare word is a string), e.g. `embed_dim=48,depths=[2,2,2],hidden_act=gelu`."""
+    pairs, depth, start = [], 0, 0
+    text = text or ""
+    for index, char in enumerate(text):
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        elif char == "," and depth == 0:
+            pairs.append(text[start:index])
+            start = index + 1
+    fields = {}
+    for pair in (part.strip() for part in [*pairs, text[start:]] if part.strip()):
+        name, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--config_overrides: {pair!r} is not `name=value`")
+        try:
+            fields[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            fields[name] = value
+    return fields
+
+
+def scratch_config(host: MoGEHost, architecture: dict, config_overrides: str | None, *, dropout: float, **fields):
+    """The config of a model a training script builds from scratch: the family's small architecture (its record's
+    `small_config`), then the `architecture` fields given by their own arguments, then `--config_overrides`, plus
+    `--dropout` and the other `fields` (MoGE settings, labels, ...). An architecture field the family's config does
+    not have is refused, naming it; the config checks the values."""
+    overrides = parse_config_overrides(config_overrides)
+    known = {field.name for field in dataclasses.fields(host.config_class)}
+    unknown = [name for name in (*architecture, *overrides) if name not in known]
+    if unknown:
+        raise ValueError(
+            f"{host.config_class.__name__} ({host.model_type}) has no config field {unknown[0]!r}; give the "
+            f"architecture with the fields it has, e.g. --config_overrides (its small default: {host.small_config})"
+        )
+    return host.config_class(
+        **{**host.small_config, **architecture, **overrides}, **dropout_fields(host, dropout), **fields
+    )
 
 
 def check_local_source(flag: str, value: str | None) -> None:

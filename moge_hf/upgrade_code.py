@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from pathlib import Path
 import transformers
 from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 
-from .hub import _auto_map_modules, _inspect_model_dir
+from .model_folder import auto_map_modules, inspect_model_dir
 from .moge_model import HOSTS
 
 
@@ -60,7 +61,7 @@ class CodeUpgrade:
     backup: Path | None = None  # where the replaced files went
     diffs: dict[str, str] = field(default_factory=dict)  # unified diff per changed file
     dry_run: bool = False
-    saved_by: str | None = None  # the older release that saved the folder, where its `auto_map` tells (e.g. "0.1.0")
+    saved_by: str | None = None  # the older release whose code the folder holds, where that shows (e.g. "0.1.0")
     resumed: list[str] = field(default_factory=list)  # code files an interrupted upgrade had left to write, written
     resumed_backup: Path | None = None  # where that upgrade put the files it replaced
     entry_modules: list[str] = field(
@@ -328,7 +329,7 @@ def upgrade_model_code(
             )
         return _plan(model_dir, where, dry_run=True)[0]
     if not interrupted:  # refuse what is not a model folder before writing the lock into it
-        _inspect_model_dir(model_dir, missing_code_ok=True)
+        inspect_model_dir(model_dir, missing_code_ok=True)
     with _folder_lock(where):
         try:
             resumed = _finish_interrupted(where)
@@ -349,13 +350,13 @@ def upgrade_model_code(
 
 def _plan(model_dir: str | os.PathLike, where: Path, *, dry_run: bool) -> tuple[CodeUpgrade, Path]:
     """What an upgrade of the folder does, and the folder (a temporary one) that holds the new code files."""
-    folder = _inspect_model_dir(model_dir, missing_code_ok=True)
+    folder = inspect_model_dir(model_dir, missing_code_ok=True)
     result = CodeUpgrade(folder=folder.path, dry_run=dry_run)
     staged = Path(tempfile.mkdtemp(prefix="moge_hf-upgrade-")) / "new"
     staged.mkdir()
     try:
-        mapped_modules = _auto_map_modules(folder.config.get("auto_map") or {}, "config.json")
-        result.saved_by = next((LEGACY_MODULES[m] for m in sorted(mapped_modules) if m in LEGACY_MODULES), None)
+        mapped_modules = auto_map_modules(folder.config.get("auto_map") or {}, "config.json")
+        result.saved_by = _legacy_release(folder.path, folder.config["model_type"], mapped_modules)
         fresh = _fresh_code(folder.config["model_type"], staged, mapped_modules)
         mapped = {f"{module}.py" for module in mapped_modules}
         if not mapped <= set(fresh):
@@ -391,6 +392,20 @@ def _plan(model_dir: str | os.PathLike, where: Path, *, dry_run: bool) -> tuple[
     if dry_run:
         shutil.rmtree(staged.parent, ignore_errors=True)
     return result, staged
+
+
+def _legacy_release(folder: Path, model_type: str, mapped_modules: set[str]) -> str | None:
+    """The older release whose code `folder` holds, where that shows: a module of `LEGACY_MODULES` that its `auto_map`
+    names and whose file still defines the family's models. An upgrade replaces that file by today's import shim and
+    leaves `config.json` (so its `auto_map`) as it was: such a folder holds the code of the moge_hf that upgraded it,
+    not the legacy release's."""
+    model_classes = [cls.__name__ for cls in HOSTS[model_type].auto_classes.values()]
+    for module in sorted(set(mapped_modules) & set(LEGACY_MODULES)):
+        path = folder / f"{module}.py"
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if any(re.search(rf"^class {name}\b", text, re.MULTILINE) for name in model_classes):
+            return LEGACY_MODULES[module]
+    return None
 
 
 def _config_module(config: dict) -> str:

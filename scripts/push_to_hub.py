@@ -1,13 +1,18 @@
 """Push a saved MoGE model to the Hugging Face Hub, with its code and a MoGE model card, so that it loads anywhere
 with `trust_remote_code=True` and no moge_hf installed.
 
-    python scripts/push_to_hub.py --model-dir out/gpt2-moge --repo-id me/gpt2-moge --dataset karpathy/tiny_shakespeare
+    python scripts/push_to_hub.py --model-dir out/gpt2-moge --repo-id me/gpt2-moge
     python scripts/push_to_hub.py --model-dir out/gpt2-moge --repo-id me/gpt2-moge --dry-run /tmp/upload  # no upload
 
 The folder uploaded holds the safetensors weights, `config.json` (with its `auto_map`), the code files, the tokenizer
-or image processor files if the model folder has them, and `README.md` (the card). The card's metrics come from
-`--results` (default: the `all_results.json` or `eval_results.json` that Trainer saved in the model folder, if any);
-without results the card says that none were measured. Pushing needs a token: `hf auth login`, or `HF_TOKEN`.
+or image processor files if the model folder has them, the run record and `README.md` (the card). The card's metrics
+come from `--results` (default: the `all_results.json` or `eval_results.json` that Trainer saved in the model folder,
+if any); without results the card says that none were measured. What the model was trained and evaluated on comes
+from the run record that the training scripts write into the model folder (`run_record.json`): its data sets, splits
+and numbers of examples, and the card's `model-index` (only for a Hub split evaluated on whole). `--dataset`,
+`--dataset-config` and `--eval-split` that contradict the record are refused; for a folder without a record they
+state the data instead (no `--eval-split`: no Hub split is claimed). Pushing needs a token: `hf auth login`, or
+`HF_TOKEN`.
 """
 
 import argparse
@@ -15,6 +20,7 @@ import sys
 from pathlib import Path
 
 from moge_hf.hub import HubTokenError, find_results_file, prepare_upload_folder, push_model_dir
+from moge_hf.run_record import check_against_run_record, find_run_record, load_run_record
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,15 +40,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="metrics of the run for the card (default: all_results.json / eval_results.json in --model-dir)",
     )
     results.add_argument("--no-results", action="store_true", help="card without results, even if the folder has some")
-    parser.add_argument("--dataset", action="append", help="Hub id of the training / evaluation dataset (repeatable)")
-    parser.add_argument("--dataset-config", help="config name of the (first) dataset")
-    parser.add_argument(
-        "--eval-split",
-        default="validation",
-        help="the split of --dataset the eval_* metrics were measured on, whole; 'none' when they were measured on "
-        "anything else (a held-out part of the train split, local files, a subset): the card then has no model-index",
+    data = parser.add_argument_group(
+        "data",
+        "What the model was trained and evaluated on, for a model folder without a run record (run_record.json, "
+        "which the training scripts write); with one, these must agree with it.",
     )
-    parser.add_argument("--eval-data", help="what the eval_* metrics were measured on, in words, for the card's text")
+    data.add_argument("--dataset", action="append", help="Hub id of the training dataset (repeatable)")
+    data.add_argument("--dataset-config", help="config name of the (first) dataset")
+    data.add_argument(
+        "--eval-split",
+        help="the split of the (first) --dataset that the eval_* metrics were measured on, whole (default: none is "
+        "claimed, and the card has no model-index); 'none': they were measured on anything else",
+    )
+    data.add_argument("--eval-data", help="what the eval_* metrics were measured on, in words, for the card's text")
     parser.add_argument("--base-model", help="Hub id of the model this one was initialized from (e.g. upcycled)")
     parser.add_argument("--license", default="apache-2.0", help="license id of the weights (default: apache-2.0)")
     parser.add_argument("--language", action="append", help="language code of the training text (repeatable)")
@@ -63,18 +73,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results for the card: {results}")
     else:
         print("no results given: the card will say that results were not measured")
-    card_kwargs = dict(
-        results=results,
+    data_arguments = dict(
         dataset=args.dataset[0] if args.dataset and len(args.dataset) == 1 else args.dataset,
         dataset_config=args.dataset_config,
-        eval_split=None if args.eval_split.lower() == "none" else args.eval_split,
+        eval_split=args.eval_split,
         eval_data=args.eval_data,
+    )
+    card_kwargs = dict(
+        results=results,
+        **data_arguments,
         base_model=args.base_model,
         license=args.license,
         language=args.language,
         tags=args.tags,
     )
     try:
+        record_path = find_run_record(args.model_dir) if Path(args.model_dir).is_dir() else None
+        if record_path is not None:
+            print(f"run record for the card: {record_path}")
+            flags = {name: "--" + name.replace("_", "-") for name in data_arguments}  # the flags, for the message
+            check_against_run_record(
+                load_run_record(record_path), **data_arguments, names=flags, source=f"the run record {record_path}"
+            )
+        elif args.dataset or args.eval_data:
+            print("no run record in the model folder: the card states the data given by --dataset / --eval-data")
+        else:
+            print("no run record in the model folder: the card will say that the data were not recorded")
         if args.dry_run:
             files = prepare_upload_folder(args.model_dir, args.dry_run, repo_id=args.repo_id, **card_kwargs)
             print(f"dry run, nothing uploaded: the {len(files)} files to upload are in {args.dry_run}:")

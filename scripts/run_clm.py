@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Train and evaluate a GPT-2 MoGE language model (`GPT2MoGELMHeadModel`) on a text data set with `Trainer`.
+"""Train and evaluate a MoGE language model (GPT-2 MoGE, or any MoGE family with a causal LM) on a text data set with
+`Trainer`.
 
-The model is built from scratch from the config arguments below, upcycled from a dense GPT-2
-(`--dense_model_name_or_path`, see `GPT2MoGELMHeadModel.from_dense`), or loaded from a saved MoGE model
+The model is built from scratch (`--model_type`, default `gpt2_moge`: the family's small architecture, changed with
+the config arguments below or `--config_overrides`), upcycled from a dense model of a MoGE family
+(`--dense_model_name_or_path`, e.g. a GPT-2, see `from_dense`), or loaded from a saved MoGE model
 (`--model_name_or_path`). A dense Llama, Mistral, Qwen2 or Qwen3 causal LM given as `--dense_model_name_or_path` is
 upcycled into its MoE sibling in transformers (`moge_hf.upcycle_to_moe`: Mixtral, Qwen2-MoE, Qwen3-MoE; with
 `--num_experts`, `--num_experts_per_tok`, `--expert_noise_std`) and trained as a loaded one is.
@@ -13,7 +15,9 @@ the regularizer only). The text is a Hub data set (`--dataset_name`) or local te
 out). The tokenizer is `--tokenizer_name`, the dense model's, or a byte-level BPE trained on the training text and
 saved with the model. Texts are concatenated and cut into `--block_size` blocks. Evaluation reports the language
 modeling loss alone (`eval_lm_loss`, without the routing losses that `eval_loss` includes) and
-`perplexity = exp(eval_lm_loss)`.
+`perplexity = exp(eval_lm_loss)`. Every output folder gets `run_record.json`: what the run trained and evaluated on
+(data set or file, split, part, number of blocks; `--train_data_description` says what local text is), from which
+the model cards (`--push_to_hub`, `scripts/push_to_hub.py`) are rendered.
 
 `--moge_loss_coef 0` is the plain MoE baseline; `--compare_moe_baseline` trains that baseline too, with the same
 seed, data, tokenizer and steps (in `<output_dir>/moe_baseline`), and prints both arms side by side.
@@ -62,19 +66,24 @@ from transformers import (
     set_seed,
 )
 
-from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, add_moge_regularizer, upcycle_to_moe
+from moge_hf import add_moge_regularizer, upcycle_to_moe
+from moge_hf.configuration_moge import MOGE_FIELDS
 from moge_hf.hub import add_moge_hub_callback
 from moge_hf.moge_layer import moge_regularizers
-from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS
+from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS, MoGEHost, MoGEModelMixin, hosts_with
 from moge_hf.routing import moge_routers
+from moge_hf.run_record import hub_data, local_data, make_run_record, trainer_hyperparameters, write_run_record
 from moge_hf.training import (
     EngineArguments,
     MoGEArguments,
     add_moge_callback,
     baseline_training_args,
     check_local_source,
+    dropout_fields,
     main_arm_name,
     parse_script_arguments,
+    scratch_config,
+    script_host,
     shard_with_engine,
     train_and_evaluate,
 )
@@ -85,25 +94,39 @@ from moge_hf.upcycling import MOE_SIBLINGS
 logger = logging.getLogger(__name__)
 
 END_OF_TEXT = "<|endoftext|>"
-# Architecture of a model built from scratch, when not given (the main job's small GPT-2 MoGE).
-SCRATCH_DEFAULTS = {"n_layer": 4, "n_embd": 128, "n_head": 4}
+AUTO_CLASS = "AutoModelForCausalLM"
+DEFAULT_MODEL_TYPE = "gpt2_moge"
+# Config fields settable by their own argument on a model built from scratch (others: `--config_overrides`); the
+# default architecture is the family's small one (its record's `small_config`: for GPT-2 MoGE, the main job's).
+SCRATCH_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions")
 
 
 @dataclass
 class ModelArguments(MoGEArguments, EngineArguments):
-    """Which model to train: from scratch (config arguments), upcycled from a dense GPT-2, or a saved MoGE model."""
+    """Which model to train: from scratch (config arguments), upcycled from a dense model, or a saved model."""
 
+    model_type: str | None = field(
+        default=None,
+        metadata={
+            "help": f"The MoGE family of a model built from scratch: one of {sorted(hosts_with(AUTO_CLASS))} "
+            f"(default {DEFAULT_MODEL_TYPE}). A loaded or upcycled model's folder says its own."
+        },
+    )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A saved GPT-2 MoGE model (folder or Hub id) to train further. Default: from scratch."},
+        metadata={
+            "help": "A saved model (folder or Hub id) to train further: a MoGE language model, or a transformers MoE "
+            "causal LM (Qwen3-MoE, OLMoE, Mixtral, ...) given the MoGE regularizer. Default: from scratch."
+        },
     )
     dense_model_name_or_path: str | None = field(
         default=None,
         metadata={
             "help": "A dense model (folder or Hub id) to upcycle: every expert starts as a copy of its layer's MLP. A "
-            "GPT-2 becomes a GPT-2 MoGE model (`GPT2MoGELMHeadModel.from_dense`); a Llama, Mistral, Qwen2 or Qwen3 "
-            "causal LM becomes its MoE sibling in transformers (`moge_hf.upcycle_to_moe`: Mixtral, Qwen2-MoE, "
-            "Qwen3-MoE) given the MoGE regularizer. Its tokenizer is used unless --tokenizer_name is given."
+            "dense model of a MoGE family (a GPT-2) becomes that family's MoGE model (`from_dense`); a Llama, "
+            "Mistral, Qwen2 or Qwen3 causal LM becomes its MoE sibling in transformers (`moge_hf.upcycle_to_moe`: "
+            "Mixtral, Qwen2-MoE, Qwen3-MoE) given the MoGE regularizer. Its tokenizer is used unless --tokenizer_name "
+            "is given."
         },
     )
     expert_noise_std: float = field(
@@ -119,12 +142,19 @@ class ModelArguments(MoGEArguments, EngineArguments):
     vocab_size: int = field(
         default=2048, metadata={"help": "Vocabulary size of the byte-level BPE trained when no tokenizer is given."}
     )
-    n_layer: int | None = field(default=None, metadata={"help": "From scratch: number of layers (default 4)."})
-    n_embd: int | None = field(default=None, metadata={"help": "From scratch: hidden size (default 128)."})
-    n_head: int | None = field(default=None, metadata={"help": "From scratch: attention heads (default 4)."})
-    n_inner: int | None = field(default=None, metadata={"help": "From scratch: dense MLP size (default 4 * n_embd)."})
+    n_layer: int | None = field(default=None, metadata={"help": "From scratch: GPT-2 layers (default 4)."})
+    n_embd: int | None = field(default=None, metadata={"help": "From scratch: GPT-2 hidden size (default 128)."})
+    n_head: int | None = field(default=None, metadata={"help": "From scratch: GPT-2 attention heads (default 4)."})
+    n_inner: int | None = field(default=None, metadata={"help": "From scratch: GPT-2 MLP size (default 4 * n_embd)."})
     n_positions: int | None = field(
         default=None, metadata={"help": "From scratch: position embeddings (default: --block_size)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "From scratch: other config fields as `name=value` pairs separated by commas, values as Python "
+            "literals, e.g. `activation_function=gelu,layer_norm_epsilon=1e-6`."
+        },
     )
     dropout: float | None = field(
         default=None,
@@ -163,6 +193,13 @@ class DataArguments:
         default=10,
         metadata={"help": "Without a validation set: the last this-many percent of the training lines are held out."},
     )
+    train_data_description: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the training text is, in words (e.g. `the plays of Shakespeare`), for the run record "
+            "(run_record.json in the output folder) and the model card."
+        },
+    )
     text_column_name: str | None = field(
         default=None, metadata={"help": "Column holding the text (default: `text`, else the first column)."}
     )
@@ -197,7 +234,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
     if model_args.model_name_or_path and model_args.dense_model_name_or_path:
         raise ValueError("Pass either --model_name_or_path (a MoGE model) or --dense_model_name_or_path, not both.")
     if model_args.model_name_or_path or model_args.dense_model_name_or_path:
-        given = [name for name in (*SCRATCH_DEFAULTS, "n_inner", "n_positions") if getattr(model_args, name)]
+        given = [name for name in (*SCRATCH_FIELDS, "config_overrides") if getattr(model_args, name) is not None]
         if given:
             raise ValueError(f"--{given[0]} only applies to a model built from scratch; the loaded model sets it.")
     for name in ("model_name_or_path", "dense_model_name_or_path", "tokenizer_name"):
@@ -257,23 +294,35 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ValueError(f"--block_size must be at least 2, got {data_args.block_size}.")
 
 
-def dropout_fields(dropout: float | None) -> dict:
-    """`--dropout` as GPT-2's dropout rates; none when not given (a loaded or upcycled model keeps its own)."""
-    return {} if dropout is None else dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+def model_host(model_args: ModelArguments) -> MoGEHost:
+    """The MoGE family of the saved or dense MoGE-family model given, else of `--model_type` (default `gpt2_moge`)."""
+    return script_host(
+        AUTO_CLASS,
+        model_args.model_type,
+        DEFAULT_MODEL_TYPE,
+        model_args.model_name_or_path,
+        model_args.dense_model_name_or_path,
+    )
 
 
-def scratch_config(model_args: ModelArguments, data_args: DataArguments, vocab_size: int, eos_id: int):
-    """The `GPT2MoGEConfig` of a model built from scratch; invalid MoGE values raise its `ValueError`."""
-    kwargs = {name: getattr(model_args, name) or default for name, default in SCRATCH_DEFAULTS.items()}
-    return GPT2MoGEConfig(
+def scratch_model_config(model_args: ModelArguments, data_args: DataArguments, vocab_size: int, eos_id: int):
+    """The config of a model built from scratch (see `moge_hf.training.scratch_config`), its context as long as
+    `--block_size` unless given; invalid values raise its `ValueError`."""
+    host = model_host(model_args)
+    given = {name: getattr(model_args, name) for name in SCRATCH_FIELDS if getattr(model_args, name) is not None}
+    context = next(
+        name for name in ("n_positions", "max_position_embeddings") if name in host.config_class().to_dict()
+    )
+    given.setdefault(context, data_args.block_size)
+    return scratch_config(
+        host,
+        given,
+        model_args.config_overrides,
+        dropout=model_args.dropout if model_args.dropout is not None else 0.0,
         vocab_size=vocab_size,
-        n_positions=model_args.n_positions or data_args.block_size,
-        n_inner=model_args.n_inner,
-        **dropout_fields(model_args.dropout if model_args.dropout is not None else 0.0),
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
-        **kwargs,
         **model_args.moge_overrides(),
     )
 
@@ -283,18 +332,43 @@ def scratch_config(model_args: ModelArguments, data_args: DataArguments, vocab_s
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def describe_evaluation_data(data_args: DataArguments) -> tuple[str | None, str]:
-    """`(split, words)`: the Hub split the evaluation used whole (None otherwise: the card then claims no Hub split in
-    its `model-index`), and what it was, for the model card. Follows `load_raw_datasets`."""
+def describe_data(data_args: DataArguments, lm_datasets: DatasetDict) -> tuple[dict, dict]:
+    """The run record's entries (`moge_hf.run_record`) of the training and the evaluation blocks: which data set or
+    local file, which split and part of it, how many blocks. Follows `load_raw_datasets` and `tokenize_and_group`."""
     pct = data_args.validation_split_percentage
+    description = data_args.train_data_description
     if data_args.dataset_name is not None:
         split = getattr(data_args, "dataset_validation_split", None)  # set by `load_raw_datasets`
-        if split is not None:
-            return split, f"the `{split}` split of `{data_args.dataset_name}`"
-        return None, f"the last {pct}% of the train split of `{data_args.dataset_name}`, held out"
-    if data_args.validation_file is not None:
-        return None, f"the local file `{os.path.basename(data_args.validation_file)}`"
-    return None, f"the last {pct}% of the lines of the local file `{os.path.basename(data_args.train_file)}`, held out"
+        if split is not None:  # the data set's own validation split
+            train, evaluation = {"split": "train"}, {"split": split}
+        else:  # held out of its train split
+            train = {"split": "train", "part": f"the first {100 - pct}%"}
+            evaluation = {"split": "train", "part": f"the last {pct}%"}
+        if os.path.exists(data_args.dataset_name):  # a local data set folder, not a Hub id
+            source = {"path": data_args.dataset_name, "description": description}
+        else:
+            source = {"dataset": data_args.dataset_name, "config": data_args.dataset_config_name}
+            source["description"] = description
+        train, evaluation = {**source, **train}, {**source, **evaluation}
+    elif data_args.validation_file is not None:
+        train = {"path": data_args.train_file, "description": description}
+        evaluation = {"path": data_args.validation_file}
+    else:  # held out of the training file
+        lines = "lines" if os.path.splitext(data_args.train_file)[1].lower() in (".txt", ".text") else "rows"
+        train = {"path": data_args.train_file, "description": description}
+        evaluation = {**train, "part": f"the last {pct}% of the {lines}"}
+        train["part"] = f"the first {100 - pct}% of the {lines}"
+    entries = []
+    for fields, split, limit in (
+        (train, "train", data_args.max_train_samples),
+        (evaluation, "validation", data_args.max_eval_samples),
+    ):
+        examples = len(lm_datasets[split])
+        if limit is not None and examples == limit:  # `tokenize_and_group` kept only the first `limit` blocks
+            fields["part"] = f"the first {examples} blocks" + (f" of {fields['part']}" if fields.get("part") else "")
+        make = hub_data if "dataset" in fields else local_data
+        entries.append(make(**fields, examples=examples, unit=f"blocks of {data_args.block_size} tokens"))
+    return entries[0], entries[1]
 
 
 def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None) -> DatasetDict:
@@ -463,13 +537,14 @@ def tokenize_and_group(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, col
 
 @functools.cache  # called when checking the arguments and when building the model: the config is read once
 def is_moge_hf_model(name_or_path: str) -> bool:
-    """Whether a saved model is a moge_hf GPT-2 MoGE model (else: a transformers MoE model, given the regularizer)."""
-    return AutoConfig.from_pretrained(name_or_path).model_type == GPT2MoGEConfig.model_type
+    """Whether a saved model is a moge_hf MoGE language model (else: a transformers MoE model, given the
+    regularizer)."""
+    return AutoConfig.from_pretrained(name_or_path).model_type in hosts_with(AUTO_CLASS)
 
 
 def upcycles_natively(name_or_path: str) -> bool:
     """Whether a dense model is one `upcycle_to_moe` turns into its MoE sibling in transformers (Llama, Mistral,
-    Qwen2, Qwen3), rather than a GPT-2 for `GPT2MoGELMHeadModel.from_dense`."""
+    Qwen2, Qwen3), rather than a dense model of a MoGE family (a GPT-2) for its `from_dense`."""
     return (AutoConfig.from_pretrained(name_or_path).architectures or [None])[0] in MOE_SIBLINGS
 
 
@@ -491,38 +566,40 @@ def load_transformers_moe(name_or_path: str, router_aux_loss_coef: float | None)
     return AutoModelForCausalLM.from_pretrained(name_or_path, config=config)
 
 
-def build_model(model_args: ModelArguments, config: GPT2MoGEConfig | None, overrides: dict) -> PreTrainedModel:
-    """From scratch (`config`), upcycled from the dense model, loaded (a GPT-2 MoGE model, or a transformers MoE model
-    given the MoGE regularizer by `add_moge_regularizer`); then the experts implementation."""
+def build_model(model_args: ModelArguments, config, overrides: dict) -> PreTrainedModel:
+    """From scratch (`config`), upcycled from the dense model, loaded (a MoGE model, or a transformers MoE model given
+    the MoGE regularizer by `add_moge_regularizer`); then the experts implementation."""
     regularizer = {name: value for name, value in overrides.items() if name in MOGE_REGULARIZER_FIELDS}
     if model_args.dense_model_name_or_path and upcycles_natively(model_args.dense_model_name_or_path):
         # Into Mixtral / Qwen2-MoE / Qwen3-MoE, with the family's own load-balancing loss on (as for a loaded one).
         aux = {key: overrides[key] for key in ("router_aux_loss_coef",) if key in overrides}
         model = upcycle_to_moe(
             model_args.dense_model_name_or_path,
-            num_experts=overrides.get("num_experts", GPT2MoGEConfig().num_experts),
-            num_experts_per_tok=overrides.get("num_experts_per_tok", GPT2MoGEConfig().num_experts_per_tok),
+            num_experts=overrides.get("num_experts", MOGE_FIELDS["num_experts"].default),
+            num_experts_per_tok=overrides.get("num_experts_per_tok", MOGE_FIELDS["num_experts_per_tok"].default),
             expert_noise_std=model_args.expert_noise_std,
             output_router_logits=True,
             **aux,
         )
         model = add_moge_regularizer(model, **regularizer)
     elif model_args.dense_model_name_or_path:
-        model = GPT2MoGELMHeadModel.from_dense(
+        host = model_host(model_args)
+        model = host.heads[AUTO_CLASS].model_class.from_dense(
             model_args.dense_model_name_or_path,
             expert_noise_std=model_args.expert_noise_std,
-            **dropout_fields(model_args.dropout),
+            **dropout_fields(host, model_args.dropout),
             **overrides,
         )
     elif model_args.model_name_or_path and not is_moge_hf_model(model_args.model_name_or_path):
         model = load_transformers_moe(model_args.model_name_or_path, overrides.get("router_aux_loss_coef"))
         model = add_moge_regularizer(model, **regularizer)
     elif model_args.model_name_or_path:
-        model = GPT2MoGELMHeadModel.from_pretrained(
-            model_args.model_name_or_path, **dropout_fields(model_args.dropout), **overrides
+        host = model_host(model_args)
+        model = host.heads[AUTO_CLASS].model_class.from_pretrained(
+            model_args.model_name_or_path, **dropout_fields(host, model_args.dropout), **overrides
         )
     else:
-        model = GPT2MoGELMHeadModel(config)
+        model = model_host(model_args).heads[AUTO_CLASS].model_class(config)
     if model_args.experts_implementation is not None:
         model.set_experts_implementation(model_args.experts_implementation)
     return model
@@ -587,11 +664,20 @@ def run_arm(
         preprocess_logits_for_metrics=lm_loss_per_block if training_args.do_eval else None,
     )
     add_moge_callback(trainer)
+    # What this run trains and evaluates on, in the output folder (run_record.json): the model cards read it.
+    train_data, eval_data = describe_data(data_args, lm_datasets)
+    record = make_run_record(
+        train=train_data if training_args.do_train else None,
+        eval=eval_data if training_args.do_eval else None,
+        script="run_clm.py",
+        hyperparameters=trainer_hyperparameters(trainer),
+    )
+    if training_args.should_save:
+        write_run_record(training_args.output_dir, record)
     # Trainer's pushes then carry the model code and a MoGE model card (a transformers MoE model is pushed as it is,
     # a native checkpoint with the MoGE settings in its config).
-    if training_args.push_to_hub and isinstance(model, GPT2MoGELMHeadModel):
-        eval_split, eval_data = describe_evaluation_data(data_args)
-        add_moge_hub_callback(trainer, dataset=data_args.dataset_name, eval_split=eval_split, eval_data=eval_data)
+    if training_args.push_to_hub and isinstance(model, MoGEModelMixin):
+        add_moge_hub_callback(trainer, run_record=record)
 
     return train_and_evaluate(
         trainer, name, len(lm_datasets["train"]), len(lm_datasets["validation"]), log=logger, main_arm=main_arm
@@ -656,7 +742,9 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     overrides = model_args.moge_overrides()
     from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if from_scratch:
-        model_args.check_experts(scratch_config(model_args, data_args, model_args.vocab_size, eos_id=0).num_experts)
+        model_args.check_experts(
+            scratch_model_config(model_args, data_args, model_args.vocab_size, eos_id=0).num_experts
+        )
         model = None
     else:
         set_seed(training_args.seed)
@@ -682,7 +770,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
             set_seed(training_args.seed)  # the same initial weights in every arm
             config = None
             if from_scratch:
-                config = scratch_config(model_args, data_args, len(tokenizer), tokenizer.eos_token_id)
+                config = scratch_model_config(model_args, data_args, len(tokenizer), tokenizer.eos_token_id)
                 config.moge_loss_coef = arm_overrides.get("moge_loss_coef", config.moge_loss_coef)
             model = build_model(model_args, config, arm_overrides)
         name = main_arm_name(model.config.moge_loss_coef) if main_arm else "MoE baseline"

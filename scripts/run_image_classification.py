@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Train and evaluate a ViT MoGE image classifier (`ViTMoGEForImageClassification`) with `Trainer`.
+"""Train and evaluate a MoGE image classifier (ViT MoGE, or any MoGE family with an image-classification model) with
+`Trainer`.
 
-The model is built from scratch from the config arguments below (default: a small ViT for 32x32 images, patch 4),
-upcycled from a dense ViT (`--dense_model_name_or_path`, see `ViTMoGEForImageClassification.from_dense`), or loaded
-from a saved MoGE model (`--model_name_or_path`). The images come from a Hub data set (`--dataset_name`), `imagefolder`
+The model is built from scratch (`--model_type`, default `vit_moge`: the family's small architecture for 32x32
+images, changed with the config arguments below or `--config_overrides`), upcycled from a dense model of a MoGE
+family (`--dense_model_name_or_path`, e.g. a ViT or a Swin, see `from_dense`), or loaded from a saved MoGE model
+(`--model_name_or_path`). The images come from a Hub data set (`--dataset_name`), `imagefolder`
 folders (`--train_dir`, optional `--validation_dir`: one sub-folder per class), or Parquet / CSV / JSON / Arrow files
 (`--train_file`, optional `--validation_file`). The image and label columns are found by their features (`Image`,
 `ClassLabel`) or common names, or given with `--image_column_name` / `--label_column_name`. Without a validation set,
-`--train_val_split` of the training images are held out.
+`--train_val_split` of the training images are held out. Every output folder gets `run_record.json`: what the run
+trained and evaluated on (data set, folder or file, split, part, number of images; `--train_data_description` says
+what local images are), from which the model cards (`--push_to_hub`, `scripts/push_to_hub.py`) are rendered.
 
 Training images are randomly cropped (with padding) and flipped (drawn from the seed, the epoch and the example's
 index, so a resumed run augments exactly as an uninterrupted one); all are resized to the model's image size and
@@ -47,6 +51,7 @@ from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import (
     AutoImageProcessor,
     HfArgumentParser,
+    PreTrainedModel,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -54,17 +59,20 @@ from transformers import (
     set_seed,
 )
 
-from moge_hf import ViTMoGEConfig, ViTMoGEForImageClassification
 from moge_hf.hub import add_moge_hub_callback
-from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS
+from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS, MoGEHost, hosts_with
+from moge_hf.run_record import hub_data, local_data, make_run_record, trainer_hyperparameters, write_run_record
 from moge_hf.training import (
     EngineArguments,
     MoGEArguments,
     add_moge_callback,
     baseline_training_args,
     check_local_source,
+    dropout_fields,
     main_arm_name,
     parse_script_arguments,
+    scratch_config,
+    script_host,
     shard_with_engine,
     train_and_evaluate,
 )
@@ -72,15 +80,18 @@ from moge_hf.training import (
 
 logger = logging.getLogger(__name__)
 
-# Architecture of a model built from scratch, when not given: a small ViT for 32x32 images.
-SCRATCH_DEFAULTS = {
-    "image_size": 32,
-    "patch_size": 4,
-    "num_hidden_layers": 6,
-    "hidden_size": 192,
-    "num_attention_heads": 3,
-    "intermediate_size": 768,
-}
+AUTO_CLASS = "AutoModelForImageClassification"
+DEFAULT_MODEL_TYPE = "vit_moge"
+# Config fields settable by their own argument on a model built from scratch (others: `--config_overrides`); the
+# default architecture is the family's small one (its record's `small_config`).
+SCRATCH_FIELDS = (
+    "image_size",
+    "patch_size",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+)
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture", "photo")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "category")
 FILE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
@@ -88,17 +99,25 @@ FILE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl":
 
 @dataclass
 class ModelArguments(MoGEArguments, EngineArguments):
-    """Which model to train: from scratch (config arguments), upcycled from a dense ViT, or a saved MoGE model."""
+    """Which model to train: from scratch (config arguments), upcycled from a dense model, or a saved MoGE model."""
 
+    model_type: str | None = field(
+        default=None,
+        metadata={
+            "help": f"The MoGE family of a model built from scratch: one of {sorted(hosts_with(AUTO_CLASS))} "
+            f"(default {DEFAULT_MODEL_TYPE}). A loaded or upcycled model's folder says its own."
+        },
+    )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A saved ViT MoGE model (folder or Hub id) to train further. Default: from scratch."},
+        metadata={"help": "A saved MoGE image classifier (folder or Hub id) to train further. Default: from scratch."},
     )
     dense_model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A dense ViT (folder or Hub id) to upcycle with `ViTMoGEForImageClassification.from_dense`: every "
-            "expert starts as a copy of its layer's MLP. Its image processor is used if it has one."
+            "help": "A dense model of a MoGE family (folder or Hub id: a ViT, a Swin, ...) to upcycle with "
+            "`from_dense`: every expert starts as a copy of its layer's MLP. Its image processor is used if it has "
+            "one."
         },
     )
     expert_noise_std: float = field(
@@ -111,16 +130,23 @@ class ModelArguments(MoGEArguments, EngineArguments):
         },
     )
     image_size: int | None = field(default=None, metadata={"help": "From scratch: image side (default 32)."})
-    patch_size: int | None = field(default=None, metadata={"help": "From scratch: patch side (default 4)."})
-    num_hidden_layers: int | None = field(default=None, metadata={"help": "From scratch: layers (default 6)."})
-    hidden_size: int | None = field(default=None, metadata={"help": "From scratch: hidden size (default 192)."})
-    num_attention_heads: int | None = field(default=None, metadata={"help": "From scratch: heads (default 3)."})
-    intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: MLP size (default 768)."})
+    patch_size: int | None = field(default=None, metadata={"help": "From scratch: patch side (ViT default 4)."})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "From scratch: ViT layers (default 6)."})
+    hidden_size: int | None = field(default=None, metadata={"help": "From scratch: ViT hidden size (default 192)."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "From scratch: ViT heads (default 3)."})
+    intermediate_size: int | None = field(default=None, metadata={"help": "From scratch: ViT MLP size (default 768)."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "From scratch: other config fields as `name=value` pairs separated by commas, values as Python "
+            "literals, e.g. `embed_dim=48,depths=[2,2,2],num_heads=[3,6,12],window_size=4` for a Swin MoGE."
+        },
+    )
     dropout: float | None = field(
         default=None,
         metadata={
-            "help": "Sets hidden_dropout_prob and attention_probs_dropout_prob (from scratch default 0.0; a loaded or "
-            "upcycled model keeps its own unless given)."
+            "help": "Sets the family's dropout rates (ViT: hidden_dropout_prob and attention_probs_dropout_prob; from "
+            "scratch default 0.0; a loaded or upcycled model keeps its own unless given)."
         },
     )
     experts_implementation: str | None = field(
@@ -157,6 +183,13 @@ class DataArguments:
         default=0.15,
         metadata={"help": "Without a validation (or test) split: the fraction of training images held out."},
     )
+    train_data_description: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the training images are, in words (e.g. `CIFAR-10, 32x32 photos`), for the run record "
+            "(run_record.json in the output folder) and the model card."
+        },
+    )
     image_column_name: str | None = field(
         default=None, metadata={"help": "Column of the images (default: the `Image` feature, else a common name)."}
     )
@@ -191,7 +224,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
     if model_args.model_name_or_path and model_args.dense_model_name_or_path:
         raise ValueError("Pass either --model_name_or_path (a MoGE model) or --dense_model_name_or_path, not both.")
     if model_args.model_name_or_path or model_args.dense_model_name_or_path:
-        given = [name for name in SCRATCH_DEFAULTS if getattr(model_args, name) is not None]
+        given = [name for name in (*SCRATCH_FIELDS, "config_overrides") if getattr(model_args, name) is not None]
         if given:
             raise ValueError(f"--{given[0]} only applies to a model built from scratch; the loaded model sets it.")
     if model_args.model_name_or_path:
@@ -205,6 +238,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         )
     for name in ("model_name_or_path", "dense_model_name_or_path", "image_processor_name"):
         check_local_source(f"--{name}", getattr(model_args, name))
+    model_host(model_args)  # the family: known, and not contradicted by --model_type
     sources = [name for name in ("dataset_name", "train_dir", "train_file") if getattr(data_args, name)]
     if len(sources) != 1:
         raise ValueError(
@@ -236,20 +270,29 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ImportError("Images need Pillow: pip install Pillow") from error
 
 
-def dropout_fields(dropout: float | None) -> dict:
-    """`--dropout` as ViT's dropout rates; none when not given (a loaded or upcycled model keeps its own)."""
-    return {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+def model_host(model_args: ModelArguments) -> MoGEHost:
+    """The MoGE family of the saved or dense model given, else of `--model_type` (default `vit_moge`)."""
+    return script_host(
+        AUTO_CLASS,
+        model_args.model_type,
+        DEFAULT_MODEL_TYPE,
+        model_args.model_name_or_path,
+        model_args.dense_model_name_or_path,
+    )
 
 
-def scratch_config(model_args: ModelArguments, labels: list[str]) -> ViTMoGEConfig:
-    """The `ViTMoGEConfig` of a model built from scratch; invalid MoGE values raise its `ValueError`."""
-    kwargs = {name: getattr(model_args, name) or default for name, default in SCRATCH_DEFAULTS.items()}
-    return ViTMoGEConfig(
-        **dropout_fields(model_args.dropout if model_args.dropout is not None else 0.0),
+def scratch_model_config(model_args: ModelArguments, labels: list[str]):
+    """The config of a model built from scratch (see `moge_hf.training.scratch_config`); invalid values raise its
+    `ValueError`."""
+    given = {name: getattr(model_args, name) for name in SCRATCH_FIELDS if getattr(model_args, name) is not None}
+    return scratch_config(
+        model_host(model_args),
+        given,
+        model_args.config_overrides,
+        dropout=model_args.dropout if model_args.dropout is not None else 0.0,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
-        **kwargs,
         **model_args.moge_overrides(),
     )
 
@@ -285,29 +328,53 @@ def load_image_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
         loader = FILE_LOADERS[os.path.splitext(data_args.train_file)[1].lower()]
         raw = load_dataset(loader, data_files=data_files)
 
-    def named(*sources) -> str:  # a data set, folder or file, by its last path part
-        return next((f"`{os.path.basename(str(src).rstrip('/'))}`" for src in sources if src), "the data")
-
+    # What the run record (`moge_hf.run_record`) says of the training and the evaluation images: their source, then
+    # which split and which part of it.
+    description = data_args.train_data_description
+    if data_args.dataset_name is not None:
+        if os.path.exists(data_args.dataset_name):  # a local data set folder, not a Hub id
+            train_source = {"path": data_args.dataset_name, "description": description}
+        else:
+            train_source = {"dataset": data_args.dataset_name, "config": data_args.dataset_config_name}
+            train_source["description"] = description
+        eval_source = train_source
+    else:  # local files or folders, each one split
+        train_source = {"path": data_args.train_dir or data_args.train_file, "description": description}
+        eval_path = data_args.validation_dir or data_args.validation_file
+        eval_source = {"path": eval_path} if eval_path else train_source
+    named_splits = data_args.dataset_name is not None  # a data set's splits have names; a local file or folder is one
+    train = {**train_source, "split": "train" if named_splits else None}
     if "validation" in raw:
-        source = named(data_args.dataset_name, data_args.validation_dir, data_args.validation_file)
-        evaluated = f"the `validation` split of {source}"
+        evaluation = {**eval_source, "split": "validation" if named_splits else None}
     elif "test" in raw:
         raw["validation"] = raw.pop("test")
-        evaluated = f"the `test` split of {named(data_args.dataset_name)}"
+        evaluation = {**eval_source, "split": "test"}
     else:
-        split = raw["train"].train_test_split(test_size=data_args.train_val_split, seed=seed)
+        fraction = data_args.train_val_split
+        split = raw["train"].train_test_split(test_size=fraction, seed=seed)
         raw = DatasetDict(train=split["train"], validation=split["test"])
-        source = named(data_args.dataset_name, data_args.train_dir, data_args.train_file)
-        evaluated = f"{data_args.train_val_split:.0%} of the training images of {source}, held out"
+        held_out = f"a random {fraction:.0%} of the images (seed {seed}), held out"
+        evaluation = {**train, "part": held_out}
+        train["part"] = f"the {1 - fraction:.0%} of the images not held out for evaluation (seed {seed})"
     raw = DatasetDict(train=raw["train"], validation=raw["validation"])
     if data_args.max_train_samples is not None:
         raw["train"] = (
             raw["train"].shuffle(seed=seed).select(range(min(len(raw["train"]), data_args.max_train_samples)))
         )
+        if len(raw["train"]) == data_args.max_train_samples:
+            train["part"] = f"a random {len(raw['train'])} images (seed {seed})" + (
+                f" of {train['part']}" if train.get("part") else ""
+            )
     if data_args.max_eval_samples is not None:
         raw["validation"] = raw["validation"].select(range(min(len(raw["validation"]), data_args.max_eval_samples)))
-        evaluated = f"the first {len(raw['validation'])} images of {evaluated}"
-    data_args.evaluation_data = evaluated  # what the model card says the evaluation was measured on
+        if len(raw["validation"]) == data_args.max_eval_samples:
+            evaluation["part"] = f"the first {len(raw['validation'])} images" + (
+                f" of {evaluation['part']}" if evaluation.get("part") else ""
+            )
+    data_args.recorded_data = tuple(  # the run record's entries of the training and the evaluation images
+        (hub_data if "dataset" in fields else local_data)(**fields, examples=len(raw[name]), unit="images")
+        for fields, name in ((train, "train"), (evaluation, "validation"))
+    )
     return raw
 
 
@@ -479,33 +546,33 @@ def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_model(
-    model_args: ModelArguments, config: ViTMoGEConfig | None, overrides: dict, labels: list[str]
-) -> ViTMoGEForImageClassification:
+def build_model(model_args: ModelArguments, config, overrides: dict, labels: list[str]) -> PreTrainedModel:
     """From scratch (`config`), upcycled from the dense model, or loaded; then the experts implementation."""
+    host = model_host(model_args)
+    model_class = host.heads[AUTO_CLASS].model_class
     label_fields = {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
         "label2id": {label: i for i, label in enumerate(labels)},
     }
     if model_args.dense_model_name_or_path:
-        model = ViTMoGEForImageClassification.from_dense(
+        model = model_class.from_dense(
             model_args.dense_model_name_or_path,
             expert_noise_std=model_args.expert_noise_std,
             **label_fields,
-            **dropout_fields(model_args.dropout),
+            **dropout_fields(host, model_args.dropout),
             **overrides,
         )
     elif model_args.model_name_or_path:
-        model = ViTMoGEForImageClassification.from_pretrained(
+        model = model_class.from_pretrained(
             model_args.model_name_or_path,
             **label_fields,
-            **dropout_fields(model_args.dropout),
+            **dropout_fields(host, model_args.dropout),
             **overrides,
             ignore_mismatched_sizes=True,
         )
     else:
-        model = ViTMoGEForImageClassification(config)
+        model = model_class(config)
     if model_args.experts_implementation is not None:
         model.set_experts_implementation(model_args.experts_implementation)
     return model
@@ -561,14 +628,14 @@ def accuracy_metric():
 
 def run_arm(
     name: str,
-    model: ViTMoGEForImageClassification,
+    model: PreTrainedModel,
     training_args: TrainingArguments,
     processor: ViTImageProcessor,
     image_datasets: DatasetDict,
     accuracy,
     main_arm: bool = True,
     augmentation_epoch: AugmentationEpoch | None = None,
-    evaluation_data: str | None = None,
+    recorded_data: tuple[dict, dict] | None = None,
     engine_args: EngineArguments | None = None,
 ) -> dict[str, float]:
     """Train, save and evaluate one model with `Trainer` (and the MoGE sigma-schedule callback); return its metrics.
@@ -578,7 +645,7 @@ def run_arm(
     config = model.config
     logger.info(
         f"[{name}] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{config.num_hidden_layers} "
+        f"{config.moge_num_layers} "
         f"layers, MoGE layers {config.moe_layers}: {config.num_experts} experts top-{config.num_experts_per_tok} on "
         f"a {'x'.join(map(str, config.moge_resolved_map_shape))} map, moge_loss_coef={config.moge_loss_coef}, "
         f"moge_sigma_schedule={config.moge_sigma_schedule}, experts_implementation={config._experts_implementation}"
@@ -600,9 +667,18 @@ def run_arm(
         callbacks=[augmentation_epoch] if augmentation_epoch is not None else None,
     )
     add_moge_callback(trainer)
+    # What this run trains and evaluates on, in the output folder (run_record.json): the model cards read it.
+    train_data, eval_data = recorded_data or (None, None)
+    record = make_run_record(
+        train=train_data if training_args.do_train else None,
+        eval=eval_data if training_args.do_eval else None,
+        script="run_image_classification.py",
+        hyperparameters=trainer_hyperparameters(trainer),
+    )
+    if training_args.should_save:
+        write_run_record(training_args.output_dir, record)
     if training_args.push_to_hub:  # Trainer's pushes then carry the model code and a MoGE model card
-        # No model-index (no Hub split is claimed); the card says what was evaluated, in words.
-        add_moge_hub_callback(trainer, eval_split=None, eval_data=evaluation_data)
+        add_moge_hub_callback(trainer, run_record=record)
 
     return train_and_evaluate(
         trainer, name, len(image_datasets["train"]), len(image_datasets["validation"]), log=logger, main_arm=main_arm
@@ -667,7 +743,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     overrides = model_args.moge_overrides()
     from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if from_scratch:
-        model_args.check_experts(scratch_config(model_args, labels=["a", "b"]).num_experts)
+        model_args.check_experts(scratch_model_config(model_args, labels=["a", "b"]).num_experts)
 
     with training_args.main_process_first(desc="loading the images"):
         raw = load_image_datasets(data_args, training_args.seed)
@@ -688,16 +764,16 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         set_seed(training_args.seed)  # the same initial weights and augmentations in every arm
         config = None
         if from_scratch:
-            config = scratch_config(model_args, labels)
+            config = scratch_model_config(model_args, labels)
             config.moge_loss_coef = arm_overrides.get("moge_loss_coef", config.moge_loss_coef)
         model = build_model(model_args, config, arm_overrides, labels)
         processor = get_image_processor(model_args, model.config.image_size)
         epoch = AugmentationEpoch()
         image_datasets = with_transforms(raw, processor, image_column, label_column, training_args.seed, epoch)
         name = main_arm_name(model.config.moge_loss_coef) if main_arm else "MoE baseline"
-        evaluated = getattr(data_args, "evaluation_data", None)  # set by `load_image_datasets`
+        recorded = getattr(data_args, "recorded_data", None)  # set by `load_image_datasets`
         results[name] = run_arm(
-            name, model, arm_args, processor, image_datasets, accuracy, main_arm, epoch, evaluated, model_args
+            name, model, arm_args, processor, image_datasets, accuracy, main_arm, epoch, recorded, model_args
         )
         rows.append((name, float(model.config.moge_loss_coef), results[name]))
         del model

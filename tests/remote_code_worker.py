@@ -41,7 +41,7 @@ def save(case: str, folder: str, result_path: str) -> None:
 
     model = CASES[case].build().eval()
     model.save_pretrained(folder)
-    inputs = {key: value for key, value in CASES[case].batch(seed=3).items() if key in ("input_ids", "pixel_values")}
+    inputs = {key: value for key, value in CASES[case].inputs(seed=3).items() if key != "attention_mask"}  # no mask
     torch.save(inputs, f"{folder}/inputs.pt")
     torch.save(compute(model, inputs), result_path)
 

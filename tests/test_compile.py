@@ -10,11 +10,15 @@ import datasets
 import pytest
 import torch
 import torch._dynamo
-from tiny import gpt2_config, input_ids, pixel_values, training_args, vit_config
+from tiny import ALIGNED, CASES, UNALIGNED, case_names, training_args
 from transformers import Trainer
 
-from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification
 from moge_hf.training import add_moge_callback
+
+
+# One head model per host family (the table, tests/tiny.py): compiling is slow, and another head of the same family
+# compiles the same layers. The checks of the compiled machinery itself run on the first of them.
+COMPILE_CASES = case_names(moge_hf=True, head=True, per_family=True)
 
 
 @pytest.fixture(autouse=True)
@@ -24,27 +28,22 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-# (experts_implementation, expert size): the default ("eager") hands a compiled graph to transformers' grouped GEMMs
+# (experts_implementation, expert sizes): the default ("eager") hands a compiled graph to transformers' grouped GEMMs
 # for sizes that are multiples of 8 and to its batched GEMMs for others; "grouped_mm" is transformers' own path.
-PATHS = {"eager-aligned": ("eager", 40), "eager-unaligned": ("eager", 37), "grouped_mm": ("grouped_mm", 40)}
+PATHS = {
+    "eager-aligned": ("eager", ALIGNED),
+    "eager-unaligned": ("eager", UNALIGNED),
+    "grouped_mm": ("grouped_mm", ALIGNED),
+}
 
 
-def build(kind: str, path: str):
-    """A tiny MoGE model in training mode with every routing loss on, and a labelled batch for it."""
-    torch.manual_seed(0)
-    implementation, size = PATHS[path]
+def build(case: str, path: str):
+    """A tiny MoGE model in training mode with every routing loss on, and a labelled batch of 4 for it."""
+    implementation, sizes = PATHS[path]
     losses = dict(moge_loss_coef=0.1, router_z_loss_coef=1e-3, router_jitter_noise=0.1)
-    if kind == "gpt2":
-        model = GPT2MoGELMHeadModel(gpt2_config(n_inner=size, **losses))
-        ids = input_ids(0, batch=4, seq=7)
-        mask = torch.ones_like(ids)
-        mask[:2, -2:] = 0
-        batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-    else:
-        model = ViTMoGEForImageClassification(vit_config(intermediate_size=size, **losses))
-        batch = dict(pixel_values=pixel_values(0, batch=4), labels=torch.arange(4) % model.config.num_labels)
+    model = CASES[case].build(**sizes, **losses)
     model.set_experts_implementation(implementation)
-    return model.train(), batch
+    return model.train(), CASES[case].batch(0, size=4)
 
 
 def loss_and_grads(model, batch, seed: int = 0):
@@ -56,9 +55,9 @@ def loss_and_grads(model, batch, seed: int = 0):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["gpt2", "vit"])
-def test_training_forward_has_no_graph_break(kind, path):
-    model, batch = build(kind, path)
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_training_forward_has_no_graph_break(case, path):
+    model, batch = build(case, path)
     explanation = torch._dynamo.explain(model)(**batch)
     assert explanation.graph_break_count == 0, [str(reason) for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
@@ -70,11 +69,11 @@ TRACEABLE_FP32_GROUPED_MM = hasattr(torch.ops.transformers, "grouped_mm_fallback
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind", ["gpt2", "vit"])
-def test_fullgraph_compile_matches_eager_in_training(kind, path):
-    if PATHS[path][1] % 8 == 0 and not TRACEABLE_FP32_GROUPED_MM:
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_fullgraph_compile_matches_eager_in_training(case, path):
+    if PATHS[path][1] is ALIGNED and not TRACEABLE_FP32_GROUPED_MM:
         pytest.skip("this transformers' fp32 grouped_mm fallback has no traceable backward")
-    model, batch = build(kind, path)
+    model, batch = build(case, path)
     loss, grads = loss_and_grads(model, batch)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
@@ -87,10 +86,10 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "vit"])
-def test_fullgraph_compile_under_bf16_autocast_matches_eager(kind):
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_fullgraph_compile_under_bf16_autocast_matches_eager(case):
     """Trainer(bf16=True) runs fp32 weights under bf16 autocast; the compiled experts then run bf16 grouped GEMMs."""
-    model, batch = build(kind, "eager-aligned")
+    model, batch = build(case, "eager-aligned")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, grads = loss_and_grads(model, batch)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -101,7 +100,7 @@ def test_fullgraph_compile_under_bf16_autocast_matches_eager(kind):
 
 
 def test_new_sigma_needs_no_recompile_and_changes_the_compiled_loss():
-    model, batch = build("gpt2", "eager-unaligned")
+    model, batch = build(COMPILE_CASES[0], "eager-unaligned")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     first = compiled(**batch).moge_loss
     model.set_moge_sigma(0.3)
@@ -112,10 +111,9 @@ def test_new_sigma_needs_no_recompile_and_changes_the_compiled_loss():
 
 
 def test_trainer_with_torch_compile_trains_with_the_sigma_schedule(tmp_path):
-    torch.manual_seed(0)
-    model = GPT2MoGELMHeadModel(gpt2_config(n_inner=40, moge_loss_coef=0.1, moge_sigma_schedule=[4.0, 1.0, 1.0]))
-    ids = input_ids(0, batch=8, seq=7)
-    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    case = CASES[COMPILE_CASES[0]]
+    model = case.build(**ALIGNED, moge_loss_coef=0.1, moge_sigma_schedule=[4.0, 1.0, 1.0])
+    dataset = datasets.Dataset.from_dict({key: value.tolist() for key, value in case.batch(0, size=8).items()})
     args = training_args(tmp_path, max_steps=4, torch_compile=True, torch_compile_backend="aot_eager")
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     add_moge_callback(trainer)
@@ -132,14 +130,15 @@ def test_trainer_with_torch_compile_trains_with_the_sigma_schedule(tmp_path):
     assert not ours, dict(breaks)
     # The routing recorder feeds the callback from inside the compiled forward: every layer's load and entropy.
     for log in (log for log in trainer.state.log_history if "loss" in log):
-        assert sum(log[f"moge/layer1/load_e{e:02d}"] for e in range(8)) == pytest.approx(1.0)
-        assert 0 < log["moge/layer1/entropy"] <= math.log(8) + 1e-6
+        for layer in model.config.moe_layers:
+            assert sum(log[f"moge/layer{layer}/load_e{e:02d}"] for e in range(8)) == pytest.approx(1.0)
+            assert 0 < log[f"moge/layer{layer}/entropy"] <= math.log(8) + 1e-6
 
 
 def test_a_block_dynamo_runs_eagerly_inside_a_compiled_model_is_still_recorded():
     """The forward begins in the compiled graph, the block reports from eager code (a frame dynamo skips, as after a
     recompile limit): the routing losses are those of the eager model."""
-    model, batch = build("gpt2", "eager-unaligned")
+    model, batch = build(COMPILE_CASES[0], "eager-unaligned")
     model.eval()
     with torch.no_grad():
         want = model(**batch)

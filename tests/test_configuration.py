@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import gpt2_config
+from tiny import CASES, case_names
 
-from moge_hf import GPT2MoGEConfig, GPT2MoGELMHeadModel, ViTMoGEConfig, render_model_card
+from moge_hf import render_model_card
 from moge_hf.configuration_moge import FIELD_RULES, MOGE_FIELDS, SHAPE_FREE_MOGE_FIELDS
 from moge_hf.training import MoGEArguments
 
@@ -20,7 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = [name for name in MOGE_FIELDS if name != "output_router_logits"]
 
 
-@pytest.mark.parametrize("config_class", [GPT2MoGEConfig, ViTMoGEConfig])
+# Each host's config class, and one head model per host family (the table, tests/tiny.py).
+CONFIG_CLASSES = {CASES[name].family: CASES[name].model_class.config_class for name in case_names(moge_hf=True)}
+FAMILY_CASES = case_names(moge_hf=True, head=True, per_family=True)
+
+
+@pytest.mark.parametrize("config_class", CONFIG_CLASSES.values(), ids=CONFIG_CLASSES.keys())
 def test_config_docstrings_list_every_field_with_its_help(config_class):
     doc = " ".join(config_class.__doc__.split())
     assert doc.startswith("Configuration of a")
@@ -39,15 +44,17 @@ def test_script_arguments_are_the_fields_with_their_help():
     assert set(SHAPE_FREE_MOGE_FIELDS) == set(MOGE_FIELDS) - {"num_experts", "moe_layers", "expert_intermediate_size"}
 
 
-def test_every_checked_field_refuses_a_bad_value_on_assignment():
-    config = gpt2_config()
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_every_checked_field_refuses_a_bad_value_on_assignment(case):
+    config = CASES[case].make_config()
     for name in FIELD_RULES:
         with pytest.raises(ValueError, match=name):
             setattr(config, name, "not a value")
 
 
-def test_the_model_card_has_a_row_for_every_setting():
-    card = render_model_card(GPT2MoGELMHeadModel(gpt2_config()))
+@pytest.mark.parametrize("case", FAMILY_CASES)  # each host has its own card template
+def test_the_model_card_has_a_row_for_every_setting(case):
+    card = render_model_card(CASES[case].build())
     for name in SETTINGS:
         assert re.search(rf"\| `{name}` \| ", card.text), name
 
@@ -71,16 +78,18 @@ def test_the_readme_table_names_every_field():
         ("moge_sigma_schedule", [1e300, 1.0, 0.2]),
     ],
 )
-def test_bad_values_are_refused_where_they_are_assigned(name, value):
-    config = gpt2_config()
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_bad_values_are_refused_where_they_are_assigned(case, name, value):
+    config = CASES[case].make_config()
     before = getattr(config, name)
     with pytest.raises(ValueError, match=rf"`{name}` must"):
         setattr(config, name, value)
     assert getattr(config, name) == before
 
 
-def test_set_moge_sigma_refuses_a_bad_value_before_changing_anything():
-    model = GPT2MoGELMHeadModel(gpt2_config(moge_sigma=1e150))  # the largest sigma builds
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_set_moge_sigma_refuses_a_bad_value_before_changing_anything(case):
+    model = CASES[case].build(moge_sigma=1e150)  # the largest sigma builds
     regularizer = model.moge_blocks()[0].regularizer
     matrix = regularizer.window_matrix.clone()
     for bad in (1e200, float("inf"), 0.0, -1.0, True):

@@ -5,6 +5,8 @@ Nothing here touches the network: `HfApi.create_repo` / `upload_folder` are repl
 they would upload.
 """
 
+import ast
+import configparser
 import importlib.metadata
 import importlib.util
 import json
@@ -27,6 +29,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from PIL import Image
 from tiny import CASES, MOGE_FAMILIES, case_names, gpt2_config, input_ids, pixel_values, vit_config
 from tokenizers import ByteLevelBPETokenizer
@@ -39,6 +42,7 @@ from moge_hf import (
     ViTMoGEModel,
 )
 from moge_hf.hub import (
+    TESTED_TRANSFORMERS,
     HubTokenError,
     MoGEHubCallback,
     add_moge_hub_callback,
@@ -47,6 +51,7 @@ from moge_hf.hub import (
     push_model_dir,
     render_model_card,
 )
+from moge_hf.run_record import RUN_RECORD_NAME, hub_data, local_data, make_run_record
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +87,12 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def releases_stated_as_tested(card: ModelCard) -> list[str]:
+    """The transformers releases a card says this code was tested on."""
+    text = " ".join(card.text.split())
+    return list(re.search(r"The releases this code was tested on are transformers (\S+) and (\S+) \(", text).groups())
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -132,15 +143,18 @@ def gpt2_upload(gpt2_dir) -> Path:
     """The dry run of the script (results found in the model folder)."""
     out = gpt2_dir.parent / "dry-run"
     argv = ["--model-dir", str(gpt2_dir), "--repo-id", "me/gpt2-moge", "--dry-run", str(out)]
-    argv += ["--dataset", "karpathy/tiny_shakespeare", "--base-model", "openai-community/gpt2"]
-    assert load_script().main(argv) == 0
+    # No run record in the folder: the data flags state the data (the evaluation split too: none is claimed unasked).
+    argv += ["--dataset", "karpathy/tiny_shakespeare", "--eval-split", "validation"]
+    assert load_script().main([*argv, "--base-model", "openai-community/gpt2"]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def vit_upload(vit_dir) -> Path:
     out = vit_dir.parent / "upload"
-    prepare_upload_folder(vit_dir, out, repo_id="me/vit-moge", results=VIT_RESULTS, dataset="uoft-cs/cifar10")
+    prepare_upload_folder(
+        vit_dir, out, repo_id="me/vit-moge", results=VIT_RESULTS, dataset="uoft-cs/cifar10", eval_split="validation"
+    )
     return out
 
 
@@ -377,7 +391,12 @@ def trainer_pushes(tmp_path_factory):
             dataloader_pin_memory=False,
         )
         trainer = Trainer(model=GPT2MoGELMHeadModel(gpt2_config()), args=args, train_dataset=data, eval_dataset=data)
-        add_moge_hub_callback(trainer, dataset="karpathy/tiny_shakespeare")
+        # The run record of a run evaluated on a whole Hub split (what the cards' `model-index` entries need).
+        record = make_run_record(
+            train=hub_data("karpathy/tiny_shakespeare", split="train", examples=8),
+            eval=hub_data("karpathy/tiny_shakespeare", split="validation", examples=8),
+        )
+        add_moge_hub_callback(trainer, run_record=record)
         trainer.train()
         trainer.push_to_hub(license="mit")
     model = trainer.model.eval()
@@ -497,11 +516,11 @@ def test_card_settings_come_from_the_config():
         assert row in card.text, row
     assert "plain MoE baseline" not in card.text
     assert 'pipeline("text-classification"' in card.text
-    # The transformers range the installed moge_hf declares (setup.cfg), and what was tested in it.
+    # The transformers range the installed moge_hf declares (setup.cfg), and the releases tested in it.
     declared = next(r for r in importlib.metadata.requires("moge_hf") if r.startswith("transformers"))
     stated = re.search(r"a transformers release in\s+`(transformers[^`]*)`, the range moge_hf", card.text).group(1)
-    assert re.search(r"whole test suite runs on the\s+two ends of that range", card.text)
     assert SpecifierSet(stated.removeprefix("transformers")) == Requirement(declared).specifier
+    assert releases_stated_as_tested(card) == list(TESTED_TRANSFORMERS)
 
     baseline = render_model_card(ViTMoGEModel(vit_config(moge_loss_coef=0.0)))
     assert baseline.data.pipeline_tag == "image-feature-extraction"
@@ -520,8 +539,11 @@ def test_card_without_results_says_so_and_has_no_model_index(gpt2_dir):
     card = render_model_card(gpt2_dir, results={"eval_loss": 2.75})
     assert card.data.eval_results is None and "model-index" not in card.data.to_yaml()
     assert "not in the card's `model-index` metadata: they were not measured on a whole split" in card.text
-    assert "(no dataset was given for them)" in card.text
-    assert "| validation | loss (task + weighted routing losses) | 2.75 |" in card.text
+    assert "(the data they were measured on was not recorded)" in card.text
+    assert "| evaluation | loss (task + weighted routing losses) | 2.75 |" in card.text  # no split is claimed
+    assert "The training data was not recorded when this card was written." in card.text
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['datset'\]"):
+        render_model_card(gpt2_dir, datset="karpathy/tiny_shakespeare")
     assert "your-username/your-moge-model" in card.text
 
 
@@ -583,6 +605,7 @@ def test_script_reports_errors_without_a_traceback(gpt2_dir, tmp_path, capsys):
 def test_script_results_options(gpt2_dir, tmp_path):
     script = load_script()
     argv = ["--model-dir", str(gpt2_dir), "--repo-id", "me/x", "--dataset", "karpathy/tiny_shakespeare"]
+    argv += ["--eval-split", "validation"]
     assert script.main([*argv, "--no-results", "--dry-run", str(tmp_path / "none")]) == 0
     card = ModelCard.load(tmp_path / "none" / "README.md")
     assert card.data.eval_results is None and "Results were not measured" in card.text
@@ -624,7 +647,7 @@ def test_push_uploads_the_dry_run_folder(gpt2_dir, gpt2_upload, no_token, monkey
     hub.install(monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     commit = load_script().main(
-        ["--model-dir", str(gpt2_dir), "--repo-id", "me/gpt2-moge", "--private"]
+        ["--model-dir", str(gpt2_dir), "--repo-id", "me/gpt2-moge", "--private", "--eval-split", "validation"]
         + ["--dataset", "karpathy/tiny_shakespeare", "--base-model", "openai-community/gpt2"]
     )
     assert commit == 0
@@ -705,12 +728,213 @@ def test_card_says_what_was_evaluated_and_claims_a_hub_split_only_when_it_was_on
         gpt2_dir, results=results, dataset="karpathy/tiny_shakespeare", eval_split=None, eval_data=held_out
     )
     assert card.data.eval_results is None and "model-index" not in card.data.to_yaml()
-    assert f"on 64 examples of {held_out}:" in " ".join(card.text.split())
+    assert f"on 64 examples from {held_out}:" in " ".join(card.text.split())
     assert "| evaluation | loss (task + weighted routing losses) | 2.75 |" in card.text
     # A whole Hub split: model-index with that split, and the text says which and how many examples.
     card = render_model_card(gpt2_dir, results=results, dataset="karpathy/tiny_shakespeare", eval_split="validation")
     assert [result.dataset_split for result in card.data.eval_results] == ["validation"]
-    assert "on 64 examples of the `validation` split of `karpathy/tiny_shakespeare`:" in " ".join(card.text.split())
+    link = "[karpathy/tiny_shakespeare](https://huggingface.co/datasets/karpathy/tiny_shakespeare)"
+    hub_split = f"the `validation` split of {link}"
+    assert f"on 64 examples from {hub_split}:" in " ".join(card.text.split())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cards rendered from the run record
+# ------------------------------------------------------------------------------------------------------------------
+
+# What run_clm.py records for a run on a local file whose last 10% of lines it holds out (`run_record.json`) ...
+LOCAL_RUN = make_run_record(
+    train=local_data(
+        "data/tinyshakespeare/input.txt",
+        description="the plays of Shakespeare",
+        part="the first 90% of the lines",
+        examples=1234,
+        unit="blocks of 32 tokens",
+    ),
+    eval=local_data(
+        "data/tinyshakespeare/input.txt",
+        description="the plays of Shakespeare",
+        part="the last 10% of the lines",
+        examples=137,
+        unit="blocks of 32 tokens",
+    ),
+    script="run_clm.py",
+    hyperparameters={"learning_rate": 0.002, "seed": 42},
+)
+# ... and for a run on a Hub data set with a validation split, evaluated on all of it.
+HUB_RUN = make_run_record(
+    train=hub_data("karpathy/tiny_shakespeare", split="train", examples=1003, unit="blocks of 32 tokens"),
+    eval=hub_data("karpathy/tiny_shakespeare", split="validation", examples=55, unit="blocks of 32 tokens"),
+    script="run_clm.py",
+)
+
+
+def results_of(record: dict) -> dict:
+    """What `Trainer.save_metrics` writes for the recorded run (`all_results.json`)."""
+    train = record["train"]
+    return {
+        "epoch": 1.0,
+        "eval_loss": 3.25,
+        "perplexity": 25.8,
+        "eval_samples": record["eval"]["examples"],
+        "train_loss": 3.7,
+        "train_samples": train["examples"],
+    }
+
+
+def run_folder(gpt2_dir: Path, folder: Path, record: dict) -> Path:
+    """A model folder as the training scripts leave it: the model, its results and its run record."""
+    shutil.copytree(gpt2_dir, folder)
+    (folder / "all_results.json").write_text(json.dumps(results_of(record)))
+    (folder / RUN_RECORD_NAME).write_text(json.dumps(record))
+    return folder
+
+
+def section(card: ModelCard, title: str) -> str:
+    """The text of the card's `## title` section, its whitespace collapsed."""
+    return " ".join(card.text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0].split())
+
+
+def assert_card_follows_the_record(card: ModelCard, record: dict, results: dict) -> None:
+    """Every data claim of `card` is its run record's: what was trained and evaluated on, which split and part, how
+    many examples; the results are the run's; the tested releases are those CI tests."""
+    for title, entry in (("Training data", record["train"]), ("Evaluation results", record["eval"])):
+        text = section(card, title)
+        if "local" in entry:
+            assert f"the local file `{entry['local']}` ({entry['description']})" in text
+        else:
+            link = f"[{entry['dataset']}](https://huggingface.co/datasets/{entry['dataset']})"
+            assert f"the `{entry['split']}` split of {link}" in text
+        assert f"{entry['examples']:,} {entry['unit']} from {entry.get('part') or 'the'}" in text
+    training = section(card, "Training data")
+    assert f"Recorded by the run that produced this model (`{record['script']}`), in `{RUN_RECORD_NAME}`" in training
+    for name, value in (record.get("hyperparameters") or {}).items():
+        assert f"| {name} | {value} |" in training
+    assert "not recorded" not in card.text and "not given" not in card.text
+    evaluation = section(card, "Evaluation results")
+    assert f"| loss (task + weighted routing losses) | {results['eval_loss']} |" in evaluation
+    assert f"| perplexity | {results['perplexity']} |" in evaluation
+    assert f"| loss (task + weighted routing losses) | {results['train_loss']} |" in evaluation  # training loss
+    assert releases_stated_as_tested(card) == list(TESTED_TRANSFORMERS)
+
+
+def test_card_of_a_run_evaluated_on_a_local_file_claims_no_hub_split(gpt2_dir, tmp_path):
+    folder = run_folder(gpt2_dir, tmp_path / "model", LOCAL_RUN)
+    out = tmp_path / "upload"
+    assert load_script().main(["--model-dir", str(folder), "--repo-id", "me/gpt2-moge", "--dry-run", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert_card_follows_the_record(card, LOCAL_RUN, results_of(LOCAL_RUN))
+    # No Hub data set, no split: no `datasets`, no `model-index`, and nothing called a validation split.
+    assert card.data.datasets is None and card.data.eval_results is None and card.data.metrics is None
+    assert "model-index" not in card.data.to_yaml()
+    assert "validation" not in str(card)
+    assert "| evaluation | loss (task + weighted routing losses) | 3.25 |" in card.text
+    assert "not in the card's `model-index` metadata: they were not measured on a whole split" in card.text
+    assert json.loads((out / RUN_RECORD_NAME).read_text()) == LOCAL_RUN  # the record goes with the card
+
+
+def test_card_of_a_run_evaluated_on_a_hub_split_claims_that_split_alone(gpt2_dir, tmp_path):
+    folder = run_folder(gpt2_dir, tmp_path / "model", HUB_RUN)
+    out = tmp_path / "upload"
+    assert load_script().main(["--model-dir", str(folder), "--repo-id", "me/gpt2-moge", "--dry-run", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    results = results_of(HUB_RUN)
+    assert_card_follows_the_record(card, HUB_RUN, results)
+    evaluated = HUB_RUN["eval"]
+    assert card.data.datasets == [evaluated["dataset"]]
+    index = {
+        (r.task_type, r.dataset_type, r.dataset_name, r.dataset_config, r.dataset_split, r.metric_type, r.metric_value)
+        for r in card.data.eval_results
+    }
+    assert index == {
+        (
+            "text-generation",
+            evaluated["dataset"],
+            evaluated["dataset"],
+            None,
+            "validation",
+            "loss",
+            results["eval_loss"],
+        ),
+        ("text-generation", *[evaluated["dataset"]] * 2, None, "validation", "perplexity", results["perplexity"]),
+    }
+    assert card.data.model_name == "gpt2-moge" and "not in the card's `model-index`" not in card.text
+    assert "| validation | perplexity | 25.8 |" in card.text
+
+    # The same split, of which the run evaluated only the first blocks: no `model-index` claims the split.
+    partial = {**HUB_RUN, "eval": {**evaluated, "part": "the first 55 blocks"}}
+    card = render_model_card(folder, run_record=partial, results=results)
+    assert card.data.eval_results is None and card.data.datasets == [evaluated["dataset"]]
+    assert "on 55 blocks of 32 tokens from the first 55 blocks of the `validation` split" in section(
+        card, "Evaluation results"
+    )
+    assert "| evaluation | perplexity | 25.8 |" in card.text
+
+
+def test_data_flags_that_contradict_the_run_record_are_refused_naming_both(gpt2_dir, tmp_path, capsys):
+    local = run_folder(gpt2_dir, tmp_path / "local", LOCAL_RUN)
+    hub = run_folder(gpt2_dir, tmp_path / "hub", HUB_RUN)
+    out = tmp_path / "upload"
+    script = load_script()
+    cases = [
+        (local, ["--dataset", "karpathy/tiny_shakespeare"], ["--dataset 'karpathy/tiny_shakespeare'", "`input.txt`"]),
+        (local, ["--eval-split", "validation"], ["--eval-split 'validation'", "the last 10% of the lines"]),
+        (hub, ["--eval-split", "test"], ["--eval-split 'test'", "whole 'validation' split of 'karpathy/tiny_"]),
+        (hub, ["--eval-split", "none"], ["--eval-split 'none'", "whole 'validation' split of 'karpathy/tiny_"]),
+        (hub, ["--dataset", "wikitext"], ["--dataset 'wikitext'", "['karpathy/tiny_shakespeare']"]),
+        (hub, ["--dataset-config", "tiny"], ["--dataset-config 'tiny'", "config None of 'karpathy/tiny_shakespeare'"]),
+        (hub, ["--eval-data", "some text"], ["--eval-data 'some text'", "the `validation` split of `karpathy/tiny_"]),
+    ]
+    for folder, flags, named in cases:
+        argv = ["--model-dir", str(folder), "--repo-id", "me/gpt2-moge", "--dry-run", str(out), *flags]
+        assert script.main(argv) == 1, flags
+        error = capsys.readouterr().err
+        assert all(value in error for value in named), (flags, error)
+        assert not out.exists()
+    # The library refuses them alike; flags that agree with the record are taken.
+    with pytest.raises(ValueError, match=r"dataset 'karpathy/tiny_shakespeare' contradicts .*the local file `input"):
+        render_model_card(local, dataset="karpathy/tiny_shakespeare")
+    agreeing = ["--dataset", "karpathy/tiny_shakespeare", "--eval-split", "validation"]
+    assert script.main(["--model-dir", str(hub), "--repo-id", "me/gpt2-moge", "--dry-run", str(out), *agreeing]) == 0
+    assert (
+        script.main(["--model-dir", str(local), "--repo-id", "me/x", "--dry-run", str(tmp_path / "o"), *agreeing[2:]])
+        == 1
+    )
+
+
+def test_results_of_another_run_than_the_recorded_one_are_refused(gpt2_dir, tmp_path):
+    # gpt2_dir's all_results.json counts 10 evaluation examples; the record, 137.
+    with pytest.raises(ValueError, match=r"eval_samples = 10 contradicts the run record, which records 137 examples"):
+        render_model_card(gpt2_dir, run_record=LOCAL_RUN, results=gpt2_dir / "all_results.json")
+    with pytest.raises(ValueError, match=r"train has unknown keys \['splits'\]"):
+        render_model_card(gpt2_dir, run_record={"train": {"dataset": "x/y", "splits": "train"}, "eval": None})
+
+
+def test_the_tested_releases_are_those_ci_runs_the_whole_suite_on():
+    # .ci/run runs the suite in a venv pinned to the floor of setup.cfg's range (.ci/transformers-floor.txt) and in one
+    # that resolves the newest release in it: the last of noxfile.py's list of published releases.
+    floor_pins = [
+        line for line in (ROOT / ".ci" / "transformers-floor.txt").read_text().splitlines() if line and line[0] != "#"
+    ]
+    assert floor_pins == [f"transformers=={TESTED_TRANSFORMERS[0]}"]
+    assert "-c .ci/transformers-floor.txt" in (ROOT / ".ci" / "run").read_text()
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    releases = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [target.id for target in node.targets] == ["TRANSFORMERS"]
+    )
+    assert TESTED_TRANSFORMERS == (releases[0], releases[-1])
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    requirement = next(
+        Requirement(line.strip())
+        for line in setup["options"]["install_requires"].splitlines()
+        if line.strip().startswith("transformers")
+    )
+    floor = next(spec.version for spec in requirement.specifier if spec.operator == ">=")
+    assert Version(TESTED_TRANSFORMERS[0]) == Version(floor)
+    assert all(Version(release) in requirement.specifier for release in TESTED_TRANSFORMERS)
 
 
 @pytest.mark.parametrize("case", case_names(moge_hf=True))
@@ -729,11 +953,11 @@ def test_every_model_class_gets_an_upload_folder_and_a_card_from_its_host_record
     host, head = host_of(spec.model_class), head_of(spec.model_class)
     assert head.model_class is spec.model_class and host.auto_classes[spec.auto_class] is spec.model_class
     assert card.data.pipeline_tag == head.pipeline_tag
-    assert {*MOGE_TAGS, host.hub_tag, "custom_code"} <= set(card.data.tags)
+    assert {*MOGE_TAGS, host.card.tag, "custom_code"} <= set(card.data.tags)
     assert f"`{spec.model_class.__name__}`" in card.text and spec.auto_class in card.text
     # Rendered from the model itself: the same metadata.
     from_model = render_model_card(model, repo_id=f"me/{case}")
-    assert from_model.data.pipeline_tag == head.pipeline_tag and host.hub_tag in from_model.data.tags
+    assert from_model.data.pipeline_tag == head.pipeline_tag and host.card.tag in from_model.data.tags
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -3,10 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import gpt2_config, input_ids, pixel_values, vit_config
-from transformers import GPT2LMHeadModel, GPT2Model, ViTForImageClassification
+from tiny import CASES, case_names, dense_mlp_weights, gpt2_config, moge_blocks_by_path
 
-from moge_hf import GPT2MoGELMHeadModel, MoGEExperts, MoGERouter, MoGESparseMoeBlock, ViTMoGEForImageClassification
+from moge_hf import MoGEExperts, MoGERouter, MoGESparseMoeBlock
 from moge_hf.losses import group_sparsity_loss, load_balancing_loss, router_z_loss
 from moge_hf.moge_layer import routing_losses
 from moge_hf.routing import RoutingRecorder, moge_routers
@@ -180,41 +179,26 @@ def test_block_set_sigma_rebuilds_window_weights():
     torch.testing.assert_close(got, group_sparsity_loss(probs, (2, 4), 2, 5.0))
 
 
-def test_one_expert_top1_equals_dense_gpt2():
-    """A MoGE GPT-2 with one expert per layer, top-1, and the dense weights copied is the dense GPT-2."""
-    config = gpt2_config(
-        n_layer=3, moe_layers=[0, 1, 2], num_experts=1, num_experts_per_tok=1, moge_map_shape=None, moge_window=1
-    )
-    moge = GPT2MoGELMHeadModel(config).eval()
-    dense = GPT2LMHeadModel(GPT2Model.config_class(**config.to_diff_dict())).eval()
+@pytest.mark.parametrize("case", case_names(moge_hf=True))
+def test_one_expert_top1_equals_dense(case):
+    """A MoGE model with one expert per layer, top-1, and the dense weights copied (each block where the dense MLP it
+    replaced sat) is the dense model."""
+    spec = CASES[case]
+    moge = spec.build(moe_layers=[0, 1], num_experts=1, num_experts_per_tok=1, moge_map_shape=None, moge_window=1)
+    moge.eval()
+    dense = spec.build_dense()
     state = dense.state_dict()
     moge_state = {name: state[name] for name in moge.state_dict() if name in state}
-    for i in range(3):
-        prefix = f"transformer.h.{i}.mlp."
-        # Conv1D weights are (in, out); expert weights are (E, out, in).
-        moge_state[prefix + "experts.up_proj"] = state[prefix + "c_fc.weight"].T[None]
-        moge_state[prefix + "experts.up_proj_bias"] = state[prefix + "c_fc.bias"][None]
-        moge_state[prefix + "experts.down_proj"] = state[prefix + "c_proj.weight"].T[None]
-        moge_state[prefix + "experts.down_proj_bias"] = state[prefix + "c_proj.bias"][None]
-        moge_state[prefix + "router.weight"] = moge.state_dict()[prefix + "router.weight"]
+    prefix = "" if moge.base_model is moge else moge.base_model_prefix + "."
+    for path, block in moge_blocks_by_path(moge).items():
+        weights = dense_mlp_weights(dense.base_model.get_submodule(path))
+        for name, weight in zip(("up_proj", "up_proj_bias", "down_proj", "down_proj_bias"), weights):
+            moge_state[f"{prefix}{path}.experts.{name}"] = weight[None]  # the experts' (E, out, in) layout
+        moge_state[f"{prefix}{path}.router.weight"] = block.router.weight
     moge.load_state_dict(moge_state, strict=True)
-    ids = input_ids()
-    torch.testing.assert_close(moge(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
-
-
-def test_one_expert_top1_equals_dense_vit():
-    config = vit_config(moe_layers=[0, 1], num_experts=1, num_experts_per_tok=1, moge_map_shape=None, moge_window=1)
-    moge = ViTMoGEForImageClassification(config).eval()
-    dense = ViTForImageClassification(ViTForImageClassification.config_class(**config.to_diff_dict())).eval()
-    state = dense.state_dict()
-    moge_state = {name: state[name] for name in moge.state_dict() if name in state}
-    for i in range(2):
-        prefix = f"vit.layers.{i}.mlp."
-        moge_state[prefix + "experts.up_proj"] = state[prefix + "fc1.weight"][None]
-        moge_state[prefix + "experts.up_proj_bias"] = state[prefix + "fc1.bias"][None]
-        moge_state[prefix + "experts.down_proj"] = state[prefix + "fc2.weight"][None]
-        moge_state[prefix + "experts.down_proj_bias"] = state[prefix + "fc2.bias"][None]
-        moge_state[prefix + "router.weight"] = moge.state_dict()[prefix + "router.weight"]
-    moge.load_state_dict(moge_state, strict=True)
-    pixels = pixel_values()
-    torch.testing.assert_close(moge(pixels).logits, dense(pixels).logits, rtol=1e-5, atol=1e-5)
+    inputs = spec.inputs()
+    with torch.no_grad():
+        got, want = moge(**inputs), dense(**inputs)
+    for name, value in want.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)

@@ -5,14 +5,16 @@ its settings, never left uninitialized (garbage) or on the meta device."""
 
 import pytest
 import torch
-from tiny import CASES
-from transformers import AutoModelForCausalLM
+import transformers
+from tiny import CASES, case_names
 
 from moge_hf import GroupSparsityRegularizer, add_moge_regularizer
 from moge_hf.routing import moge_routers
 
 
 MOGE = dict(moge_loss_coef=0.1, moge_map_shape=[2, 4], moge_window=2, moge_sigma=0.8)
+# transformers' MoE families (the table, tests/tiny.py), given `add_moge_regularizer`.
+MOE_CASES = case_names(moge_hf=False)
 
 
 def _routers(model) -> list[torch.Tensor]:
@@ -58,7 +60,7 @@ def _on_meta(case, regularize_on_meta: bool):
 
 
 @pytest.mark.parametrize("regularize_on_meta", [True, False])
-@pytest.mark.parametrize("case", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("case", MOE_CASES)
 def test_a_regularizer_built_on_the_meta_device_computes_the_right_loss_after_to_empty(case, regularize_on_meta):
     case = CASES[case]
     reference = add_moge_regularizer(case.build(), **MOGE)
@@ -69,9 +71,10 @@ def test_a_regularizer_built_on_the_meta_device_computes_the_right_loss_after_to
     assert_same_moge_loss(model, reference, case.batch(1))
 
 
-def test_fsdp_style_materialization_module_by_module_rebuilds_the_buffers():
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_fsdp_style_materialization_module_by_module_rebuilds_the_buffers(case):
     # FSDP1 materializes a meta module one submodule at a time: `to_empty(recurse=False)`.
-    case = CASES["qwen3_moe"]
+    case = CASES[case]
     reference = add_moge_regularizer(case.build(), **MOGE)
     model = _on_meta(case, regularize_on_meta=True)
     for module in model.modules():
@@ -81,10 +84,11 @@ def test_fsdp_style_materialization_module_by_module_rebuilds_the_buffers():
     assert_same_moge_loss(model, reference, case.batch(2))
 
 
-def test_weights_assigned_to_a_meta_model_leave_no_meta_regularizer():
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_weights_assigned_to_a_meta_model_leave_no_meta_regularizer(case):
     # `load_state_dict(..., assign=True)` gives the weights without `to_empty`: the non-persistent buffers stay on the
     # meta device (the model's own rotary ones too, rebuilt here the way a user of that path must).
-    case = CASES["qwen3_moe"]
+    case = CASES[case]
     reference = add_moge_regularizer(case.build(), **MOGE)
     model = _on_meta(case, regularize_on_meta=True)
     model.load_state_dict(reference.state_dict(), assign=True)
@@ -95,9 +99,10 @@ def test_weights_assigned_to_a_meta_model_leave_no_meta_regularizer():
 
 
 @pytest.mark.parametrize("include_buffers", [False, True])
-def test_accelerate_init_empty_weights(include_buffers):
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_accelerate_init_empty_weights(case, include_buffers):
     accelerate = pytest.importorskip("accelerate")
-    case = CASES["olmoe"]
+    case = CASES[case]
     reference = add_moge_regularizer(case.build(), **MOGE)
     with accelerate.init_empty_weights(include_buffers=include_buffers):
         model = case.model_class(case.make_config())
@@ -109,20 +114,22 @@ def test_accelerate_init_empty_weights(include_buffers):
 
 
 @pytest.mark.parametrize("device_map", [None, "cpu"])
-def test_regularizing_a_model_loaded_by_from_pretrained(tmp_path, device_map):
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_regularizing_a_model_loaded_by_from_pretrained(case, tmp_path, device_map):
     # from_pretrained builds on the meta device; the regularizer, added after it, or re-applied from a saved
     # regularized folder, must match the one of the model it was saved from.
-    case = CASES["qwen3_moe"]
+    case = CASES[case]
     reference = add_moge_regularizer(case.build(), **MOGE)
     reference.save_pretrained(tmp_path)
     kwargs = {} if device_map is None else {"device_map": device_map}
-    loaded = add_moge_regularizer(AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs))
+    auto_class = getattr(transformers, case.auto_class)
+    loaded = add_moge_regularizer(auto_class.from_pretrained(tmp_path, **kwargs))
     assert_same_moge_loss(loaded, reference, case.batch(5))
-    fresh = add_moge_regularizer(AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs), **MOGE)
+    fresh = add_moge_regularizer(auto_class.from_pretrained(tmp_path, **kwargs), **MOGE)
     assert_same_moge_loss(fresh, reference, case.batch(5))
 
 
-@pytest.mark.parametrize("case", ["gpt2-lm", "vit-cls"])
+@pytest.mark.parametrize("case", case_names(moge_hf=True))
 def test_moge_models_built_on_the_meta_device_without_init_weights(case):
     # moge_hf's own models: `init_weights()` repairs the buffers, but `to_empty` + `load_state_dict` alone must too.
     case = CASES[case]

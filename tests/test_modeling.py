@@ -1,4 +1,6 @@
-"""GPT-2 and ViT MoGE models: losses, outputs, training, generation, checkpointing, save/load, bad inputs."""
+"""The moge_hf models (every class of the table, tests/tiny.py): losses, outputs, training, generation, checkpointing,
+save/load, bad inputs. A check about every model parametrizes over the table; one about a host's own feature (GPT-2's
+positions, ViT's image size) builds that host's class by name."""
 
 import copy
 import importlib
@@ -10,29 +12,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from tiny import BATCH, CASES, SEQ, VOCAB, case_names, gpt2_config, input_ids, lm_batch, pixel_values, vit_config
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    GPT2LMHeadModel,
-    GPT2Model,
-    modeling_outputs,
-)
+from tiny import ALIGNED, CASES, VOCAB, case_names, gpt2_config, input_ids, lm_batch, pixel_values, vit_config
+from transformers import AutoConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import moge_hf
 from moge_hf import (
-    GPT2MoGEConfig,
     GPT2MoGELMHeadModel,
-    GPT2MoGEModel,
-    ViTMoGEConfig,
     ViTMoGEForImageClassification,
     group_sparsity_loss,
     load_balancing_loss,
     router_z_loss,
 )
 from moge_hf.configuration_moge import CACHE_NAME
+from moge_hf.moge_layer import MoGESparseMoeBlock
 from moge_hf.moge_model import HOSTS
 from moge_hf.routing import routing_recorder
 
@@ -40,22 +33,46 @@ from moge_hf.routing import routing_recorder
 # Every moge_hf model class (the shared table, tests/tiny.py), so every shared check runs on all of them.
 MODEL_CASES = case_names(moge_hf=True)
 HEAD_CASES = case_names(moge_hf=True, head=True)
+# One head model per host family: checks of the shared machinery (the config, save/load, experts kernels), where the
+# family's other classes add nothing.
+FAMILY_CASES = case_names(moge_hf=True, head=True, per_family=True)
+CAUSAL_LM_CASES = case_names(moge_hf=True, task="causal-lm")
+GENERATIVE_CASES = case_names(moge_hf=True, generative=True)
+# Text models whose batches carry an attention mask (padding).
+MASKED_CASES = [name for name in MODEL_CASES if "attention_mask" in CASES[name].batch(size=1)]
 
 
 def build(case, seed=0, **overrides):
     return CASES[case].build(seed, **overrides), CASES[case].batch()
 
 
-def gpt2_batch(seed=0):
-    return lm_batch(seed)
+def gpt2_lm(**overrides):
+    """GPT-2's own LM class, for the checks of GPT-2's own features (positions, its modules' names)."""
+    torch.manual_seed(0)
+    return GPT2MoGELMHeadModel(gpt2_config(**overrides)), lm_batch()
+
+
+def token_mask(batch):
+    """The tokens the routing losses count: those the attention mask keeps (all of them without a mask)."""
+    mask = batch.get("attention_mask")
+    return None if mask is None else mask.reshape(-1).bool()
 
 
 def task_loss(case, model, outputs, batch):
     """The task loss alone, computed by hand."""
-    if case == "gpt2-lm":
+    task = CASES[case].task
+    if task == "causal-lm":
         logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]
-        return F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
-    return F.cross_entropy(outputs.logits, batch["labels"])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    if task in ("sequence-classification", "image-classification"):
+        return F.cross_entropy(outputs.logits, batch["labels"])
+    raise AssertionError(f"{case}: no task loss for task {task!r}")
+
+
+def test_the_table_has_every_moge_hf_class():
+    """Every class the library registers has its row in tests/tiny.py (else no shared check would run on it)."""
+    registered = {head.model_class for host in HOSTS.values() for head in host.heads.values()}
+    assert registered == {CASES[name].model_class for name in MODEL_CASES}
 
 
 @pytest.mark.compat
@@ -69,9 +86,9 @@ def test_outputs_have_routing_losses(case):
         assert value.dim() == 0 and torch.isfinite(value), name
     assert outputs.router_logits is None
     outputs = model(**batch, output_router_logits=True)
-    num_tokens = BATCH * (SEQ if case.startswith("gpt2") else 17)  # ViT: 16 patches + [CLS]
     assert len(outputs.router_logits) == len(model.config.moe_layers)
-    assert all(logits.shape == (num_tokens, 8) for logits in outputs.router_logits)
+    num_tokens = CASES[case].routed_tokens(batch, len(model.config.moe_layers))
+    assert [tuple(logits.shape) for logits in outputs.router_logits] == [(n, 8) for n in num_tokens]
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
@@ -84,8 +101,9 @@ def test_outputs_pickle(case):
     torch.testing.assert_close(again.moge_loss, outputs.moge_loss)
 
 
-def test_routing_losses_with_a_zero_coefficient_are_reported_without_autograd():
-    model, batch = build("gpt2-lm", moge_loss_coef=0.0, router_z_loss_coef=0.0, router_aux_loss_coef=0.01)
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_routing_losses_with_a_zero_coefficient_are_reported_without_autograd(case):
+    model, batch = build(case, moge_loss_coef=0.0, router_z_loss_coef=0.0, router_aux_loss_coef=0.01)
     outputs = model(**batch)
     assert outputs.aux_loss.requires_grad  # trained on
     assert not outputs.moge_loss.requires_grad and not outputs.z_loss.requires_grad  # only reported
@@ -136,9 +154,10 @@ def test_moge_coef_zero_is_plain_moe(case):
         assert not torch.allclose(grads[i], moge_grads[i]), names[i]
 
 
-def test_routing_losses_follow_trainer_token_normalization():
+@pytest.mark.parametrize("case", CAUSAL_LM_CASES)
+def test_routing_losses_follow_trainer_token_normalization(case):
     """With Trainer's `num_items_in_batch`, the routing losses are weighted by the micro-batch's share of tokens."""
-    model, batch = build("gpt2-lm")
+    model, batch = build(case)
     model.eval()
     plain = model(**batch)
     tokens = int((batch["labels"][:, 1:] != -100).sum())
@@ -148,8 +167,9 @@ def test_routing_losses_follow_trainer_token_normalization():
     torch.testing.assert_close(whole.loss, plain.loss)
 
 
-def test_routing_losses_ignore_padding_tokens():
-    model, _ = build("gpt2-lm")
+@pytest.mark.parametrize("case", MASKED_CASES)
+def test_routing_losses_ignore_padding_tokens(case):
+    model, _ = build(case)
     model.eval()
     ids = input_ids(seed=3, batch=1, seq=5)
     padded = torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], dim=1)
@@ -164,7 +184,7 @@ def test_routing_losses_ignore_padding_tokens():
     moge, aux, z = [], [], []
     for logits in with_pad.router_logits:
         probs = logits[keep].float().softmax(-1)
-        moge.append(group_sparsity_loss(probs, (2, 4), config.moge_window, config.moge_sigma))
+        moge.append(group_sparsity_loss(probs, config.moge_map_shape, config.moge_window, config.moge_sigma))
         aux.append(load_balancing_loss(probs, probs.topk(config.num_experts_per_tok, -1).indices))
         z.append(router_z_loss(logits[keep]))
     for name, per_layer in (("moge_loss", moge), ("aux_loss", aux), ("z_loss", z)):
@@ -214,8 +234,9 @@ def enable_checkpointing(model, use_reentrant: bool) -> None:
 
 def test_reentrant_checkpointing_refused_with_frozen_routers_and_trainable_weights_before_them():
     # LoRA-style: the routers (and most of the model) frozen, a trainable attention projection in layer 0. The routing
-    # losses reach it through the hidden states; reentrant checkpointing would drop that gradient silently.
-    model, batch = build("gpt2-lm", router_jitter_noise=0.0)
+    # losses reach it through the hidden states; reentrant checkpointing would drop that gradient silently. (GPT-2's
+    # own module names: the check is the mixin's, the same for every host.)
+    model, batch = gpt2_lm(router_jitter_noise=0.0)
     model.train()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -228,7 +249,7 @@ def test_reentrant_checkpointing_refused_with_frozen_routers_and_trainable_weigh
     model.transformer.ln_f.weight.requires_grad_(True)
     model(**batch).loss.backward()
     # Non-reentrant (transformers' default): the routing losses' gradient reaches the adapter.
-    model, batch = build("gpt2-lm", router_jitter_noise=0.0)
+    model, batch = gpt2_lm(router_jitter_noise=0.0)
     model.train()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -239,8 +260,9 @@ def test_reentrant_checkpointing_refused_with_frozen_routers_and_trainable_weigh
     assert grad.abs().sum() > 0
 
 
-def test_reentrant_checkpointing_refused_since_routing_losses_would_train_nothing():
-    model, batch = build("gpt2-lm", router_jitter_noise=0.0)
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_reentrant_checkpointing_refused_since_routing_losses_would_train_nothing(case):
+    model, batch = build(case, router_jitter_noise=0.0)
     model.train()
     enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
     kwargs_name = next(n for n in inspect.signature(enable).parameters if n.endswith("checkpointing_kwargs"))
@@ -252,29 +274,30 @@ def test_reentrant_checkpointing_refused_since_routing_losses_would_train_nothin
 
 
 @pytest.mark.compat
-def test_generate_with_cache_matches_without():
-    model, _ = build("gpt2-lm")
+@pytest.mark.parametrize("case", GENERATIVE_CASES)
+def test_generate_with_cache_matches_without(case):
+    model, _ = build(case)
     model.eval()
-    prompt = input_ids(seed=5, batch=2, seq=4)
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    prompt = CASES[case].inputs(seed=5, size=2)["input_ids"][:, :4]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=model.config.pad_token_id)
+    kwargs["attention_mask"] = torch.ones_like(prompt)
     cached = model.generate(prompt, use_cache=True, **kwargs)
     uncached = model.generate(prompt, use_cache=False, **kwargs)
     assert cached.shape == (2, 12)
     assert torch.equal(cached, uncached)
 
 
-def test_generative_classes_list_generation_mixin_among_their_direct_bases():
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_generative_classes_list_generation_mixin_among_their_direct_bases(case):
     # transformers' convention, asserted by its common test `test_inherits_generation_mixin`: a class that can
-    # generate names `GenerationMixin` among its own bases (inheriting it from the dense parent is not enough).
-    classes = [head.model_class for host in HOSTS.values() for head in host.heads.values()]
-    generative = [cls for cls in classes if cls.can_generate()]
-    assert GPT2MoGELMHeadModel in generative
-    for cls in generative:
-        assert transformers.GenerationMixin in cls.__bases__, cls.__name__
+    # generate names `GenerationMixin` among its own bases (inheriting it from the dense parent is not enough). The
+    # table says which classes generate (tests/tiny.py checks it against `can_generate`).
+    cls = CASES[case].model_class
+    assert (transformers.GenerationMixin in cls.__bases__) == CASES[case].generative, cls.__name__
 
 
 def test_hidden_states_attentions_and_resized_embeddings():
-    model, batch = build("gpt2-lm", n_inner=64)
+    model, batch = gpt2_lm(n_inner=64)  # GPT-2's own layer count and embedding names
     model.set_attn_implementation("eager")
     model.eval()
     outputs = model(**batch, output_hidden_states=True, output_attentions=True)
@@ -285,8 +308,9 @@ def test_hidden_states_attentions_and_resized_embeddings():
     assert model(input_ids(batch=2, seq=3) + 5).logits.shape == (2, 3, VOCAB + 5)
 
 
-def test_return_dict_false_gives_tuples():
-    model, batch = build("gpt2-lm")
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_return_dict_false_gives_tuples(case):
+    model, batch = build(case)
     model.eval()
     as_tuple = model(**batch, return_dict=False)
     as_dict = model(**batch)
@@ -295,27 +319,21 @@ def test_return_dict_false_gives_tuples():
     torch.testing.assert_close(as_tuple[1], as_dict.logits)
 
 
-# The tuple layout, the same under every transformers release: the dense parent's fields (the KV cache third, whatever
-# transformers calls it), then the routing fields. `None` fields are left out, as in transformers.
-@pytest.mark.parametrize(
-    "case, layout",
-    [
-        ("gpt2-base", ("last_hidden_state", CACHE_NAME, "aux_loss", "moge_loss", "z_loss")),
-        ("gpt2-lm", ("loss", "logits", CACHE_NAME, "aux_loss", "moge_loss", "z_loss")),
-        ("gpt2-seqcls", ("loss", "logits", CACHE_NAME, "aux_loss", "moge_loss", "z_loss")),
-        ("vit-base", ("last_hidden_state", "pooler_output", "aux_loss", "moge_loss", "z_loss")),
-        ("vit-cls", ("loss", "logits", "aux_loss", "moge_loss", "z_loss")),
-    ],
-)
-def test_tuple_layout_is_the_parents_then_the_routing_fields(case, layout):
+# The tuple layout, the same under every transformers release: the dense parent's fields (for GPT-2, the KV cache
+# third, whatever transformers calls it), then the routing fields. `None` fields are left out, as in transformers.
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_tuple_layout_is_the_parents_then_the_routing_fields(case):
     model, batch = build(case)
     model.eval()
-    if case.startswith("gpt2"):
-        batch["use_cache"] = True
+    dense = CASES[case].build_dense()  # the dense parent, the same shape, on the same batch
     with torch.no_grad():
         as_dict = model(**batch)
         as_tuple = model(**batch, return_dict=False)
+        dense_outputs = dense(**batch)
+    layout = (*dense_outputs.keys(), "aux_loss", "moge_loss", "z_loss")
     assert tuple(as_dict.keys()) == layout
+    if CACHE_NAME in inspect.signature(CASES[case].dense_class.forward).parameters:
+        assert CACHE_NAME in layout  # the cache is returned, in the parent's place
     assert len(as_tuple) == len(layout)
     for name, value in zip(layout, as_tuple):
         expected = as_dict[name]
@@ -324,25 +342,22 @@ def test_tuple_layout_is_the_parents_then_the_routing_fields(case, layout):
         else:
             assert type(value) is type(expected)
     # Transformers' own output class is the parent: code written for the dense model's outputs works unchanged.
-    dense_output = {
-        "gpt2-base": "BaseModelOutputWithPastAndCrossAttentions",
-        "gpt2-lm": "CausalLMOutputWithCrossAttentions",
-        "gpt2-seqcls": "SequenceClassifierOutputWithPast",
-        "vit-base": "BaseModelOutputWithPooling",
-        "vit-cls": "ImageClassifierOutput",
-    }[case]
-    assert isinstance(as_dict, getattr(modeling_outputs, dense_output))
+    assert isinstance(as_dict, type(dense_outputs)) and type(as_dict) is not type(dense_outputs)
 
 
-def test_set_moge_sigma():
-    model, batch = build("vit-cls", moge_sigma=1.0)
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_set_moge_sigma(case):
+    model, batch = build(case, moge_sigma=1.0)
     model.eval()
     before = model(**batch).moge_loss
     model.set_moge_sigma(4.0)
     assert model.config.moge_sigma == 4.0
     assert all(block.regularizer.sigma == 4.0 for block in model.moge_blocks())
     router_logits = model(**batch, output_router_logits=True).router_logits
-    expected = torch.stack([group_sparsity_loss(lg.softmax(-1), (2, 4), 2, 4.0) for lg in router_logits]).mean()
+    shape, mask = model.config.moge_map_shape, token_mask(batch)
+    expected = torch.stack(
+        [group_sparsity_loss(lg.softmax(-1), shape, 2, 4.0, mask=mask) for lg in router_logits]
+    ).mean()
     after = model(**batch).moge_loss
     torch.testing.assert_close(after, expected)
     assert not torch.allclose(before, after)
@@ -352,8 +367,9 @@ def test_set_moge_sigma():
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
-def test_experts_implementations_agree_in_the_model(implementation):
-    model, batch = build("gpt2-lm", n_inner=64)
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_experts_implementations_agree_in_the_model(case, implementation):
+    model, batch = build(case, **ALIGNED)
     model.eval()
     reference = model(**batch).logits
     model.set_experts_implementation(implementation)
@@ -362,15 +378,17 @@ def test_experts_implementations_agree_in_the_model(implementation):
 
 
 @pytest.mark.parametrize("implementation", ["sonicmoe", "deepgemm"])
-def test_experts_implementations_that_cannot_run_moge_experts_are_refused(implementation):
-    model, _ = build("gpt2-lm")
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_experts_implementations_that_cannot_run_moge_experts_are_refused(case, implementation):
+    model, _ = build(case)
     with pytest.raises(ValueError, match=rf"{implementation}.*cannot run MoGE experts"):
         model.set_experts_implementation(implementation)
     with pytest.raises(ValueError, match="fancy_mm"):  # unknown: transformers' own error
         model.set_experts_implementation("fancy_mm")
 
 
-def test_a_user_registered_experts_kernel_is_accepted(monkeypatch):
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_a_user_registered_experts_kernel_is_accepted(case, monkeypatch):
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     calls = []
@@ -380,43 +398,49 @@ def test_a_user_registered_experts_kernel_is_accepted(monkeypatch):
         return ALL_EXPERTS_FUNCTIONS["batched_mm"](experts, hidden_states, top_k_index, top_k_weights)
 
     monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "my_kernel", my_kernel)
-    model, batch = build("gpt2-lm")
+    model, batch = build(case)
     model.set_experts_implementation("my_kernel")
     model(**batch)
     assert calls
 
 
 def test_moge_triton_refused_for_an_activation_it_cannot_fuse():
-    model, _ = build("gpt2-lm", activation_function="gelu_fast")
+    model, _ = gpt2_lm(activation_function="gelu_fast")  # GPT-2's activation field
     with pytest.raises(ValueError, match="moge_triton.*'gelu_fast'"):
         model.set_experts_implementation("moge_triton")
 
 
-def test_grouped_mm_refused_for_unaligned_sizes():
-    model, batch = build("gpt2-lm")  # n_inner=37
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_grouped_mm_refused_for_unaligned_sizes(case):
+    model, batch = build(case)  # the tiny configs' MLP size, 37
+    assert {block.experts.intermediate_dim for block in model.moge_blocks()} == {37}
     assert model.config._experts_implementation == "eager"  # the default, for every size
     with pytest.raises(ValueError, match="multiples of 8"):
         model.set_experts_implementation("grouped_mm")
 
 
-def test_moge_models_can_set_experts_implementation_after_a_dense_model():
-    """transformers caches its experts check on the class; a dense GPT-2 built first must not disable ours."""
-    GPT2Model(GPT2Model.config_class(n_layer=1, n_embd=32, n_head=4, vocab_size=10))
-    model, _ = build("gpt2-base", n_inner=64)
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_moge_models_can_set_experts_implementation_after_a_dense_model(case):
+    """transformers caches its experts check on the class; the dense parent built first must not disable ours."""
+    CASES[case].build_dense()
+    model, _ = build(case, **ALIGNED)
     model.set_experts_implementation("batched_mm")
     assert model.config._experts_implementation == "batched_mm"
 
 
-def test_bfloat16_forward():
-    model, batch = build("gpt2-lm", n_inner=64)
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_bfloat16_forward(case):
+    model, batch = build(case, **ALIGNED)
     model = model.to(torch.bfloat16).eval()
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}  # e.g. pixel values
     outputs = model(**batch)
     assert outputs.logits.dtype == torch.bfloat16
     assert torch.isfinite(outputs.loss) and torch.isfinite(outputs.moge_loss)
 
 
-def test_window_weights_stay_float32_when_the_model_is_cast():
-    model, batch = build("gpt2-lm", n_inner=64)
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_window_weights_stay_float32_when_the_model_is_cast(case):
+    model, batch = build(case, **ALIGNED)
     exact = [block.regularizer.window_matrix.clone() for block in model.moge_blocks()]
     model = model.to(torch.bfloat16)
     for block, matrix in zip(model.moge_blocks(), exact):
@@ -427,8 +451,9 @@ def test_window_weights_stay_float32_when_the_model_is_cast():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_routing_losses_are_float32_under_autocast(dtype):
-    model, batch = build("gpt2-lm", n_inner=64, num_experts=16, moge_map_shape=[4, 4], moge_loss_coef=0.01)
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_routing_losses_are_float32_under_autocast(case, dtype):
+    model, batch = build(case, **ALIGNED, num_experts=16, moge_map_shape=[4, 4], moge_loss_coef=0.01)
     with torch.no_grad():  # confident routers, whose far windows' squared probabilities underflow in fp16
         for block in model.moge_blocks():
             block.router.weight.mul_(300.0)
@@ -487,23 +512,30 @@ def test_auto_class_round_trip(case, auto_class, tmp_path):
             assert torch.equal(value, loaded_out[name]), name
 
 
-def test_lm_head_is_tied_after_loading(tmp_path):
-    model, _ = build("gpt2-lm")
-    assert model.lm_head.weight is model.transformer.wte.weight
+def tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("case", CAUSAL_LM_CASES)
+def test_lm_head_is_tied_after_loading(case, tmp_path):
+    model, _ = build(case)
+    assert tied(model)
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    loaded = getattr(transformers, CASES[case].auto_class).from_pretrained(tmp_path)
+    assert tied(loaded)
 
 
-def test_auto_from_config_and_registration_is_idempotent():
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_auto_from_config_and_registration_is_idempotent(case):
     importlib.reload(moge_hf)
     importlib.reload(moge_hf)
-    kwargs = {k: v for k, v in gpt2_config().to_diff_dict().items() if k != "model_type"}
-    config = AutoConfig.for_model("gpt2_moge", **kwargs)
-    assert isinstance(config, GPT2MoGEConfig)
-    assert isinstance(AutoModelForCausalLM.from_config(config), GPT2MoGELMHeadModel)
-    assert isinstance(AutoModelForImageClassification.from_config(vit_config()), ViTMoGEForImageClassification)
-    assert isinstance(AutoConfig.for_model("vit_moge"), ViTMoGEConfig)
+    spec = CASES[case]
+    own = spec.make_config()
+    kwargs = {k: v for k, v in own.to_diff_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model(own.model_type, **kwargs)
+    assert type(config) is type(own)
+    assert type(getattr(transformers, spec.auto_class).from_config(config)) is spec.model_class
+    assert type(AutoConfig.for_model(own.model_type)) is type(own)
 
 
 @pytest.mark.parametrize("case", [name for name in CASES if CASES[name].task is not None])
@@ -532,7 +564,8 @@ def test_a_deep_copy_records_its_own_routing_also_in_the_middle_of_training(case
     assert len(heard) == 2
 
 
-def test_data_parallel_replicas_sharing_the_recorder_record_apart():
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_data_parallel_replicas_sharing_the_recorder_record_apart(case):
     """`nn.DataParallel` replicas are shallow copies that share the recorder and run in threads: each thread's
     forward must get its own routing (this is what `Trainer` does on a machine with several GPUs and no launcher)."""
 
@@ -543,7 +576,7 @@ def test_data_parallel_replicas_sharing_the_recorder_record_apart():
             replica._modules[name] = None if child is None else replicate(child)
         return replica
 
-    model, batch = build("gpt2-lm", moe_layers=[0, 1])
+    model, batch = build(case, moe_layers=[0, 1])
     model.eval()
     with torch.no_grad():
         expected = model(**batch)
@@ -570,8 +603,9 @@ def test_data_parallel_replicas_sharing_the_recorder_record_apart():
             torch.testing.assert_close(getattr(outputs, name), getattr(expected, name))
 
 
-def test_the_routing_losses_read_the_routing_the_block_used_after_a_router_hook():
-    model, batch = build("gpt2-lm", router_jitter_noise=0.0, num_experts_per_tok=1)
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_the_routing_losses_read_the_routing_the_block_used_after_a_router_hook(case):
+    model, batch = build(case, router_jitter_noise=0.0, num_experts_per_tok=1)
     model.eval()
     forced = {}
 
@@ -589,40 +623,50 @@ def test_the_routing_losses_read_the_routing_the_block_used_after_a_router_hook(
         block.router.register_forward_hook(force)
     with torch.no_grad():
         outputs = model(**batch)
-    mask = batch["attention_mask"].reshape(-1).bool()
+    mask = token_mask(batch)
     want = torch.stack([load_balancing_loss(probs, index, mask) for probs, index in forced.values()]).mean()
     torch.testing.assert_close(outputs.aux_loss, want)
 
 
-def test_untie_word_embeddings_keeps_the_function_and_saves_both(tmp_path):
-    model, batch = build("gpt2-lm")
+@pytest.mark.parametrize("case", CAUSAL_LM_CASES)
+def test_untie_word_embeddings_keeps_the_function_and_saves_both(case, tmp_path):
+    model, batch = build(case)
     model.eval()
     before = model(**batch).logits
     assert model.untie_word_embeddings() is model
-    head, embeddings = model.lm_head.weight, model.transformer.wte.weight
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     assert head is not embeddings and torch.equal(head, embeddings) and not model.config.tie_word_embeddings
     torch.testing.assert_close(model(**batch).logits, before)
     with torch.no_grad():
         head.add_(1.0)  # they train apart from here
-    assert not torch.equal(model.transformer.wte.weight, head)
+    assert not torch.equal(model.get_input_embeddings().weight, head)
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert loaded.lm_head.weight is not loaded.transformer.wte.weight
-    assert torch.equal(loaded.lm_head.weight, head) and torch.equal(loaded.transformer.wte.weight, embeddings)
-    vit = build("vit-cls")[0]
-    assert vit.untie_word_embeddings() is vit and "tie_word_embeddings" not in vit.config.to_diff_dict()  # no-op
+    loaded = getattr(transformers, CASES[case].auto_class).from_pretrained(tmp_path)
+    assert not tied(loaded)
+    assert torch.equal(loaded.get_output_embeddings().weight, head)
+    assert torch.equal(loaded.get_input_embeddings().weight, embeddings)
 
 
-def test_from_pretrained_experts_implementation(tmp_path):
-    model, batch = build("gpt2-lm", n_inner=64)
+@pytest.mark.parametrize("case", [name for name in MODEL_CASES if name not in CAUSAL_LM_CASES])
+def test_untie_word_embeddings_without_output_embeddings_is_a_no_op(case):
+    model, _ = build(case)
+    assert model.get_output_embeddings() is None
+    config = model.config.to_diff_dict()
+    assert model.untie_word_embeddings() is model and model.config.to_diff_dict() == config
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_from_pretrained_experts_implementation(case, tmp_path):
+    model, batch = build(case, **ALIGNED)
     model.eval()
     model.save_pretrained(tmp_path)
+    auto_class = getattr(transformers, CASES[case].auto_class)
     for implementation in ("eager", "grouped_mm", "batched_mm"):
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=implementation).eval()
+        loaded = auto_class.from_pretrained(tmp_path, experts_implementation=implementation).eval()
         assert loaded.config._experts_implementation == implementation
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="experts_implementation"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="no_such_kernel")
+        auto_class.from_pretrained(tmp_path, experts_implementation="no_such_kernel")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -636,7 +680,7 @@ def test_from_pretrained_experts_implementation(tmp_path):
         ({"num_experts": 0}, "num_experts"),
         ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
         ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
-        ({"moe_layers": [2]}, "moe_layers"),
+        ({"moe_layers": [64]}, "moe_layers"),  # past the last layer (GPT-2's boundary: test_good_config_edge_cases)
         ({"moe_layers": []}, "moe_layers"),
         ({"moe_layers": [1, 1]}, "moe_layers"),
         ({"expert_intermediate_size": 0}, "expert_intermediate_size"),
@@ -658,10 +702,10 @@ def test_from_pretrained_experts_implementation(tmp_path):
         ({"router_aux_loss_global": 1}, "router_aux_loss_global"),
     ],
 )
-@pytest.mark.parametrize("make_config", [gpt2_config, vit_config])
-def test_bad_config_values_raise(make_config, overrides, field):
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_bad_config_values_raise(case, overrides, field):
     with pytest.raises(ValueError, match=field):
-        make_config(**overrides)
+        CASES[case].make_config(**overrides)
 
 
 def test_good_config_edge_cases():
@@ -669,6 +713,9 @@ def test_good_config_edge_cases():
     assert gpt2_config(moge_map_shape=(4, 2)).moge_map_shape == [4, 2]
     assert gpt2_config(moe_layers=None, n_layer=4).moe_layers == [1, 3]
     assert gpt2_config(moe_layers=None, n_layer=1).moe_layers == [0]
+    assert gpt2_config(moe_layers=[1]).moe_layers == [1]  # the last of its 2 layers; one past it is refused
+    with pytest.raises(ValueError, match="moe_layers"):
+        gpt2_config(moe_layers=[2])
     assert gpt2_config(moge_map_shape=None, num_experts=32, moge_window=3).moge_resolved_map_shape == (4, 8)
     assert gpt2_config(num_experts_per_tok=1).moge_norm_topk_prob is False
     assert gpt2_config(num_experts_per_tok=2).moge_norm_topk_prob is True
@@ -686,42 +733,47 @@ def test_good_config_edge_cases():
         ("num_experts", 0),
     ],
 )
-def test_bad_value_assigned_to_a_built_config_raises_and_keeps_the_old_one(field, value):
-    config = gpt2_config()
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_bad_value_assigned_to_a_built_config_raises_and_keeps_the_old_one(case, field, value):
+    config = CASES[case].make_config()
     before = getattr(config, field)
     with pytest.raises(ValueError, match=field):
         setattr(config, field, value)
     assert getattr(config, field) == before
 
 
-def test_fields_that_only_clash_together_are_checked_on_validate_save_and_model_build(tmp_path):
-    config = gpt2_config()
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_fields_that_only_clash_together_are_checked_on_validate_save_and_model_build(case, tmp_path):
+    spec = CASES[case]
+    config = spec.make_config()
     config.moge_window = 3  # valid alone, but no 3x3 window fits the 2x4 map with valid padding
     with pytest.raises(ValueError, match="moge_window"):
         config.validate()
     with pytest.raises(ValueError, match="moge_window"):
         config.save_pretrained(tmp_path / "config")
     with pytest.raises(ValueError, match="moge_window"):
-        GPT2MoGELMHeadModel(config)
-    model, _ = build("gpt2-lm")
+        spec.model_class(config)
+    model, _ = build(case)
     model.save_pretrained(tmp_path / "model")
+    auto_class = getattr(transformers, spec.auto_class)
     with pytest.raises(ValueError, match="moge_padding"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "model", moge_padding="same")
+        auto_class.from_pretrained(tmp_path / "model", moge_padding="same")
     with pytest.raises(ValueError, match="moge_window"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "model", moge_window=9)
+        auto_class.from_pretrained(tmp_path / "model", moge_window=9)
 
 
-def test_bad_config_file_raises_on_load(tmp_path):
-    model, _ = build("gpt2-lm")
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_bad_config_file_raises_on_load(case, tmp_path):
+    model, _ = build(case)
     model.save_pretrained(tmp_path)
     text = (tmp_path / "config.json").read_text().replace('"moge_window": 2', '"moge_window": 5')
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ValueError, match="moge_window"):
-        AutoModelForCausalLM.from_pretrained(tmp_path)
+        getattr(transformers, CASES[case].auto_class).from_pretrained(tmp_path)
 
 
 def test_sequence_longer_than_n_positions_raises():
-    model, _ = build("gpt2-lm")
+    model, _ = gpt2_lm()  # GPT-2's learned positions
     with pytest.raises(ValueError, match="n_positions=32"):
         model(input_ids(batch=2, seq=33))
     with pytest.raises(ValueError, match="n_positions"):
@@ -729,7 +781,7 @@ def test_sequence_longer_than_n_positions_raises():
 
 
 def test_generation_past_n_positions_raises_with_the_cache_counted():
-    model, _ = build("gpt2-lm")
+    model, _ = gpt2_lm()
     model.eval()
     prompt = input_ids(seed=3, batch=2, seq=28)
     assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape == (2, 32)  # fills the 32 positions
@@ -744,25 +796,36 @@ def test_generation_past_n_positions_raises_with_the_cache_counted():
             model(input_ids(batch=2, seq=6), **{CACHE_NAME: cache})
 
 
-def test_forward_arguments_follow_the_dense_parent():
-    # Every argument of the dense forward reaches ours, the cache under the parent's own name; positions past the
-    # first input are keyword-only, so a positional call written for another release fails loudly.
-    for moge_class, dense_class in ((GPT2MoGEModel, GPT2Model), (GPT2MoGELMHeadModel, GPT2LMHeadModel)):
-        dense = set(inspect.signature(dense_class.forward).parameters)
-        assert CACHE_NAME in dense
-        ours = inspect.signature(moge_class.forward).parameters
-        assert "kwargs" in ours and CACHE_NAME not in ours
-    model, batch = build("gpt2-lm")
-    with pytest.raises(TypeError):
-        model(batch["input_ids"], batch["attention_mask"])
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_forward_arguments_follow_the_dense_parent(case):
+    # Every argument of the dense forward reaches ours (by name, or through **kwargs); a KV cache goes through under
+    # the parent's own name (transformers renamed it), and then positions past the first input are keyword-only, so a
+    # positional call written for another release fails loudly.
+    spec = CASES[case]
+    dense = inspect.signature(spec.dense_class.forward).parameters
+    ours = inspect.signature(spec.model_class.forward).parameters
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours.values()) and CACHE_NAME not in ours
+    if CACHE_NAME in dense:
+        first, *rest = [p for name, p in ours.items() if name != "self"]
+        assert all(p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD) for p in rest), first
+        model, batch = build(case)
+        with pytest.raises(TypeError):
+            model(*list(batch.values())[:2])
 
 
-def test_attention_mask_of_the_wrong_shape_raises_naming_the_shapes():
-    model, _ = build("gpt2-lm")
+@pytest.mark.parametrize("case", MASKED_CASES)
+def test_attention_mask_of_the_wrong_shape_raises_naming_the_shapes(case):
+    model, _ = build(case)
     ids = input_ids(batch=2, seq=7)
     for mask in (torch.ones(2, 5, dtype=torch.long), torch.ones(3, 7, dtype=torch.long)):
         with pytest.raises(ValueError, match=r"attention_mask has shape .* it must be \(2, 7\)"):
             model(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("case", GENERATIVE_CASES)
+def test_attention_mask_of_the_wrong_shape_after_a_cache_raises_naming_the_shapes(case):
+    model, _ = build(case)
+    ids = input_ids(batch=2, seq=7)
     with torch.no_grad():  # with a cache: cached + new tokens
         cache = model(ids, use_cache=True)[CACHE_NAME]
         with pytest.raises(ValueError, match=r"after 7 cached: it must be \(2, 8\)"):
@@ -770,7 +833,8 @@ def test_attention_mask_of_the_wrong_shape_raises_naming_the_shapes():
 
 
 def test_image_of_wrong_size_or_shape_raises():
-    model, _ = build("vit-cls")
+    torch.manual_seed(0)
+    model = ViTMoGEForImageClassification(vit_config())  # ViT's fixed image size (its position embeddings)
     with pytest.raises(ValueError, match="image size"):
         model(pixel_values(batch=2, size=20))
     with pytest.raises(ValueError, match="channel"):
@@ -781,43 +845,49 @@ def test_image_of_wrong_size_or_shape_raises():
         model()
 
 
-@pytest.mark.parametrize("case", ["gpt2-lm", "vit-cls"])
+@pytest.mark.parametrize("case", MODEL_CASES)
 def test_nan_hidden_states_reaching_the_router_raise(case):
     model, batch = build(case)
-    first_moe = model.config.moe_layers[0]  # 1: the attention output of layer 0 feeds it
-    with torch.no_grad():
-        if case == "gpt2-lm":
-            model.transformer.h[0].attn.c_proj.weight.fill_(float("nan"))
-        else:
-            model.vit.layers[0].attention.o_proj.weight.fill_(float("nan"))
+    first_moe = model.config.moe_layers[0]
+    block = model.moge_blocks()[0]
+    assert isinstance(block, MoGESparseMoeBlock) and block.layer_index == first_moe
+
+    def poison(module, args):  # what a diverged layer before it would hand the MoGE layer
+        return (torch.full_like(args[0], float("nan")), *args[1:])
+
+    block.register_forward_pre_hook(poison)
     with pytest.raises(ValueError, match=rf"MoGE layer\(s\) \[{first_moe}.*not finite"):
         model(**batch)
 
 
-def test_sequence_classification_without_pad_token_raises():
-    model, batch = build("gpt2-seqcls", pad_token_id=None)
+@pytest.mark.parametrize("case", case_names(moge_hf=True, task="sequence-classification"))
+def test_sequence_classification_without_pad_token_raises(case):
+    model, batch = build(case, pad_token_id=None)
     with pytest.raises(ValueError, match="padding token"):
         model(**batch)
 
 
 @pytest.mark.parametrize(
-    "name, value",
+    "name, values",  # the first value that is not the model's own is set
     [
-        ("moge_reduction", "paper"),
-        ("moge_sigma", 3.0),
-        ("moge_window", 1),
-        ("moge_padding", "circular"),
-        ("moge_map_shape", [4, 2]),
-        ("num_experts_per_tok", 1),
-        ("norm_topk_prob", False),
-        ("router_jitter_noise", 0.1),
-        ("moe_layers", [0]),
+        ("moge_reduction", ["paper"]),
+        ("moge_sigma", [3.0]),
+        ("moge_window", [1]),
+        ("moge_padding", ["circular"]),
+        ("moge_map_shape", [[4, 2]]),
+        ("num_experts_per_tok", [1, 2]),
+        ("norm_topk_prob", [False, True]),
+        ("router_jitter_noise", [0.1]),
+        ("moe_layers", [[0], [1]]),
     ],
 )
-def test_moge_fields_changed_on_a_built_models_config_are_refused_not_silently_saved(name, value, tmp_path):
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_moge_fields_changed_on_a_built_models_config_are_refused_not_silently_saved(case, name, values, tmp_path):
     # The MoGE layers read these when they are built: changed afterwards, the model would keep the old value and
     # save the new one, and the reloaded model would be another model.
-    model, batch = build("gpt2-lm")
+    model, batch = build(case)
+    built = {"norm_topk_prob": model.config.moge_norm_topk_prob}.get(name, getattr(model.config, name))
+    value = next(value for value in values if value != built)
     setattr(model.config, name, value)
     with pytest.raises(ValueError, match=rf"config\.{name} was set to .* after the model was built"):
         model(**batch)
@@ -826,8 +896,9 @@ def test_moge_fields_changed_on_a_built_models_config_are_refused_not_silently_s
     assert not (tmp_path / "config.json").exists()
 
 
-def test_live_fields_and_set_moge_sigma_keep_config_and_model_in_step(tmp_path):
-    model, batch = build("gpt2-lm")
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_live_fields_and_set_moge_sigma_keep_config_and_model_in_step(case, tmp_path):
+    model, batch = build(case)
     model.eval()
     model.set_moge_sigma(3.0)  # the way to change sigma: modules and config together
     model.config.moge_loss_coef = 0.5  # read at every forward
@@ -835,15 +906,16 @@ def test_live_fields_and_set_moge_sigma_keep_config_and_model_in_step(tmp_path):
     with torch.no_grad():
         out = model(**batch)
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = getattr(transformers, CASES[case].auto_class).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         again = loaded(**batch)
     torch.testing.assert_close(again.loss, out.loss)
     torch.testing.assert_close(again.moge_loss, out.moge_loss)
 
 
-def test_a_shape_changing_field_set_on_a_built_model_gets_the_right_hint():
-    model, batch = build("gpt2-lm")
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_a_shape_changing_field_set_on_a_built_model_gets_the_right_hint(case):
+    model, batch = build(case)
     model.config.num_experts = 4
     with pytest.raises(ValueError, match=r"config\.num_experts .* it changes weight shapes: set it back to 8"):
         model(**batch)

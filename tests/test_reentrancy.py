@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from tiny import CASES
+from tiny import CASES, case_names, first_case
 
 import moge_hf
 import moge_hf.moge_model
@@ -29,6 +29,8 @@ REPO = TESTS.parent
 TWO_RANK_TIMEOUT_S = 180  # both processes, imports included (a hang fails the test after this)
 ALONE_SEED = 10  # rank 0's batch for the forward it runs alone
 REGULARIZER = dict(moge_loss_coef=0.1, moge_map_shape=[2, 4], moge_window=2)
+# `router_aux_loss_global` is the mixin's, the same on every host: checked on the table's first moge_hf head model.
+GLOBAL_AUX_CASE = first_case(moge_hf=True, head=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -36,8 +38,8 @@ REGULARIZER = dict(moge_loss_coef=0.1, moge_map_shape=[2, 4], moge_window=2)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _gpt2_global_aux():
-    return CASES["gpt2-lm"].build(router_aux_loss_global=True, router_aux_loss_coef=0.01).train()
+def _global_aux_model():
+    return CASES[GLOBAL_AUX_CASE].build(router_aux_loss_global=True, router_aux_loss_coef=0.01).train()
 
 
 def test_global_load_balancing_all_reduces_only_in_forwards_that_train(monkeypatch):
@@ -47,8 +49,8 @@ def test_global_load_balancing_all_reduces_only_in_forwards_that_train(monkeypat
     monkeypatch.setattr(moge_hf.moge_model, "_data_parallel_world_size", lambda: 2)
     # An all-reduce that records its call and leaves the counts as they are (the global fractions = the local ones).
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: calls.append(tensor.shape))
-    model, batch = _gpt2_global_aux(), CASES["gpt2-lm"].batch()
-    local = CASES["gpt2-lm"].build(router_aux_loss_coef=0.01).train()
+    model, batch = _global_aux_model(), CASES[GLOBAL_AUX_CASE].batch()
+    local = CASES[GLOBAL_AUX_CASE].build(router_aux_loss_coef=0.01).train()
     with torch.no_grad():
         want = local(**batch).aux_loss
         got = model(**batch).aux_loss
@@ -70,7 +72,7 @@ def _two_rank_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30)
     )
-    model, results = _gpt2_global_aux(), {}
+    model, results = _global_aux_model(), {}
     recorder, routings = routing_recorder(model), []
     recorder.listeners.append(
         lambda forward: routings.append(
@@ -80,7 +82,7 @@ def _two_rank_worker(rank: int, store: str, out: str) -> None:
     if rank == 0:  # alone: rank 1 waits for it without any collective
         try:
             with torch.no_grad():
-                results["alone"] = model(**CASES["gpt2-lm"].batch(seed=ALONE_SEED)).aux_loss
+                results["alone"] = model(**CASES[GLOBAL_AUX_CASE].batch(seed=ALONE_SEED)).aux_loss
         except BaseException:
             (out / "alone-failed").touch()
             raise
@@ -92,7 +94,7 @@ def _two_rank_worker(rank: int, store: str, out: str) -> None:
             if (out / "alone-failed").exists() or time.monotonic() > deadline:
                 raise SystemExit("rank 0's no_grad forward did not return")
             time.sleep(0.1)
-    outputs = model(**CASES["gpt2-lm"].batch(seed=rank))  # the training step, on every rank: all-reduces
+    outputs = model(**CASES[GLOBAL_AUX_CASE].batch(seed=rank))  # the training step, on every rank: all-reduces
     outputs.loss.backward()
     results["step"] = outputs.aux_loss.detach()
     results["step_routing"] = routings.pop()
@@ -160,7 +162,10 @@ def test_a_rank_alone_runs_a_no_grad_forward_while_training_steps_all_reduce(tmp
 # A forward inside a forward of the same model
 # ------------------------------------------------------------------------------------------------------------------
 
-LOSSES = {"gpt2-lm": ("loss", "aux_loss", "moge_loss", "z_loss"), "qwen3_moe": ("loss", "aux_loss", "moge_loss")}
+
+def _losses(case: str) -> tuple[str, ...]:
+    """The losses the model returns: a moge_hf model its router z-loss too."""
+    return ("loss", "aux_loss", "moge_loss", "z_loss") if CASES[case].moge_hf else ("loss", "aux_loss", "moge_loss")
 
 
 def _model(case: str):
@@ -179,7 +184,7 @@ def _first_moe_layer(model) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("case", ["gpt2-lm", "qwen3_moe"])
+@pytest.mark.parametrize("case", case_names(head=True, per_family=True))  # moge_hf hosts and transformers' MoE
 def test_a_forward_run_inside_a_forward_of_the_same_model_records_its_own_routing(case, grad):
     model = _model(case).train()
     outer_batch, inner_batch = CASES[case].batch(seed=1), CASES[case].batch(seed=2)
@@ -202,7 +207,7 @@ def test_a_forward_run_inside_a_forward_of_the_same_model_records_its_own_routin
     layers = len(recorder.taps)
     assert heard == [layers, layers]  # the inner forward, then the outer one: each its own layers
     assert not recorder.recording
-    for name in LOSSES[case]:
+    for name in _losses(case):
         torch.testing.assert_close(getattr(got_outer, name), getattr(want_outer, name), rtol=0, atol=1e-6)
         torch.testing.assert_close(getattr(got_inner, name), getattr(want_inner, name), rtol=0, atol=1e-6)
     torch.testing.assert_close(got_outer.logits, want_outer.logits, rtol=0, atol=1e-6)

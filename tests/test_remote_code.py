@@ -1,5 +1,6 @@
 """A folder written by `save_pretrained` loads with `trust_remote_code=True` where moge_hf cannot be imported."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,16 +12,18 @@ import torch
 import transformers
 from packaging.version import Version
 from tiny import CASES as TABLE
-from tiny import case_names
+from tiny import case_names, gpt2_config
 
 import moge_hf
 from moge_hf import GPT2MoGELMHeadModel
 from moge_hf.upgrade_code import upgrade_model_code
 
 
-# Every moge_hf head model (the shared table, tests/tiny.py) through its Auto class, and a head model's folder loaded
-# as the base model (`AutoModel`).
-CASES = [(name, TABLE[name].auto_class) for name in case_names(moge_hf=True, head=True)] + [("gpt2-lm", "AutoModel")]
+# Every moge_hf head model (the shared table, tests/tiny.py) through its Auto class, and one head model's folder per
+# host family loaded as the base model (`AutoModel`): each family's base class, from a saved head model's code.
+FAMILY_CASES = case_names(moge_hf=True, head=True, per_family=True)
+CASES = [(name, TABLE[name].auto_class) for name in case_names(moge_hf=True, head=True)]
+CASES += [(name, "AutoModel") for name in FAMILY_CASES]
 
 
 WORKER = Path(__file__).with_name("remote_code_worker.py")
@@ -49,9 +52,9 @@ def run_child(folder, auto_name, tmp_path):
 @pytest.mark.parametrize("case,auto_name", CASES)
 def test_remote_code_load_in_a_process_without_moge_hf(case, auto_name, tmp_path):
     model = TABLE[case].build().eval()
-    folder = tmp_path / "saved"
+    folder = tmp_path / case
     model.save_pretrained(folder)
-    inputs = {key: value for key, value in TABLE[case].batch().items() if key != "labels"}
+    inputs = TABLE[case].inputs()
     torch.save(inputs, folder / "inputs.pt")
 
     child = run_child(folder, auto_name, tmp_path)
@@ -88,20 +91,22 @@ def assert_same_results(loaded: dict, saved: dict) -> None:
 
 
 @pytest.mark.skipif(OTHER_PYTHON is None, reason="set MOGE_OTHER_TRANSFORMERS_PYTHON to another release's Python")
-@pytest.mark.parametrize(
-    "case, auto_class", [("gpt2-lm", "AutoModelForCausalLM"), ("vit-cls", "AutoModelForImageClassification")]
-)
+@pytest.mark.parametrize("case", FAMILY_CASES)  # one head model per host family: two subprocesses each
 @pytest.mark.parametrize("saved_here", [True, False], ids=["saved-here", "saved-there"])
-def test_a_folder_saved_under_one_release_loads_under_the_other(case, auto_class, saved_here, tmp_path):
+def test_a_folder_saved_under_one_release_loads_under_the_other(case, saved_here, tmp_path):
     """Saved under this transformers, loaded with `trust_remote_code` where moge_hf cannot be imported under the other
-    release (`.ci/run`: the newest allowed and the floor), and the reverse: the same outputs and greedy generation."""
+    release (`.ci/run`: the newest allowed and the floor), and the reverse: the same outputs and, for a generative
+    model, greedy generation. The folder is the case's own: its class is the one saved and the one loaded."""
     saver, loader = (sys.executable, OTHER_PYTHON) if saved_here else (OTHER_PYTHON, sys.executable)
-    folder = tmp_path / "saved"
+    folder = tmp_path / case
     run_worker(saver, "save", case, folder, tmp_path / "saved.pt", cwd=tmp_path)
-    run_worker(loader, "load", auto_class, folder, tmp_path / "loaded.pt", cwd=tmp_path)
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [TABLE[case].model_class.__name__]
+    run_worker(loader, "load", TABLE[case].auto_class, folder, tmp_path / "loaded.pt", cwd=tmp_path)
     saved, loaded = torch.load(tmp_path / "saved.pt"), torch.load(tmp_path / "loaded.pt")
     assert saved["transformers"] != loaded["transformers"], "the other Python has the same transformers release"
     assert saved["module"].startswith("moge_hf.") and loaded["module"].startswith("transformers_modules.")
+    assert saved["class"] == TABLE[case].model_class.__name__
+    assert ("generated" in saved) == TABLE[case].generative
     assert_same_results(loaded, saved)
 
 
@@ -223,7 +228,7 @@ def test_upgrade_code_dry_run_writes_nothing_and_refuses_bad_folders(tmp_path):
 def test_only_a_0_1_0_folder_is_said_to_be_saved_by_0_1_0(tmp_path):
     from moge_hf import GPT2MoGELMHeadModel
 
-    GPT2MoGELMHeadModel(TABLE["gpt2-lm"].build().config).save_pretrained(tmp_path / "today")
+    GPT2MoGELMHeadModel(gpt2_config()).save_pretrained(tmp_path / "today")  # the 0.1.0 folder is GPT-2's
     code = tmp_path / "today" / "modeling_gpt2_moge.py"
     code.write_text(code.read_text() + "# edited\n")  # an older copy of today's code, as a later release will find it
     plan = upgrade_model_code(tmp_path / "today", dry_run=True)

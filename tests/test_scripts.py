@@ -44,6 +44,7 @@ from transformers import (
 from transformers.distributed import DistributedConfig
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, check_moge_model_dir
+from moge_hf.training import parse_config_overrides
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -646,6 +647,42 @@ def test_image_classification_rejects_bad_input_before_training(run_image_classi
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
+def test_the_scripts_pick_the_family_from_the_host_records(
+    run_image_classification, run_clm, image_folder, text_file, tmp_path
+):
+    """`--model_type` names a family of the records that has the script's head; a dense model decides the family by
+    its type, and a `--model_type` that contradicts it, another script's family, or an architecture field the
+    family's config lacks is refused before training, named."""
+    base = ["--train_dir", str(image_folder / "train"), "--output_dir", str(tmp_path / "out"), *COMMON]
+    with pytest.raises(ValueError, match=r"No MoGE family with an AutoModelForImageClassification has the model type"):
+        run_image_classification.main([*base, *TINY_VIT, "--model_type", "gpt2_moge"])
+    with pytest.raises(ValueError, match=r"No MoGE family with an AutoModelForCausalLM has the model type 'vit_moge'"):
+        run_clm.main(["--train_file", str(text_file), "--output_dir", str(tmp_path), "--model_type", "vit_moge"])
+    with pytest.raises(ValueError, match=r"ViTMoGEConfig \(vit_moge\) has no config field 'n_embd'"):
+        run_image_classification.main([*base, *TINY_VIT, "--config_overrides", "n_embd=8"])
+    dense = tmp_path / "dense-vit"
+    shape = dict(image_size=16, patch_size=4, num_hidden_layers=2, hidden_size=32, num_attention_heads=2)
+    ViTForImageClassification(ViTConfig(**shape, intermediate_size=64)).save_pretrained(dense)
+    args = [*base, "--dense_model_name_or_path", str(dense), "--num_experts", "4", "--moge_map_shape", "2", "2"]
+    given = run_image_classification.ModelArguments(dense_model_name_or_path=str(dense))
+    assert run_image_classification.model_host(given).model_type == "vit_moge"
+    with pytest.raises(ValueError, match=r"--model_type swin_moge contradicts the model given, a vit_moge model"):
+        run_image_classification.main([*args, "--model_type", "swin_moge"])
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_config_overrides_are_name_value_pairs_of_python_literals():
+    assert parse_config_overrides("embed_dim=48, depths=[2, 2, 2],hidden_act=gelu,qkv_bias=False") == {
+        "embed_dim": 48,
+        "depths": [2, 2, 2],
+        "hidden_act": "gelu",
+        "qkv_bias": False,
+    }
+    assert parse_config_overrides(None) == {}
+    with pytest.raises(ValueError, match=r"--config_overrides: 'depths' is not `name=value`"):
+        parse_config_overrides("embed_dim=48,depths")
+
+
 @pytest.mark.parametrize("flag, value", [("--num_experts", "4"), ("--expert_intermediate_size", "8")])
 def test_clm_refuses_shape_changes_on_a_saved_model(clm_run, run_clm, text_file, tmp_path, flag, value):
     # A real saved MoGE model: the script reads its config to tell a moge_hf model from a transformers MoE model.
@@ -708,26 +745,44 @@ def test_clm_pushes_each_arm_to_its_own_repo_after_evaluation(run_clm, text_file
         assert json.loads((folder / "config.json").read_text())["moge_loss_coef"] == coef
         assert "eval_perplexity" in read_json(folder / "eval_results.json")
         perplexity = read_json(folder / "eval_results.json")["eval_perplexity"]
-        card = (folder / "README.md").read_text()
+        card = " ".join((folder / "README.md").read_text().split())
         assert f"| evaluation | perplexity | {perplexity:.4f} |" in card  # on the card, with what was evaluated:
-        assert re.search(
-            r"on \d+ examples of the last \d+% of the lines of the local file `train.txt`, held out:", card
-        )
+        evaluated = read_json(folder / "run_record.json")["eval"]  # the run record, pushed with the card
+        assert evaluated["examples"] == read_json(folder / "eval_results.json")["eval_samples"]
+        blocks = f"{evaluated['examples']} blocks of 16 tokens"
+        assert f"on {blocks} from the last 10% of the lines of the local file `train.txt`:" in card
+        assert "validation" not in card and "model-index" not in card.split(" --- ")[0]  # no Hub split is claimed
 
 
 def test_image_script_records_what_it_evaluates(run_image_classification, image_folder):
-    # What the model card will say the evaluation was measured on (never a Hub split it was not).
+    # What the run record (and so the model card) says the run trained and evaluated on: never a Hub split it was not.
     data_args = run_image_classification.DataArguments(
         train_dir=str(image_folder / "train"), train_val_split=0.5, max_eval_samples=3
     )
     raw = run_image_classification.load_image_datasets(data_args, seed=0)
     assert len(raw["validation"]) == 3
-    assert data_args.evaluation_data == "the first 3 images of 50% of the training images of `train`, held out"
+    assert data_args.recorded_data == (
+        {
+            "local": "train/",
+            "part": "the 50% of the images not held out for evaluation (seed 0)",
+            "examples": 6,
+            "unit": "images",
+        },
+        {
+            "local": "train/",
+            "part": "the first 3 images of a random 50% of the images (seed 0), held out",
+            "examples": 3,
+            "unit": "images",
+        },
+    )
     data_args = run_image_classification.DataArguments(
         train_dir=str(image_folder / "train"), validation_dir=str(image_folder / "validation")
     )
     run_image_classification.load_image_datasets(data_args, seed=0)
-    assert data_args.evaluation_data == "the `validation` split of `validation`"
+    assert data_args.recorded_data == (
+        {"local": "train/", "examples": 12, "unit": "images"},
+        {"local": "validation/", "examples": 4, "unit": "images"},
+    )
 
 
 # ---- transformers' distributed engine: --ep_size / --fsdp_size -----------------------------------------------------
@@ -912,3 +967,62 @@ def test_upcycle_noise_study_map_noise_starts_neighbours_alike():
         neighbour, far = (noise[0] - noise[1]).norm(), (noise[0] - noise[10]).norm()  # 1 and 2+2 cells apart
         spread[layout] = neighbour / far
     assert 0.9 < spread["independent"] < 1.1 and spread["map"] < 0.8
+
+
+# ---- the run record: what each run trained and evaluated on, in its output folder ----------------------------------
+
+
+def test_clm_writes_the_run_record_of_each_arm_and_the_card_follows_it(clm_run, tmp_path):
+    out, _ = clm_run
+    for folder in (out, out / "moe_baseline"):
+        record = read_json(folder / "run_record.json")
+        assert record["script"] == "run_clm.py" and record["hyperparameters"]["seed"] == 0
+        trained, evaluated = record["train"], record["eval"]
+        for entry, part, count in (
+            (trained, "the first 90% of the lines", read_json(folder / "train_results.json")["train_samples"]),
+            (evaluated, "the last 10% of the lines", read_json(folder / "eval_results.json")["eval_samples"]),
+        ):
+            assert entry == {"local": "train.txt", "part": part, "examples": count, "unit": "blocks of 16 tokens"}
+    # push_to_hub.py renders the card from it: no Hub data set or split is claimed; the dataset flag is refused.
+    script = load_script("push_to_hub")
+    argv = ["--model-dir", str(out), "--repo-id", "me/gpt2-moge", "--dry-run", str(tmp_path / "upload")]
+    assert script.main(argv) == 0
+    card = " ".join((tmp_path / "upload" / "README.md").read_text().split())
+    assert f"- {trained['examples']} blocks of 16 tokens from the first 90% of the lines of the local file" in card
+    assert f"on {evaluated['examples']} blocks of 16 tokens from the last 10% of the lines of the local" in card
+    assert "validation" not in card and "model-index" not in card.split(" --- ")[0] and "not recorded" not in card
+    assert script.main([*argv[:-1], str(tmp_path / "other"), "--dataset", "karpathy/tiny_shakespeare"]) == 1
+
+
+def test_clm_records_the_training_text_as_described_and_the_blocks_it_kept(run_clm, text_file, tmp_path):
+    description = "the first scene of Coriolanus, repeated"
+    args = clm_args(text_file, tmp_path / "out", "--train_data_description", description, "--max_eval_samples", "2")
+    run_clm.main([*args, "--save_strategy", "no"])
+    record = read_json(tmp_path / "out" / "run_record.json")
+    assert record["train"]["description"] == record["eval"]["description"] == description
+    assert record["eval"]["part"] == "the first 2 blocks of the last 10% of the lines"
+    assert record["eval"]["examples"] == 2
+    assert record["train"]["part"] == "the first 90% of the lines"
+
+
+def test_image_script_writes_the_run_record(run_image_classification, image_folder, tmp_path):
+    out = tmp_path / "out"
+    args = ["--train_dir", str(image_folder / "train"), "--train_val_split", "0.5", "--output_dir", str(out)]
+    args += [*TINY_VIT, *COMMON, "--max_steps", "1", "--save_strategy", "no", "--train_data_description", "noise"]
+    run_image_classification.main(args)
+    record = read_json(out / "run_record.json")
+    assert record["script"] == "run_image_classification.py"
+    assert record["train"] == {
+        "local": "train/",
+        "description": "noise",
+        "part": "the 50% of the images not held out for evaluation (seed 0)",
+        "examples": read_json(out / "train_results.json")["train_samples"],
+        "unit": "images",
+    }
+    assert record["eval"] == {
+        "local": "train/",
+        "description": "noise",
+        "part": "a random 50% of the images (seed 0), held out",
+        "examples": read_json(out / "eval_results.json")["eval_samples"],
+        "unit": "images",
+    }

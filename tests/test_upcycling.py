@@ -1,45 +1,47 @@
-"""Sparse upcycling (`from_dense`): the upcycled model starts as the dense one, weights land where they belong."""
+"""Sparse upcycling (`from_dense`): the upcycled model starts as the dense one, weights land where they belong.
+
+The checks about every model run on each moge_hf class of the table (tests/tiny.py), upcycled from its row's dense
+class and tiny dense config; those about one host's own parts (GPT-2's weight names, ViT's pooler and mask token) build
+that host's classes by name."""
 
 import re
 
 import pytest
 import torch
-from tiny import GPT2_DENSE, VIT_DENSE, VOCAB, input_ids, pixel_values
+import transformers
+from tiny import (
+    CASES,
+    GPT2_DENSE,
+    VIT_DENSE,
+    VOCAB,
+    case_names,
+    dense_mlp_weights,
+    first_case,
+    moge_blocks_by_path,
+    pixel_values,
+)
 from transformers import (
     AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
     BertConfig,
     BertModel,
     GPT2Config,
-    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
-    GPT2Model,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
 )
 from transformers.testing_utils import CaptureLogger
 
-from moge_hf import (
-    GPT2MoGEForSequenceClassification,
-    GPT2MoGELMHeadModel,
-    GPT2MoGEModel,
-    ViTMoGEForImageClassification,
-    ViTMoGEModel,
-)
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, ViTMoGEModel
 from moge_hf.upcycling import logger as upcycling_logger
 
 
 ATOL = RTOL = 1e-5
-
-
-def dense_gpt2_config(**overrides) -> GPT2Config:
-    return GPT2Config(**{**GPT2_DENSE, "n_layer": 3, **overrides})
-
-
-def dense_vit_config(**overrides) -> ViTConfig:
-    return ViTConfig(**{**VIT_DENSE, **overrides})
+MODEL_CASES = case_names(moge_hf=True)
+HEAD_CASES = case_names(moge_hf=True, head=True)
+# One head model per host family, for the checks of the upcycling machinery itself.
+FAMILY_CASES = case_names(moge_hf=True, head=True, per_family=True)
+ROUTING = {"aux_loss", "moge_loss", "z_loss"}
 
 
 def make_dense(model_class, config, seed: int = 0):
@@ -52,6 +54,16 @@ def make_dense(model_class, config, seed: int = 0):
     return model
 
 
+def dense_of(case: str, seed: int = 0, **overrides):
+    """The dense model of a table row (its `dense_class`, its tiny dense config), biases non-zero."""
+    return make_dense(CASES[case].dense_class, CASES[case].make_dense_config(**overrides), seed)
+
+
+def other_family(case: str) -> str:
+    """A head model of another host family than `case`'s."""
+    return next(name for name in FAMILY_CASES if CASES[name].family != CASES[case].family)
+
+
 def moe_kwargs(num_experts: int, top_k: int, moe_layers: list[int]) -> dict:
     kwargs = dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers, moge_window=2)
     if top_k == 1:
@@ -59,20 +71,13 @@ def moe_kwargs(num_experts: int, top_k: int, moe_layers: list[int]) -> dict:
     return kwargs
 
 
-def dense_mlp(model, family: str, index: int) -> tuple[torch.Tensor, ...]:
-    """`(up, up_bias, down, down_bias)` of a dense layer's MLP in the experts' (out, in) layout."""
-    if family == "gpt2":
-        mlp = model.base_model.h[index].mlp
-        return mlp.c_fc.weight.T, mlp.c_fc.bias, mlp.c_proj.weight.T, mlp.c_proj.bias
-    mlp = model.base_model.layers[index].mlp
-    return mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias
-
-
-def check_weights(dense, moge, family: str) -> None:
-    """Non-MLP weights and the MLPs of dense layers equal; every expert is its layer's dense MLP; routers fresh."""
+def check_weights(dense, moge) -> None:
+    """Non-MLP weights and the MLPs of dense layers equal; every expert is its layer's dense MLP; routers fresh. Each
+    MoGE block sits where the dense MLP it replaced sat: the dense model's module of the same path."""
     config = moge.config
-    layers = "h" if family == "gpt2" else "layers"
-    moe_prefixes = tuple(f"{layers}.{i}.mlp." for i in config.moe_layers)
+    blocks = moge_blocks_by_path(moge)
+    assert len(blocks) == len(config.moe_layers)
+    moe_prefixes = tuple(f"{path}." for path in blocks)
     dense_base, moge_base = dense.base_model.state_dict(), moge.base_model.state_dict()
     copied = [key for key in moge_base if not key.startswith(moe_prefixes)]
     assert len(copied) == len(moge_base) - 5 * len(config.moe_layers)  # all but the routers and experts
@@ -85,11 +90,9 @@ def check_weights(dense, moge, family: str) -> None:
                 torch.testing.assert_close(value, dense_state[key], rtol=0, atol=0, msg=key)
 
     routers = []
-    for index in config.moe_layers:
-        block = getattr(moge.base_model, layers)[index].mlp
-        for name, weight in zip(
-            ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias"), dense_mlp(dense, family, index)
-        ):
+    for path, block in blocks.items():
+        dense_weights = dense_mlp_weights(dense.base_model.get_submodule(path))
+        for name, weight in zip(("up_proj", "up_proj_bias", "down_proj", "down_proj_bias"), dense_weights):
             experts = getattr(block.experts, name)
             assert experts.shape == (config.num_experts, *weight.shape), name
             for expert in experts:
@@ -101,103 +104,103 @@ def check_weights(dense, moge, family: str) -> None:
         assert not torch.equal(routers[0], routers[i])  # each router drawn afresh
 
 
-@pytest.mark.parametrize(
-    "num_experts,top_k,moe_layers,n_inner",
-    [(4, 1, [0, 1, 2], 37), (8, 2, [0, 2], 37), (4, 2, [1], 64), (8, 1, [0, 1], 64), (8, 8, [2], 37)],
-)
-def test_gpt2_lm_head_equals_dense(num_experts, top_k, moe_layers, n_inner):
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config(n_inner=n_inner))
-    moge = GPT2MoGELMHeadModel.from_dense(dense, **moe_kwargs(num_experts, top_k, moe_layers))
-    assert type(moge) is GPT2MoGELMHeadModel and not moge.training
-    assert moge.config.model_type == "gpt2_moge" and moge.config.moe_layers == moe_layers
-    assert moge.config.architectures in (None, ["GPT2MoGELMHeadModel"])
-    assert moge.lm_head.weight is moge.transformer.wte.weight
-    check_weights(dense, moge, "gpt2")
-    ids = input_ids()
+def assert_same_outputs(got, want, rtol=RTOL, atol=ATOL) -> None:
+    """Every tensor output of `want` (logits, hidden states, pooler output) is the same in `got`."""
+    compared = [name for name, value in want.items() if isinstance(value, torch.Tensor)]
+    assert compared
+    for name in compared:
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("num_experts,top_k,moe_layers", [(4, 1, [0, 1]), (8, 2, [1]), (8, 8, [0])])
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_upcycled_model_equals_dense(case, num_experts, top_k, moe_layers):
+    spec = CASES[case]
+    dense = dense_of(case)
+    moge = spec.model_class.from_dense(dense, **moe_kwargs(num_experts, top_k, moe_layers))
+    assert type(moge) is spec.model_class and not moge.training
+    assert moge.config.model_type == spec.model_class.config_class.model_type and moge.config.moe_layers == moe_layers
+    assert moge.config.architectures in (None, [spec.model_class.__name__])
+    assert moge.config.num_labels == dense.config.num_labels
+    if dense.get_output_embeddings() is not None:  # tied, as the dense model's
+        assert moge.get_output_embeddings().weight is moge.get_input_embeddings().weight
+    check_weights(dense, moge)
+    inputs = spec.inputs()  # with right padding on the text models: a sequence classifier reads the last real token
     with torch.no_grad():
-        expected, out = dense(ids).logits, moge(ids, output_router_logits=True)
-    torch.testing.assert_close(out.logits, expected, rtol=RTOL, atol=ATOL)
+        expected, out = dense(**inputs), moge(**inputs, output_router_logits=True)
+    assert_same_outputs(out, expected)
     routes = torch.cat(out.router_logits).argmax(-1)
     if top_k < num_experts:  # the tokens really go to different experts, not all to one
         assert routes.unique().numel() > 1
 
 
-def test_gpt2_sequence_classification_equals_dense():
-    dense = make_dense(GPT2ForSequenceClassification, dense_gpt2_config(num_labels=3))
-    moge = GPT2MoGEForSequenceClassification.from_dense(dense, **moe_kwargs(4, 2, [0, 2]))
-    assert moge.config.num_labels == 3
-    check_weights(dense, moge, "gpt2")
-    ids = input_ids()
-    ids[:4, -2:] = 0  # right padding: the head reads the last non-padding token
+BASE_SOURCES = [
+    (base, source)
+    for base in case_names(moge_hf=True, head=False)
+    for source in case_names(moge_hf=True, family=CASES[base].family)
+]
+
+
+@pytest.mark.parametrize("case,source", BASE_SOURCES, ids=[f"{base}-from-{source}" for base, source in BASE_SOURCES])
+def test_base_model_upcycles_the_base_of_any_dense_model_of_its_family(case, source):
+    """A MoGE base model upcycles the dense base model, or the base model of any dense head model of its family, and
+    has exactly its optional parts (ViT: a pooler iff the dense base model has one; a classifier's has none)."""
+    dense = dense_of(source)
+    moge = CASES[case].model_class.from_dense(dense, **moe_kwargs(8, 2, [0, 1]))
+    assert type(moge) is CASES[case].model_class
+    check_weights(dense, moge)
+    inputs = CASES[case].inputs()
     with torch.no_grad():
-        torch.testing.assert_close(moge(ids).logits, dense(ids).logits, rtol=RTOL, atol=ATOL)
+        expected, out = dense.base_model(**inputs), moge(**inputs)
+    assert set(out.keys()) - ROUTING == set(expected.keys())
+    assert_same_outputs(out, expected)
 
 
-@pytest.mark.parametrize("dense_class", [GPT2Model, GPT2LMHeadModel])
-def test_gpt2_base_model_equals_dense(dense_class):
-    """`GPT2MoGEModel` upcycles a `GPT2Model`, or the base model of any GPT-2 model."""
-    dense = make_dense(dense_class, dense_gpt2_config())
-    moge = GPT2MoGEModel.from_dense(dense, **moe_kwargs(4, 2, [1, 2]))
-    assert type(moge) is GPT2MoGEModel
-    check_weights(dense, moge, "gpt2")
-    ids = input_ids()
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_a_head_upcycled_from_the_dense_base_model_is_initialized_with_a_warning(case):
+    """A head model upcycled from its family's dense base model: the base is copied, the head's own weights (those not
+    tied to the base's) are fresh, and the log names them."""
+    spec = CASES[case]
+    source = first_case(moge_hf=True, head=False, family=spec.family)
+    dense = dense_of(source)
+    with CaptureLogger(upcycling_logger) as captured:
+        moge = spec.model_class.from_dense(dense, **moe_kwargs(4, 2, [1]))
+    fresh = [name for name, _ in moge.named_parameters() if not name.startswith(moge.base_model_prefix + ".")]
+    for name in fresh:
+        assert name in captured.out
+    assert ("newly initialized" in captured.out) == bool(fresh), captured.out
+    check_weights(dense, moge.base_model)
+    inputs = spec.inputs()
     with torch.no_grad():
-        expected = dense.base_model(ids).last_hidden_state
-        torch.testing.assert_close(moge(ids).last_hidden_state, expected, rtol=RTOL, atol=ATOL)
+        expected = dense(**inputs).last_hidden_state
+        torch.testing.assert_close(moge.base_model(**inputs).last_hidden_state, expected, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("dense_class", [ViTModel, ViTForImageClassification])
-def test_vit_base_model_equals_dense(dense_class):
-    """`ViTMoGEModel` has a pooler if and only if the dense base model has one (a classifier's has none)."""
-    dense = make_dense(dense_class, dense_vit_config())
-    moge = ViTMoGEModel.from_dense(dense, **moe_kwargs(8, 2, [0, 1]))
-    assert (moge.pooler is None) == (dense.base_model.pooler is None)
-    check_weights(dense, moge, "vit")
-    pixels = pixel_values()
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_from_local_folder(case, tmp_path):
+    spec = CASES[case]
+    dense = dense_of(case)
+    dense.save_pretrained(tmp_path / "dense")
+    inputs = spec.inputs()
     with torch.no_grad():
-        expected, out = dense.base_model(pixels), moge(pixels)
-    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=RTOL, atol=ATOL)
-    if dense_class is ViTModel:
-        torch.testing.assert_close(out.pooler_output, expected.pooler_output, rtol=RTOL, atol=ATOL)
+        expected = dense(**inputs)
+    for folder in (tmp_path / "dense", str(tmp_path / "dense")):  # a Path or a str
+        moge = spec.model_class.from_dense(folder, **moe_kwargs(4, 2, [0, 1]))
+        assert moge.config._name_or_path == str(tmp_path / "dense")  # the dense source
+        check_weights(dense, moge)
+        with torch.no_grad():
+            assert_same_outputs(moge(**inputs), expected)
 
 
-@pytest.mark.parametrize("num_experts,top_k,moe_layers", [(4, 1, [0, 1]), (8, 2, [1])])
-def test_vit_image_classification_equals_dense(num_experts, top_k, moe_layers):
-    dense = make_dense(ViTForImageClassification, dense_vit_config())
-    moge = ViTMoGEForImageClassification.from_dense(dense, **moe_kwargs(num_experts, top_k, moe_layers))
-    assert moge.config.num_labels == 5 and not moge.training
-    check_weights(dense, moge, "vit")
-    pixels = pixel_values()
-    with torch.no_grad():
-        torch.testing.assert_close(moge(pixels).logits, dense(pixels).logits, rtol=RTOL, atol=ATOL)
-
-
-def test_from_local_folder(tmp_path):
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config())
-    dense.save_pretrained(tmp_path / "gpt2")
-    moge = GPT2MoGELMHeadModel.from_dense(tmp_path / "gpt2", **moe_kwargs(4, 2, [0, 2]))
-    assert moge.config._name_or_path == str(tmp_path / "gpt2")  # the dense source
-    check_weights(dense, moge, "gpt2")
-    ids = input_ids()
-    with torch.no_grad():
-        torch.testing.assert_close(moge(ids).logits, dense(ids).logits, rtol=RTOL, atol=ATOL)
-
-    dense = make_dense(ViTForImageClassification, dense_vit_config())
-    dense.save_pretrained(tmp_path / "vit")
-    moge = ViTMoGEForImageClassification.from_dense(str(tmp_path / "vit"), **moe_kwargs(4, 1, [0, 1]))
-    check_weights(dense, moge, "vit")
-    pixels = pixel_values()
-    with torch.no_grad():
-        torch.testing.assert_close(moge(pixels).logits, dense(pixels).logits, rtol=RTOL, atol=ATOL)
-
-
-def test_expert_noise_makes_experts_differ_but_stay_close():
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config())
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_expert_noise_makes_experts_differ_but_stay_close(case):
+    spec = CASES[case]
+    dense = dense_of(case)
     torch.manual_seed(1)
-    moge = GPT2MoGELMHeadModel.from_dense(dense, expert_noise_std=0.01, **moe_kwargs(4, 2, [0, 2]))
-    for index in (0, 2):
-        experts = moge.transformer.h[index].mlp.experts
-        up, up_bias, down, down_bias = dense_mlp(dense, "gpt2", index)
+    moge = spec.model_class.from_dense(dense, expert_noise_std=0.01, **moe_kwargs(4, 2, [0, 1]))
+    for path, block in moge_blocks_by_path(moge).items():
+        experts = block.experts
+        up, up_bias, down, down_bias = dense_mlp_weights(dense.base_model.get_submodule(path))
         for name, weight in (("up_proj", up), ("down_proj", down)):
             copies = getattr(experts, name)
             noise = (copies - weight).flatten(1)  # (E, ...)
@@ -209,104 +212,101 @@ def test_expert_noise_makes_experts_differ_but_stay_close():
         # The biases are copied exactly.
         torch.testing.assert_close(experts.up_proj_bias, up_bias.expand_as(experts.up_proj_bias), rtol=0, atol=0)
         torch.testing.assert_close(experts.down_proj_bias, down_bias.expand_as(experts.down_proj_bias), rtol=0, atol=0)
-    ids = input_ids()
+    inputs = spec.inputs()
     with torch.no_grad():
-        moge_logits, dense_logits = moge(ids).logits, dense(ids).logits
+        moge_logits, dense_logits = moge(**inputs).logits, dense(**inputs).logits
     assert not torch.allclose(moge_logits, dense_logits, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(moge_logits, dense_logits, rtol=0, atol=0.05)
 
 
-def test_save_and_reload_through_auto_classes(tmp_path):
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config())
-    moge = GPT2MoGELMHeadModel.from_dense(dense, expert_noise_std=0.01, **moe_kwargs(4, 2, [0, 2]))
-    moge.save_pretrained(tmp_path / "lm")
-    assert (tmp_path / "lm" / "upcycling.py").is_file()  # imported by modeling_moge.py: needed for remote code
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
-    assert type(reloaded) is GPT2MoGELMHeadModel and reloaded.lm_head.weight is reloaded.transformer.wte.weight
-    base = AutoModel.from_pretrained(tmp_path / "lm")
-    assert type(base) is GPT2MoGEModel
-    ids = input_ids()
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_save_and_reload_through_auto_classes(case, tmp_path):
+    spec = CASES[case]
+    base_class = CASES[first_case(moge_hf=True, head=False, family=spec.family)].model_class
+    dense = dense_of(case)
+    moge = spec.model_class.from_dense(dense, expert_noise_std=0.01, **moe_kwargs(4, 2, [0, 1]))
+    moge.save_pretrained(tmp_path / "moge")
+    assert (tmp_path / "moge" / "upcycling.py").is_file()  # imported by the modeling code: needed for remote code
+    reloaded = getattr(transformers, spec.auto_class).from_pretrained(tmp_path / "moge")
+    assert type(reloaded) is spec.model_class
+    if reloaded.get_output_embeddings() is not None:
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    base = AutoModel.from_pretrained(tmp_path / "moge")
+    assert type(base) is base_class
+    inputs = spec.inputs()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, moge(ids).logits, rtol=0, atol=0)
-        expected = moge.transformer(ids).last_hidden_state
-        torch.testing.assert_close(base(ids).last_hidden_state, expected, rtol=0, atol=0)
-
-    dense = make_dense(ViTForImageClassification, dense_vit_config())
-    moge = ViTMoGEForImageClassification.from_dense(dense, **moe_kwargs(4, 1, [1]))
-    moge.save_pretrained(tmp_path / "vit")
-    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "vit")
-    assert type(reloaded) is ViTMoGEForImageClassification
-    pixels = pixel_values()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(pixels).logits, dense(pixels).logits, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(reloaded(**inputs).logits, moge(**inputs).logits, rtol=0, atol=0)
+        expected = moge.base_model(**inputs).last_hidden_state
+        torch.testing.assert_close(base(**inputs).last_hidden_state, expected, rtol=0, atol=0)
 
 
-def test_keeps_the_dense_dtype():
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config()).to(torch.bfloat16)
-    moge = GPT2MoGELMHeadModel.from_dense(dense, **moe_kwargs(4, 2, [0, 2]))
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_keeps_the_dense_dtype(case):
+    dense = dense_of(case).to(torch.bfloat16)
+    moge = CASES[case].model_class.from_dense(dense, **moe_kwargs(4, 2, [0, 1]))
     assert moge.dtype == torch.bfloat16 and moge.config.dtype == torch.bfloat16
     assert all(param.dtype == torch.bfloat16 for param in moge.parameters())
-    check_weights(dense, moge, "gpt2")
+    check_weights(dense, moge)
 
 
-def test_upcycled_model_trains():
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config())
-    moge = GPT2MoGELMHeadModel.from_dense(dense, moge_loss_coef=0.1, **moe_kwargs(4, 2, [0, 2])).train()
-    ids = input_ids()
-    moge(ids, labels=ids).loss.backward()
-    for index in (0, 2):
-        block = moge.transformer.h[index].mlp
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_upcycled_model_trains(case):
+    spec = CASES[case]
+    moge = spec.model_class.from_dense(dense_of(case), moge_loss_coef=0.1, **moe_kwargs(4, 2, [0, 1])).train()
+    moge(**spec.batch()).loss.backward()
+    for block in moge_blocks_by_path(moge).values():
         assert block.router.weight.grad is not None and block.router.weight.grad.abs().sum() > 0
         assert block.experts.up_proj.grad.abs().sum() > 0
 
 
-def test_new_head_from_another_dense_class_is_initialized_with_a_warning():
-    """A `GPT2LMHeadModel` upcycles into a sequence classifier: the base is copied, the new `score` is fresh."""
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config())
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_top1_without_renormalization_warns(case):
     with CaptureLogger(upcycling_logger) as captured:
-        moge = GPT2MoGEForSequenceClassification.from_dense(dense, num_labels=4, **moe_kwargs(4, 2, [0, 2]))
-    assert "score.weight" in captured.out and "newly initialized" in captured.out
-    assert moge.score.weight.shape == (4, 32)
-    check_weights(dense.transformer, moge.transformer, "gpt2")
-    ids = input_ids()
-    with torch.no_grad():
-        expected = dense.transformer(ids).last_hidden_state
-        torch.testing.assert_close(moge.transformer(ids).last_hidden_state, expected, rtol=RTOL, atol=ATOL)
-
-
-def test_top1_without_renormalization_warns():
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config())
-    with CaptureLogger(upcycling_logger) as captured:
-        GPT2MoGELMHeadModel.from_dense(dense, num_experts=4, num_experts_per_tok=1, moge_window=2)
+        CASES[case].model_class.from_dense(dense_of(case), num_experts=4, num_experts_per_tok=1, moge_window=2)
     assert "norm_topk_prob=True" in captured.out
 
 
-def test_wrong_dense_architecture_raises():
-    vit = make_dense(ViTForImageClassification, dense_vit_config())
-    with pytest.raises(ValueError, match=r"expected a dense GPT-2 model .*got a ViTForImageClassification"):
-        GPT2MoGELMHeadModel.from_dense(vit)
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_wrong_dense_architecture_raises(case):
+    moge_class = CASES[case].model_class
+    other = dense_of(other_family(case))
+    with pytest.raises(ValueError, match=rf"expected a dense .* model .*got a {type(other).__name__}"):
+        moge_class.from_dense(other)
     bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4))
-    with pytest.raises(ValueError, match=r"expected a dense ViT model .*got a BertModel with model_type 'bert'"):
-        ViTMoGEModel.from_dense(bert)
-    gpt2 = make_dense(GPT2LMHeadModel, dense_gpt2_config())
-    with pytest.raises(ValueError, match=r"expected a dense ViT model .*GPT2LMHeadModel"):
-        ViTMoGEForImageClassification.from_dense(gpt2)
-    moge = GPT2MoGELMHeadModel.from_dense(gpt2, **moe_kwargs(4, 2, [0]))
+    with pytest.raises(ValueError, match=r"expected a dense .* model .*got a BertModel with model_type 'bert'"):
+        moge_class.from_dense(bert)
+    dense = dense_of(case)
+    moge = moge_class.from_dense(dense, **moe_kwargs(4, 2, [0]))
     with pytest.raises(ValueError, match="already a MoGE model"):
-        GPT2MoGELMHeadModel.from_dense(moge)
-    with pytest.raises(TypeError, match="takes a dense GPT-2 model or the path"):
-        GPT2MoGELMHeadModel.from_dense(gpt2.state_dict())
+        moge_class.from_dense(moge)
+    with pytest.raises(TypeError, match="takes a dense .* model or the path"):
+        moge_class.from_dense(dense.state_dict())
 
 
-def test_wrong_folder_raises(tmp_path):
-    make_dense(ViTForImageClassification, dense_vit_config()).save_pretrained(tmp_path / "vit")
-    with pytest.raises(ValueError, match=r"expected a dense GPT-2 checkpoint .* found model_type 'vit'"):
-        GPT2MoGELMHeadModel.from_dense(tmp_path / "vit")
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_wrong_folder_raises(case, tmp_path):
+    moge_class = CASES[case].model_class
+    other = dense_of(other_family(case))
+    other.save_pretrained(tmp_path / "other")
+    model_type = other.config.model_type
+    with pytest.raises(ValueError, match=rf"expected a dense .* checkpoint .* found model_type '{model_type}'"):
+        moge_class.from_dense(tmp_path / "other")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(OSError, match=r"expected a dense ViT checkpoint .*no config.json"):
-        ViTMoGEForImageClassification.from_dense(tmp_path / "empty")
+    with pytest.raises(OSError, match=r"expected a dense .* checkpoint .*no config.json"):
+        moge_class.from_dense(tmp_path / "empty")
     with pytest.raises(OSError, match="is a file"):
-        ViTMoGEForImageClassification.from_dense(tmp_path / "vit" / "config.json")
+        moge_class.from_dense(tmp_path / "other" / "config.json")
+
+
+# ---- one host's own parts ------------------------------------------------------------------------------------------
+
+
+def dense_gpt2_config(**overrides) -> GPT2Config:
+    return GPT2Config(**{**GPT2_DENSE, "n_layer": 3, **overrides})
+
+
+def dense_vit_config(**overrides) -> ViTConfig:
+    return ViTConfig(**{**VIT_DENSE, **overrides})
 
 
 def test_bad_overrides_raise():
@@ -367,10 +367,10 @@ def test_vit_folder_keeps_exactly_the_optional_parts_its_checkpoint_has(tmp_path
     assert moge.pooler is not None
 
 
-def test_one_expert_top1_does_not_warn_about_the_gate_scale():
-    dense = make_dense(GPT2LMHeadModel, dense_gpt2_config())
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_one_expert_top1_does_not_warn_about_the_gate_scale(case):
     with CaptureLogger(upcycling_logger) as captured:
-        GPT2MoGELMHeadModel.from_dense(dense, num_experts=1, num_experts_per_tok=1, moge_window=1)
+        CASES[case].model_class.from_dense(dense_of(case), num_experts=1, num_experts_per_tok=1, moge_window=1)
     assert "norm_topk_prob" not in captured.out
 
 

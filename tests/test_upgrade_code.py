@@ -1,11 +1,13 @@
 """`python -m moge_hf.upgrade_code`: interrupted and concurrent upgrades, odd paths, read-only folders, a user's file
 that shares a name with moge_hf's code, a config.json that is not an object."""
 
+import ast
 import builtins
 import errno
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -323,3 +325,34 @@ def test_a_folder_an_earlier_upgrade_left_with_code_files_missing_is_finished(tm
     assert "moge_layer.py" in result.added
     assert (folder / "moge_layer.py").read_bytes() == (package / "moge_layer.py").read_bytes()
     assert upgrade_model_code(folder).up_to_date
+
+
+def test_only_code_of_0_1_0_is_said_to_be_0_1_0s_and_the_installed_release_is_named(tmp_path, capsys):
+    # An upgrade leaves config.json as it was, so the upgraded folder's `auto_map` still names 0.1.0's `modeling_moge`;
+    # its code is the installed moge_hf's. A later release upgrading it again must not call that code 0.1.0's.
+    folder = copy_old(tmp_path)
+    assert main([str(folder), "--dry_run"]) == 0
+    output = capsys.readouterr().out
+    assert f"installed: moge_hf {moge_hf.__version__}," in output and "code of moge_hf 0.1.0" in output
+    assert upgrade_model_code(folder).saved_by == "0.1.0"
+    (folder / "moge_layer.py").write_text((folder / "moge_layer.py").read_text() + "# a later release\n")
+    plan = upgrade_model_code(folder, dry_run=True)
+    assert plan.changed == ["moge_layer.py"] and plan.saved_by is None
+    assert main([str(folder), "--dry_run"]) == 0
+    output = capsys.readouterr().out
+    assert f"installed: moge_hf {moge_hf.__version__}," in output and "0.1.0" not in output
+
+
+def test_upgrade_code_runs_as_a_module_that_the_package_does_not_import():
+    # `import moge_hf` (which imports moge_hf.hub) must not import moge_hf.upgrade_code, which `python -m` runs as
+    # `__main__` (runpy would warn, and run a second copy of it); the Hub code and the upgrade share `model_folder.py`
+    # and do not import each other at import time.
+    code = "import sys, moge_hf; assert 'moge_hf.upgrade_code' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    for module in ("hub", "upgrade_code"):
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        imported = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert not imported & {"hub", "upgrade_code"}, (module, imported)
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-m", "moge_hf.upgrade_code", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "usage: python -m moge_hf.upgrade_code" in result.stdout, result.stderr
