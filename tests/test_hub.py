@@ -31,7 +31,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from PIL import Image
-from tiny import CASES, MOGE_FAMILIES, case_names, gpt2_config, input_ids, pixel_values, vit_config
+from tiny import CASES, case_names, gpt2_config, input_ids, pixel_values, vit_config
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, ViTImageProcessor, pipeline
 
@@ -698,12 +698,26 @@ def test_upload_folders_are_refused_when_the_model_would_not_load(gpt2_dir, tmp_
     assert not (tmp_path / "out").exists()  # nothing written, nothing uploaded
 
 
-@pytest.mark.parametrize("kind", MOGE_FAMILIES)
-def test_the_cards_preprocessor_call_loads_cleanly_without_moge_hf(gpt2_upload, vit_upload, kind, tmp_path):
+def saved_with_preprocessor(case: str, folder: Path) -> Path:
+    """The case's tiny model saved with the preprocessor its inputs need: a tokenizer for `input_ids`, an image
+    processor of the model's image size for `pixel_values`."""
+    model = CASES[case].build()
+    if "input_ids" in CASES[case].inputs():
+        tiny_tokenizer().save_pretrained(folder)
+    else:
+        size = model.config.image_size
+        ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", case_names(moge_hf=True, per_family=True))
+def test_the_cards_preprocessor_call_loads_cleanly_without_moge_hf(case, tmp_path):
     # The card's own line for the tokenizer / image processor, run where moge_hf cannot be imported, on the oldest and
     # newest transformers: the repo's config.json maps AutoConfig to remote code, so AutoTokenizer needs
     # `trust_remote_code=True` (else transformers asks or warns); 5.17's AutoImageProcessor needs torchvision.
-    upload = gpt2_upload if kind == "gpt2" else vit_upload
+    upload = tmp_path / "upload"
+    prepare_upload_folder(saved_with_preprocessor(case, tmp_path / "model"), upload, repo_id=f"me/{case}")
     card = (upload / "README.md").read_text()
     line = next(line for line in card.splitlines() if re.match(r"(tokenizer|processor) = \w+\.from_pretrained", line))
     auto_class = re.search(r"= (\w+)\.", line).group(1)

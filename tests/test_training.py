@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import CASES, case_names, gpt2_config, input_ids, pixel_values, training_args, vit_config
+from tiny import CASES, case_names, gpt2_config, input_ids, training_args
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers.integrations import integration_utils
 from transformers.integrations.integration_utils import TensorBoardCallback
 from transformers.modeling_outputs import CausalLMOutput
 
-from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, add_moge_regularizer
+from moge_hf import GPT2MoGELMHeadModel, add_moge_regularizer
 from moge_hf.moge_layer import moge_regularizers
 from moge_hf.routing import routing_recorder
 from moge_hf.training import (
@@ -364,25 +364,23 @@ def test_trainer_predict_and_evaluate_leave_out_the_cache_and_routing_fields(tmp
     assert np.isfinite(trainer.evaluate()["eval_loss"])
 
 
-def gpt2_case():
-    # No padding: every micro-batch holds the same share of label tokens and of routed tokens.
-    # router_aux_loss_coef=0: the load-balancing loss is a product of two batch means, not a sum over tokens, so no
-    # weighting of micro-batches reproduces it (with its weight 0.01, these 28-token micro-batches change the routers'
-    # update by up to ~100% and the other weights' by ~1-2%). The z-loss and the MoGE loss are token means.
-    model = tiny_lm(router_aux_loss_coef=0.0)
-    return model, as_dataset(lm_batch(seed=7, padded=False))
+def unpadded(batch: dict) -> dict:
+    """`batch` with every token real: each micro-batch then holds the same share of routed and of label tokens."""
+    if "attention_mask" not in batch:
+        return batch
+    batch = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
+    if batch["labels"].shape == batch["input_ids"].shape:  # token labels: -100 on the padding
+        batch["labels"] = batch["input_ids"]
+    return batch
 
 
-def vit_case():
-    torch.manual_seed(0)
-    model = ViTMoGEForImageClassification(vit_config(router_aux_loss_coef=0.0, router_z_loss_coef=0.01))
-    data = {"pixel_values": pixel_values(seed=7, batch=8), "labels": torch.arange(8) % 5}
-    return model, datasets.Dataset.from_dict({k: v.tolist() for k, v in data.items()}).with_format("torch")
-
-
-@pytest.mark.parametrize("case", [gpt2_case, vit_case], ids=["gpt2-lm", "vit-cls"])
+@pytest.mark.parametrize("case", case_names(moge_hf=True, head=True))
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, case):
-    base, dataset = case()
+    # router_aux_loss_coef=0: the load-balancing loss is a product of two batch means, not a sum over tokens, so no
+    # weighting of micro-batches reproduces it (with its weight 0.01, 28-token micro-batches change the routers'
+    # update by up to ~100% and the other weights' by ~1-2%). The z-loss and the MoGE loss are token means.
+    base = CASES[case].build(router_aux_loss_coef=0.0, router_z_loss_coef=0.01)
+    dataset = as_dataset(unpadded(CASES[case].batch(7, size=8)))
     before = {name: param.detach().clone() for name, param in base.named_parameters()}
     updates = []
     for batch_size, accumulation in ((8, 1), (4, 2)):

@@ -452,4 +452,3 @@ def first_case(**filters) -> str:
     return names[0]
 
 
-MOGE_FAMILIES = sorted({case.family for case in CASES.values() if case.moge_hf})
