@@ -567,6 +567,21 @@ class RoutingData:
         """The label of each token's example, `(T,)`, or None without labels."""
         return None if self.labels is None else self.labels[self.example_index]
 
+    def layer_tokens(self, layer: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """`(token_mask, example_index)` of the tokens the `layer`-th MoGE layer routed. A hierarchical model (Swin)
+        routes fewer tokens in a later stage, whose patches merge: those are each example's in order, the same number
+        per example (images of one size, no padding)."""
+        rows = self.probs[layer].shape[0]
+        if rows == self.num_tokens:
+            return self.token_mask, self.example_index
+        num_examples = int(self.example_index.max()) + 1 if self.num_tokens else 0
+        if self.token_mask is not None or num_examples == 0 or rows % num_examples:
+            raise ValueError(
+                f"MoGE layer {self.layers[layer]} routed {rows} tokens for {num_examples} examples of "
+                f"{self.num_tokens} tokens in the first layer: the tokens of each example cannot be told apart"
+            )
+        return None, np.repeat(np.arange(num_examples), rows // num_examples)
+
 
 class RoutingCollector:
     """Records each MoGE layer's routing (and optionally its input tokens) for every forward of the model.
@@ -811,7 +826,6 @@ def routing_diagnostics(
     circular = data.padding == "circular"
     experts_of_layer = [router.experts for router in moge_routers(moge_model)]
     mask = data.token_mask
-    token_labels = data.token_labels()
     token_buckets = None
     if data.input_ids is not None:
         ids = data.input_ids if mask is None else data.input_ids[mask]
@@ -819,6 +833,7 @@ def routing_diagnostics(
 
     per_layer = []
     for layer, (experts, probs, top_k) in enumerate(zip(experts_of_layer, data.probs, data.top_k_index)):
+        mask, example_index = data.layer_tokens(layer)
         kept_probs = probs if mask is None else probs[mask]
         kept_top_k = top_k if mask is None else top_k[mask]
         load = expert_load(kept_top_k, data.num_experts)
@@ -841,10 +856,9 @@ def routing_diagnostics(
         if correlation is not None:
             entry.update(_summary_of_pairs(np.nan_to_num(correlation), data.map_shape, circular, "prob_correlation"))
         top1 = kept_top_k[:, 0]
-        if token_labels is not None:
-            labels = token_labels if mask is None else token_labels[mask]
-            groups = data.example_index if mask is None else data.example_index[mask]
-            entry.update(_mi_entry("mi_label", labels, top1, groups, num_shuffles, seed))
+        if data.labels is not None:
+            groups = example_index if mask is None else example_index[mask]
+            entry.update(_mi_entry("mi_label", data.labels[groups], top1, groups, num_shuffles, seed))
         if token_buckets is not None:
             entry.update(_mi_entry("mi_token", token_buckets, top1, None, num_shuffles, seed))
         per_layer.append(entry)

@@ -76,9 +76,7 @@ class GPT2MoGEModel(GPT2MoGEPreTrainedModel, GPT2Model):
     """`GPT2Model` whose MLPs in `config.moe_layers` are MoGE layers; returns the routing losses too."""
 
     def __init__(self, config: GPT2MoGEConfig):
-        GPT2Model.__init__(self, config)
-        self._swap_mlps()
-        self.post_init()
+        self._build(GPT2Model, config)
 
     @can_return_tuple
     def forward(

@@ -51,9 +51,7 @@ class ViTMoGEModel(ViTMoGEPreTrainedModel, ViTModel):
     """`ViTModel` whose MLPs in `config.moe_layers` are MoGE layers; returns the routing losses too."""
 
     def __init__(self, config: ViTMoGEConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
-        ViTModel.__init__(self, config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
-        self._swap_mlps()
-        self.post_init()
+        self._build(ViTModel, config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
 
     @can_return_tuple
     def forward(

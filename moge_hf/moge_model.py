@@ -239,10 +239,25 @@ class MoGEModelMixin:
         elif isinstance(module, GroupSparsityRegularizer):
             module.reset_buffers()  # not in the checkpoint: from_pretrained leaves the buffers empty
 
+    def _build(self, dense_class: type[PreTrainedModel], config, **kwargs) -> None:
+        """What a host's base model does in `__init__`: build the dense model (`dense_class.__init__(self, config,
+        **kwargs)`), put MoGE blocks in place of its MLPs (`_swap_mlps`), and `post_init`. The experts implementation
+        the config asks for is checked once the MoGE blocks exist: a model nested in the dense one (Swin's encoder,
+        itself a `PreTrainedModel`) would refuse it in its own `__init__`, having no experts of its own."""
+        requested = config._experts_implementation_internal
+        config._experts_implementation_internal = None
+        try:
+            dense_class.__init__(self, config, **kwargs)
+        finally:
+            config._experts_implementation_internal = requested
+        self._swap_mlps()
+        config._experts_implementation_internal = self._check_and_adjust_experts_implementation(requested)
+        self.post_init()
+
     def _swap_mlps(self) -> None:
         """Replace the dense MLP of every layer in `config.moe_layers` by a MoGE block, where the host record's
         `MoGEMLP` says it sits; each block's experts have the size of the MLP they replace (or
-        `expert_intermediate_size`). A host's base model calls this in `__init__`, after building the dense model."""
+        `expert_intermediate_size`), where the host record's `MoGEMLP` says they sit (see `_build`)."""
         config = self.config
         config.validate_moge_fields()  # fields set one by one since the config was built are checked together here
         mlp = host_of(type(self)).mlp
@@ -274,8 +289,6 @@ class MoGEModelMixin:
                 and any(isinstance(child, MoGESparseMoeBlock) for child in module.modules())
             ):
                 module._init_weights = self._init_weights
-        if getattr(config, "_experts_implementation", None) == "grouped_mm":
-            self._check_grouped_mm_sizes()
         attach_routing_recorder(self)
 
     def _check_config_matches_modules(self, blocks: list[MoGESparseMoeBlock] | None = None) -> None:

@@ -682,7 +682,7 @@ def test_diagnostics_and_expert_maps_read_every_model_of_the_table(case, tmp_pat
         probs = logits.float().softmax(-1)
         torch.testing.assert_close(torch.from_numpy(data.probs[layer]), probs)
         assert (data.top_k_index[layer] == probs.topk(top_k, dim=-1).indices.numpy()).all()
-        assert data.hidden[layer].shape == (6, 32)
+        assert data.hidden[layer].shape == (6, taps[layer].module.weight.shape[-1])  # the router's input width
     stats = diag.routing_diagnostics(model, data)
     assert [entry["layer"] for entry in stats["layers"]] == data.layers
     for entry in stats["layers"]:
@@ -691,7 +691,7 @@ def test_diagnostics_and_expert_maps_read_every_model_of_the_table(case, tmp_pat
 
     # Each expert's output, from the experts' own forward: the routed combination is what the layer computes.
     experts = taps[0].experts
-    hidden = torch.randn(5, 32)
+    hidden = torch.randn(5, taps[0].module.weight.shape[-1])
     per_expert = diag.all_expert_outputs(experts, hidden)  # (E, T, d)
     index = torch.tensor([[0, 3], [1, 2], [7, 4], [5, 6], [2, 0]])
     weights = torch.rand(5, 2)

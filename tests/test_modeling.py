@@ -12,7 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from tiny import ALIGNED, CASES, VOCAB, case_names, gpt2_config, input_ids, lm_batch, pixel_values, vit_config
+from tiny import (
+    ALIGNED,
+    CASES,
+    UNALIGNED,
+    VOCAB,
+    case_names,
+    gpt2_config,
+    input_ids,
+    lm_batch,
+    pixel_values,
+    vit_config,
+)
 from transformers import AutoConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -412,7 +423,7 @@ def test_moge_triton_refused_for_an_activation_it_cannot_fuse():
 
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_grouped_mm_refused_for_unaligned_sizes(case):
-    model, batch = build(case)  # the tiny configs' MLP size, 37
+    model, batch = build(case, **UNALIGNED)  # experts of 37
     assert {block.experts.intermediate_dim for block in model.moge_blocks()} == {37}
     assert model.config._experts_implementation == "eager"  # the default, for every size
     with pytest.raises(ValueError, match="multiples of 8"):

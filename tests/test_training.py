@@ -403,8 +403,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, case):
         torch.testing.assert_close(
             accumulated[name], full[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
         )
-    assert any(full[name].abs().max() > 1e-3 for name in full if "router" in name)
-    assert any(full[name].abs().max() > 1e-3 for name in full if "experts" in name)
+    # The routers and the experts moved, by far more than the tolerance of the comparison.
+    assert any(full[name].abs().max() > 1e-4 for name in full if "router" in name)
+    assert any(full[name].abs().max() > 1e-4 for name in full if "experts" in name)
 
 
 # ---- Trainer with the callback -----------------------------------------------------------------------------------
