@@ -44,6 +44,7 @@ from transformers import (
 from transformers.distributed import DistributedConfig
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, check_moge_model_dir
+from moge_hf.moge_model import HOSTS, hosts_with
 from moge_hf.training import parse_config_overrides
 
 
@@ -561,6 +562,24 @@ def test_image_classification_resumes_exactly(run_image_classification, image_fo
     assert full.keys() == resumed.keys()
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+
+
+@pytest.mark.parametrize("model_type", sorted(hosts_with("AutoModelForImageClassification")))
+def test_image_classification_trains_every_image_family_from_its_small_config(
+    run_image_classification, image_folder, tmp_path, model_type
+):
+    # `--model_type` alone: the family's small architecture from its record, MoGE settings from the flags.
+    out = tmp_path / "out"
+    args = ["--train_dir", str(image_folder / "train"), "--validation_dir", str(image_folder / "validation")]
+    args += ["--model_type", model_type, "--output_dir", str(out), *COMMON, "--max_steps", "2"]
+    args += ["--num_experts", "4", "--moge_map_shape", "2", "2", "--moge_window", "2", "--moge_loss_coef", "0.01"]
+    results = run_image_classification.main([*args, "--per_device_train_batch_size", "4"])
+    assert 0 <= results["MoGE"]["eval_accuracy"] <= 1
+    model = AutoModelForImageClassification.from_pretrained(out)
+    host = HOSTS[model_type]
+    assert type(model) is host.heads["AutoModelForImageClassification"].model_class
+    assert {name: getattr(model.config, name) for name in host.small_config} == dict(host.small_config)
+    assert model.config.num_labels == 2 and model.moge_blocks()
 
 
 def test_augmentation_draws_depend_on_seed_epoch_and_index_alone(run_image_classification):
