@@ -10,6 +10,7 @@ first otherwise. Its two jobs are also callbacks of their own: [`MoGESigmaSchedu
 [`MoGERoutingMetrics`] (the metrics and the check that the routing losses train, sigma left alone).
 """
 
+import argparse
 import ast
 import contextlib
 import dataclasses
@@ -31,6 +32,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import (
+    HfArgumentParser,
     PreTrainedConfig,
     PreTrainedModel,
     Trainer,
@@ -68,6 +70,7 @@ __all__ = [
     "scratch_config",
     "script_host",
     "parse_script_arguments",
+    "script_parser",
     "finished_run_metrics",
     "main_arm_name",
     "checkpoint_problem",
@@ -837,6 +840,23 @@ def _given_flags(tokens: list[str]) -> dict[str, object]:
 
 def _truthy(value) -> bool:
     return value is True or str(value).lower() in ("true", "1", "yes", "y")
+
+
+class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` of the training scripts: the script's docstring as it is written, and one default per flag (none where
+    the default is `None`, the flag's help saying what happens then, or where the help states it already)."""
+
+    def _get_help_string(self, action) -> str:
+        help_text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in help_text.lower():
+            return help_text
+        return super()._get_help_string(action)
+
+
+def script_parser(dataclass_types: tuple, description: str | None) -> HfArgumentParser:
+    """The `HfArgumentParser` of a training script: its dataclasses' flags, `description` (the script's docstring)
+    atop `--help`, one default per flag."""
+    return HfArgumentParser(dataclass_types, description=description, formatter_class=ScriptHelpFormatter)
 
 
 def parse_script_arguments(parser, args: list[str] | None = None) -> tuple:

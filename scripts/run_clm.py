@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and evaluate a MoGE language model (GPT-2 MoGE, or any MoGE family with a causal LM) on a text data set with
+r"""Train and evaluate a MoGE language model (GPT-2 MoGE, or any MoGE family with a causal LM) on a text data set with
 `Trainer`.
 
 The model is built from scratch (`--model_type`, default `gpt2_moge`: the family's small architecture, changed with
@@ -12,9 +12,10 @@ upcycled into its MoE sibling in transformers (`moge_hf.upcycle_to_moe`: Mixtral
 Mixtral, ...): it is fine-tuned with the MoGE regularizer (`moge_hf.add_moge_regularizer`, the `--moge_*` fields of
 the regularizer only). The text is a Hub data set (`--dataset_name`) or local text files (`--train_file`, optional
 `--validation_file`; without one, the last `--validation_split_percentage` percent of the training lines are held
-out). The tokenizer is `--tokenizer_name`, the dense model's, or a byte-level BPE trained on the training text and
-saved with the model. Texts are concatenated and cut into `--block_size` blocks. Evaluation reports the language
-modeling loss alone (`eval_lm_loss`, without the routing losses that `eval_loss` includes) and
+out). The tokenizer is `--tokenizer_name`, else the loaded or dense model's (a folder without one is refused: a new
+vocabulary would not fit its embeddings), else, for a model built from scratch, a byte-level BPE trained on the
+training text and saved with the model. Texts are concatenated and cut into `--block_size` blocks. Evaluation reports
+the language modeling loss alone (`eval_lm_loss`, without the routing losses that `eval_loss` includes) and
 `perplexity = exp(eval_lm_loss)`. Every output folder gets `run_record.json`: what the run trained and evaluated on
 (data set or file, split, part, number of blocks; `--train_data_description` says what local text is), from which
 the model cards (`--push_to_hub`, `scripts/push_to_hub.py`) are rendered.
@@ -56,7 +57,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -84,6 +84,7 @@ from moge_hf.training import (
     parse_script_arguments,
     scratch_config,
     script_host,
+    script_parser,
     shard_with_engine,
     train_and_evaluate,
 )
@@ -135,8 +136,9 @@ class ModelArguments(MoGEArguments, EngineArguments):
     tokenizer_name: str | None = field(
         default=None,
         metadata={
-            "help": "A tokenizer (folder or Hub id). Default: the loaded model's, else a byte-level BPE trained on "
-            "the training text (see --vocab_size)."
+            "help": "A tokenizer (folder or Hub id). Default: the loaded or dense model's (a folder without one is "
+            "refused); for a model built from scratch, a byte-level BPE trained on the training text (see "
+            "--vocab_size)."
         },
     )
     vocab_size: int = field(
@@ -718,7 +720,7 @@ def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> No
 
 def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Parse `args` (default: the command line), train and evaluate; return the metrics of each arm."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = script_parser((ModelArguments, DataArguments, TrainingArguments), __doc__)
     # Neither --do_train nor --do_eval: both; refused: evaluation during training without training, and options under
     # which Trainer would not train the routing losses (--label_smoothing_factor).
     model_args, data_args, training_args = parse_script_arguments(parser, args)

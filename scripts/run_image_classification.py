@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and evaluate a MoGE image classifier (ViT MoGE, or any MoGE family with an image-classification model) with
+r"""Train and evaluate a MoGE image classifier (ViT MoGE, or any MoGE family with an image-classification model) with
 `Trainer`.
 
 The model is built from scratch (`--model_type`, default `vit_moge`: the family's small architecture for 32x32
@@ -50,7 +50,6 @@ import transformers
 from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import (
     AutoImageProcessor,
-    HfArgumentParser,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
@@ -73,6 +72,7 @@ from moge_hf.training import (
     parse_script_arguments,
     scratch_config,
     script_host,
+    script_parser,
     shard_with_engine,
     train_and_evaluate,
 )
@@ -717,7 +717,7 @@ def print_comparison(rows: list[tuple[str, float, dict]], output_dir: str) -> No
 
 def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Parse `args` (default: the command line), train and evaluate; return the metrics of each arm."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = script_parser((ModelArguments, DataArguments, TrainingArguments), __doc__)
     # Neither --do_train nor --do_eval: both; refused: evaluation during training without training, and options under
     # which Trainer would not train the routing losses (--label_smoothing_factor).
     model_args, data_args, training_args = parse_script_arguments(parser, args)

@@ -690,6 +690,21 @@ def test_the_scripts_pick_the_family_from_the_host_records(
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
+@pytest.mark.parametrize("script", ["run_clm", "run_image_classification"])
+def test_script_help_has_its_description_and_one_default_per_flag(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main(["--help"])
+    assert exit_info.value.code == 0
+    head, _, flags = capsys.readouterr().out.partition("\noptions:\n")
+    assert "Train and evaluate a MoGE" in head and "--model_type" in head  # the script's docstring, as written
+    assert "\\\n" in head or script != "run_clm"  # its example command keeps its line continuations
+    helps = [" ".join(text.split()) for text in re.split(r"\n  (?=-)", flags)]
+    assert len(helps) > 50 and not any("(default: None)" in text for text in helps)
+    assert all(len(re.findall(r"\((?:config )?default:", text)) <= 1 for text in helps)
+    assert any("(default: 5e-05)" in text for text in helps if text.startswith("--learning_rate"))
+    assert any("(config default: 16)" in text for text in helps if text.startswith("--num_experts "))
+
+
 def test_config_overrides_are_name_value_pairs_of_python_literals():
     assert parse_config_overrides("embed_dim=48, depths=[2, 2, 2],hidden_act=gelu,qkv_bias=False") == {
         "embed_dim": 48,
