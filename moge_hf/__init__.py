@@ -8,7 +8,7 @@ import transformers
 from transformers import AutoConfig
 
 from . import diagnostics
-from .configuration_moge import GPT2MoGEConfig, ViTMoGEConfig
+from .configuration_moge import GPT2MoGEConfig, SwinMoGEConfig, ViTMoGEConfig
 from .hub import (
     HubTokenError,
     MoGEHubCallback,
@@ -25,6 +25,7 @@ from .modeling_gpt2_moge import (
     GPT2MoGEModel,
     GPT2MoGEPreTrainedModel,
 )
+from .modeling_swin_moge import SwinMoGEForImageClassification, SwinMoGEModel, SwinMoGEPreTrainedModel
 from .modeling_vit_moge import ViTMoGEForImageClassification, ViTMoGEModel, ViTMoGEPreTrainedModel
 from .moge_layer import GroupSparsityRegularizer, MoGEExperts, MoGERouter, MoGESparseMoeBlock, set_moge_sigma
 from .moge_model import HOSTS
@@ -63,6 +64,10 @@ __all__ = [
     "MoGESigmaCallback",
     "MoGESigmaSchedule",
     "MoGESparseMoeBlock",
+    "SwinMoGEConfig",
+    "SwinMoGEForImageClassification",
+    "SwinMoGEModel",
+    "SwinMoGEPreTrainedModel",
     "ViTMoGEConfig",
     "ViTMoGEForImageClassification",
     "ViTMoGEModel",

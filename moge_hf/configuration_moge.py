@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
-from transformers import GPT2Config, ViTConfig
+from transformers import GPT2Config, SwinConfig, ViTConfig
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
@@ -14,7 +14,7 @@ from .losses import MAX_SIGMA, PADDINGS, REDUCTIONS, resolve_map_shape
 from .moge_layer import ROUTING_LOSSES
 
 
-__all__ = ["GPT2MoGEConfig", "MoGEConfigMixin", "ViTMoGEConfig"]
+__all__ = ["GPT2MoGEConfig", "MoGEConfigMixin", "SwinMoGEConfig", "ViTMoGEConfig"]
 
 # The routing fields of every MoGE output, in order, after the fields of the dense parent's output.
 ROUTING_OUTPUTS = ("router_logits", *ROUTING_LOSSES)
@@ -413,3 +413,47 @@ class ViTMoGEConfig(ViTConfig, MoGEConfigMixin):
     def dense_intermediate_size(self) -> int:
         """Hidden size of the dense ViT MLP, the default size of each expert."""
         return self.intermediate_size
+
+
+@_checked_assignment
+@strict
+class SwinMoGEConfig(SwinConfig, MoGEConfigMixin):
+    __doc__ = (  # an assignment: a parenthesized expression would not be the class docstring
+        r"""Configuration of a Swin Transformer whose MLPs in `moe_layers` are MoGE layers. Takes every [`SwinConfig`]
+    argument. `moe_layers` counts the blocks of all stages in order (`sum(depths)` of them); each MoGE layer's experts
+    have the size of the MLP they replace, which doubles from stage to stage (or all `expert_intermediate_size`).
+    """
+        + MOGE_CONFIG_DOCSTRING
+        + r"""
+    Example:
+
+    ```python
+    >>> from moge_hf import SwinMoGEConfig, SwinMoGEForImageClassification
+    >>> config = SwinMoGEConfig(image_size=32, patch_size=2, embed_dim=48, depths=[2, 2, 2], num_heads=[3, 6, 12],
+    ...                         window_size=4, num_experts=16, moe_layers=[1, 3, 5], moge_loss_coef=3e-3)
+    >>> model = SwinMoGEForImageClassification(config)
+    ```"""
+    )
+
+    model_type = "swin_moge"
+    # FSDP2 per stage (expert parallelism for the MoGE layers is set by `register_host`); no tensor-parallel plan.
+    base_model_fsdp_plan = {
+        "embeddings": "free_full_weight",
+        "encoder.layers.*": "free_full_weight",
+        "layernorm": "keep_full_weight",
+    }
+    keys_to_ignore_at_inference = list(ROUTING_OUTPUTS)  # per batch, not per example
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_moge_fields()
+
+    @property
+    def moge_num_layers(self) -> int:
+        """The blocks of all stages: what `moe_layers` indexes."""
+        return sum(self.depths)
+
+    @property
+    def dense_intermediate_size(self) -> int:
+        """Hidden size of the first stage's dense MLP (each later stage's is twice the one before)."""
+        return int(self.mlp_ratio * self.embed_dim)

@@ -26,6 +26,9 @@ from transformers import (
     PreTrainedModel,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    SwinConfig,
+    SwinForImageClassification,
+    SwinModel,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
@@ -38,6 +41,9 @@ from moge_hf import (
     GPT2MoGEForSequenceClassification,
     GPT2MoGELMHeadModel,
     GPT2MoGEModel,
+    SwinMoGEConfig,
+    SwinMoGEForImageClassification,
+    SwinMoGEModel,
     ViTMoGEConfig,
     ViTMoGEForImageClassification,
     ViTMoGEModel,
@@ -103,6 +109,29 @@ def vit_config(**overrides) -> ViTMoGEConfig:
     )
     kwargs.update(overrides)
     return ViTMoGEConfig(**kwargs)
+
+
+# Swin: 16x16 images in 2x2 patches, two stages of two blocks (8x8 patches of width 16, merged into 4x4 of width 32),
+# windows of 4 (the second block of the first stage shifts them); the MLPs are twice as wide as their stage.
+SWIN_DENSE = dict(
+    image_size=16,
+    patch_size=2,
+    num_channels=3,
+    embed_dim=16,
+    depths=[2, 2],
+    num_heads=[2, 4],
+    window_size=4,
+    mlp_ratio=2.0,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    drop_path_rate=0.0,
+    num_labels=5,
+)
+
+
+def swin_config(**overrides) -> SwinMoGEConfig:  # MoGE in blocks 1 and 3: one per stage
+    moge = dict(num_experts=8, moge_map_shape=[2, 4], moge_window=2, moge_loss_coef=0.1)
+    return SwinMoGEConfig(**{**SWIN_DENSE, **moge, **overrides})
 
 
 def input_ids(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
@@ -279,8 +308,13 @@ def _vit_token_count(batch: dict) -> int:  # 16x16 images, 4x4 patches: 16 patch
     return len(batch["pixel_values"]) * 17
 
 
+def _swin_token_count(batch: dict) -> list[int]:  # per MoGE layer: 8x8 patches in stage 1, 4x4 in stage 2
+    return [len(batch["pixel_values"]) * 64, len(batch["pixel_values"]) * 16]
+
+
 GPT2_ROW = dict(make_dense_config=_gpt2_dense, num_tokens=_token_count)
 VIT_ROW = dict(make_dense_config=_vit_dense, num_tokens=_vit_token_count)
+SWIN_ROW = dict(make_dense_config=lambda **kw: SwinConfig(**{**SWIN_DENSE, **kw}), num_tokens=_swin_token_count)
 
 
 def _moe_batch(seed: int, batch: int = 4) -> dict:
@@ -357,6 +391,30 @@ CASES = _table(
         generative=False,
         dense_class=ViTForImageClassification,
         **VIT_ROW,
+    ),
+    ModelCase(
+        "swin-base",
+        "swin",
+        SwinMoGEModel,
+        swin_config,
+        _without_labels(_images),
+        "AutoModel",
+        None,
+        generative=False,
+        dense_class=SwinModel,
+        **SWIN_ROW,
+    ),
+    ModelCase(
+        "swin-cls",
+        "swin",
+        SwinMoGEForImageClassification,
+        swin_config,
+        _images,
+        "AutoModelForImageClassification",
+        "image-classification",
+        generative=False,
+        dense_class=SwinForImageClassification,
+        **SWIN_ROW,
     ),
     ModelCase(
         "qwen3_moe",
@@ -450,5 +508,3 @@ def first_case(**filters) -> str:
     if not names:
         raise LookupError(f"tests/tiny.py: no case with {filters}")
     return names[0]
-
-
