@@ -13,6 +13,8 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_moge import ViTMoGEConfig
 from .moge_model import (
+    IMAGE_CARD_PREPROCESSING,
+    IMAGE_CARD_SNIPPET,
     HostCard,
     MoGEHead,
     MoGEHost,
@@ -190,34 +192,8 @@ VIT_MOGE = register_host(
             rows=_card_rows,
             intro="Vision Transformer (ViT)",
             tokens="each image patch and the [CLS] token",
-            snippet="""
-                from PIL import Image
-                from transformers import {{ model.auto_class }}, ViTImageProcessor
-                {%- if head.kind != "base" %}, pipeline{% endif %}
-
-                repo_id = "{{ model.repo_id }}"
-                image = Image.open("image.png").convert("RGB")
-
-                {% if head.kind == "image-classification" -%}
-                classifier = pipeline("image-classification", model=repo_id, trust_remote_code=True)
-                print(classifier(image))
-
-                # or step by step
-                processor = ViTImageProcessor.from_pretrained(repo_id)  # a standard ViT processor: no remote code
-                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
-                logits = model(**processor(image, return_tensors="pt")).logits
-                print(model.config.id2label[logits.argmax(-1).item()])
-                {% else -%}
-                processor = ViTImageProcessor.from_pretrained(repo_id)  # a standard ViT processor: no remote code
-                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
-                hidden_states = model(**processor(image, return_tensors="pt")).last_hidden_state
-                {% endif -%}
-                """,
-            preprocessing="""
-                This repository holds no image processor file: resize images to {{ config.image_size }} x
-                {{ config.image_size }} and normalize them as in training (for example with a `ViTImageProcessor` of
-                that size).
-                """,
+            snippet=IMAGE_CARD_SNIPPET,
+            preprocessing=IMAGE_CARD_PREPROCESSING,
             limitations="""
                 - A small research model from a MoGE study, not a product: its only evaluation is what this card
                   reports, and it should only be trusted on images like those it was trained on.

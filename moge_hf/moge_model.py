@@ -53,6 +53,8 @@ __all__ = [
     "EXPERTS_IMPLEMENTATIONS",
     "HOSTS",
     "HostCard",
+    "IMAGE_CARD_PREPROCESSING",
+    "IMAGE_CARD_SNIPPET",
     "MoGEHead",
     "MoGEHost",
     "MoGEMLP",
@@ -574,6 +576,38 @@ class HostCard:
     snippet: str  # the Python code of "How to use", per head (`head.kind`), loading `model.repo_id`
     preprocessing: str  # what to do when the repo holds no tokenizer / image processor (`model.has_processor` false)
     limitations: str  # the family's items (markdown list items) of the card's limitations
+
+
+# The card parts of the image hosts whose images a `ViTImageProcessor` prepares (ViT, Swin): the usage code per head,
+# and what to do when the repo holds no processor file.
+IMAGE_CARD_SNIPPET = """
+                from PIL import Image
+                from transformers import {{ model.auto_class }}, ViTImageProcessor
+                {%- if head.kind != "base" %}, pipeline{% endif %}
+
+                repo_id = "{{ model.repo_id }}"
+                image = Image.open("image.png").convert("RGB")
+
+                {% if head.kind == "image-classification" -%}
+                classifier = pipeline("image-classification", model=repo_id, trust_remote_code=True)
+                print(classifier(image))
+
+                # or step by step
+                processor = ViTImageProcessor.from_pretrained(repo_id)  # a standard processor: no remote code
+                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
+                logits = model(**processor(image, return_tensors="pt")).logits
+                print(model.config.id2label[logits.argmax(-1).item()])
+                {% else -%}
+                processor = ViTImageProcessor.from_pretrained(repo_id)  # a standard processor: no remote code
+                model = {{ model.auto_class }}.from_pretrained(repo_id, trust_remote_code=True)
+                hidden_states = model(**processor(image, return_tensors="pt")).last_hidden_state
+                {% endif -%}
+                """
+IMAGE_CARD_PREPROCESSING = """
+                This repository holds no image processor file: resize images to {{ config.image_size }} x
+                {{ config.image_size }} and normalize them as in training (for example with a `ViTImageProcessor` of
+                that size).
+                """
 
 
 @dataclasses.dataclass(frozen=True)
