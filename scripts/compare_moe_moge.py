@@ -25,8 +25,8 @@ one H100 in bf16 (an estimate: not measured).
 Examples:
 
 ```bash
-python scripts/compare_moe_moge.py --task vision --scale cpu --train_file ../shared/data/cifar10/train.parquet \
-    --test_file ../shared/data/cifar10/test.parquet --output_dir runs/compare_vision_cpu --do_test
+python scripts/compare_moe_moge.py --task vision --scale cpu --train_file path/to/cifar10/train.parquet \
+    --test_file path/to/cifar10/test.parquet --output_dir runs/compare_vision_cpu --do_test
 python scripts/compare_moe_moge.py --task language --scale cpu --train_file data/tinyshakespeare/input.txt \
     --output_dir runs/compare_language_cpu --do_test
 ```

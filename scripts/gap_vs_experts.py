@@ -29,8 +29,8 @@ Examples:
 
 ```bash
 python scripts/gap_vs_experts.py --task vision --num_experts 8 32 128 --num_experts_per_tok 1 \
-    --output_dir runs/gap/vision_k1 -- --train_file ../shared/data/cifar10/train.parquet \
-    --test_file ../shared/data/cifar10/test.parquet --max_steps 3000 --warmup_steps 150 --eval_every 500
+    --output_dir runs/gap/vision_k1 -- --train_file path/to/cifar10/train.parquet \
+    --test_file path/to/cifar10/test.parquet --max_steps 3000 --warmup_steps 150 --eval_every 500
 python scripts/gap_vs_experts.py --archive runs/gap/vision_k1 --output_dir docs/results/gap/vision_k1
 python scripts/gap_vs_experts.py --report docs/results/gap/vision_k1 --output_dir docs/figures/gap
 ```

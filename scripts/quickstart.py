@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import moge_hf  # noqa: F401  (registers "gpt2_moge" and "vit_moge" with the Auto classes)
+import moge_hf  # noqa: F401  (registers the MoGE model types, e.g. "gpt2_moge", with the Auto classes)
 
 
 # fmt: off

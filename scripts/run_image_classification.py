@@ -24,8 +24,8 @@ seed, data and steps (in `<output_dir>/moe_baseline`), and prints both arms side
 Example (CIFAR-10 from Parquet files):
 
 ```bash
-python scripts/run_image_classification.py --train_file ../shared/data/cifar10/train.parquet \
-    --validation_file ../shared/data/cifar10/test.parquet --output_dir runs/vit_cifar10 \
+python scripts/run_image_classification.py --train_file path/to/cifar10/train.parquet \
+    --validation_file path/to/cifar10/test.parquet --output_dir runs/vit_cifar10 \
     --num_experts 32 --num_experts_per_tok 1 --moge_map_shape 4 8 --moe_layers 4 5 \
     --moge_loss_coef 0.003 --moge_reduction paper --moge_sigma_schedule 10 1 0.2 --max_steps 2000
 ```
@@ -243,7 +243,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
     if len(sources) != 1:
         raise ValueError(
             "Pass exactly one image source: --dataset_name NAME, --train_dir FOLDER (an imagefolder) or "
-            f"--train_file FILE (e.g. ../shared/data/cifar10/train.parquet); got {sources or 'none'}."
+            f"--train_file FILE (e.g. path/to/cifar10/train.parquet); got {sources or 'none'}."
         )
     if data_args.validation_dir and not data_args.train_dir:
         raise ValueError("--validation_dir goes with --train_dir.")
@@ -310,7 +310,7 @@ def load_image_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
             raise ConnectionError(
                 f"--dataset_name {name!r}: the Hugging Face Hub cannot be reached from here (no network, or "
                 "HF_HUB_OFFLINE=1) and it is not a local folder. Pass local images with --train_dir or --train_file "
-                "(e.g. --train_file ../shared/data/cifar10/train.parquet)."
+                "(e.g. --train_file path/to/cifar10/train.parquet)."
             )
         try:
             raw = load_dataset(name, data_args.dataset_config_name)

@@ -1,5 +1,5 @@
 """Each MoGE config field is declared once (`MoGEConfigMixin`); its other descriptions derive from it or are checked
-against it here: the config docstrings, the scripts' arguments, the model card's rows, the README's table."""
+against it here: the config docstrings, the scripts' arguments, the model card's rows, the table of docs/MODELS.md."""
 
 import re
 from dataclasses import fields
@@ -59,9 +59,9 @@ def test_the_model_card_has_a_row_for_every_setting(case):
         assert re.search(rf"\| `{name}` \| ", card.text), name
 
 
-def test_the_readme_table_names_every_field():
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("| field | default | meaning |") :].split("\n\n")[0]
+def test_the_models_page_table_names_every_field():
+    page = (ROOT / "docs" / "MODELS.md").read_text()
+    table = page[page.index("| field | default | meaning |") :].split("\n\n")[0]
     named = set(re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in table.splitlines()[2:])))
     assert named == set(MOGE_FIELDS)
 

@@ -1,17 +1,17 @@
 """The documentation speaks of the software and its studies, never of how they were made: no commit hashes, no paths
-of one workspace, no "this session" or "reported in issue N". docs/RESULTS.md opens with a summary whose numbers are
-all copied from its detailed sections."""
+of one workspace, no "this session" or "reported in issue N". The README stays short, with the rest one page per topic
+under docs/; the links between the pages resolve; docs/HUB.md lists the code files `save_pretrained` writes for every
+host. docs/RESULTS.md opens with a summary whose numbers are all copied from its detailed sections."""
 
 import re
 from pathlib import Path
 
 import pytest
+from tiny import CASES, case_names
 
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["README.md"] + sorted(f"docs/{path.name}" for path in (ROOT / "docs").glob("*.md"))
-# Files that still speak of their own making; their rewrite is pending. strict: once one passes, move it out of here.
-PENDING = {"README.md"}
 
 # URLs may legitimately hold hex words (a commit in a link to another project); they are blanked before matching.
 URL = re.compile(r"<?https?://[^\s)>\]]+>?")
@@ -38,15 +38,7 @@ def history_hits(path: Path) -> list[str]:
     return hits
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="README/docs rewrite pending"))
-        if name in PENDING
-        else name
-        for name in DOCS
-    ],
-)
+@pytest.mark.parametrize("name", DOCS)
 def test_docs_speak_of_the_software_not_its_history(name):
     hits = history_hits(ROOT / name)
     assert not hits, "development history in the docs:\n" + "\n".join(hits)
@@ -119,3 +111,97 @@ def test_results_summary_fits_one_screen_and_shows_the_gap_against_experts():
     assert "](figures/gap/gap_vs_experts.png)" in section
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")):
         assert (ROOT / "docs" / image).is_file(), image
+
+
+# ---- the README and the pages under docs/ ---------------------------------------------------------------------------
+
+# The README: what MoGE is, the set-up commands, the quick start, the main job and a pointer per topic, read in a few
+# minutes; everything else is in docs/, linked from its last section.
+README_LINKS_SECTION = "\n## Documentation\n"
+README_MAX_LINES = 130
+
+
+def test_readme_is_short_and_links_every_page():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    body, links = readme.split(README_LINKS_SECTION)
+    assert len(body.splitlines()) <= README_MAX_LINES
+    linked = set(re.findall(r"\]\((docs/[\w.]+\.md)\)", links))
+    assert linked == {name for name in DOCS if name.startswith("docs/")}
+
+
+FENCE = re.compile(r"^```.*?^```", flags=re.MULTILINE | re.DOTALL)
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def github_anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the headings of the markdown file at `path`."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", FENCE.sub("", path.read_text(encoding="utf-8")), re.MULTILINE):
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading counts by its text
+        slug = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def relative_links(path: Path) -> list[str]:
+    """The targets of the markdown links in `path` that point into the repository (not into code)."""
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return [target for target in LINK.findall(text) if not re.match(r"[a-z]+:", target)]
+
+
+def broken_links(page: Path) -> list[str]:
+    """`target: why` for every link of `page` into the repository whose file or heading does not exist."""
+    broken = []
+    for target in relative_links(page):
+        file, _, anchor = target.partition("#")
+        linked = (page.parent / file).resolve() if file else page
+        if not linked.exists():
+            broken.append(f"{target}: no file {file}")
+        elif anchor and (linked.suffix != ".md" or anchor not in github_anchors(linked)):
+            broken.append(f"{target}: no heading #{anchor} in {linked.name}")
+    return broken
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_links_between_the_pages_resolve(name):
+    broken = broken_links(ROOT / name)
+    assert not broken, f"{name}: broken links:\n" + "\n".join(broken)
+
+
+def test_the_link_check_finds_broken_links(tmp_path):
+    page = tmp_path / "PAGE.md"
+    page.write_text(
+        "# Title\n\n## Saving, loading: `save_pretrained`\n\n## Saving, loading: `save_pretrained`\n\n"
+        "[a](#saving-loading-save_pretrained) [b](#saving-loading-save_pretrained-1) [c](#nowhere) [d](MISSING.md)\n"
+        "[e](https://example.org/x) [f](PAGE.md#title) `[g](#in-code)`\n\n```python\nx = y[0](#not-a-link)\n```\n",
+        encoding="utf-8",
+    )
+    assert github_anchors(page) == {"title", "saving-loading-save_pretrained", "saving-loading-save_pretrained-1"}
+    assert broken_links(page) == ["#nowhere: no heading #nowhere in PAGE.md", "MISSING.md: no file MISSING.md"]
+
+
+# ---- docs/HUB.md: the code files of a saved folder ------------------------------------------------------------------
+
+CODE_FILES_LINE = "Code files beside the modeling file:"
+
+
+def documented_code_files() -> set[str]:
+    """The code files docs/HUB.md says `save_pretrained` writes beside the model's modeling file."""
+    text = (ROOT / "docs" / "HUB.md").read_text(encoding="utf-8")
+    paragraph = text[text.index(CODE_FILES_LINE) :].split("\n\n")[0]
+    return set(re.findall(r"`(\w+\.py)`", paragraph))
+
+
+@pytest.mark.parametrize("case", case_names(moge_hf=True))
+def test_the_hub_page_lists_the_code_files_save_pretrained_writes(case, tmp_path):
+    model = CASES[case].build()
+    model.save_pretrained(tmp_path)
+    written = {path.name for path in tmp_path.glob("*.py")}
+    modeling = f"{type(model).__module__.rsplit('.', 1)[-1]}.py"
+    # The page names the modeling file by its pattern (a new host adds none of its own to it), the rest one by one.
+    assert re.fullmatch(r"modeling_\w+_moge\.py", modeling)
+    assert "`modeling_<name>_moge.py`" in (ROOT / "docs" / "HUB.md").read_text(encoding="utf-8")
+    assert written == {modeling} | documented_code_files()

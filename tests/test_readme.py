@@ -1,5 +1,6 @@
 """The README's quick start is `scripts/quickstart.py`, and it runs; `.ci/run` runs the README's test command; the
-transformers version policy is stated once and kept: setup.cfg's range, the floor CI pins, the README."""
+transformers version policy is stated once and kept: setup.cfg's range, the floor CI pins, the README and
+docs/RELEASES.md, whose compatibility table lists every release `noxfile.py` tests."""
 
 import ast
 import configparser
@@ -14,6 +15,7 @@ from packaging.version import Version
 
 
 ROOT = Path(__file__).resolve().parent.parent
+RELEASES = ROOT / "docs" / "RELEASES.md"  # the supported releases: the policy and the compatibility matrix's last run
 
 
 def test_readme_quick_start_is_the_script_and_runs():
@@ -57,16 +59,16 @@ def test_transformers_policy_is_one_range_kept_everywhere():
     ]
     assert pins == [f"transformers=={floor}.0"]
     assert "-c .ci/transformers-floor.txt" in (ROOT / ".ci" / "run").read_text()
-    # The README states the same range and policy.
-    readme = (ROOT / "README.md").read_text()
-    assert f"transformers>={floor},<{cap}" in readme
+    # The README and the releases page state the same range and policy.
+    for page in (ROOT / "README.md", RELEASES):
+        assert f"transformers>={floor},<{cap}" in page.read_text(), page.name
     # This run tests a release inside the range (a fresh install resolves the newest one it admits).
     assert version("transformers") in supported
 
 
-def test_readme_matrix_lists_every_release_the_noxfile_tests():
-    # The compatibility matrix (noxfile.py) covers every minor release from the range's floor; the README's table is
-    # its last run: one row per release, none missing, none left over.
+def test_releases_page_matrix_lists_every_release_the_noxfile_tests():
+    # The compatibility matrix (noxfile.py) covers every minor release from the range's floor; the table of
+    # docs/RELEASES.md is its last run: one row per release, none missing, none left over.
     tree = ast.parse((ROOT / "noxfile.py").read_text())
     releases = next(
         ast.literal_eval(node.value)
@@ -77,6 +79,5 @@ def test_readme_matrix_lists_every_release_the_noxfile_tests():
     minors = [Version(release).release[:2] for release in releases]
     assert minors[0] == Version(floor).release[:2] and minors == sorted(set(minors))
     assert all(later[1] == earlier[1] + 1 for earlier, later in zip(minors, minors[1:]))  # no minor skipped
-    readme = (ROOT / "README.md").read_text()
-    rows = re.findall(r"^\| transformers (\d+\.\d+\.\d+) \|", readme, flags=re.MULTILINE)
+    rows = re.findall(r"^\| transformers (\d+\.\d+\.\d+) \|", RELEASES.read_text(), flags=re.MULTILINE)
     assert rows == releases
