@@ -729,6 +729,28 @@ def test_the_cards_preprocessor_call_loads_cleanly_without_moge_hf(case, tmp_pat
     assert "You are using a model of type" not in result.stderr and "trust_remote_code" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "load",
+    [
+        "AutoTokenizer.from_pretrained(path, trust_remote_code=False)",
+        "PreTrainedTokenizerFast.from_pretrained(path)",
+    ],
+)
+def test_the_saved_tokenizer_loads_without_moge_hf_and_without_remote_code(gpt2_dir, load, tmp_path):
+    # docs/HUB.md's two ways to load the tokenizer alone where moge_hf is not installed: no code of the folder runs
+    # (HF_MODULES_CACHE stays empty), no question is asked (stdin closed), the same token ids.
+    code = "import sys\nsys.modules['moge_hf'] = None\n"
+    code += f"from transformers import AutoTokenizer, PreTrainedTokenizerFast\npath = {str(gpt2_dir)!r}\n"
+    code += f"tokenizer = {load}\nprint(tokenizer('To be, or not to be')['input_ids'])\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(tiny_tokenizer()("To be, or not to be")["input_ids"])
+    assert not list((tmp_path / "modules").rglob("*.py"))
+
+
 def test_card_states_that_grouped_mm_refuses_unaligned_sizes(gpt2_upload):
     card = " ".join((gpt2_upload / "README.md").read_text().split())
     assert "multiples of 8 (otherwise asking for it raises an error" in card and "fall back" not in card
