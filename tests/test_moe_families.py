@@ -11,7 +11,8 @@ tested without anyone writing its name. Each family is regularized correctly or 
 
 import copy
 import importlib
-import sys
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,16 +305,18 @@ def test_the_papers_softmax_is_an_option_and_a_built_field():
         add_moge_regularizer(model, moge_scoring="tanh")
 
 
-if __name__ == "__main__":  # the routing table of docs/MOE_FAMILIES.md
-    print(f"transformers {transformers.__version__}\n")
-    print("| model type | class | experts (logits) | top-k | scoring read | selection bias | expert groups | MoGE |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+def routing_table() -> list[str]:
+    """The per-family table of docs/MOE_FAMILIES.md, as the installed transformers' families route."""
+    lines = [
+        "| model type | class | experts (logits) | top-k | scoring read | selection bias | expert groups | MoGE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for model_type in sorted(FAMILIES):
         model = build(model_type)
         try:
             d = describe_routing(model)
         except ValueError as error:
-            print(f"| {model_type} | {FAMILIES[model_type].__name__} | | | | | | refused: {error} |")
+            lines.append(f"| {model_type} | {FAMILIES[model_type].__name__} | | | | | | refused: {error} |")
             continue
         width = f"{d.num_experts}" + (f" ({d.logits_per_token})" if d.logits_per_token != d.num_experts else "")
         if model_type in REFUSED:
@@ -324,4 +327,21 @@ if __name__ == "__main__":  # the routing table of docs/MOE_FAMILIES.md
             what = {"softmax": "softmax", "sigmoid": "sigmoid / sum", "sqrt_softplus": "sqrt(softplus) / sum"}
             what = what[d.scoring] + (" over the routed experts" if width != str(d.num_experts) else "")
         row = [model_type, FAMILIES[model_type].__name__, width, d.top_k, d.scoring or "-", "yes" * d.selection_bias]
-        print("| " + " | ".join(str(x) for x in [*row, d.expert_groups or "", what]) + " |", file=sys.stdout)
+        lines.append("| " + " | ".join(str(x) for x in [*row, d.expert_groups or "", what]) + " |")
+    return lines
+
+
+def test_the_docs_family_table_is_what_the_code_reads():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "MOE_FAMILIES.md").read_text()
+    version = re.search(r"^transformers (\S+)$", text, flags=re.MULTILINE).group(1)
+    if version != transformers.__version__:
+        pytest.skip(f"docs/MOE_FAMILIES.md's table is for transformers {version}, not {transformers.__version__}")
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| model type |")))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("| ")), len(lines))
+    assert lines[start:end] == routing_table()
+
+
+if __name__ == "__main__":  # the routing table of docs/MOE_FAMILIES.md
+    print(f"transformers {transformers.__version__}\n")
+    print("\n".join(routing_table()))
