@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import validate_repo_id
 from packaging.requirements import Requirement
@@ -350,7 +351,11 @@ def _rows(pairs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
 
 def _moge_rows(config: Mapping[str, Any], host: MoGEHost) -> list[dict[str, Any]]:
     shape = host.config_class.from_dict(dict(config))  # the family's names for the layer count and the MLP size
-    num_layers, dense_size = shape.num_hidden_layers, shape.dense_intermediate_size
+    with torch.device("meta"):  # the experts' sizes as the model builds them (they may differ from layer to layer)
+        blocks = host.heads["AutoModel"].model_class(shape).moge_blocks()
+    num_layers = shape.moge_num_layers
+    sizes = [block.experts.intermediate_dim for block in blocks]
+    expert_sizes = sizes[0] if len(set(sizes)) == 1 else " / ".join(map(str, sizes)) + " (per MoGE layer)"
     map_rows, map_cols = resolve_map_shape(config["num_experts"], config.get("moge_map_shape"))
     top_k = config["num_experts_per_tok"]
     norm_topk = config.get("norm_topk_prob")
@@ -366,7 +371,7 @@ def _moge_rows(config: Mapping[str, Any], host: MoGEHost) -> list[dict[str, Any]
         row("experts per token (top-k)", "num_experts_per_tok", top_k),
         row("renormalized top-k gate weights", "norm_topk_prob", "yes" if norm_topk else "no"),
         row("MoGE layers", "moe_layers", f"{sorted(config['moe_layers'])} of {num_layers}"),
-        row("expert hidden size", "expert_intermediate_size", config.get("expert_intermediate_size") or dense_size),
+        row("expert hidden size", "expert_intermediate_size", expert_sizes),
         row("expert map (rows x cols)", "moge_map_shape", f"{map_rows} x {map_cols}"),
         row("window side h", "moge_window", config.get("moge_window")),
         row("Gaussian sigma (as saved)", "moge_sigma", config.get("moge_sigma")),

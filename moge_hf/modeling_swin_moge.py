@@ -175,7 +175,7 @@ SWIN_MOGE = register_host(
             "num_heads": [3, 6, 12],
             "window_size": 4,
         },
-        dropout_fields=("hidden_dropout_prob", "attention_probs_dropout_prob"),
+        dropout_fields=("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"),
         optional_base_parts={"add_pooling_layer": "pooler", "use_mask_token": "embeddings.mask_token"},
         card=HostCard(
             tag="swin",

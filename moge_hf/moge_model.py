@@ -282,8 +282,10 @@ class MoGEModelMixin:
             block.layer_index = index
             block.dense_intermediate_size = intermediate
             setattr(layers[index], mlp.module, block)
-        # transformers initializes a model nested in this one (Swin's encoder is a `SwinPreTrainedModel`) with that
-        # model's own `_init_weights`, which does not know the MoGE modules: give it this model's.
+        # A model nested in this one (Swin's encoder is a `SwinPreTrainedModel`): transformers initializes it with its
+        # own `_init_weights`, which does not know the MoGE modules (it gets this model's), and its `post_init` took
+        # the config's base-model plans for itself, which this model's `post_init` would add again under its prefix
+        # (rules that match nothing): the plans are this model's alone.
         for module in self.modules():
             if (
                 module is not self
@@ -291,6 +293,9 @@ class MoGEModelMixin:
                 and any(isinstance(child, MoGESparseMoeBlock) for child in module.modules())
             ):
                 module._init_weights = self._init_weights
+                for plan in ("_tp_plan", "_ep_plan", "_pp_plan", "_fsdp_plan"):
+                    if getattr(module, plan, None):
+                        setattr(module, plan, {})
         attach_routing_recorder(self)
 
     def _check_config_matches_modules(self, blocks: list[MoGESparseMoeBlock] | None = None) -> None:

@@ -1051,9 +1051,15 @@ def scratch_config(host: MoGEHost, architecture: dict, config_overrides: str | N
             f"{host.config_class.__name__} ({host.model_type}) has no config field {unknown[0]!r}; give the "
             f"architecture with the fields it has, e.g. --config_overrides (its small default: {host.small_config})"
         )
-    return host.config_class(
-        **{**host.small_config, **architecture, **overrides}, **dropout_fields(host, dropout), **fields
-    )
+    taken = sorted((overrides.keys() & fields.keys()) | (overrides.keys() & architecture.keys()))
+    if taken:
+        raise ValueError(
+            f"--config_overrides sets {taken[0]!r}, which an argument of its own sets too (--{taken[0]}, or the "
+            "script from the data); give it once"
+        )
+    # `--config_overrides` last among the architecture: it may set a dropout rate `--dropout` would set otherwise.
+    architecture = {**host.small_config, **architecture, **dropout_fields(host, dropout), **overrides}
+    return host.config_class(**architecture, **fields)
 
 
 def check_local_source(flag: str, value: str | None) -> None:

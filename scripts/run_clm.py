@@ -257,8 +257,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
             )
         if model_args.dropout is not None:
             raise ValueError("--dropout sets GPT-2's dropout rates; it does not apply to a transformers MoE model.")
-    elif model_args.model_name_or_path:
-        given = model_args.shape_changing_overrides()
+        if model_args.model_type is not None:
+            raise ValueError("--model_type names a MoGE family; it does not apply to a transformers MoE model.")
+    else:
+        model_host(model_args)  # the family: known, and not contradicted by --model_type
+        given = model_args.shape_changing_overrides() if model_args.model_name_or_path else []
         if given:
             raise ValueError(f"--{given[0]} changes weight shapes and cannot be changed on a saved MoGE model.")
     implementation = model_args.experts_implementation

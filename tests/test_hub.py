@@ -751,6 +751,17 @@ def test_the_saved_tokenizer_loads_without_moge_hf_and_without_remote_code(gpt2_
     assert not list((tmp_path / "modules").rglob("*.py"))
 
 
+@pytest.mark.parametrize("case", case_names(moge_hf=True, per_family=True))
+def test_the_card_gives_the_layers_and_expert_sizes_the_model_has(case, tmp_path):
+    model = CASES[case].build(expert_intermediate_size=None)
+    model.save_pretrained(tmp_path)
+    card = " ".join(render_model_card(tmp_path).text.split())
+    sizes = [block.experts.intermediate_dim for block in model.moge_blocks()]
+    size_text = str(sizes[0]) if len(set(sizes)) == 1 else " / ".join(map(str, sizes)) + " (per MoGE layer)"
+    assert f"| expert hidden size | `expert_intermediate_size` | {size_text} |" in card
+    assert f"{sorted(model.config.moe_layers)} of {model.config.moge_num_layers} |" in card
+
+
 def test_card_states_that_grouped_mm_refuses_unaligned_sizes(gpt2_upload):
     card = " ".join((gpt2_upload / "README.md").read_text().split())
     assert "multiples of 8 (otherwise asking for it raises an error" in card and "fall back" not in card

@@ -6,6 +6,7 @@ import copy
 import importlib
 import inspect
 import pickle
+import re
 import threading
 
 import pytest
@@ -932,3 +933,18 @@ def test_a_shape_changing_field_set_on_a_built_model_gets_the_right_hint(case):
         model(**batch)
     model.config.num_experts = 8  # back: the model runs again
     model(**batch)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_the_parallel_plans_name_the_models_own_modules(case):
+    # The rules of transformers' distributed engine (expert parallelism from the host record's MLP, FSDP units from
+    # the config): each names modules or weights the model has (a model nested in the host's, such as Swin's
+    # encoder, must not add the rules again under its own prefix).
+    model, _ = build(case)
+    names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
+    plans = {attribute: getattr(model, attribute, None) or {} for attribute in ("_ep_plan", "_fsdp_plan", "_tp_plan")}
+    assert plans["_ep_plan"] or not hasattr(model, "_ep_plan")  # where transformers keeps plans, MoGE has one
+    for attribute, plan in plans.items():
+        for rule in plan:
+            pattern = re.compile(re.escape(rule).replace(r"\*", r"\d+") + "$")
+            assert any(pattern.match(name) for name in names), f"{attribute} rule {rule!r} names nothing"

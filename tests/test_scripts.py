@@ -45,7 +45,7 @@ from transformers.distributed import DistributedConfig
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, check_moge_model_dir
 from moge_hf.moge_model import HOSTS, hosts_with
-from moge_hf.training import parse_config_overrides
+from moge_hf.training import parse_config_overrides, scratch_config
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -715,6 +715,19 @@ def test_config_overrides_are_name_value_pairs_of_python_literals():
     assert parse_config_overrides(None) == {}
     with pytest.raises(ValueError, match=r"--config_overrides: 'depths' is not `name=value`"):
         parse_config_overrides("embed_dim=48,depths")
+
+
+def test_scratch_config_takes_each_field_once():
+    host = HOSTS["vit_moge"]
+    # An override may set a dropout rate `--dropout` would set; it wins over it, and over the small architecture.
+    config = scratch_config(host, {}, "hidden_dropout_prob=0.1,hidden_size=64", dropout=0.0, num_experts=16)
+    assert (config.hidden_dropout_prob, config.attention_probs_dropout_prob) == (0.1, 0.0)
+    assert config.hidden_size == 64 and config.num_experts == 16
+    # A field an argument of its own sets too is refused, named, rather than given twice.
+    with pytest.raises(ValueError, match=r"--config_overrides sets 'num_experts'"):
+        scratch_config(host, {}, "num_experts=8", dropout=0.0, num_experts=16)
+    with pytest.raises(ValueError, match=r"--config_overrides sets 'patch_size'"):
+        scratch_config(host, {"patch_size": 4}, "patch_size=2", dropout=0.0)
 
 
 @pytest.mark.parametrize("flag, value", [("--num_experts", "4"), ("--expert_intermediate_size", "8")])
