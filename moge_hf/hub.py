@@ -12,7 +12,6 @@ A folder written by `save_pretrained` holds everything a Hub repo needs for load
 """
 
 import importlib.metadata
-import json
 import math
 import os
 import re
@@ -38,7 +37,7 @@ from transformers.dynamic_module_utils import custom_object_save, get_relative_i
 from transformers.utils import logging
 
 from .losses import resolve_map_shape
-from .model_folder import PROCESSOR_FILES, SAFE_WEIGHTS_INDEX_NAME, ModelFolder, inspect_model_dir
+from .model_folder import PROCESSOR_FILES, SAFE_WEIGHTS_INDEX_NAME, ModelFolder, inspect_model_dir, read_json
 from .moge_model import HOSTS, HostCard, MoGEHead, MoGEHost
 from .run_record import (
     RUN_RECORD_NAME,
@@ -165,10 +164,7 @@ def load_results(results: Mapping[str, Any] | str | os.PathLike | None) -> dict[
             raise ValueError(f"results file {str(path)!r} is a folder; pass the JSON file (e.g. its all_results.json)")
         if not path.is_file():
             raise FileNotFoundError(f"results file {str(path)!r} does not exist")
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"results file {str(path)!r} is not valid JSON: {error}") from error
+        results = read_json(path, f"results file {str(path)!r}")
     if not isinstance(results, Mapping):
         raise ValueError(f"results must be a mapping of metric names to numbers, got {type(results).__name__}")
     # JSON's NaN / Infinity (Python's json reads and writes them) and float values that are not finite.

@@ -17,6 +17,14 @@ from transformers.dynamic_module_utils import get_relative_imports
 from .moge_model import HOSTS
 
 
+def read_json(path: Path, what: str) -> Any:
+    """The JSON value in the file `path`; `what` names the file in the `ValueError` raised for invalid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} is not valid JSON: {error}") from error
+
+
 __all__ = ["ModelFolder", "auto_map_modules", "inspect_model_dir"]
 
 # Tokenizer, image processor and processor files that a model folder may hold next to the model.
@@ -120,10 +128,7 @@ def inspect_model_dir(model_dir: str | os.PathLike, missing_code_ok: bool = Fals
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder} has no config.json, so it is not a saved model (save one with `save_pretrained`)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+    config = read_json(config_path, str(config_path))
     if not isinstance(config, dict):
         json_type = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(config), "number")
         raise ValueError(

@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .model_folder import read_json
+
 
 __all__ = [
     "RUN_RECORD_NAME",
@@ -200,10 +202,7 @@ def load_run_record(record: Mapping[str, Any] | str | os.PathLike | None) -> dic
             path = path / RUN_RECORD_NAME
         if not path.is_file():
             raise FileNotFoundError(f"run record {str(path)!r} does not exist")
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"run record {str(path)!r} is not valid JSON: {error}") from error
+        record = read_json(path, f"run record {str(path)!r}")
         try:
             return check_run_record(record)
         except ValueError as error:

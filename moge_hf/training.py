@@ -984,24 +984,21 @@ def resolve_checkpoint(training_args: TrainingArguments, output_dir: str, main_a
     return value
 
 
-def script_host(
-    auto_class: str,
-    model_type: str | None,
-    default_model_type: str,
-    model_name_or_path: str | None = None,
-    dense_model_name_or_path: str | None = None,
-) -> MoGEHost:
-    """The MoGE family a training script builds (its record, `MoGEHost`): that of the saved MoGE model or of the dense
-    model's type when one is given, else `model_type` (default `default_model_type`). A `model_type` that contradicts
-    the model given is refused, naming both."""
-    host = None
-    if model_name_or_path is not None:
-        host = host_for(
-            auto_class, model_type=PreTrainedConfig.get_config_dict(model_name_or_path)[0].get("model_type")
-        )
-    elif dense_model_name_or_path is not None:
-        dense_type = PreTrainedConfig.get_config_dict(dense_model_name_or_path)[0].get("model_type")
-        host = host_for(auto_class, dense_model_type=dense_type)
+@functools.cache  # a script asks while checking its arguments and again while building: the config is read once
+def _saved_model_type(name_or_path: str) -> str | None:
+    return PreTrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+
+
+def script_host(auto_class: str, default_model_type: str, model_args) -> MoGEHost:
+    """The MoGE family a training script builds (its record, `MoGEHost`): that of the saved MoGE model
+    (`model_args.model_name_or_path`) or of the dense model's type (`model_args.dense_model_name_or_path`) when one is
+    given, else `model_args.model_type` (default `default_model_type`). A `model_type` that contradicts the model
+    given is refused, naming both."""
+    host, model_type = None, model_args.model_type
+    if model_args.model_name_or_path is not None:
+        host = host_for(auto_class, model_type=_saved_model_type(model_args.model_name_or_path))
+    elif model_args.dense_model_name_or_path is not None:
+        host = host_for(auto_class, dense_model_type=_saved_model_type(model_args.dense_model_name_or_path))
     if host is not None and model_type not in (None, host.model_type):
         raise ValueError(f"--model_type {model_type} contradicts the model given, a {host.model_type} model")
     return host or host_for(auto_class, model_type=model_type or default_model_type)

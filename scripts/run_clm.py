@@ -301,13 +301,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
 
 def model_host(model_args: ModelArguments) -> MoGEHost:
     """The MoGE family of the saved or dense MoGE-family model given, else of `--model_type` (default `gpt2_moge`)."""
-    return script_host(
-        AUTO_CLASS,
-        model_args.model_type,
-        DEFAULT_MODEL_TYPE,
-        model_args.model_name_or_path,
-        model_args.dense_model_name_or_path,
-    )
+    return script_host(AUTO_CLASS, DEFAULT_MODEL_TYPE, model_args)
 
 
 def scratch_model_config(model_args: ModelArguments, data_args: DataArguments, vocab_size: int, eos_id: int):
