@@ -38,7 +38,7 @@ from moge_hf import (
 )
 from moge_hf.configuration_moge import CACHE_NAME
 from moge_hf.moge_layer import MoGESparseMoeBlock
-from moge_hf.moge_model import HOSTS
+from moge_hf.moge_model import HOSTS, host_of
 from moge_hf.routing import routing_recorder
 
 
@@ -355,6 +355,35 @@ def test_tuple_layout_is_the_parents_then_the_routing_fields(case):
             assert type(value) is type(expected)
     # Transformers' own output class is the parent: code written for the dense model's outputs works unchanged.
     assert isinstance(as_dict, type(dense_outputs)) and type(as_dict) is not type(dense_outputs)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_moge_layers_start_like_the_dense_mlp_they_replace(case):
+    """A model built from its config: each MoGE layer's experts have the init scale transformers gives the dense MLP
+    they replace (GPT-2 scales its down projection by the depth), zero biases where it has them, and the block drops
+    out its output as that MLP does, with the same config field's rate. Every dropout field of the config gets its
+    own rate, so a host record naming another field (or none) fails here."""
+    dense_config = CASES[case].make_dense_config()
+    fields = sorted(k for k, v in dense_config.to_dict().items() if "drop" in k and type(v) is float)
+    rates = {name: round(0.11 + 0.01 * i, 2) for i, name in enumerate(fields)}
+    model, _ = build(case, **rates)
+    dense = CASES[case].build_dense(**rates)
+    mlp = host_of(type(model)).mlp
+    layers, dense_layers = mlp.layer_modules(model.base_model), mlp.layer_modules(dense.base_model)
+    for index in model.config.moe_layers:
+        block, dense_mlp = getattr(layers[index], mlp.module), getattr(dense_layers[index], mlp.module)
+        dense_weights = mlp.dense_weights(dense_mlp, f"layer {index}")
+        for name, (_, part) in block.experts.DENSE_WEIGHTS.items():
+            got, want = getattr(block.experts, name).detach(), dense_weights[name].detach()
+            if part == "bias":
+                assert not want.any() and not got.any(), (index, name)
+            else:
+                assert 0.8 < got.std() / want.std() < 1.25, (index, name, got.std().item(), want.std().item())
+
+        def rates_of(module):
+            return sorted(m.p for m in module.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0)
+
+        assert rates_of(block) == rates_of(dense_mlp), (index, rates)
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
