@@ -457,13 +457,16 @@ class MoGEModelMixin:
                 )
 
     def _global_dispatch_fractions(self, records: list[MoGERouting], token_mask: torch.Tensor | None):
-        """Per MoGE layer, the `(k, E)` dispatch fractions of the global batch: one all-reduce over all ranks."""
+        """Per MoGE layer, the `(k, E)` dispatch fractions of the global batch: one all-reduce over all ranks. Each
+        layer's own token count (a hierarchical model's later stages route fewer tokens than its first)."""
         mask = _as_bool(token_mask)
         per_layer = [dispatch_counts(routing.top_k_index, self.config.num_experts, mask) for routing in records]
         counts = torch.stack([layer_counts for layer_counts, _ in per_layer])  # (L, k, E)
-        totals = torch.cat([counts.flatten(), per_layer[0][1].reshape(1)])
+        tokens = torch.stack([layer_tokens for _, layer_tokens in per_layer])  # (L,)
+        totals = torch.cat([counts.flatten(), tokens])
         torch.distributed.all_reduce(totals)
-        return list((totals[:-1].view_as(counts) / totals[-1].clamp(min=1.0)).unbind(0))
+        counts, tokens = totals[: counts.numel()].view_as(counts), totals[counts.numel() :]
+        return list((counts / tokens.clamp(min=1.0)[:, None, None]).unbind(0))
 
     def _check_router_logits_finite(self, records: list[MoGERouting]) -> None:
         """Raise if a router saw NaN/Inf. On CPU at once; on a GPU without stalling the stream for it: the flags go

@@ -11,8 +11,8 @@ doing what Trainer does, on a model sharded with `torch.distributed.fsdp.fully_s
 scripts/accelerate_fsdp.yaml; on CPU, accelerate and Trainer fall back to DDP even when asked for FSDP). A run with
 `distributed` (the arguments of transformers' `DistributedConfig`, e.g. `{"ep_size": 2, "fsdp_size": 2}`) loads the
 model through transformers' distributed engine, which shards it by the config's plans (expert parallelism, FSDP2):
-plain Trainer then trains it as it is. Mode `"vit-forward"`: one forward and backward of an engine-sharded ViT MoGE
-classifier; `"refused"`: a layout the MoGE models refuse to load (the error is saved).
+plain Trainer then trains it as it is. Mode `"image-forward"`: one forward and backward of an engine-sharded MoGE image
+classifier (ViT or Swin); `"refused"`: a layout the MoGE models refuse to load (the error is saved).
 """
 
 import argparse
@@ -265,38 +265,43 @@ def refused_load(run: dict, out: Path) -> dict:
     return {"rank": dist.get_rank(), "error": None}
 
 
-def vit_model():
-    """A ViT MoGE classifier with MoGE layers everywhere, top-2 over 8 experts, every routing loss on, load balancing
-    over the global batch (so that the ranks' mean loss is the loss of the whole batch)."""
-    from tiny import vit_config
+def image_model(family: str):
+    """A MoGE image classifier of `family` ("vit" or "swin", the tiny configs of tests/tiny.py) with MoGE layers in
+    every block, top-2 over 8 experts, every routing loss on, load balancing over the global batch (so that the ranks'
+    mean loss is the loss of the whole batch)."""
+    import tiny
 
-    from moge_hf import ViTMoGEForImageClassification
+    from moge_hf import SwinMoGEForImageClassification, ViTMoGEForImageClassification
 
+    make_config, model_class, num_layers = {
+        "vit": (tiny.vit_config, ViTMoGEForImageClassification, tiny.VIT_DENSE["num_hidden_layers"]),
+        "swin": (tiny.swin_config, SwinMoGEForImageClassification, sum(tiny.SWIN_DENSE["depths"])),
+    }[family]
     torch.manual_seed(0)
-    config = vit_config(
-        moe_layers=[0, 1],
+    config = make_config(
+        moe_layers=list(range(num_layers)),
         num_experts_per_tok=2,
-        intermediate_size=64,
         router_aux_loss_coef=0.05,
         router_aux_loss_global=True,
         router_z_loss_coef=0.001,
         moge_loss_coef=0.1,
+        **({"intermediate_size": 64} if family == "vit" else {}),
     )
-    return ViTMoGEForImageClassification(config)
+    return model_class(config)
 
 
-def vit_batch():
+def image_batch():
     from tiny import pixel_values
 
     return pixel_values(seed=11, batch=8), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
 
 
-def vit_forward(run: dict, out: Path) -> dict:
-    """One training forward and backward of a ViT MoGE classifier sharded by the engine: each rank its half of a
-    batch of 8 images; the outputs, the losses and the full (gathered) gradients."""
-    model = engine_load(vit_model(), run, out).train()
+def image_forward(run: dict, out: Path) -> dict:
+    """One training forward and backward of a MoGE image classifier (`run["family"]`) sharded by the engine: each rank
+    its half of a batch of 8 images; the outputs, the losses and the full (gathered) gradients."""
+    model = engine_load(image_model(run["family"]), run, out).train()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    images, labels = vit_batch()
+    images, labels = image_batch()
     rows = slice(rank * len(labels) // world_size, (rank + 1) * len(labels) // world_size)
     outputs = model(pixel_values=images[rows], labels=labels[rows])
     outputs.loss.backward()
@@ -309,7 +314,7 @@ def vit_forward(run: dict, out: Path) -> dict:
         "world_size": world_size,
         "expert_shards": expert_shards(model),
         "logits": outputs.logits.detach(),
-        "losses": {name: float(getattr(outputs, name)) for name in ("loss", "aux_loss", "moge_loss", "z_loss")},
+        "losses": {name: getattr(outputs, name).item() for name in ("loss", "aux_loss", "moge_loss", "z_loss")},
         "grads": grads,
         "initial": snapshot(model.state_dict()),
     }
@@ -322,7 +327,7 @@ def main() -> None:
     cli = parser.parse_args()
     torch.set_num_threads(1)  # processes share two cores: one thread each is fastest
     for run in json.loads(cli.runs):
-        train = {"fsdp2": train_with_fsdp2, "vit-forward": vit_forward, "refused": refused_load}.get(
+        train = {"fsdp2": train_with_fsdp2, "image-forward": image_forward, "refused": refused_load}.get(
             run.get("mode"), train_with_trainer
         )
         result = train(run, cli.out)

@@ -95,6 +95,7 @@ ONE_PROCESS_RUNS = [
 # (refused, see `test_tied_embeddings_are_refused_under_the_engines_fsdp`).
 ENGINE = "ep_size" in getattr(DistributedConfig, "__dataclass_fields__", {})
 EP = {"ep_size": 2, "fsdp_size": 2}
+IMAGE_FAMILIES = ["vit", "swin"]  # image classifiers sharded by the engine (Swin: a nested encoder, per-stage sizes)
 
 
 def engine_run(spec: dict, **extra) -> dict:
@@ -104,7 +105,7 @@ def engine_run(spec: dict, **extra) -> dict:
 ENGINE_TWO_PROCESS_RUNS = [
     *(engine_run(run(f"ep-{impl}-aux", impl, AUX, BATCH, 1)) for impl in IMPLEMENTATIONS),
     engine_run(run("ep-eager-aux-global", "eager", AUX, BATCH, 1, aux_global=True)),
-    {"name": "ep-vit", "mode": "vit-forward", "distributed": EP},
+    *({"name": f"ep-{name}", "mode": "image-forward", "family": name, "distributed": EP} for name in IMAGE_FAMILIES),
     {**run("ep-tied-refused", "eager", AUX, BATCH, 1), "mode": "refused", "distributed": EP},
 ]
 ENGINE_ONE_PROCESS_RUNS = [
@@ -504,13 +505,14 @@ def test_a_model_saved_after_expert_parallel_training_loads_in_one_process(resul
 @pytest.mark.slow
 @needs_gloo
 @needs_engine
-def test_expert_parallel_vit_matches_one_process(results):
-    """A ViT MoGE classifier, experts split over the ranks, each rank half of the batch: the logits, the mean of the
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
+def test_expert_parallel_image_classifier_matches_one_process(results, family):
+    """A MoGE image classifier, experts split over the ranks, each rank half of the batch: the logits, the mean of the
     ranks' losses (every routing loss, load balancing over the global batch) and every gradient are those of one
     process on the whole batch."""
-    ranks = results["ep-vit"]
-    model = worker.vit_model().train()
-    images, labels = worker.vit_batch()
+    ranks = results[f"ep-{family}"]
+    model = worker.image_model(family).train()
+    images, labels = worker.image_batch()
     outputs = model(pixel_values=images, labels=labels)
     outputs.loss.backward()
     torch.testing.assert_close(torch.cat([rank["logits"] for rank in ranks]), outputs.logits, rtol=1e-5, atol=1e-6)
@@ -523,8 +525,9 @@ def test_expert_parallel_vit_matches_one_process(results):
     unsharded = model.state_dict()
     for rank in ranks:
         shards = dict(rank["expert_shards"])
-        assert shards.pop("num_experts") == [4, 4]
+        assert shards.pop("num_experts") == [4] * len(model.config.moe_layers)
         lo, hi = 4 * rank["rank"], 4 * rank["rank"] + 4
+        assert shards.keys() == {name for name in unsharded if ".experts." in name}
         for name, shard in shards.items():
             assert torch.equal(shard, unsharded[name][lo:hi]), name
 

@@ -34,6 +34,7 @@ from moge_hf import (
     ViTMoGEForImageClassification,
     group_sparsity_loss,
     load_balancing_loss,
+    moge_model,
     router_z_loss,
 )
 from moge_hf.configuration_moge import CACHE_NAME
@@ -177,6 +178,24 @@ def test_routing_losses_follow_trainer_token_normalization(case):
     torch.testing.assert_close(half.loss, 0.5 * plain.loss)  # both the LM loss and the routing losses halve
     whole = model(**batch, num_items_in_batch=tokens)
     torch.testing.assert_close(whole.loss, plain.loss)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_global_load_balancing_over_ranks_with_the_same_batch_is_the_local_one(case, monkeypatch):
+    """`router_aux_loss_global=True` on two data-parallel ranks that hold the same batch (the all-reduce doubles every
+    count): each MoGE layer's dispatch fractions, hence the load-balancing loss and its gradients, are the local ones;
+    also where the layers route different numbers of tokens (a hierarchical model's stages)."""
+    model, batch = build(case, router_aux_loss_coef=0.05)
+    model.train()
+    local = model(**batch)
+    model.config.router_aux_loss_global = True
+    monkeypatch.setattr(moge_model, "_data_parallel_world_size", lambda: 2)
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *_, **__: reduced.append(tensor.mul_(2)))
+    two_ranks = model(**batch)
+    assert len(reduced) == 1  # one all-reduce for every layer
+    torch.testing.assert_close(two_ranks.aux_loss, local.aux_loss)
+    torch.testing.assert_close(two_ranks.loss, local.loss)
 
 
 @pytest.mark.parametrize("case", MASKED_CASES)
