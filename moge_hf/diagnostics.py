@@ -644,8 +644,11 @@ class RoutingCollector:
                 if subset is None or (subset.numel() and int(subset.max()) >= hidden.shape[0]):
                     subset = self._hidden_subset(hidden)  # padding takes no part in any diagnostic
                 kept = hidden[subset.to(hidden.device)].float().cpu().numpy()
-            else:
-                kept = np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+            else:  # none kept: an empty array as wide as this layer's tokens (a hierarchical model widens them)
+                weight = getattr(self.routers[layer].module, "weight", None)
+                width = hidden.shape[-1] if hidden is not None else None
+                width = width or (weight.shape[-1] if weight is not None else self.model.config.hidden_size)
+                kept = np.zeros((0, width), dtype=np.float32)
             probs, top_k_index = self.routers[layer].routing(output)
             self.records[layer].append(
                 (probs.detach().float().cpu().numpy(), top_k_index.detach().cpu().numpy().astype(np.int64), kept)
@@ -906,21 +909,25 @@ def _merge_agreements(parts: list[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
-def _image_transforms(names: Sequence[str], patch_size: int, grid: tuple[int, int], prefix: int) -> dict:
-    shifts = {"shift_right": (0, 1), "shift_left": (0, -1), "shift_down": (1, 0), "shift_up": (-1, 0)}
-    transforms = {}
-    for name in names:
-        if name in shifts:
-            shift = shifts[name]
-            transforms[name] = (
-                lambda x, shift=shift: shift_images(x, patch_size, shift),
-                shift_correspondence(grid, shift, prefix),
-            )
-        elif name == "flip":
-            transforms[name] = (flip_images, flip_correspondence(grid, prefix))
-        else:
-            raise ValueError(f"unknown transform {name!r}; use {sorted([*shifts, 'flip'])}")
-    return transforms
+IMAGE_SHIFTS = {"shift_right": (0, 1), "shift_left": (0, -1), "shift_down": (1, 0), "shift_up": (-1, 0)}
+
+
+def _token_layout(num_tokens: int, grid: tuple[int, int], layer: int) -> tuple[int, tuple[int, int], int]:
+    """Where a MoGE layer's `num_tokens` tokens of one image lie on the image's `grid` of patches: `(step, cells,
+    prefix)`: the patches per side of one token (1 for ViT; 2, 4, ... in a hierarchical model's later stages, which
+    merge 2 x 2 tokens), the grid of tokens, and how many tokens come before it (ViT's [CLS])."""
+    step = 1
+    while (grid[0] // step) * (grid[1] // step) > num_tokens and step < min(grid):
+        step *= 2
+    cells = (grid[0] // step, grid[1] // step)
+    prefix = num_tokens - cells[0] * cells[1]
+    if grid[0] % step or grid[1] % step or not 0 <= prefix < cells[1]:
+        raise ValueError(
+            f"MoGE layer {layer} routes {num_tokens} tokens per image, which do not lie on the {grid[0]} x {grid[1]} "
+            "patch grid of `config.image_size` / `config.patch_size` (nor on a grid of merged patches), with at most "
+            "a few tokens before it; image_routing_invariance needs images of `config.image_size`"
+        )
+    return step, cells, prefix
 
 
 @torch.no_grad()
@@ -933,18 +940,22 @@ def image_routing_invariance(
     circular: bool | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """How often a ViT MoGE model routes a patch the same way when the image is shifted by one patch or flipped.
+    """How often an image MoGE model (ViT, Swin) routes a token the same way when the image is shifted by one token
+    or flipped.
 
     For each transformation, the images of `batches["pixel_values"]` and their transformed copies go through the
-    model (eval mode, no gradients), and the chosen experts of corresponding patch tokens are compared with
-    [`routing_agreement`]: a shift by one patch (`torch.roll` by `patch_size` pixels) compares each patch with the
-    token that sees the same content one grid step further, leaving out the patches that wrapped around; a
-    horizontal flip compares patch `(i, j)` with `(i, cols - 1 - j)` (whose content is the mirror image). [CLS] is
-    left out. Position embeddings differ between corresponding tokens, so a perfectly invariant routing is not
-    expected; the numbers compare models.
+    model (eval mode, no gradients), and the chosen experts of corresponding tokens are compared with
+    [`routing_agreement`]. Each MoGE layer's tokens are laid out on its own grid: ViT's patches (its [CLS] left out),
+    or a hierarchical model's merged patches, 2 x 2 per token in Swin's second stage, 4 x 4 in its third. A shift
+    moves the image by one token of the layer's grid (`torch.roll` by that many pixels: one patch for ViT, two in
+    Swin's second stage) and compares each token with the one that sees the same content one grid step further,
+    leaving out the tokens that wrapped around; a horizontal flip compares token `(i, j)` with `(i, cols - 1 - j)`
+    (whose content is the mirror image). Position embeddings (and Swin's windows) differ between corresponding
+    tokens, so a perfectly invariant routing is not expected; the numbers compare models.
 
     Args:
-        model (`nn.Module`): a ViT MoGE model (`config.image_size`, `config.patch_size`).
+        model (`nn.Module`): an image MoGE model (`config.image_size`, `config.patch_size`) given images of
+            `config.image_size`.
         batches (iterable of dicts with `pixel_values`): other keys are ignored.
         transforms (`Sequence[str]`): any of `"shift_right"`, `"shift_left"`, `"shift_down"`, `"shift_up"`, `"flip"`.
         max_batches (`int`, *optional*): stop after this many batches.
@@ -955,6 +966,9 @@ def image_routing_invariance(
     Returns:
         `{transform: {"layers": [agreement dict per MoGE layer]}}` (see [`routing_agreement`]).
     """
+    unknown = [name for name in transforms if name not in (*IMAGE_SHIFTS, "flip")]
+    if unknown:
+        raise ValueError(f"unknown transform(s) {unknown}; use {sorted([*IMAGE_SHIFTS, 'flip'])}")
     moge_model = _moge_model(model)
     config = moge_model.config
     window = int(config.moge_window if window is None else window)
@@ -964,8 +978,7 @@ def image_routing_invariance(
     image_size = config.image_size
     image_size = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
     grid = (int(image_size[0]) // patch, int(image_size[1]) // patch)
-    chosen = _image_transforms(transforms, patch, grid, prefix=1)
-    parts: dict[str, list[list[dict]]] = {name: [] for name in chosen}
+    parts: dict[str, list[list[dict]]] = {name: [] for name in transforms}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -976,10 +989,23 @@ def image_routing_invariance(
             pixels = batch["pixel_values"].to(device)
             original = _routing_of(model, {"pixel_values": pixels})
             batch_size = pixels.shape[0]
-            for name, (transform, (source, target)) in chosen.items():
-                transformed = _routing_of(model, {"pixel_values": transform(pixels)})
+            layouts = [_token_layout(routing.shape[0] // batch_size, grid, i) for i, routing in enumerate(original)]
+            for name in parts:
+                transformed = {}  # the routing of the transformed images, per token step (one for a flip)
                 layer_parts = []
-                for before, after in zip(original, transformed):
+                for layer, (before, (step, cells, prefix)) in enumerate(zip(original, layouts)):
+                    if name == "flip":
+                        key, (source, target) = 0, flip_correspondence(cells, prefix)
+                    else:
+                        key, (source, target) = step, shift_correspondence(cells, IMAGE_SHIFTS[name], prefix)
+                    if key not in transformed:
+                        moved = (
+                            flip_images(pixels)
+                            if name == "flip"
+                            else shift_images(pixels, patch * step, IMAGE_SHIFTS[name])
+                        )
+                        transformed[key] = _routing_of(model, {"pixel_values": moved})
+                    after = transformed[key][layer]
                     seq = before.shape[0] // batch_size
                     before, after = before.reshape(batch_size, seq, -1), after.reshape(batch_size, seq, -1)
                     first = before[:, source].reshape(-1, before.shape[-1])

@@ -118,12 +118,10 @@ class MoGEModelMixin:
 
     def _check_grouped_mm_sizes(self) -> None:
         """`grouped_mm` needs 16-byte aligned strides: expert sizes that are multiples of 8 elements (bf16) suffice.
-        Checked on the built MoGE blocks, or on the config's sizes before they are built."""
-        config, experts = self.config, [block.experts for block in self.moge_blocks()]
-        if experts:
-            sizes = sorted({size for module in experts for size in (module.hidden_dim, module.intermediate_dim)})
-        else:
-            sizes = [config.hidden_size, config.expert_intermediate_size or config.dense_intermediate_size]
+        Checked on the built MoGE blocks, each with its own sizes (a hierarchical model's widen from stage to stage).
+        A head model's `__init__` asks before its base model exists: the base model's `_build` checks its blocks."""
+        experts = [block.experts for block in self.moge_blocks()]
+        sizes = sorted({size for module in experts for size in (module.hidden_dim, module.intermediate_dim)})
         if any(size % 8 for size in sizes):
             raise ValueError(
                 f'experts_implementation="grouped_mm" needs hidden and expert sizes that are multiples of 8, got '
@@ -486,7 +484,7 @@ class MoGEModelMixin:
 
     def _raise_if_not_finite(self, finite: torch.Tensor) -> None:
         if not bool(finite.all()):
-            bad = [self.config.moe_layers[i] for i in (~finite).nonzero().flatten().tolist()]
+            bad = [sorted(self.config.moe_layers)[i] for i in (~finite).nonzero().flatten().tolist()]
             raise ValueError(
                 f"The router of MoGE layer(s) {bad} produced NaN or Inf logits: the hidden states reaching the router "
                 "are not finite (check the inputs, the learning rate, or use a wider dtype such as bfloat16/float32)."

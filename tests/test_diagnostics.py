@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import CASES, gpt2_config, input_ids, pixel_values, vit_config
+from tiny import CASES, case_names, gpt2_config, input_ids, pixel_values, vit_config
 
 from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, add_moge_regularizer
 from moge_hf import diagnostics as diag
@@ -214,6 +214,62 @@ def test_invariance_is_one_when_routing_ignores_the_input():
     assert image["shift_right"]["layers"][0]["num_tokens"] == 12 * 12
     assert image["flip"]["layers"][0]["num_tokens"] == 12 * 16
     assert text["next_token"]["layers"][0]["num_tokens"] == input_ids(0).shape[0]
+
+
+def content_routing(model, patch_size: int, layouts: list[tuple[int, int]]):
+    """Make every router of an image model route each token by the mean colour of the pixels it covers, a function of
+    the content alone that a shift by whole tokens moves with the token and a flip leaves as it is. `layouts`: per
+    MoGE block, the patches per side of one token and the tokens before the grid (ViT's [CLS], routed to expert 0)."""
+    seen = {}
+    handles = [model.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)]
+    num_experts = model.config.num_experts
+    projection = torch.randn(3, num_experts, generator=torch.Generator().manual_seed(0))
+
+    def hook(module, args, routing, step, prefix):
+        colours = torch.nn.functional.avg_pool2d(seen["pixel_values"], patch_size * step)  # (B, 3, rows, cols)
+        cells = 10 * colours.flatten(2).transpose(1, 2) @ projection  # (B, rows * cols, E)
+        logits = torch.zeros(cells.shape[0], prefix + cells.shape[1], num_experts)
+        logits[:, prefix:], logits[:, :prefix, 0] = cells, 10.0
+        logits = logits.reshape(-1, num_experts)
+        assert logits.shape == routing.logits.shape
+        probs = logits.softmax(-1)
+        weights, index = torch.topk(probs, module.top_k, dim=-1)
+        return MoGERouting(logits, logits, probs, weights, index)
+
+    for block, (step, prefix) in zip(model.moge_blocks(), layouts, strict=True):
+        handles.append(block.router.register_forward_hook(lambda *a, step=step, prefix=prefix: hook(*a, step, prefix)))
+    return handles
+
+
+def _stage_of(config, layer: int) -> int:
+    return int(np.searchsorted(np.cumsum(config.depths), layer, side="right"))
+
+
+# Per image family: (patches per side of a token, tokens before the grid) of the MoGE layer `layer` of `config`.
+TOKEN_LAYOUTS = {"vit": lambda config, layer: (1, 1), "swin": lambda config, layer: (2 ** _stage_of(config, layer), 0)}
+
+
+@pytest.mark.parametrize("case", case_names(moge_hf=True, task="image-classification"))
+def test_image_invariance_compares_the_tokens_that_see_the_same_content(case):
+    """A routing that follows the content (each token's mean colour) agrees perfectly under every shift and the flip,
+    in every MoGE layer: the tokens compared are those that see the same content, on each layer's own grid (a Swin
+    stage that merges 2 x 2 patches per token is shifted by two patches)."""
+    model = CASES[case].build()
+    config = model.config
+    layouts = [TOKEN_LAYOUTS[CASES[case].family](config, layer) for layer in sorted(config.moe_layers)]
+    handles = content_routing(model, config.patch_size, layouts)
+    try:
+        result = diag.image_routing_invariance(model, vit_batches(), transforms=(*diag.IMAGE_SHIFTS, "flip"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = config.image_size // config.patch_size
+    for name, outcome in result.items():
+        for (step, _), layer in zip(layouts, outcome["layers"], strict=True):
+            side = rows // step
+            per_image = side * side if name == "flip" else side * (side - 1)  # a shift: one row or column wraps
+            assert layer["num_tokens"] == 2 * 6 * per_image, (name, step)
+            assert layer["same_top1"] == layer["same_set"] == layer["jaccard"] == 1.0, (name, step, layer)
 
 
 def test_invariance_of_a_real_model_is_a_fraction():
@@ -683,6 +739,8 @@ def test_diagnostics_and_expert_maps_read_every_model_of_the_table(case, tmp_pat
         torch.testing.assert_close(torch.from_numpy(data.probs[layer]), probs)
         assert (data.top_k_index[layer] == probs.topk(top_k, dim=-1).indices.numpy()).all()
         assert data.hidden[layer].shape == (6, taps[layer].module.weight.shape[-1])  # the router's input width
+    widths = [tap.module.weight.shape[-1] for tap in taps]
+    assert [hidden.shape for hidden in diag.collect_routing(model, [inputs]).hidden] == [(0, w) for w in widths]
     stats = diag.routing_diagnostics(model, data)
     assert [entry["layer"] for entry in stats["layers"]] == data.layers
     for entry in stats["layers"]:

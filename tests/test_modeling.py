@@ -23,6 +23,7 @@ from tiny import (
     input_ids,
     lm_batch,
     pixel_values,
+    swin_config,
     vit_config,
 )
 from transformers import AutoConfig
@@ -31,6 +32,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import moge_hf
 from moge_hf import (
     GPT2MoGELMHeadModel,
+    SwinMoGEForImageClassification,
+    SwinMoGEModel,
     ViTMoGEForImageClassification,
     group_sparsity_loss,
     load_balancing_loss,
@@ -477,6 +480,23 @@ def test_grouped_mm_refused_for_unaligned_sizes(case):
     assert model.config._experts_implementation == "eager"  # the default, for every size
     with pytest.raises(ValueError, match="multiples of 8"):
         model.set_experts_implementation("grouped_mm")
+    with pytest.raises(ValueError, match="multiples of 8"):  # asked for when the model is built
+        build(case, **UNALIGNED, experts_implementation="grouped_mm")
+    model, _ = build(case, **ALIGNED, experts_implementation="grouped_mm")
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_grouped_mm_checks_the_sizes_of_each_swin_stage_with_moge_layers():
+    """Swin's stages widen: `grouped_mm` is refused for a MoGE layer whose stage has unaligned sizes, and accepted
+    where every MoGE layer's are aligned, whatever the sizes of the stages without one (the config's `hidden_size`
+    is the last stage's width, its `dense_intermediate_size` the first stage's MLP)."""
+    stages = dict(embed_dim=8, depths=[2, 2, 2], num_heads=[2, 2, 2], mlp_ratio=1.5)  # MLPs of 12, 24, 48
+    for model_class in (SwinMoGEModel, SwinMoGEForImageClassification):
+        model = model_class(swin_config(**stages, moe_layers=[3, 5], experts_implementation="grouped_mm"))
+        sizes = [(block.experts.hidden_dim, block.experts.intermediate_dim) for block in model.moge_blocks()]
+        assert sizes == [(16, 24), (32, 48)]
+        with pytest.raises(ValueError, match=r"multiples of 8, got \[8, 12, 16, 24\]"):
+            model_class(swin_config(**stages, moe_layers=[1, 3], experts_implementation="grouped_mm"))
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
@@ -907,16 +927,18 @@ def test_image_of_wrong_size_or_shape_raises():
 
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_nan_hidden_states_reaching_the_router_raise(case):
-    model, batch = build(case)
-    first_moe = model.config.moe_layers[0]
-    block = model.moge_blocks()[0]
-    assert isinstance(block, MoGESparseMoeBlock) and block.layer_index == first_moe
+    """The error names the MoGE layer whose router saw them, also where `moe_layers` is not in layer order."""
+    model, _ = build(case)
+    layers = [0, len(host_of(type(model)).mlp.layer_modules(model.base_model)) - 1]
+    model, batch = build(case, moe_layers=layers[::-1])
+    block = model.moge_blocks()[-1]
+    assert isinstance(block, MoGESparseMoeBlock) and block.layer_index == layers[-1]
 
     def poison(module, args):  # what a diverged layer before it would hand the MoGE layer
         return (torch.full_like(args[0], float("nan")), *args[1:])
 
     block.register_forward_pre_hook(poison)
-    with pytest.raises(ValueError, match=rf"MoGE layer\(s\) \[{first_moe}.*not finite"):
+    with pytest.raises(ValueError, match=rf"MoGE layer\(s\) \[{layers[-1]}\] .*not finite"):
         model(**batch)
 
 
