@@ -23,7 +23,9 @@ HISTORY = [
     # nox's own word for one environment of the matrix ("nox session", `--session`) is the software, not history.
     ("session", re.compile(r"(?<![-.`])(?<!nox )\bsessions?\b", re.IGNORECASE)),
     ("issue number", re.compile(r"\bissue\s*#?\d+|\breported in issue", re.IGNORECASE)),
-    ("workspace", re.compile(r"\bdevelopment machine\b|\bthis workspace\b", re.IGNORECASE)),
+    ("workspace", re.compile(r"\bdevelopment (?:machine|VM)\b|\bthis workspace\b|\bthe GPU machine\b", re.IGNORECASE)),
+    # How the code came to be rather than what it does.
+    ("history", re.compile(r"\b(?:a|the) first version\b|\ban earlier run\b|\bthe issue(?:'s)?\b", re.IGNORECASE)),
 ]
 
 
@@ -54,7 +56,8 @@ def test_the_check_finds_history_and_only_history(tmp_path):
 
     copy.write_text(
         "run in this session, as reported in issue 14, on the development machine (`/work/shared/data`)\n"
-        "commit 1c1e8df; data in ../shared/data; output in /tmp/x; over 3 sessions\n",
+        "commit 1c1e8df; data in ../shared/data; output in /tmp/x; over 3 sessions\n"
+        "A first version was slower in an earlier run on the 2-core development VM, as the issue's case shows.\n",
         encoding="utf-8",
     )
     found = [hit.split(": ", 2)[1:] for hit in history_hits(copy)]
@@ -67,6 +70,10 @@ def test_the_check_finds_history_and_only_history(tmp_path):
         ["workspace path", "'../shared'"],
         ["workspace path", "'/tmp/'"],
         ["session", "'sessions'"],
+        ["workspace", "'development VM'"],
+        ["history", "'A first version'"],
+        ["history", "'an earlier run'"],
+        ["history", '"the issue\'s"'],
     ]
 
     copy.write_text(
