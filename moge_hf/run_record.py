@@ -181,6 +181,29 @@ def trainer_hyperparameters(trainer) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def script_run_record(
+    trainer, *, script: str, train: Mapping[str, Any] | None, eval: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The record of a training script's run with `trainer`: training, what it trained on (`train`) and its
+    hyperparameters; evaluating only, the training of the model it evaluates as that model's own record says (the
+    `run_record.json` of the folder it was loaded from; none for a model without one), not this run's unused
+    training arguments. `eval`: what it evaluates on, `None` without an evaluation."""
+    if trainer.args.do_train:
+        hyperparameters = trainer_hyperparameters(trainer)
+        return make_run_record(train=train, eval=eval, script=script, hyperparameters=hyperparameters)
+    model = getattr(trainer.model, "module", trainer.model)
+    source = str(getattr(model, "name_or_path", "") or "")
+    found = find_run_record(source) if source and os.path.isdir(source) else None
+    trained = load_run_record(found) if found else {}
+    return make_run_record(
+        train=trained.get("train"),
+        eval=eval,
+        test=trained.get("test"),
+        script=trained.get("script", script),
+        hyperparameters=trained.get("hyperparameters"),
+    )
+
+
 def find_run_record(model_dir: str | os.PathLike) -> Path | None:
     """`model_dir/run_record.json` if it exists, else `None`."""
     path = Path(model_dir) / RUN_RECORD_NAME

@@ -23,9 +23,10 @@ import sys
 import threading
 import weakref
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub
 import torch
@@ -48,6 +49,7 @@ from .configuration_moge import MOGE_FIELDS, ROUTING_OUTPUTS, SHAPE_FREE_MOGE_FI
 from .moge_layer import moge_regularizers, set_moge_sigma
 from .moge_model import MoGEHost, host_for
 from .routing import RecordedForward, RoutingRecorder, routing_recorder
+from .run_record import write_run_record
 
 
 logger = logging.get_logger(__name__)
@@ -896,6 +898,35 @@ def parse_script_arguments(parser, args: list[str] | None = None) -> tuple:
     return parsed
 
 
+def check_run_arguments(model_args, data_args, training_args: TrainingArguments) -> None:
+    """What both training scripts check of the run before anything is loaded, raising a `ValueError` that names the
+    flag: an evaluation-only run evaluates a model it loads (one built from scratch has random weights); a training
+    run has steps to take; batch sizes, sample limits and `--dropout` are in range."""
+    loads_a_model = bool(model_args.model_name_or_path or model_args.dense_model_name_or_path)
+    if not training_args.do_train and not loads_a_model:
+        raise ValueError(
+            "--do_eval without --do_train evaluates a model it loads: pass --model_name_or_path (a saved model) or "
+            "--dense_model_name_or_path; a model built from scratch would be evaluated with random weights."
+        )
+    if training_args.do_train and training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+        raise ValueError(
+            f"--num_train_epochs {training_args.num_train_epochs} (and no --max_steps) trains nothing: pass a "
+            "positive --num_train_epochs or --max_steps, or --do_eval alone to evaluate only."
+        )
+    checked = [("per_device_train_batch_size", training_args.do_train)]
+    checked += [("per_device_eval_batch_size", training_args.do_eval), ("gradient_accumulation_steps", True)]
+    for name, used in checked:
+        if used and getattr(training_args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}.")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1 (or left out for all), got {value}.")
+    dropout = model_args.dropout
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"--dropout must be a rate in [0, 1), got {dropout}.")
+
+
 # ---- training and evaluating one run (the example scripts' shared ending) ------------------------------------------
 
 
@@ -1169,12 +1200,22 @@ def _final_checkpoint_state(checkpoint: str | None, training_args: TrainingArgum
 
 
 def train_and_evaluate(
-    trainer: Trainer, name: str, train_samples: int, eval_samples: int, log=None, main_arm: bool = True
+    trainer: Trainer,
+    name: str,
+    train_samples: int,
+    eval_samples: int,
+    log=None,
+    main_arm: bool = True,
+    run_record: Mapping[str, Any] | None = None,
 ) -> dict:
     """`do_train` (resuming as `resolve_checkpoint` says, saving model, metrics and state) then `do_eval`, then with
     `push_to_hub` one last push (so that the Hub's card and files hold the evaluation), the way transformers' example
     scripts do; returns the metrics, with the last logged unscaled MoGE loss. `log` (a script's logger; default this
     module's) reports a resumed checkpoint.
+
+    `run_record` (`moge_hf.run_record`) goes into `output_dir` as it comes true: once the trained model is saved
+    (without its evaluation), then whole once the evaluation is saved. Before that the folder keeps the record it had,
+    so a run killed on the way, or an arm found finished already, leaves the record of what the folder holds.
 
     Resuming (`--resume_from_checkpoint`), an arm that already trained to its last step and was evaluated in its
     `output_dir` is not trained again (Trainer would take a step past `max_steps` and overwrite its weights and
@@ -1215,6 +1256,8 @@ def train_and_evaluate(
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
+        if run_record is not None and training_args.should_save:
+            write_run_record(training_args.output_dir, {**run_record, "eval": None})
         metrics.update(train_metrics)
         last = _last_logged_moge_loss(trainer.state.log_history)
         if last is not None:
@@ -1225,6 +1268,8 @@ def train_and_evaluate(
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+        if run_record is not None and training_args.should_save:
+            write_run_record(training_args.output_dir, run_record)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"{name}: end of training")
     return metrics

@@ -72,13 +72,14 @@ from moge_hf.hub import add_moge_hub_callback
 from moge_hf.moge_layer import moge_regularizers
 from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS, MoGEHost, MoGEModelMixin, hosts_with
 from moge_hf.routing import moge_routers
-from moge_hf.run_record import hub_data, local_data, make_run_record, trainer_hyperparameters, write_run_record
+from moge_hf.run_record import hub_data, local_data, script_run_record
 from moge_hf.training import (
     EngineArguments,
     MoGEArguments,
     add_moge_callback,
     baseline_training_args,
     check_local_source,
+    check_run_arguments,
     dropout_fields,
     main_arm_name,
     parse_script_arguments,
@@ -663,23 +664,28 @@ def run_arm(
         preprocess_logits_for_metrics=lm_loss_per_block if training_args.do_eval else None,
     )
     add_moge_callback(trainer)
-    # What this run trains and evaluates on, in the output folder (run_record.json): the model cards read it.
+    # What this run trains and evaluates on (run_record.json in the output folder, written as it comes true): the
+    # model cards read it.
     train_data, eval_data = describe_data(data_args, lm_datasets)
-    record = make_run_record(
+    record = script_run_record(
+        trainer,
+        script="run_clm.py",
         train=train_data if training_args.do_train else None,
         eval=eval_data if training_args.do_eval else None,
-        script="run_clm.py",
-        hyperparameters=trainer_hyperparameters(trainer),
     )
-    if training_args.should_save:
-        write_run_record(training_args.output_dir, record)
     # Trainer's pushes then carry the model code and a MoGE model card (a transformers MoE model is pushed as it is,
     # a native checkpoint with the MoGE settings in its config).
     if training_args.push_to_hub and isinstance(model, MoGEModelMixin):
         add_moge_hub_callback(trainer, run_record=record)
 
     return train_and_evaluate(
-        trainer, name, len(lm_datasets["train"]), len(lm_datasets["validation"]), log=logger, main_arm=main_arm
+        trainer,
+        name,
+        len(lm_datasets["train"]),
+        len(lm_datasets["validation"]),
+        log=logger,
+        main_arm=main_arm,
+        run_record=record,
     )
 
 
@@ -738,6 +744,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     # Everything that can be checked before the data is read: the arguments, the files, the MoGE config values
     # (a model built from scratch is checked through its config, an upcycled or saved one is built right away).
     check_arguments(model_args, data_args)
+    check_run_arguments(model_args, data_args, training_args)
     overrides = model_args.moge_overrides()
     from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if from_scratch:

@@ -60,13 +60,14 @@ from transformers import (
 
 from moge_hf.hub import add_moge_hub_callback
 from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS, MoGEHost, hosts_with
-from moge_hf.run_record import hub_data, local_data, make_run_record, trainer_hyperparameters, write_run_record
+from moge_hf.run_record import hub_data, local_data, script_run_record
 from moge_hf.training import (
     EngineArguments,
     MoGEArguments,
     add_moge_callback,
     baseline_training_args,
     check_local_source,
+    check_run_arguments,
     dropout_fields,
     main_arm_name,
     parse_script_arguments,
@@ -661,21 +662,26 @@ def run_arm(
         callbacks=[augmentation_epoch] if augmentation_epoch is not None else None,
     )
     add_moge_callback(trainer)
-    # What this run trains and evaluates on, in the output folder (run_record.json): the model cards read it.
+    # What this run trains and evaluates on (run_record.json in the output folder, written as it comes true): the
+    # model cards read it.
     train_data, eval_data = recorded_data or (None, None)
-    record = make_run_record(
+    record = script_run_record(
+        trainer,
+        script="run_image_classification.py",
         train=train_data if training_args.do_train else None,
         eval=eval_data if training_args.do_eval else None,
-        script="run_image_classification.py",
-        hyperparameters=trainer_hyperparameters(trainer),
     )
-    if training_args.should_save:
-        write_run_record(training_args.output_dir, record)
     if training_args.push_to_hub:  # Trainer's pushes then carry the model code and a MoGE model card
         add_moge_hub_callback(trainer, run_record=record)
 
     return train_and_evaluate(
-        trainer, name, len(image_datasets["train"]), len(image_datasets["validation"]), log=logger, main_arm=main_arm
+        trainer,
+        name,
+        len(image_datasets["train"]),
+        len(image_datasets["validation"]),
+        log=logger,
+        main_arm=main_arm,
+        run_record=record,
     )
 
 
@@ -734,6 +740,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     # (a model built from scratch is checked through its config; an upcycled or saved one is built once the
     # classes are known, still before training).
     check_arguments(model_args, data_args)
+    check_run_arguments(model_args, data_args, training_args)
     overrides = model_args.moge_overrides()
     from_scratch = not (model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if from_scratch:

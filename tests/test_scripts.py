@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from test_hub import FakeHub
 from transformers import (
@@ -957,6 +958,30 @@ def test_scripts_refuse_runs_that_would_not_do_what_was_asked(run_clm, run_image
     assert not (tmp_path / "clm").exists() and not (tmp_path / "vit").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--do_eval"], r"--do_eval without --do_train evaluates a model it loads"),
+        (["--num_train_epochs", "0", "--max_steps", "-1"], r"--num_train_epochs 0\.0 \(and no --max_steps\) trains"),
+        (["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size must be at least 1, got 0"),
+        (["--max_train_samples", "0"], r"--max_train_samples must be at least 1 \(or left out for all\), got 0"),
+        (["--max_eval_samples", "-3"], r"--max_eval_samples must be at least 1 \(or left out for all\), got -3"),
+        (["--dropout", "1.5"], r"--dropout must be a rate in \[0, 1\), got 1\.5"),
+        (["--dropout", "nan"], r"--dropout must be a rate in \[0, 1\), got nan"),
+    ],
+    ids=["eval-from-scratch", "no-epochs", "batch-size", "train-samples", "eval-samples", "dropout", "dropout-nan"],
+)
+def test_scripts_refuse_runs_with_nothing_to_run_or_values_out_of_range(
+    run_clm, run_image_classification, text_file, image_folder, tmp_path, extra, message
+):
+    with pytest.raises(ValueError, match=message):
+        run_clm.main(clm_args(text_file, tmp_path / "clm", *extra))
+    args = ["--train_dir", str(image_folder / "train"), "--output_dir", str(tmp_path / "vit"), *TINY_VIT, *COMMON]
+    with pytest.raises(ValueError, match=message):
+        run_image_classification.main([*args, "--max_steps", "1", *extra])
+    assert not (tmp_path / "clm").exists() and not (tmp_path / "vit").exists()  # refused before anything was written
+
+
 def test_scripts_do_eval_alone_evaluates_and_do_eval_false_alone_trains(run_clm, text_file, tmp_path):
     from transformers import HfArgumentParser, TrainingArguments
 
@@ -1050,6 +1075,53 @@ def test_clm_records_the_training_text_as_described_and_the_blocks_it_kept(run_c
     assert record["eval"]["part"] == "the first 2 blocks of the last 10% of the lines"
     assert record["eval"]["examples"] == 2
     assert record["train"]["part"] == "the first 90% of the lines"
+
+
+def test_the_run_record_describes_what_the_folder_holds(run_clm, clm_run, text_file, tmp_path, monkeypatch):
+    """The record is written as it comes true: an evaluation-only run records the training the model's own record
+    gives (not its own unused training arguments), in place or in another folder; a run that dies before saving, or
+    an arm found finished, leaves the folder's record as it was."""
+    out, _ = clm_run
+    saved = tmp_path / "saved"
+    shutil.copytree(out, saved, ignore=shutil.ignore_patterns("checkpoint-*", "moe_baseline"))
+    trained = read_json(saved / "run_record.json")
+    for folder in (saved, tmp_path / "evaluated"):
+        args = ["--model_name_or_path", str(saved), "--train_file", str(text_file), "--output_dir", str(folder)]
+        run_clm.main(
+            [
+                *args,
+                *COMMON,
+                "--block_size",
+                "16",
+                "--do_eval",
+                "--max_eval_samples",
+                "2",
+                "--per_device_train_batch_size",
+                "32",
+            ]
+        )
+        record = read_json(folder / "run_record.json")
+        assert record["train"] == trained["train"] and record["hyperparameters"] == trained["hyperparameters"]
+        assert record["eval"]["examples"] == 2 == read_json(folder / "eval_results.json")["eval_samples"]
+    before = (saved / "run_record.json").read_bytes()
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.Trainer, "train", killed)
+    args = ["--model_name_or_path", str(saved), "--train_file", str(text_file), "--output_dir", str(saved)]
+    with pytest.raises(KeyboardInterrupt):
+        run_clm.main([*args, *COMMON, "--block_size", "16", "--max_steps", "1", "--train_data_description", "x"])
+    assert (saved / "run_record.json").read_bytes() == before
+    monkeypatch.undo()
+
+    finished = tmp_path / "finished"
+    shutil.copytree(out, finished, ignore=shutil.ignore_patterns("moe_baseline"))
+    before = (finished / "run_record.json").read_bytes()
+    args = ["--train_file", str(text_file), "--output_dir", str(finished), "--max_steps", "3", *TINY_GPT2, *COMMON]
+    args += ["--moge_loss_coef", "0.01", "--moge_sigma_schedule", "10", "1", "0.2", "--resume_from_checkpoint", "last"]
+    run_clm.main([*args, "--train_data_description", "another text"])
+    assert (finished / "run_record.json").read_bytes() == before
 
 
 def test_image_script_writes_the_run_record(run_image_classification, image_folder, tmp_path):
