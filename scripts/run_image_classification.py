@@ -47,9 +47,10 @@ import datasets
 import numpy as np
 import torch
 import transformers
-from datasets import ClassLabel, DatasetDict, load_dataset
+from datasets import ClassLabel, DatasetDict, Value, load_dataset
 from transformers import (
     AutoImageProcessor,
+    PreTrainedConfig,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
@@ -437,6 +438,41 @@ def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[
     raise ValueError(f"The label column {label_column!r} holds {feature}, not class labels (ints or strings).")
 
 
+def match_saved_classes(
+    raw: DatasetDict, label_column: str, labels: list[str], model_args: ModelArguments, do_train: bool
+) -> tuple[DatasetDict, list[str]]:
+    """A saved classifier (`--model_name_or_path`) keeps its classes: images of the same classes get its ids (the data
+    may list them in another order); images of other classes get a new classifier head to train, and are refused for
+    an evaluation-only run, which would score a head that does not know them."""
+    if not model_args.model_name_or_path:
+        return raw, labels
+    id2label = PreTrainedConfig.get_config_dict(model_args.model_name_or_path)[0].get("id2label") or {}
+    saved = [id2label.get(str(index), id2label.get(index)) for index in range(len(id2label))]
+    if saved == labels:
+        return raw, labels
+    if sorted(map(str, saved)) == sorted(labels):
+        new_id = [saved.index(name) for name in labels]
+        logger.info(f"The images' classes get the ids {model_args.model_name_or_path} gives them: {saved[:10]}")
+        raw = DatasetDict(
+            {
+                split: dataset.cast_column(label_column, Value("int64")).map(
+                    lambda batch: {label_column: [new_id[label] for label in batch[label_column]]}, batched=True
+                )
+                for split, dataset in raw.items()
+            }
+        )
+        return raw, saved
+    problem = (
+        f"--model_name_or_path {model_args.model_name_or_path} classifies into {len(saved)} classes "
+        f"({', '.join(map(str, saved[:10]))}{' ...' if len(saved) > 10 else ''}), the images have {len(labels)} "
+        f"({', '.join(labels[:10])}{' ...' if len(labels) > 10 else ''})"
+    )
+    if not do_train:
+        raise ValueError(f"{problem}: its classifier head does not know them, so an evaluation-only run is refused.")
+    logger.warning(f"{problem}: a new classifier head is trained for the images' classes.")
+    return raw, labels
+
+
 class AugmentationEpoch(TrainerCallback):
     """Tells the training transform which epoch Trainer is in (`on_epoch_begin`, also when a run resumes), so that an
     example's augmentation is a function of (seed, epoch, index) alone and a resumed run sees the same crops and flips
@@ -750,6 +786,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
         raw = load_image_datasets(data_args, training_args.seed)
     image_column, label_column = find_columns(raw, data_args)
     raw, labels = class_names(raw, label_column)
+    raw, labels = match_saved_classes(raw, label_column, labels, model_args, training_args.do_train)
     accuracy = accuracy_metric() if training_args.do_eval else None
     logger.info(
         f"{len(raw['train'])} training and {len(raw['validation'])} validation images, columns "

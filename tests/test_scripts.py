@@ -1124,6 +1124,37 @@ def test_the_run_record_describes_what_the_folder_holds(run_clm, clm_run, text_f
     assert (finished / "run_record.json").read_bytes() == before
 
 
+def test_image_script_keeps_a_saved_classifiers_classes(run_image_classification, image_folder, tmp_path):
+    """Evaluating a saved classifier: images that name its classes in another order get its ids (the same images
+    score the same either way); images of other classes are refused, naming both lists."""
+    saved, folders = tmp_path / "saved", ["--train_dir", str(image_folder / "train")]
+    folders += ["--validation_dir", str(image_folder / "validation")]
+    run_image_classification.main([*folders, "--output_dir", str(saved), *TINY_VIT, *COMMON, "--max_steps", "2"])
+    assert read_json(saved / "config.json")["id2label"] == {"0": "cat", "1": "dog"}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["dog", "cat"])})
+    files = {}
+    for split in ("train", "validation"):
+        paths = sorted((image_folder / split).glob("*/*.png"))
+        data = {"image": [str(path) for path in paths], "label": [int(path.parent.name == "cat") for path in paths]}
+        files[split] = tmp_path / f"{split}.parquet"
+        datasets.Dataset.from_dict(data, features=features).to_parquet(str(files[split]))
+    parquet = ["--train_file", str(files["train"]), "--validation_file", str(files["validation"])]
+    evaluate = ["--model_name_or_path", str(saved), *COMMON, "--do_eval", "--per_device_eval_batch_size", "4"]
+    losses = []
+    for name, data in (("folders", folders), ("parquet", parquet)):
+        run_image_classification.main([*data, *evaluate, "--output_dir", str(tmp_path / name)])
+        losses.append(read_json(tmp_path / name / "eval_results.json")["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+    other = tmp_path / "other"
+    for split in ("train", "validation"):
+        shutil.copytree(image_folder / split / "dog", other / split / "dog")
+        shutil.copytree(image_folder / split / "cat", other / split / "eel")
+    data = ["--train_dir", str(other / "train"), "--validation_dir", str(other / "validation")]
+    with pytest.raises(ValueError, match=r"classifies into 2 classes \(cat, dog\), the images have 2 \(dog, eel\)"):
+        run_image_classification.main([*data, *evaluate, "--output_dir", str(tmp_path / "refused")])
+
+
 def test_image_script_writes_the_run_record(run_image_classification, image_folder, tmp_path):
     out = tmp_path / "out"
     args = ["--train_dir", str(image_folder / "train"), "--train_val_split", "0.5", "--output_dir", str(out)]
