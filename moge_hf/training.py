@@ -36,6 +36,7 @@ from transformers import (
     HfArgumentParser,
     PreTrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -949,6 +950,12 @@ def checkpoint_problem(folder: str) -> str | None:
         problem = _safetensors_problem(os.path.join(folder, name))
         if problem:
             return f"{name} {problem}"
+    if not any(name.startswith(("optimizer", "scheduler", "rng_state", "global_step")) for name in os.listdir(folder)):
+        return (
+            "it holds a model but no optimizer, scheduler or RNG state (a saved model, or a checkpoint saved with "
+            "--save_only_model, which Trainer cannot resume); to train the model further, pass it as "
+            "--model_name_or_path"
+        )
     for name in os.listdir(folder):
         if name.endswith((".pt", ".pth", ".bin")):
             try:
@@ -1156,10 +1163,11 @@ def _same_schedule(state: dict, training_args: TrainingArguments) -> bool:
 
 def check_same_moge_settings(folder: str, model: nn.Module) -> None:
     """Raise if the model saved in `folder` (its `config.json`) was trained with other MoGE or routing-loss settings
-    than `model` has: resuming it, or taking its results, would report one run's numbers under another's settings.
+    than `model` has: resuming it, or taking its results, would report one run's numbers under another's settings;
+    or if its weights have other shapes (another architecture: loading them would fail inside torch).
 
     Raises:
-        `ValueError`: naming each field that differs, with both values.
+        `ValueError`: naming each field that differs, with both values (or the first tensors whose shapes differ).
     """
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
@@ -1184,6 +1192,46 @@ def check_same_moge_settings(folder: str, model: nn.Module) -> None:
         raise ValueError(
             f"{folder} holds a run trained with other settings ({'; '.join(differ)}): resuming it would report its "
             "results under this run's settings. Use another --output_dir, or the same settings to resume it."
+        )
+    shapes = {name: tuple(tensor.shape) for name, tensor in unwrap_moge_model(model).state_dict().items()}
+    differ = [
+        f"{name} {saved_shape} there, {shapes[name]} now"
+        for name, saved_shape in _saved_shapes(folder).items()
+        if name in shapes and shapes[name] != saved_shape
+    ]
+    if differ:
+        raise ValueError(
+            f"{folder} holds a model of another architecture ({'; '.join(differ[:3])}"
+            f"{f'; {len(differ) - 3} more' if len(differ) > 3 else ''}): resume with the architecture it was trained "
+            "with, or use another --output_dir."
+        )
+
+
+def _saved_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the safetensors files of `folder`, read from their headers."""
+    shapes = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(folder, name), "rb") as handle:
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+            shapes.update({key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"})
+    return shapes
+
+
+def check_same_tokenizer(folder: str, tokenizer) -> None:
+    """Raise if the tokenizer saved in `folder` (a checkpoint's `tokenizer.json`) maps text to other ids than
+    `tokenizer`: a resumed run would go on training the weights on another vocabulary (a tokenizer trained anew on
+    other data)."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path) or not hasattr(tokenizer, "get_vocab"):
+        return
+    saved = PreTrainedTokenizerFast(tokenizer_file=path).get_vocab()
+    if saved != tokenizer.get_vocab():
+        other = f"{len(saved)} tokens there, {len(tokenizer)} now" if len(saved) != len(tokenizer) else "other tokens"
+        raise ValueError(
+            f"{folder} was trained with another tokenizer than this run's ({other}; one trained anew on other data?). "
+            "Resume with the data and --tokenizer_name it was trained with, or pass the checkpoint as "
+            "--model_name_or_path to train it on new data."
         )
 
 
@@ -1234,6 +1282,7 @@ def train_and_evaluate(
         checkpoint = resolve_checkpoint(training_args, training_args.output_dir, main_arm=main_arm)
         if checkpoint is not None:
             check_same_moge_settings(checkpoint, trainer.model)
+            check_same_tokenizer(checkpoint, trainer.processing_class)
         final = _final_checkpoint_state(checkpoint, training_args)
         if final is not None:
             # The checkpoint is the run's last step (killed after saving it): Trainer.train would take a step past

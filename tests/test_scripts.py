@@ -266,6 +266,26 @@ def test_clm_resumes_from_a_checkpoint(clm_run, text_file, tmp_path):
     assert losses[0] == sentinel and len(losses) == 4  # steps 1-2 from the checkpoint, 3-4 run here
 
 
+def test_clm_resume_refuses_what_it_cannot_resume(run_clm, clm_run, text_file, tmp_path):
+    """Named errors, before a step: a saved model (no optimizer, scheduler or RNG state) given as the checkpoint;
+    a checkpoint of another architecture; a checkpoint trained on a tokenizer other than the one this run builds."""
+    out, _ = clm_run
+    args = ["--max_steps", "4", *TINY_GPT2, *COMMON, "--moge_loss_coef", "0.01", "--moge_sigma_schedule", "10", "1"]
+    args += ["0.2", "--train_file", str(text_file)]
+    with pytest.raises(ValueError, match=r"no optimizer, scheduler or RNG state .* pass it as --model_name_or_path"):
+        run_clm.main([*args, "--output_dir", str(tmp_path / "a"), "--resume_from_checkpoint", str(out)])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    args += ["--output_dir", str(resumed), "--resume_from_checkpoint", "last"]
+    with pytest.raises(ValueError, match=r"another architecture \(.*weight \(32, 96\) there, \(48, 144\) now"):
+        run_clm.main([*args, "--n_embd", "48"])
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text().upper())
+    with pytest.raises(ValueError, match=r"checkpoint-2 was trained with another tokenizer than this run's"):
+        run_clm.main([*args, "--train_file", str(other)])
+    assert not (resumed / "checkpoint-3").exists()
+
+
 def test_clm_resume_keeps_finished_arms_and_finishes_the_rest(clm_run, text_file, tmp_path):
     # Both arms of `clm_run` finished (3 steps, checkpoints 2 and 3 each). Kill the baseline after its last checkpoint:
     # its final files are gone. Resuming must keep the finished MoGE arm as it is, and finish the baseline from
