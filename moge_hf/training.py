@@ -899,10 +899,24 @@ def parse_script_arguments(parser, args: list[str] | None = None) -> tuple:
     return parsed
 
 
+def check_same_format(train_file: str | None, validation_file: str | None, loaders: Mapping[str, str]) -> None:
+    """Raise if `validation_file` is not read by the same `datasets` loader as `train_file` (`loaders`: extension ->
+    loader): a script loads both splits with one loader."""
+    if train_file is None or validation_file is None:
+        return
+    train, validation = (loaders.get(os.path.splitext(path)[1].lower()) for path in (train_file, validation_file))
+    if train != validation:
+        raise ValueError(
+            f"--validation_file {validation_file!r} is not of the kind of --train_file {train_file!r} ({validation} "
+            f"and {train} data): pass both in one format."
+        )
+
+
 def check_run_arguments(model_args, data_args, training_args: TrainingArguments) -> None:
     """What both training scripts check of the run before anything is loaded, raising a `ValueError` that names the
     flag: an evaluation-only run evaluates a model it loads (one built from scratch has random weights); a training
-    run has steps to take; batch sizes, sample limits and `--dropout` are in range."""
+    run has steps to take; batch sizes, sample limits and `--dropout` are in range; no flag is given that the run
+    would ignore (`--expert_noise_std` without upcycling, `--dataset_config_name` without a Hub data set)."""
     loads_a_model = bool(model_args.model_name_or_path or model_args.dense_model_name_or_path)
     if not training_args.do_train and not loads_a_model:
         raise ValueError(
@@ -926,6 +940,13 @@ def check_run_arguments(model_args, data_args, training_args: TrainingArguments)
     dropout = model_args.dropout
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise ValueError(f"--dropout must be a rate in [0, 1), got {dropout}.")
+    if model_args.expert_noise_std and not model_args.dense_model_name_or_path:
+        raise ValueError(
+            f"--expert_noise_std {model_args.expert_noise_std} applies to upcycling (--dense_model_name_or_path) "
+            "only: the experts of a saved or new model are not copies of one MLP."
+        )
+    if data_args.dataset_config_name is not None and data_args.dataset_name is None:
+        raise ValueError("--dataset_config_name goes with --dataset_name (local files have no configurations).")
 
 
 # ---- training and evaluating one run (the example scripts' shared ending) ------------------------------------------
@@ -1033,6 +1054,11 @@ def script_host(auto_class: str, default_model_type: str, model_args) -> MoGEHos
     given, else `model_args.model_type` (default `default_model_type`). A `model_type` that contradicts the model
     given is refused, naming both."""
     host, model_type = None, model_args.model_type
+    for flag in ("model_name_or_path", "dense_model_name_or_path"):
+        path = getattr(model_args, flag)
+        local = path is not None and os.path.isdir(path)
+        if local and not (os.path.isfile(os.path.join(path, "config.json")) and _saved_model_type(path)):
+            raise ValueError(f"--{flag} {path!r} holds no model: no config.json naming its model_type.")
     if model_args.model_name_or_path is not None:
         host = host_for(auto_class, model_type=_saved_model_type(model_args.model_name_or_path))
     elif model_args.dense_model_name_or_path is not None:

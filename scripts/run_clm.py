@@ -70,7 +70,7 @@ from moge_hf import add_moge_regularizer, upcycle_to_moe
 from moge_hf.configuration_moge import MOGE_FIELDS
 from moge_hf.hub import add_moge_hub_callback
 from moge_hf.moge_layer import moge_regularizers
-from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS, MoGEHost, MoGEModelMixin, hosts_with
+from moge_hf.moge_model import EXPERTS_IMPLEMENTATIONS, HOSTS, MoGEHost, MoGEModelMixin, hosts_with
 from moge_hf.routing import moge_routers
 from moge_hf.run_record import hub_data, local_data, script_run_record
 from moge_hf.training import (
@@ -80,6 +80,7 @@ from moge_hf.training import (
     baseline_training_args,
     check_local_source,
     check_run_arguments,
+    check_same_format,
     dropout_fields,
     main_arm_name,
     parse_script_arguments,
@@ -97,6 +98,9 @@ logger = logging.getLogger(__name__)
 
 END_OF_TEXT = "<|endoftext|>"
 AUTO_CLASS = "AutoModelForCausalLM"
+# The `datasets` loader of each kind of --train_file / --validation_file, and the column types that hold text.
+FILE_LOADERS = {".txt": "text", ".text": "text", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+TEXT_DTYPES = ("string", "large_string")
 DEFAULT_MODEL_TYPE = "gpt2_moge"
 # Config fields settable by their own argument on a model built from scratch (others: `--config_overrides`); the
 # default architecture is the family's small one (its record's `small_config`: for GPT-2 MoGE, the main job's).
@@ -290,8 +294,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
                 raise FileNotFoundError(f"--{name} {path!r} does not exist or is not a file.")
             if os.path.getsize(path) == 0:
                 raise ValueError(f"--{name} {path!r} is empty.")
-            if os.path.splitext(path)[1].lower() not in (".txt", ".text", ".csv", ".json", ".jsonl"):
+            if os.path.splitext(path)[1].lower() not in FILE_LOADERS:
                 raise ValueError(f"--{name} {path!r} must be a .txt, .csv, .json or .jsonl file.")
+    check_same_format(data_args.train_file, data_args.validation_file, FILE_LOADERS)
     if not 0 < data_args.validation_split_percentage < 100:
         raise ValueError(
             f"--validation_split_percentage must be in (0, 100), got {data_args.validation_split_percentage}."
@@ -394,16 +399,17 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None) ->
             raise ConnectionError(f"Could not load --dataset_name {name!r}: {error}") from error
         return raw
 
-    def loader_and_kwargs(path: str) -> tuple[str, dict]:
-        extension = os.path.splitext(path)[1].lower().lstrip(".")
-        if extension in ("txt", "text"):
-            return "text", {"keep_linebreaks": data_args.keep_linebreaks}
-        return ("json" if extension == "jsonl" else extension), {}
-
-    loader, kwargs = loader_and_kwargs(data_args.train_file)
+    loader = FILE_LOADERS[os.path.splitext(data_args.train_file)[1].lower()]
+    kwargs = {"keep_linebreaks": data_args.keep_linebreaks} if loader == "text" else {}
     if data_args.validation_file is not None:
         data_files = {"train": data_args.train_file, "validation": data_args.validation_file}
-        return load_dataset(loader, data_files=data_files, cache_dir=cache_dir, **kwargs)
+        try:
+            return load_dataset(loader, data_files=data_files, cache_dir=cache_dir, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as error:
+            raise ValueError(
+                f"--train_file {data_args.train_file!r} and --validation_file {data_args.validation_file!r} do not "
+                f"read as one data set (the same columns of the same types): {error.__cause__ or error}"
+            ) from error
     data_files = {"train": data_args.train_file}
     splits = {"train": f"train[:{100 - pct}%]", "validation": f"train[{100 - pct}%:]"}
     try:
@@ -423,10 +429,19 @@ def load_raw_datasets(data_args: DataArguments, cache_dir: str | None = None) ->
 
 
 def text_column(raw: DatasetDict, data_args: DataArguments) -> str:
-    columns = raw["train"].column_names
-    name = data_args.text_column_name or ("text" if "text" in columns else columns[0])
-    if name not in columns:
-        raise ValueError(f"--text_column_name {name!r} is not a column of the training data {columns}.")
+    """`--text_column_name`, else `text`, else the first column of strings; checked to hold strings in every split."""
+    features = raw["train"].features
+    strings = [name for name, feature in features.items() if getattr(feature, "dtype", None) in TEXT_DTYPES]
+    name = data_args.text_column_name or ("text" if "text" in features else (strings or list(features))[0])
+    if name not in features:
+        raise ValueError(f"--text_column_name {name!r} is not a column of the training data {list(features)}.")
+    for split, dataset in raw.items():
+        feature = dataset.features.get(name)
+        if getattr(feature, "dtype", None) not in TEXT_DTYPES:
+            raise ValueError(
+                f"The text column {name!r} of the {split} data holds {feature or 'nothing'}, not text: name the "
+                f"column of text with --text_column_name (the training data's columns of text: {strings or 'none'})."
+            )
     return name
 
 
@@ -538,8 +553,14 @@ def tokenize_and_group(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, col
 @functools.cache  # called when checking the arguments and when building the model: the config is read once
 def is_moge_hf_model(name_or_path: str) -> bool:
     """Whether a saved model is a moge_hf MoGE language model (else: a transformers MoE model, given the
-    regularizer)."""
-    return AutoConfig.from_pretrained(name_or_path).model_type in hosts_with(AUTO_CLASS)
+    regularizer). A moge_hf model without a language-model head (an image classifier) is refused, naming it."""
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    if model_type in HOSTS and model_type not in hosts_with(AUTO_CLASS):
+        raise ValueError(
+            f"--model_name_or_path {name_or_path!r} is a {model_type} model, which has no causal language model: "
+            f"run_clm.py trains {', '.join(hosts_with(AUTO_CLASS))} models and transformers' MoE language models."
+        )
+    return model_type in hosts_with(AUTO_CLASS)
 
 
 def upcycles_natively(name_or_path: str) -> bool:

@@ -69,6 +69,7 @@ from moge_hf.training import (
     baseline_training_args,
     check_local_source,
     check_run_arguments,
+    check_same_format,
     dropout_fields,
     main_arm_name,
     parse_script_arguments,
@@ -264,6 +265,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
                 raise ValueError(f"--{name} {path!r} is empty.")
             if os.path.splitext(path)[1].lower() not in FILE_LOADERS:
                 raise ValueError(f"--{name} {path!r} must be one of {', '.join(FILE_LOADERS)} files.")
+    check_same_format(data_args.train_file, data_args.validation_file, FILE_LOADERS)
     if not 0 < data_args.train_val_split < 1:
         raise ValueError(f"--train_val_split must be in (0, 1), got {data_args.train_val_split}.")
     try:
@@ -349,9 +351,14 @@ def load_image_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
         fraction = data_args.train_val_split
         split = raw["train"].train_test_split(test_size=fraction, seed=seed)
         raw = DatasetDict(train=split["train"], validation=split["test"])
-        held_out = f"a random {fraction:.0%} of the images (seed {seed}), held out"
+        total = len(split["train"]) + len(split["test"])  # the split rounds the fraction to whole images
+
+        def share(count: int) -> str:
+            return f"{100 * count / total:.3g}%"
+
+        held_out = f"a random {share(len(split['test']))} of the images (seed {seed}), held out"
         evaluation = {**train, "part": held_out}
-        train["part"] = f"the {1 - fraction:.0%} of the images not held out for evaluation (seed {seed})"
+        train["part"] = f"the {share(len(split['train']))} of the images not held out for evaluation (seed {seed})"
     raw = DatasetDict(train=raw["train"], validation=raw["validation"])
     if data_args.max_train_samples is not None:
         raw["train"] = (
@@ -414,8 +421,29 @@ def find_columns(raw: DatasetDict, data_args: DataArguments) -> tuple[str, str]:
     return image_column, label_column
 
 
+def decoded_images(raw: DatasetDict, image_column: str) -> DatasetDict:
+    """The image column as `datasets.Image` (decoded to PIL images): a column of encoded bytes, `{bytes, path}`
+    records or file paths (Parquet written by pandas, say) is cast to it; anything else is refused, naming it."""
+    for split, dataset in raw.items():
+        feature = dataset.features[image_column]
+        if isinstance(feature, datasets.Image):
+            continue
+        try:
+            raw[split] = dataset.cast_column(image_column, datasets.Image())
+        except (TypeError, ValueError, NotImplementedError) as error:  # pyarrow's cast errors are among them
+            raise ValueError(
+                f"The image column {image_column!r} of the {split} images holds {feature}, not images (an `Image` "
+                f"feature, encoded image bytes or file paths): {error}"
+            ) from error
+    return raw
+
+
 def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
     """The class names, with string labels encoded as a `ClassLabel` and both splits sharing its names."""
+    for split, dataset in raw.items():
+        missing = next((row for row, label in enumerate(dataset[label_column]) if label is None), None)
+        if missing is not None:
+            raise ValueError(f"The label column {label_column!r} of the {split} images has no label in row {missing}.")
     feature = raw["train"].features[label_column]
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
@@ -425,7 +453,7 @@ def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[
                 f"The training and validation images have different classes: {names} and {list(other.names)}."
             )
         return raw, names
-    if feature.dtype == "string":
+    if feature.dtype in ("string", "large_string"):
         names = sorted(set(raw["train"][label_column]) | set(raw["validation"][label_column]))
         label = ClassLabel(names=names)
         raw = DatasetDict({split: ds.cast_column(label_column, label) for split, ds in raw.items()})
@@ -785,6 +813,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     with training_args.main_process_first(desc="loading the images"):
         raw = load_image_datasets(data_args, training_args.seed)
     image_column, label_column = find_columns(raw, data_args)
+    raw = decoded_images(raw, image_column)
     raw, labels = class_names(raw, label_column)
     raw, labels = match_saved_classes(raw, label_column, labels, model_args, training_args.do_train)
     accuracy = accuracy_metric() if training_args.do_eval else None

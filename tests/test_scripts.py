@@ -19,6 +19,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas
 import pytest
 import torch
 import transformers
@@ -44,7 +45,7 @@ from transformers import (
 )
 from transformers.distributed import DistributedConfig
 
-from moge_hf import GPT2MoGELMHeadModel, ViTMoGEForImageClassification, check_moge_model_dir
+from moge_hf import GPT2MoGELMHeadModel, ViTMoGEConfig, ViTMoGEForImageClassification, check_moge_model_dir
 from moge_hf.moge_model import HOSTS, hosts_with
 from moge_hf.training import parse_config_overrides, scratch_config
 
@@ -988,8 +989,20 @@ def test_scripts_refuse_runs_that_would_not_do_what_was_asked(run_clm, run_image
         (["--max_eval_samples", "-3"], r"--max_eval_samples must be at least 1 \(or left out for all\), got -3"),
         (["--dropout", "1.5"], r"--dropout must be a rate in \[0, 1\), got 1\.5"),
         (["--dropout", "nan"], r"--dropout must be a rate in \[0, 1\), got nan"),
+        (["--expert_noise_std", "0.1"], r"--expert_noise_std 0\.1 applies to upcycling"),
+        (["--dataset_config_name", "plain"], r"--dataset_config_name goes with --dataset_name"),
     ],
-    ids=["eval-from-scratch", "no-epochs", "batch-size", "train-samples", "eval-samples", "dropout", "dropout-nan"],
+    ids=[
+        "eval-from-scratch",
+        "no-epochs",
+        "batch-size",
+        "train-samples",
+        "eval-samples",
+        "dropout",
+        "dropout-nan",
+        "noise-without-upcycling",
+        "config-without-dataset",
+    ],  # fmt: skip
 )
 def test_scripts_refuse_runs_with_nothing_to_run_or_values_out_of_range(
     run_clm, run_image_classification, text_file, image_folder, tmp_path, extra, message
@@ -1000,6 +1013,67 @@ def test_scripts_refuse_runs_with_nothing_to_run_or_values_out_of_range(
     with pytest.raises(ValueError, match=message):
         run_image_classification.main([*args, "--max_steps", "1", *extra])
     assert not (tmp_path / "clm").exists() and not (tmp_path / "vit").exists()  # refused before anything was written
+
+
+def test_clm_reads_text_columns_and_refuses_data_that_is_not_text(run_clm, text_file, tmp_path):
+    """A CSV without a `text` column: its first column of strings is the text; a column of numbers named as the
+    text, a validation file of another kind, or one with other columns, is refused naming it."""
+    lines = [line for line in text_file.read_text().splitlines() if line.strip() and "," not in line]
+    table = tmp_path / "table.csv"
+    table.write_text("id,body\n" + "".join(f"{i},{line}\n" for i, line in enumerate(lines)))
+    run_clm.main([*clm_args(table, tmp_path / "csv"), "--save_strategy", "no"])
+    assert read_json(tmp_path / "csv" / "train_results.json")["train_samples"] > 0
+    with pytest.raises(ValueError, match=r"The text column 'id' of the train data holds Value\('int64'\), not text"):
+        run_clm.main(clm_args(table, tmp_path / "id", "--text_column_name", "id"))
+    with pytest.raises(ValueError, match=r"--validation_file '.*table\.csv' is not of the kind of --train_file"):
+        run_clm.main(clm_args(text_file, tmp_path / "mixed", "--validation_file", str(table)))
+    other = tmp_path / "other.csv"
+    other.write_text("id,title\n" + "".join(f"{i},{line}\n" for i, line in enumerate(lines)))
+    with pytest.raises(ValueError, match=r"do not read as one data set \(the same columns of the same types\)"):
+        run_clm.main(clm_args(table, tmp_path / "columns", "--validation_file", str(other)))
+
+
+def test_image_script_decodes_image_bytes_and_refuses_missing_labels_or_images(
+    run_image_classification, image_folder, tmp_path
+):
+    """Parquet written by pandas (images as `{bytes, path}` records, string labels) trains, and the record gives the
+    shares of the images as split (whole images); a label missing in a row, or an image column of numbers, is refused
+    naming the column."""
+    paths = sorted((image_folder / "train").glob("*/*.png"))
+    images = [{"bytes": path.read_bytes(), "path": None} for path in paths]
+    labels = [path.parent.name for path in paths]
+    args = [*TINY_VIT, *COMMON, "--max_steps", "1", "--save_strategy", "no", "--train_val_split", "0.2"]
+    for name, frame in (
+        ("pandas", {"image": images, "label": labels}),
+        ("unlabelled", {"image": images, "label": [None, *labels[1:]]}),
+        ("numbers", {"image": list(range(len(paths))), "label": labels}),
+    ):
+        pandas.DataFrame(frame).to_parquet(tmp_path / f"{name}.parquet")
+        run = ["--train_file", str(tmp_path / f"{name}.parquet"), "--output_dir", str(tmp_path / name), *args]
+        if name == "pandas":
+            run_image_classification.main(run)
+            assert read_json(tmp_path / name / "train_results.json")["train_samples"] == 9
+            record = read_json(tmp_path / name / "run_record.json")  # 20% of 12 images: 3 held out, 25%
+            assert record["train"]["part"] == "the 75% of the images not held out for evaluation (seed 0)"
+            assert record["eval"]["part"] == "a random 25% of the images (seed 0), held out"
+        else:
+            message = r"has no label in row \d+" if name == "unlabelled" else r"The image column 'image' of the"
+            with pytest.raises(ValueError, match=message):
+                run_image_classification.main(run)
+
+
+def test_scripts_name_a_model_folder_of_the_wrong_kind(run_clm, run_image_classification, text_file, tmp_path):
+    """A MoGE image classifier given to the language-model script, or a folder without a model config given to the
+    image script: refused before any data is read, naming the folder and what it holds."""
+    vit = tmp_path / "vit"
+    ViTMoGEForImageClassification(ViTMoGEConfig(hidden_size=32, num_hidden_layers=2)).save_pretrained(vit)
+    args = ["--train_file", str(text_file), "--output_dir", str(tmp_path / "out"), *COMMON]
+    with pytest.raises(ValueError, match=r"'.*vit' is a vit_moge model, which has no causal language model"):
+        run_clm.main([*args, "--model_name_or_path", str(vit)])
+    (tmp_path / "empty").mkdir()
+    args = ["--train_dir", str(tmp_path / "unused"), "--output_dir", str(tmp_path / "out"), *COMMON]
+    with pytest.raises(ValueError, match=r"--model_name_or_path '.*empty' holds no model: no config\.json"):
+        run_image_classification.main([*args, "--model_name_or_path", str(tmp_path / "empty")])
 
 
 def test_scripts_do_eval_alone_evaluates_and_do_eval_false_alone_trains(run_clm, text_file, tmp_path):
