@@ -98,7 +98,11 @@ def _weight_files(folder: Path) -> list[str]:
         return [SAFE_WEIGHTS_NAME]
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        weight_map = read_json(index, str(index))
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ValueError(f"{index} has no `weight_map` of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing:
             raise ValueError(f"{folder}: the weight shards {missing} named in {SAFE_WEIGHTS_INDEX_NAME} are missing")
@@ -160,7 +164,8 @@ def inspect_model_dir(model_dir: str | os.PathLike, missing_code_ok: bool = Fals
     for name in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
         path = folder / name
         if path.is_file():
-            extra = json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}
+            extra = read_json(path, str(path))
+            extra = (extra.get("auto_map") if isinstance(extra, dict) else None) or {}
             modules |= auto_map_modules(extra, str(path))
     return ModelFolder(
         path=folder,

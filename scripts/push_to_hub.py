@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             commit_message=args.commit_message,
             **card_kwargs,
         )
-    except (ValueError, FileNotFoundError, HubTokenError) as error:
+    except (ValueError, OSError, HubTokenError) as error:  # OSError: a missing file, the Hub unreachable or refusing
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"pushed {args.model_dir} to https://huggingface.co/{args.repo_id} ({commit.commit_url})")

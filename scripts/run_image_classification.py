@@ -421,21 +421,30 @@ def find_columns(raw: DatasetDict, data_args: DataArguments) -> tuple[str, str]:
     return image_column, label_column
 
 
-def decoded_images(raw: DatasetDict, image_column: str) -> DatasetDict:
-    """The image column as `datasets.Image` (decoded to PIL images): a column of encoded bytes, `{bytes, path}`
-    records or file paths (Parquet written by pandas, say) is cast to it; anything else is refused, naming it."""
+def image_files(raw: DatasetDict, image_column: str) -> DatasetDict:
+    """The image column as undecoded `datasets.Image` values (`{bytes, path}`), decoded one by one by
+    [`decode_image`] when an example is drawn: a column of encoded bytes, `{bytes, path}` records or file paths
+    (Parquet written by pandas, say) is taken as images; anything else is refused, naming it."""
     for split, dataset in raw.items():
         feature = dataset.features[image_column]
-        if isinstance(feature, datasets.Image):
-            continue
         try:
-            raw[split] = dataset.cast_column(image_column, datasets.Image())
+            raw[split] = dataset.cast_column(image_column, datasets.Image(decode=False))
         except (TypeError, ValueError, NotImplementedError) as error:  # pyarrow's cast errors are among them
             raise ValueError(
                 f"The image column {image_column!r} of the {split} images holds {feature}, not images (an `Image` "
                 f"feature, encoded image bytes or file paths): {error}"
             ) from error
     return raw
+
+
+def decode_image(value: dict):
+    """The PIL image of an undecoded `datasets.Image` value, decoded by `datasets`; a file PIL cannot read (truncated,
+    corrupt) raises a `ValueError` naming it."""
+    try:
+        return datasets.Image().decode_example(value)
+    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for a broken file
+        where = value.get("path") if isinstance(value, dict) else None
+        raise ValueError(f"The image {where or '(stored as bytes, no file name)'} cannot be read: {error}") from error
 
 
 def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
@@ -525,7 +534,8 @@ def augmentation_draws(seed: int, epoch: int, index: int, padding: int) -> tuple
 
 
 def image_transforms(processor: ViTImageProcessor, seed: int, epoch: AugmentationEpoch):
-    """`(train, eval)` transforms: `train(image, index)` and `eval(image)` give a normalized `(3, H, W)` float tensor.
+    """`(train, eval)` transforms: `train(image, index)` and `eval(image)` give a normalized `(3, H, W)` float tensor
+    of an image as the data set stores it (an undecoded `datasets.Image` value, decoded by [`decode_image`]).
 
     Training: resize, random crop with zero padding of 1/8 of the side, horizontal flip, drawn from (seed, epoch,
     example index) by [`augmentation_draws`]. Evaluation: resize. Both normalize with the processor's mean and std.
@@ -541,10 +551,11 @@ def image_transforms(processor: ViTImageProcessor, seed: int, epoch: Augmentatio
     except ImportError:  # plain torch
         T = None
 
-    def to_tensor(image) -> torch.Tensor:
+    def to_tensor(value: dict) -> torch.Tensor:
+        image = decode_image(value).convert("RGB")
         if T is not None:
-            return T.functional.to_tensor(T.functional.resize(image.convert("RGB"), [height, width]))
-        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).float() / 255
+            return T.functional.to_tensor(T.functional.resize(image, [height, width]))
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255
         if pixels.shape[1:] != (height, width):
             pixels = torch.nn.functional.interpolate(
                 pixels[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False
@@ -813,7 +824,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     with training_args.main_process_first(desc="loading the images"):
         raw = load_image_datasets(data_args, training_args.seed)
     image_column, label_column = find_columns(raw, data_args)
-    raw = decoded_images(raw, image_column)
+    raw = image_files(raw, image_column)
     raw, labels = class_names(raw, label_column)
     raw, labels = match_saved_classes(raw, label_column, labels, model_args, training_args.do_train)
     accuracy = accuracy_metric() if training_args.do_eval else None

@@ -642,6 +642,30 @@ def test_push_without_a_token_fails_before_any_network_call(gpt2_dir, no_token, 
     assert "hf auth login" in error and "HF_TOKEN" in error and "nothing was uploaded" in error
 
 
+def test_push_reports_an_unreachable_hub_and_broken_folder_files(gpt2_dir, no_token, monkeypatch, tmp_path, capsys):
+    """An `error:` line naming the cause, not a traceback: the Hub unreachable (offline here) with a token; a shard
+    index without its `weight_map`; a tokenizer config that is not JSON."""
+    assert huggingface_hub.constants.is_offline_mode()  # the tests never reach the network
+    monkeypatch.setenv("HF_TOKEN", "hf_token")
+    script = load_script()
+    assert script.main(["--model-dir", str(gpt2_dir), "--repo-id", "me/gpt2-moge"]) == 1
+    assert re.search(r"^error: .*offline", capsys.readouterr().err, flags=re.MULTILINE | re.IGNORECASE)
+    for broken, message in (
+        ("index", r"model\.safetensors\.index\.json has no `weight_map`"),
+        ("tokenizer", r"tokenizer_config\.json is not valid JSON"),
+    ):
+        folder = tmp_path / broken
+        shutil.copytree(gpt2_dir, folder)
+        if broken == "index":
+            (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+            (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+        else:
+            (folder / "tokenizer_config.json").write_text("{not json")
+        argv = ["--model-dir", str(folder), "--repo-id", "me/x", "--dry-run", str(tmp_path / f"{broken}-upload")]
+        assert script.main(argv) == 1
+        assert re.search(rf"^error: .*{message}", capsys.readouterr().err, flags=re.MULTILINE)
+
+
 def test_push_uploads_the_dry_run_folder(gpt2_dir, gpt2_upload, no_token, monkeypatch, tmp_path):
     hub = FakeHub(tmp_path / "hub")
     hub.install(monkeypatch)

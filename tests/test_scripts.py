@@ -1076,6 +1076,16 @@ def test_scripts_name_a_model_folder_of_the_wrong_kind(run_clm, run_image_classi
         run_image_classification.main([*args, "--model_name_or_path", str(tmp_path / "empty")])
 
 
+def test_image_script_names_an_image_file_it_cannot_decode(run_image_classification, image_folder, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder / "train", folder)
+    broken = sorted(folder.glob("*/*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:60])  # cut off in the middle of its pixels
+    args = ["--train_dir", str(folder), "--output_dir", str(tmp_path / "out"), *TINY_VIT, *COMMON, "--max_steps", "3"]
+    with pytest.raises(ValueError, match=rf"The image {re.escape(str(broken))} cannot be read: "):
+        run_image_classification.main([*args, "--per_device_train_batch_size", "12", "--train_val_split", "0.01"])
+
+
 def test_scripts_do_eval_alone_evaluates_and_do_eval_false_alone_trains(run_clm, text_file, tmp_path):
     from transformers import HfArgumentParser, TrainingArguments
 
