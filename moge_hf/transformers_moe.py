@@ -26,6 +26,7 @@ from .configuration_moge import CACHE_NAME, FIELD_RULES, ROUTING_OUTPUTS, MoGECo
 from .losses import resolve_map_shape
 from .moge_layer import GroupSparsityRegularizer, MoGERouter, trains_up_to
 from .routing import (
+    _RECORDER_ATTRIBUTE,
     NUM_EXPERTS_NAMES,
     SCORING_FUNCTIONS,
     RouterTap,
@@ -510,6 +511,13 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     if not routers or num_experts is None:
         describe_routing(model)  # raises the reason
     fields = _resolved_fields(model.config, moge_fields)
+    recording = [name for name, module in model.named_modules() if name and _RECORDER_ATTRIBUTE in vars(module)]
+    if recording and _RECORDER_ATTRIBUTE not in vars(model):
+        raise ValueError(
+            f"add_moge_regularizer: the submodule {recording[0]!r} of this {type(model).__name__} records the routing "
+            "already (it was given the regularizer, or diagnostics, on its own): give the regularizer to the whole "
+            "model only, on a fresh copy of it"
+        )
     recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
     routing = _resolve_routing(model, recorder.taps, fields["moge_scoring"])
     try:
@@ -521,8 +529,18 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
         ) from error
     window_set = "moge_window" in moge_fields or getattr(model.config, "moge_window", None) is not None
     if not window_set and fields["moge_padding"] == "valid" and fields["moge_window"] > min(map_shape):
+        if min(map_shape) < 2:
+            raise ValueError(
+                f"add_moge_regularizer: the model's {num_experts} experts lie on a {map_shape[0]}x{map_shape[1]} map, "
+                "where the only window that fits with moge_padding='valid' (1x1) makes the MoGE loss a constant "
+                "(1 / num_experts) that trains nothing: pass moge_padding='circular' (windows wrap around the map)"
+            )
         # The default window (3) does not fit a map with a side of 2 (8 experts: 2 x 4): take the map's smaller side.
         fields["moge_window"] = min(map_shape)
+    if fields["moge_window"] == 1 and num_experts > 1:
+        logger.warning(
+            "add_moge_regularizer: moge_window=1 makes the MoGE loss a constant (1 / num_experts): it trains nothing"
+        )
     if fields["moge_padding"] == "valid" and fields["moge_window"] > min(map_shape):
         raise ValueError(
             f"add_moge_regularizer: `moge_window` {fields['moge_window']} does not fit the "
@@ -607,7 +625,10 @@ class _MoGELoss:
         if not logits:
             raise RuntimeError(f"{type(model).__name__}: no router ran in this forward, so there is no MoGE loss")
         coef = model.config.moge_loss_coef
-        trains = bool(coef) and torch.is_grad_enabled()
+        # Eager: no graph for a coefficient of 0. Compiled: no branch on the coefficient, which the compiler may trace
+        # as a symbol once it has changed (a 0 then adds a zero with its graph).
+        compiling = torch.compiler.is_compiling()
+        trains = torch.is_grad_enabled() and (compiling or bool(coef))
         if trains and model.training and not any(layer.requires_grad for layer in logits):
             if trains_up_to(model, last_router):  # the router or weights before it (LoRA adapters) train
                 raise RuntimeError(
@@ -623,10 +644,12 @@ class _MoGELoss:
             probs = [recorder.taps[record.layer].scores(record.output).to(device) for record in records]
             per_layer = [model.moge_regularizer(layer, mask) for layer in probs]
             moge_loss = torch.stack(per_layer).mean()
+        # Added to whatever loss the head returns (labels, or a question-answering head's positions); weighted by the
+        # micro-batch's share of the label tokens under Trainer's `num_items_in_batch`.
         labels = kwargs.get("labels")
         weighted = None
-        if labels is not None and coef:
-            share = _share_of_label_tokens(model, labels, kwargs)
+        if compiling or coef:
+            share = 1.0 if labels is None else _share_of_label_tokens(model, labels, kwargs)
             weighted = coef * moge_loss * (share.to(moge_loss.device) if torch.is_tensor(share) else share)
         if isinstance(output, ModelOutput):
             values = {field.name: getattr(output, field.name) for field in dataclasses.fields(output)}

@@ -355,3 +355,50 @@ def test_the_default_window_fits_an_eight_expert_map(case, tmp_path):
         add_moge_regularizer(TABLE[case].build(), moge_window=3)
     circular = add_moge_regularizer(TABLE[case].build(), moge_padding="circular")  # a 3 x 3 window wraps around
     assert circular.config.moge_window == 3
+
+
+def test_a_map_one_expert_wide_is_refused_unless_the_windows_wrap_around():
+    # 7 experts lay out only as 1 x 7: the only "valid" window (1 x 1) would make the loss the constant 1 / 7.
+    model = TABLE["qwen3_moe"].build(num_experts=7)
+    with pytest.raises(ValueError, match=r"1x7 map, where the only window that fits .* makes the MoGE loss a"):
+        add_moge_regularizer(model, moge_loss_coef=0.1)
+    model = add_moge_regularizer(model, moge_loss_coef=0.1, moge_padding="circular")
+    assert model.moge_regularizer.window == 3
+    routers = [router.module.weight for router in moge_routers(model)]
+    grads = torch.autograd.grad(model(**batch()).moge_loss, routers)
+    assert all(grad.norm() > 1e-4 for grad in grads)  # a 1 x 1 window gives ~1e-8: rounding of a constant
+
+
+def test_the_regularizer_reaches_the_loss_of_heads_without_labels():
+    """A question-answering head takes start and end positions, not `labels`: its loss gets lambda * moge_loss too."""
+    from transformers import Qwen3MoeForQuestionAnswering
+
+    config = TABLE["qwen3_moe"].make_config()
+    torch.manual_seed(0)
+    plain = Qwen3MoeForQuestionAnswering(config).eval()
+    model = add_moge_regularizer(Qwen3MoeForQuestionAnswering(config), **MOGE).eval()
+    model.load_state_dict(plain.state_dict())
+    inputs = {k: v for k, v in batch().items() if k != "labels"}
+    positions = {"start_positions": torch.tensor([1, 2, 0, 3]), "end_positions": torch.tensor([2, 4, 1, 5])}
+    with torch.no_grad():
+        own, out = plain(**inputs, **positions), model(**inputs, **positions)
+    torch.testing.assert_close(out.loss, own.loss + 0.1 * out.moge_loss)
+
+
+def test_the_coefficient_can_change_between_compiled_forwards():
+    """The coefficient is read at each forward; a compiled model takes every value, 0 included, without a crash."""
+    model = build("qwen3_moe", **MOGE).train()
+    compiled = torch.compile(model, backend="eager")
+    inputs = batch()
+    for coef in (0.5, 0.25, 0.1, 0.0):
+        model.config.moge_loss_coef = coef
+        out = compiled(**inputs)
+        own = TABLE["qwen3_moe"].model_class.forward(model, **inputs)  # the model's own loss: no hook
+        torch.testing.assert_close(out.loss, own.loss + coef * out.moge_loss)
+
+
+def test_a_submodule_given_the_regularizer_on_its_own_is_named():
+    model = build("qwen3_moe")
+    add_moge_regularizer(model.model, **MOGE)
+    with pytest.raises(ValueError, match=r"the submodule 'model' of this Qwen3MoeForCausalLM records the routing"):
+        add_moge_regularizer(model, **MOGE)
