@@ -311,11 +311,16 @@ def _add_expert_noise(target: torch.Tensor, source: torch.Tensor, std: float) ->
     target.add_((torch.randn(target.shape, device=target.device, dtype=torch.float32) * scale).to(target.dtype))
 
 
-def _copy_checked(moge_class: type, key: str, target: torch.Tensor, source: torch.Tensor) -> None:
+def _copy_checked(
+    moge_class: type, key: str, target: torch.Tensor, source: torch.Tensor, where: str | None = None
+) -> None:
+    """Copy `source` into `target`, refusing other shapes; `where` names the call in the error (default
+    `<moge_class>.from_dense`)."""
     if target.shape != source.shape:
         raise ValueError(
-            f"{moge_class.__name__}.from_dense: {key} has shape {tuple(target.shape)} in the MoGE model but "
-            f"{tuple(source.shape)} in the dense model; do not override fields that change weight shapes"
+            f"{where or moge_class.__name__ + '.from_dense'}: {key} has shape {tuple(target.shape)} in the "
+            f"{moge_class.__name__} but {tuple(source.shape)} in the dense model; do not override fields that "
+            "change weight shapes"
         )
     target.copy_(source)
 
@@ -363,6 +368,28 @@ def _check_noise(expert_noise_std) -> None:
         raise ValueError(f"expert_noise_std must be a finite number >= 0, got {expert_noise_std!r}")
 
 
+# Set by `upcycle_to_moe` itself (its arguments, the dense model's sizes and dtype), not by `config_overrides`.
+_UPCYCLING_KEYS = {"num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "dtype"}
+
+
+def _check_sibling_overrides(config_class: type, sibling_fields: dict, overrides: dict) -> None:
+    """Refuse `config_overrides` the sibling's config does not have (a misspelled field would be stored and ignored)
+    and those `upcycle_to_moe` sets itself."""
+    own = sorted(key for key in overrides if key in _UPCYCLING_KEYS or key == "torch_dtype")
+    if own:
+        raise ValueError(
+            f"upcycle_to_moe: {', '.join(own)} {'is' if len(own) == 1 else 'are'} set by upcycle_to_moe itself "
+            "(num_experts and num_experts_per_tok are its arguments; the experts' size and the dtype are the dense "
+            "model's), not by config overrides"
+        )
+    unknown = sorted(key for key in overrides if key not in sibling_fields)
+    if unknown:
+        raise ValueError(
+            f"upcycle_to_moe: {config_class.__name__} has no field {', '.join(unknown)}; the MoE layers of each "
+            "sibling are chosen by its own fields (Qwen: mlp_only_layers, decoder_sparse_step; Mixtral: every layer)"
+        )
+
+
 def _sibling_config(dense_config: PreTrainedConfig, config_class: type, num_experts: int, top_k: int, overrides: dict):
     """The MoE sibling's config: every field the dense config shares with it, the dense MLP size as the experts' size,
     renormalized top-k weights (so that copies of one MLP sum to it); a dense field the sibling lacks must be at its
@@ -370,10 +397,14 @@ def _sibling_config(dense_config: PreTrainedConfig, config_class: type, num_expe
     dense_fields = dense_config.to_dict()
     dense_defaults = type(dense_config)(num_hidden_layers=dense_config.num_hidden_layers).to_dict()
     sibling_defaults = config_class().to_dict()
+    _check_sibling_overrides(config_class, sibling_defaults, overrides)
+    full_attention = set(dense_fields.get("layer_types") or ()) <= {"full_attention"}
     fields = {}
     for key, value in dense_fields.items():
         if key in _DENSE_ONLY_CONFIG_KEYS:
             continue
+        if key == "max_window_layers" and full_attention:
+            continue  # where sliding windows would start (Qwen): no layer has one
         if key in sibling_defaults:
             fields[key] = value
         elif key == "layer_types" and set(value) <= {"full_attention"}:
@@ -462,12 +493,12 @@ def upcycle_to_moe(
     with torch.no_grad():
         for key, target in moe.state_dict().items():
             if key in source:
-                _copy_checked(sibling_class, key, target, source[key])
+                _copy_checked(sibling_class, key, target, source[key], "upcycle_to_moe")
             elif key.endswith(".mlp.experts.gate_up_proj") or key.endswith(".mlp.experts.down_proj"):
                 mlp = key.rpartition(".experts.")[0]
                 gate, up, down = (source[f"{mlp}.{name}.weight"] for name in ("gate_proj", "up_proj", "down_proj"))
                 weight = torch.cat([gate, up]) if key.endswith("gate_up_proj") else down
-                _copy_checked(sibling_class, key, target, weight.unsqueeze(0).expand_as(target))
+                _copy_checked(sibling_class, key, target, weight.unsqueeze(0).expand_as(target), "upcycle_to_moe")
                 if expert_noise_std > 0:
                     _add_expert_noise(target, weight, expert_noise_std)
             elif ".mlp.shared_expert." in key:
@@ -475,7 +506,7 @@ def upcycle_to_moe(
                 if key.endswith("down_proj.weight"):
                     target.zero_()  # inert at init: the shared expert adds nothing
                 else:
-                    _copy_checked(sibling_class, key, target, source[dense_key])
+                    _copy_checked(sibling_class, key, target, source[dense_key], "upcycle_to_moe")
             elif key.endswith(".mlp.gate.weight") or key.endswith(".mlp.shared_expert_gate.weight"):
                 continue  # routers: freshly initialized
             else:
@@ -484,6 +515,8 @@ def upcycle_to_moe(
                 )
     if expert_noise_std == 0:
         _check_same_function(dense, moe)
+    if moe.can_generate() and dense.can_generate():
+        moe.generation_config = copy.deepcopy(dense.generation_config)  # its stop tokens and sampling defaults
     return moe
 
 

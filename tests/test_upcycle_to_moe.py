@@ -145,8 +145,8 @@ def test_a_sibling_that_would_compute_otherwise_is_caught(monkeypatch):
 
     copy_checked = upcycling._copy_checked
 
-    def drifting(owner, key, target, source):
-        copy_checked(owner, key, target, source)
+    def drifting(owner, key, target, source, where=None):
+        copy_checked(owner, key, target, source, where)
         if key.endswith("norm.weight"):
             target.mul_(1.5)
 
@@ -154,3 +154,35 @@ def test_a_sibling_that_would_compute_otherwise_is_caught(monkeypatch):
     with pytest.raises(ValueError, match="does not compute what the dense model does"):
         upcycle_to_moe(dense_model("Mistral"), num_experts=4, num_experts_per_tok=2)
     assert "moge_hf" in sys.modules
+
+
+def test_a_qwen3_without_sliding_windows_upcycles_whatever_its_max_window_layers():
+    # Qwen3 checkpoints name where sliding windows would start (`max_window_layers`, e.g. 36 in a 36-layer model) even
+    # with `use_sliding_window=False`; Qwen3-MoE has no such field, and needs none when no layer has a window.
+    dense = dense_model("Qwen3", max_window_layers=2, use_sliding_window=False)
+    moe = upcycle_to_moe(dense, num_experts=4, num_experts_per_tok=2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids()).logits, dense(ids()).logits, atol=1e-5, rtol=0)
+
+
+def test_the_dense_generation_config_is_kept():
+    dense = dense_model("Llama")
+    dense.generation_config.update(eos_token_id=[2, 7], do_sample=True, temperature=0.6, top_p=0.9)
+    moe = upcycle_to_moe(dense, num_experts=4, num_experts_per_tok=2)
+    assert moe.generation_config.to_diff_dict() == dense.generation_config.to_diff_dict()
+
+
+@pytest.mark.parametrize(
+    "family, overrides, message",
+    [
+        ("Qwen3", {"mlp_only_layer": [0]}, r"Qwen3MoeConfig has no field mlp_only_layer;"),
+        ("Llama", {"mlp_only_layers": [0]}, r"MixtralConfig has no field mlp_only_layers;"),
+        ("Llama", {"dtype": torch.bfloat16}, r"dtype is set by upcycle_to_moe itself"),
+        ("Llama", {"num_local_experts": 6}, r"num_local_experts is set by upcycle_to_moe itself"),
+        ("Llama", {"hidden_size": 64}, r"upcycle_to_moe: .* has shape .* in the MixtralForCausalLM but"),
+    ],
+    ids=["misspelled", "not-the-siblings", "dtype", "experts", "shape"],
+)
+def test_config_overrides_the_sibling_would_ignore_or_that_clash_are_refused(family, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        upcycle_to_moe(dense_model(family), num_experts=4, num_experts_per_tok=2, **overrides)

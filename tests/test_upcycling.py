@@ -319,7 +319,7 @@ def test_bad_overrides_raise():
         GPT2MoGELMHeadModel.from_dense(dense, num_experts=0)
     with pytest.raises(ValueError, match=r"`moe_layers` must hold layer indices in \[0, 3\)"):
         GPT2MoGELMHeadModel.from_dense(dense, **moe_kwargs(4, 2, [3]))
-    with pytest.raises(ValueError, match=r"wte.weight has shape \(99, 64\) in the MoGE model but \(99, 32\)"):
+    with pytest.raises(ValueError, match=r"wte.weight has shape \(99, 64\) in the GPT2MoGELMHeadModel but \(99, 32\)"):
         GPT2MoGELMHeadModel.from_dense(dense, n_embd=64, **moe_kwargs(4, 2, [0]))
     with pytest.raises(ValueError, match="do not override fields that change the architecture"):
         GPT2MoGELMHeadModel.from_dense(dense, n_layer=4, **moe_kwargs(4, 2, [0]))
