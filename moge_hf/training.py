@@ -1120,7 +1120,14 @@ def scratch_config(host: MoGEHost, architecture: dict, config_overrides: str | N
         )
     # `--config_overrides` last among the architecture: it may set a dropout rate `--dropout` would set otherwise.
     architecture = {**host.small_config, **architecture, **dropout_fields(host, dropout), **overrides}
-    return host.config_class(**architecture, **fields)
+    config = host.config_class(**architecture, **fields)
+    heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads:
+        # ViT's attention would silently drop the remainder (each head takes hidden_size // num_attention_heads).
+        raise ValueError(
+            f"{host.config_class.__name__}: hidden_size {width} is not a multiple of num_attention_heads {heads}"
+        )
+    return config
 
 
 def check_local_source(flag: str, value: str | None) -> None:

@@ -742,14 +742,17 @@ def test_config_overrides_are_name_value_pairs_of_python_literals():
 def test_scratch_config_takes_each_field_once():
     host = HOSTS["vit_moge"]
     # An override may set a dropout rate `--dropout` would set; it wins over it, and over the small architecture.
-    config = scratch_config(host, {}, "hidden_dropout_prob=0.1,hidden_size=64", dropout=0.0, num_experts=16)
+    config = scratch_config(host, {}, "hidden_dropout_prob=0.1,hidden_size=96", dropout=0.0, num_experts=16)
     assert (config.hidden_dropout_prob, config.attention_probs_dropout_prob) == (0.1, 0.0)
-    assert config.hidden_size == 64 and config.num_experts == 16
+    assert config.hidden_size == 96 and config.num_experts == 16
     # A field an argument of its own sets too is refused, named, rather than given twice.
     with pytest.raises(ValueError, match=r"--config_overrides sets 'num_experts'"):
         scratch_config(host, {}, "num_experts=8", dropout=0.0, num_experts=16)
     with pytest.raises(ValueError, match=r"--config_overrides sets 'patch_size'"):
         scratch_config(host, {"patch_size": 4}, "patch_size=2", dropout=0.0)
+    # Heads that do not divide the width: ViT's attention would drop the remainder silently.
+    with pytest.raises(ValueError, match=r"hidden_size 15 is not a multiple of num_attention_heads 2"):
+        scratch_config(host, {"hidden_size": 15, "num_attention_heads": 2}, None, dropout=0.0)
 
 
 @pytest.mark.parametrize("flag, value", [("--num_experts", "4"), ("--expert_intermediate_size", "8")])
