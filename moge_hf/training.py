@@ -31,6 +31,7 @@ from typing import Any
 import huggingface_hub
 import torch
 from accelerate.utils import extract_model_from_parallel
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     HfArgumentParser,
@@ -1241,13 +1242,12 @@ def check_same_moge_settings(folder: str, model: nn.Module) -> None:
 
 
 def _saved_shapes(folder: str) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in the safetensors files of `folder`, read from their headers."""
+    """The shape of every tensor in the safetensors files of `folder` (read from their headers, no tensor loaded)."""
     shapes = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
-            with open(os.path.join(folder, name), "rb") as handle:
-                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-            shapes.update({key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"})
+            with safe_open(os.path.join(folder, name), framework="pt") as weights:
+                shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
     return shapes
 
 
