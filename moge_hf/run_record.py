@@ -191,8 +191,7 @@ def script_run_record(
     if trainer.args.do_train:
         hyperparameters = trainer_hyperparameters(trainer)
         return make_run_record(train=train, eval=eval, script=script, hyperparameters=hyperparameters)
-    model = getattr(trainer.model, "module", trainer.model)
-    source = str(getattr(model, "name_or_path", "") or "")
+    source = str(getattr(trainer.model, "name_or_path", "") or "")  # the folder `from_pretrained` read
     found = find_run_record(source) if source and os.path.isdir(source) else None
     trained = load_run_record(found) if found else {}
     return make_run_record(

@@ -511,14 +511,14 @@ def add_moge_regularizer(model: PreTrainedModel, **moge_fields) -> PreTrainedMod
     if not routers or num_experts is None:
         describe_routing(model)  # raises the reason
     fields = _resolved_fields(model.config, moge_fields)
-    recording = [name for name, module in model.named_modules() if name and _RECORDER_ATTRIBUTE in vars(module)]
-    if recording and _RECORDER_ATTRIBUTE not in vars(model):
+    recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
+    if _RECORDER_ATTRIBUTE not in vars(model):  # found on a submodule, whose forward it records, not this model's
+        owner = next(name for name, part in model.named_modules() if vars(part).get(_RECORDER_ATTRIBUTE) is recorder)
         raise ValueError(
-            f"add_moge_regularizer: the submodule {recording[0]!r} of this {type(model).__name__} records the routing "
+            f"add_moge_regularizer: the submodule {owner!r} of this {type(model).__name__} records the routing "
             "already (it was given the regularizer, or diagnostics, on its own): give the regularizer to the whole "
             "model only, on a fresh copy of it"
         )
-    recorder = routing_recorder(model)  # hooks on the routers and on the model, made once per model
     routing = _resolve_routing(model, recorder.taps, fields["moge_scoring"])
     try:
         map_shape = resolve_map_shape(num_experts, fields["moge_map_shape"])

@@ -97,6 +97,7 @@ SCRATCH_FIELDS = (
 )
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture", "photo")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target", "category")
+IMAGE_FEATURE = datasets.Image()  # decodes the undecoded image values (`decode_image`)
 FILE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
@@ -441,7 +442,7 @@ def decode_image(value: dict):
     """The PIL image of an undecoded `datasets.Image` value, decoded by `datasets`; a file PIL cannot read (truncated,
     corrupt) raises a `ValueError` naming it."""
     try:
-        return datasets.Image().decode_example(value)
+        return IMAGE_FEATURE.decode_example(value)
     except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for a broken file
         where = value.get("path") if isinstance(value, dict) else None
         raise ValueError(f"The image {where or '(stored as bytes, no file name)'} cannot be read: {error}") from error
@@ -449,8 +450,9 @@ def decode_image(value: dict):
 
 def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
     """The class names, with string labels encoded as a `ClassLabel` and both splits sharing its names."""
-    for split, dataset in raw.items():
-        missing = next((row for row, label in enumerate(dataset[label_column]) if label is None), None)
+    column = {split: dataset[label_column] for split, dataset in raw.items()}  # read once, checked, then used
+    for split, labels in column.items():
+        missing = next((row for row, label in enumerate(labels) if label is None), None)
         if missing is not None:
             raise ValueError(f"The label column {label_column!r} of the {split} images has no label in row {missing}.")
     feature = raw["train"].features[label_column]
@@ -463,12 +465,12 @@ def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[
             )
         return raw, names
     if feature.dtype in ("string", "large_string"):
-        names = sorted(set(raw["train"][label_column]) | set(raw["validation"][label_column]))
+        names = sorted(set(column["train"]) | set(column["validation"]))
         label = ClassLabel(names=names)
         raw = DatasetDict({split: ds.cast_column(label_column, label) for split, ds in raw.items()})
         return raw, names
     if feature.dtype.startswith("int"):
-        values = set(raw["train"][label_column]) | set(raw["validation"][label_column])
+        values = set(column["train"]) | set(column["validation"])
         if min(values) < 0:
             raise ValueError(f"Integer labels must be >= 0, found {min(values)} in {label_column!r}.")
         return raw, [str(i) for i in range(max(values) + 1)]
